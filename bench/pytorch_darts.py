@@ -1,0 +1,334 @@
+"""The original DARTS search code (quark0/darts: operations.py, model_search.py, architect.py), condensed and
+updated for PyTorch 2.x, used as the reference our Rust implementation is checked and benchmarked against.
+
+Usage:
+  python bench/pytorch_darts.py count [--channels 16 --layers 8 --classes 10 --in-channels 3]
+  python bench/pytorch_darts.py bench --batch 64 --size 32 --channels 16 --layers 8 --repeats 3 --threads 2
+"""
+import argparse, json, resource, sys, time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRIMITIVES = ['none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect',
+              'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5']
+
+OPS = {
+    'none': lambda C, stride, affine: Zero(stride),
+    'avg_pool_3x3': lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+    'max_pool_3x3': lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    'skip_connect': lambda C, stride, affine: Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine),
+    'sep_conv_3x3': lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
+    'sep_conv_5x5': lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
+    'sep_conv_7x7': lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine=affine),
+    'dil_conv_3x3': lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
+    'dil_conv_5x5': lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
+}
+
+
+class ReLUConvBN(nn.Module):
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(nn.ReLU(inplace=False),
+                                nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+                                nn.BatchNorm2d(C_out, affine=affine))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class DilConv(nn.Module):
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class SepConv(nn.Module):
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_in, affine=affine),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, 1, padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, kernel_size=1, padding=0, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine))
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Zero(nn.Module):
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return x.mul(0.)
+        return x[:, :, ::self.stride, ::self.stride].mul(0.)
+
+
+class FactorizedReduce(nn.Module):
+    def __init__(self, C_in, C_out, affine=True):
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+
+
+class MixedOp(nn.Module):
+    def __init__(self, C, stride):
+        super().__init__()
+        self._ops = nn.ModuleList()
+        for primitive in PRIMITIVES:
+            op = OPS[primitive](C, stride, False)
+            if 'pool' in primitive:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            self._ops.append(op)
+
+    def forward(self, x, weights):
+        return sum(w * op(x) for w, op in zip(weights, self._ops))
+
+
+class Cell(nn.Module):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self._steps = steps
+        self._multiplier = multiplier
+        self._ops = nn.ModuleList()
+        for i in range(self._steps):
+            for j in range(2 + i):
+                stride = 2 if reduction and j < 2 else 1
+                self._ops.append(MixedOp(C, stride))
+
+    def forward(self, s0, s1, weights):
+        s0 = self.preprocess0(s0)
+        s1 = self.preprocess1(s1)
+        states = [s0, s1]
+        offset = 0
+        for i in range(self._steps):
+            s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            offset += len(states)
+            states.append(s)
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+class Network(nn.Module):
+    def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, in_channels=3):
+        super().__init__()
+        self._C, self._num_classes, self._layers = C, num_classes, layers
+        self._steps, self._multiplier = steps, multiplier
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            if i in [layers // 3, 2 * layers // 3]:
+                C_curr *= 2
+                reduction = True
+            else:
+                reduction = False
+            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            reduction_prev = reduction
+            self.cells += [cell]
+            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+        k = sum(1 for i in range(self._steps) for n in range(2 + i))
+        self.alphas_normal = (1e-3 * torch.randn(k, len(PRIMITIVES))).requires_grad_(True)
+        self.alphas_reduce = (1e-3 * torch.randn(k, len(PRIMITIVES))).requires_grad_(True)
+
+    def arch_parameters(self):
+        return [self.alphas_normal, self.alphas_reduce]
+
+    def forward(self, input):
+        s0 = s1 = self.stem(input)
+        for cell in self.cells:
+            weights = F.softmax(self.alphas_reduce if cell.reduction else self.alphas_normal, dim=-1)
+            s0, s1 = s1, cell(s0, s1, weights)
+        out = self.global_pooling(s1)
+        return self.classifier(out.view(out.size(0), -1))
+
+    def _loss(self, input, target):
+        return F.cross_entropy(self(input), target)
+
+
+def _concat(xs):
+    return torch.cat([x.reshape(-1) for x in xs])
+
+
+class Architect:
+    """architect.py: first-order and unrolled (second-order) alpha steps."""
+
+    def __init__(self, model, momentum=0.9, wd=3e-4, lr=3e-4, arch_wd=1e-3):
+        self.model, self.momentum, self.wd = model, momentum, wd
+        self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=lr, betas=(0.5, 0.999), weight_decay=arch_wd)
+
+    def step(self, xt, yt, xv, yv, eta, w_opt, unrolled):
+        self.optimizer.zero_grad()
+        if unrolled:
+            self._backward_step_unrolled(xt, yt, xv, yv, eta, w_opt)
+        else:
+            self.model._loss(xv, yv).backward()
+        self.optimizer.step()
+
+    def _backward_step_unrolled(self, xt, yt, xv, yv, eta, w_opt):
+        params = list(self.model.parameters())
+        loss = self.model._loss(xt, yt)
+        theta = _concat(params).data
+        try:
+            moment = _concat(w_opt.state[v]['momentum_buffer'] for v in params).mul_(self.momentum)
+        except KeyError:
+            moment = torch.zeros_like(theta)
+        dtheta = _concat(torch.autograd.grad(loss, params)).data + self.wd * theta
+        backup = [p.data.clone() for p in params]
+        new = theta - eta * (moment + dtheta)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.data.copy_(new[offset:offset + n].view_as(p))
+            offset += n
+        unrolled_loss = self.model._loss(xv, yv)
+        grads = torch.autograd.grad(unrolled_loss, self.model.arch_parameters() + params)
+        dalpha, vector = list(grads[:2]), [g.data for g in grads[2:]]
+        for p, b in zip(params, backup):
+            p.data.copy_(b)
+        implicit = self._hessian_vector_product(vector, xt, yt)
+        for a, g, ig in zip(self.model.arch_parameters(), dalpha, implicit):
+            a.grad = g - eta * ig
+
+    def _hessian_vector_product(self, vector, x, y, r=1e-2):
+        R = r / _concat(vector).norm()
+        params = list(self.model.parameters())
+        for p, v in zip(params, vector):
+            p.data.add_(v, alpha=R)
+        gp = torch.autograd.grad(self.model._loss(x, y), self.model.arch_parameters())
+        for p, v in zip(params, vector):
+            p.data.sub_(v, alpha=2 * R)
+        gn = torch.autograd.grad(self.model._loss(x, y), self.model.arch_parameters())
+        for p, v in zip(params, vector):
+            p.data.add_(v, alpha=R)
+        return [(a - b).div_(2 * R) for a, b in zip(gp, gn)]
+
+
+def count(args):
+    model = Network(args.channels, args.classes, args.layers, in_channels=args.in_channels)
+    print(sum(p.numel() for p in model.parameters()))
+
+
+def peak_rss_mb():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve from the parent process.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append((time.perf_counter() - t0) * 1000.0)
+    ts.sort()
+    return {"min_ms": ts[0], "median_ms": ts[len(ts) // 2]}
+
+
+def bench(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    model = Network(args.channels, 10, args.layers, in_channels=3).to(dev)
+    model.alphas_normal = model.alphas_normal.detach().to(dev).requires_grad_(True)
+    model.alphas_reduce = model.alphas_reduce.detach().to(dev).requires_grad_(True)
+    model.train()
+    w_opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    arch = Architect(model)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    xv = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    yv = torch.randint(0, 10, (args.batch,), device=dev)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def weight_step():
+        w_opt.zero_grad()
+        model._loss(x, y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        w_opt.step()
+
+    def first_order():
+        arch.step(x, y, xv, yv, 0.025, w_opt, unrolled=False)
+        weight_step()
+
+    def second_order():
+        arch.step(x, y, xv, yv, 0.025, w_opt, unrolled=True)
+        weight_step()
+
+    rows = {}
+    for name, fn in [("forward", forward), ("forward_backward_sgd", weight_step),
+                     ("first_order_step", first_order), ("second_order_step", second_order)]:
+        if name in args.only.split(","):
+            r = timeit(fn, args.repeats)
+            r["peak_rss_mb"] = peak_rss_mb()
+            if dev.type == "cuda":
+                r["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            rows[name] = r
+            print(json.dumps({"impl": "pytorch", "name": name, **r}), flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["count", "bench"])
+    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--in-channels", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="forward,forward_backward_sgd,first_order_step,second_order_step")
+    a = ap.parse_args()
+    {"count": count, "bench": bench}[a.cmd](a)

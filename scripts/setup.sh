@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs libtorch (from the torch==2.11.0 wheel on PyPI) once into a cache outside the checkout.
+# Idempotent: a second run checks the installed version and returns at once.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+. "$here/env.sh"
+mkdir -p "$DARTS_CACHE"
+want="$DARTS_TORCH_VERSION"
+have=""
+if [ -x "$DARTS_VENV/bin/python" ]; then
+  have="$("$DARTS_VENV/bin/python" -c 'import torch;print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+fi
+if [ "$have" != "$want" ]; then
+  echo "darts setup: installing torch==$want into $DARTS_VENV (once; a few GB)" >&2
+  python3 -m venv "$DARTS_VENV"
+  "$DARTS_VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$want" numpy
+fi
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  # Optional: the full Fashion-MNIST from Debian (the built-in subset needs nothing).
+  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+   echo "darts setup: could not install dataset-fashion-mnist (only needed for the full dataset)" >&2
+fi
+. "$here/env.sh"
+echo "darts setup: libtorch at $LIBTORCH" >&2

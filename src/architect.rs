@@ -1,0 +1,151 @@
+//! Hypergradients for alpha (the original `architect.py`): first order, and second order by unrolling one
+//! SGD step and approximating the Hessian-vector product by central finite differences.
+
+use crate::optim::{Adam, Sgd};
+use crate::supernet::SearchNetwork;
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Which hypergradient approximation the alpha step uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Order {
+    /// grad_alpha L_val(w, alpha): cheap, the paper's DARTS (first order).
+    First,
+    /// grad_alpha L_val(w - xi grad_w L_train(w, alpha), alpha), with the finite-difference Hessian term.
+    Second,
+}
+
+/// The architecture optimiser: Adam on alpha plus the hypergradient rule.
+#[derive(Debug)]
+pub struct Architect {
+    /// Adam over (alpha_normal, alpha_reduce).
+    pub adam: Adam,
+    /// First or second order.
+    pub order: Order,
+}
+
+/// A copy of tensors' values, to restore them exactly later.
+fn snapshot(ts: &[Tensor]) -> Vec<Tensor> {
+    tch::no_grad(|| ts.iter().map(|t| t.detach().copy()).collect())
+}
+
+fn restore(ts: &[Tensor], saved: &[Tensor]) {
+    tch::no_grad(|| {
+        for (t, s) in ts.iter().zip(saved) {
+            t.shallow_clone().copy_(s);
+        }
+    })
+}
+
+/// grad_alpha of the training-mode loss on (x, y).
+fn alpha_grads(net: &SearchNetwork, x: &Tensor, y: &Tensor) -> Vec<Tensor> {
+    let loss = net.loss(x, y);
+    Tensor::run_backward(&[loss], &net.alphas.tensors(), false, false)
+}
+
+/// Global L2 norm of a list of tensors, as a 0-d tensor (stays on the device).
+pub fn global_norm(ts: &[Tensor]) -> Tensor {
+    let norms: Vec<Tensor> = ts.iter().map(|t| t.norm().to_kind(Kind::Double)).collect();
+    Tensor::stack(&norms, 0).norm()
+}
+
+/// The finite-difference approximation of `grad^2_{alpha,w} L_train(w, alpha) · v` used by DARTS:
+/// `[grad_alpha L(w + R v) - grad_alpha L(w - R v)] / (2R)` with `R = r / ||v||`. The weights are restored
+/// exactly afterwards.
+pub fn finite_difference_hvp(
+    net: &SearchNetwork,
+    weights: &[Tensor],
+    v: &[Tensor],
+    x: &Tensor,
+    y: &Tensor,
+    r: f64,
+) -> Vec<Tensor> {
+    let saved = snapshot(weights);
+    let big_r = (r / global_norm(v)).to_kind(weights[0].kind());
+    let shift = |sign: f64| {
+        tch::no_grad(|| {
+            for ((w, s), vi) in weights.iter().zip(&saved).zip(v) {
+                w.shallow_clone().copy_(&(s + vi * &big_r * sign));
+            }
+        })
+    };
+    shift(1.0);
+    let gp = alpha_grads(net, x, y);
+    shift(-1.0);
+    let gn = alpha_grads(net, x, y);
+    restore(weights, &saved);
+    gp.iter().zip(&gn).map(|(a, b)| (a - b) / (&big_r * 2.0).to_kind(a.kind())).collect()
+}
+
+/// The exact `grad^2_{alpha,w} L_train(w, alpha) · v` by double backward (for tests and diagnostics).
+pub fn exact_hvp(net: &SearchNetwork, weights: &[Tensor], v: &[Tensor], x: &Tensor, y: &Tensor) -> Vec<Tensor> {
+    let loss = net.loss(x, y);
+    let gw = Tensor::run_backward(&[loss], weights, true, true);
+    let dot = gw.iter().zip(v).map(|(g, vi)| (g * vi).sum(g.kind())).reduce(|a, b| a + b).expect("weights");
+    Tensor::run_backward(&[dot], &net.alphas.tensors(), false, false)
+}
+
+impl Architect {
+    /// Adam(lr, betas, weight decay) over the network's alphas.
+    pub fn new(net: &SearchNetwork, order: Order, lr: f64, betas: (f64, f64), weight_decay: f64) -> Architect {
+        Architect { adam: Adam::new(&net.alphas.tensors(), lr, betas, weight_decay), order }
+    }
+
+    /// The hypergradient for (alpha_normal, alpha_reduce) at the current weights. `eta` is the weights'
+    /// current learning rate; `sgd` gives the momentum buffer and weight decay of the unrolled step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn hypergradient(
+        &self,
+        net: &SearchNetwork,
+        weights: &[Tensor],
+        buffers: &[Tensor],
+        sgd: &Sgd,
+        (x_train, y_train): (&Tensor, &Tensor),
+        (x_val, y_val): (&Tensor, &Tensor),
+        eta: f64,
+    ) -> Vec<Tensor> {
+        match self.order {
+            Order::First => alpha_grads(net, x_val, y_val),
+            Order::Second => {
+                // w' = w - eta (momentum * buf + grad_w L_train + wd * w)
+                let loss = net.loss(x_train, y_train);
+                let g = Tensor::run_backward(&[loss], weights, false, false);
+                let theta = snapshot(weights);
+                tch::no_grad(|| {
+                    for (((w, t), gi), buf) in weights.iter().zip(&theta).zip(&g).zip(&sgd.buffers) {
+                        let step = buf * sgd.momentum + gi + t * sgd.weight_decay;
+                        w.shallow_clone().copy_(&(t - step * eta));
+                    }
+                });
+                // The unrolled model is a copy in the original: its forward must not move our BN statistics.
+                let stats = snapshot(buffers);
+                let loss_val = net.loss(x_val, y_val);
+                let mut inputs: Vec<&Tensor> = net.alphas.tensors().to_vec();
+                inputs.extend(weights.iter());
+                let grads = Tensor::run_backward(&[loss_val], &inputs, false, false);
+                restore(weights, &theta);
+                restore(buffers, &stats);
+                let (dalpha, v) = grads.split_at(2);
+                let implicit = finite_difference_hvp(net, weights, v, x_train, y_train, 0.01);
+                dalpha.iter().zip(&implicit).map(|(d, h)| d - h * eta).collect()
+            }
+        }
+    }
+
+    /// One alpha step: hypergradient, then Adam.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        net: &SearchNetwork,
+        weights: &[Tensor],
+        buffers: &[Tensor],
+        sgd: &Sgd,
+        train: (&Tensor, &Tensor),
+        val: (&Tensor, &Tensor),
+        eta: f64,
+    ) {
+        let grads = self.hypergradient(net, weights, buffers, sgd, train, val, eta);
+        self.adam.step(&net.alphas.tensors(), &grads);
+    }
+}

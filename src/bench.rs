@@ -1,0 +1,104 @@
+//! Speed and memory of one search step, on random data of a chosen shape: forward, forward+backward+SGD,
+//! first-order step and second-order step (alpha step + weight step), as the PyTorch reference measures them
+//! (`bench/pytorch_darts.py`).
+
+use crate::architect::{Architect, Order};
+use crate::optim::{clip_grad_norm, Sgd};
+use crate::search::peak_rss_mb;
+use crate::space::{DataShape, SearchSpace};
+use crate::supernet::{named_buffers, named_weights, Alphas, SearchNetwork};
+use serde::Serialize;
+use tch::{nn, Device, Kind, Tensor};
+
+/// One row of the table.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    /// Which implementation.
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// What was timed.
+    pub name: String,
+    /// Fastest repeat, ms.
+    pub min_ms: f64,
+    /// Median repeat, ms.
+    pub median_ms: f64,
+    /// Peak RSS of the process after this measurement, MiB.
+    pub peak_rss_mb: f64,
+}
+
+/// The measurements the bench can take.
+pub const STEPS: [&str; 4] = ["forward", "forward_backward_sgd", "first_order_step", "second_order_step"];
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Times `f` (after one warm-up call): (min, median) in ms.
+pub fn time_ms(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    sync(device);
+    let mut ts: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            sync(device);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (ts[0], ts[ts.len() / 2])
+}
+
+/// Measures the search steps named in `only` for a supernet of `space` on `batch` random images of `shape`.
+pub fn bench_search(
+    space: &SearchSpace,
+    shape: &DataShape,
+    batch: i64,
+    repeats: usize,
+    device: Device,
+    only: &[&str],
+    mut report: impl FnMut(&BenchRow),
+) -> Vec<BenchRow> {
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let net = SearchNetwork::new(&vs.root(), space, shape, Alphas::random(space, device));
+    let weights: Vec<Tensor> = named_weights(&vs).into_iter().map(|(_, t)| t).collect();
+    let buffers: Vec<Tensor> = named_buffers(&vs).into_iter().map(|(_, t)| t).collect();
+    let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
+    let (c, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
+    let opts = (Kind::Float, device);
+    let x = Tensor::randn([batch, c, h, w], opts);
+    let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
+    let xv = Tensor::randn([batch, c, h, w], opts);
+    let yv = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
+    let mut rows = Vec::new();
+    for &name in only {
+        let weight_step = |sgd: &mut Sgd| {
+            let loss = net.loss(&x, &y);
+            let mut g = Tensor::run_backward(&[loss], &weights, false, false);
+            let _ = clip_grad_norm(&mut g, 5.0);
+            sgd.step(&weights, &g);
+        };
+        let (min_ms, median_ms) = match name {
+            "forward" => time_ms(device, repeats, || {
+                let _ = tch::no_grad(|| net.forward_t(&x, true));
+            }),
+            "forward_backward_sgd" => time_ms(device, repeats, || weight_step(&mut sgd)),
+            "first_order_step" | "second_order_step" => {
+                let order = if name == "first_order_step" { Order::First } else { Order::Second };
+                let mut arch = Architect::new(&net, order, 3e-4, (0.5, 0.999), 1e-3);
+                time_ms(device, repeats, || {
+                    arch.step(&net, &weights, &buffers, &sgd, (&x, &y), (&xv, &yv), 0.025);
+                    weight_step(&mut sgd);
+                })
+            }
+            _ => continue,
+        };
+        let row = BenchRow { implementation: "darts-rs".into(), name: name.into(), min_ms, median_ms, peak_rss_mb: peak_rss_mb() };
+        report(&row);
+        rows.push(row);
+    }
+    rows
+}

@@ -1,0 +1,125 @@
+//! `darts bench`: our search step against the original PyTorch code, same shapes, same machine, one run.
+use anyhow::{Context, Result};
+use darts::bench::{bench_search, BenchRow, STEPS};
+use darts::space::{DataShape, SearchSpace};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The PyTorch reference (the original DARTS code, condensed), carried inside the binary.
+const REFERENCE: &str = include_str!("../../bench/pytorch_darts.py");
+
+/// Arguments of `darts bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    batch: i64,
+    /// Image height and width.
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    /// Initial channels C.
+    #[arg(long, default_value_t = 16)]
+    channels: usize,
+    /// Cells.
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    /// Timed repeats after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// libtorch CPU threads (both implementations).
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Which measurements, comma-separated.
+    #[arg(long, default_value = "forward,forward_backward_sgd,first_order_step,second_order_step")]
+    only: String,
+    /// Python with torch for the reference ("none" skips it; default: darts' own venv).
+    #[arg(long)]
+    pytorch: Option<String>,
+    /// Also write the rows as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn default_python() -> Option<String> {
+    let home = std::env::var_os("HOME")?;
+    let cache = std::env::var_os("DARTS_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(home).join(".cache/darts"));
+    let py = cache.join("venv/bin/python");
+    py.is_file().then(|| py.display().to_string())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    tch::set_num_threads(a.threads);
+    let device = darts::device_from_name(&a.device)?;
+    let space = SearchSpace { channels: a.channels, layers: a.layers, ..Default::default() };
+    let shape = DataShape { channels: 3, height: a.size, width: a.size, classes: 10 };
+    space.validate_for(&shape)?;
+    let only: Vec<&str> = a.only.split(',').map(str::trim).collect();
+    for o in &only {
+        anyhow::ensure!(STEPS.contains(o), "--only: unknown measurement '{o}'; choose from {}", STEPS.join(", "));
+    }
+    eprintln!(
+        "bench: batch {} x 3x{}x{}, C={}, {} cells, {} threads, device {:?}",
+        a.batch, a.size, a.size, a.channels, a.layers, a.threads, device
+    );
+    let mut rows = bench_search(&space, &shape, a.batch, a.repeats, device, &only, |r| {
+        eprintln!("  darts-rs {:<22} min {:>10.1} ms  median {:>10.1} ms", r.name, r.min_ms, r.median_ms)
+    });
+    let python = match a.pytorch.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(p.to_string()),
+        None => default_python(),
+    };
+    if let Some(py) = python {
+        let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
+        std::fs::write(&script, REFERENCE)?;
+        let cuda = if device.is_cuda() { "cuda" } else { "cpu" };
+        let out = Command::new(&py)
+            .arg(&script)
+            .args(["bench", "--batch", &a.batch.to_string(), "--size", &a.size.to_string()])
+            .args(["--channels", &a.channels.to_string(), "--layers", &a.layers.to_string()])
+            .args(["--repeats", &a.repeats.to_string(), "--threads", &a.threads.to_string()])
+            .args(["--only", &a.only, "--device", cuda])
+            .env("OMP_WAIT_POLICY", std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into()))
+            .output()
+            .with_context(|| format!("running the PyTorch reference with {py}"))?;
+        let _ = std::fs::remove_file(&script);
+        if !out.status.success() {
+            anyhow::bail!("the PyTorch reference failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).context("reference output")?;
+            rows.push(BenchRow {
+                implementation: "pytorch".into(),
+                name: v["name"].as_str().unwrap_or("").into(),
+                min_ms: v["min_ms"].as_f64().unwrap_or(f64::NAN),
+                median_ms: v["median_ms"].as_f64().unwrap_or(f64::NAN),
+                peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            });
+        }
+    }
+    println!("| step | darts-rs median ms | PyTorch median ms | ratio | darts-rs peak MiB | PyTorch peak MiB |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for name in &only {
+        let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == *name);
+        let (ours, theirs) = (find("darts-rs"), find("pytorch"));
+        let f = |r: Option<&BenchRow>, g: fn(&BenchRow) -> f64| r.map_or("-".into(), |r| format!("{:.1}", g(r)));
+        let ratio = match (ours, theirs) {
+            (Some(o), Some(t)) => format!("{:.2}", o.median_ms / t.median_ms),
+            _ => "-".into(),
+        };
+        println!(
+            "| {name} | {} | {} | {ratio} | {} | {} |",
+            f(ours, |r| r.median_ms),
+            f(theirs, |r| r.median_ms),
+            f(ours, |r| r.peak_rss_mb),
+            f(theirs, |r| r.peak_rss_mb)
+        );
+    }
+    if let Some(path) = a.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! `darts search`: run (or resume) a DARTS search and print the genotype it finds.
+use anyhow::{Context, Result};
+use darts::architect::Order;
+use darts::data::DatasetKind;
+use darts::run::{self, RunOptions};
+use darts::search::SearchConfig;
+use darts::space::SearchSpace;
+use std::path::PathBuf;
+
+/// A named starting configuration; any flag given overrides it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// The paper's CIFAR-10 search: C=16, 8 cells, 4 nodes, 50 epochs, batch 64.
+    Darts,
+    /// A few minutes on 2 CPU cores: the built-in data (2,000 images), C=8, 5 cells, 3 epochs, batch 32.
+    Quick,
+}
+
+/// Arguments of `darts search`.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  darts search --preset quick\n  darts search --dataset fashion-mnist --epochs 50 --out runs/fmnist\n  darts search --resume runs/fmnist")]
+pub struct SearchArgs {
+    /// Starting configuration.
+    #[arg(long, value_enum, default_value = "darts")]
+    preset: Preset,
+    /// Dataset (the built-in Fashion-MNIST subset needs no download).
+    #[arg(long, value_enum)]
+    dataset: Option<DatasetKind>,
+    /// Folder with the dataset's files (default: $DARTS_DATA, ~/.cache/darts/data, /usr/share/datasets).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Use only the first N training examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Search space as a TOML file (ops, nodes, layers, channels, stem_multiplier); flags below override it.
+    #[arg(long)]
+    space: Option<PathBuf>,
+    /// Candidate ops, comma-separated (e.g. none,max_pool_3x3,skip_connect,sep_conv_3x3).
+    #[arg(long)]
+    ops: Option<String>,
+    /// Initial channels C.
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Number of cells.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Intermediate nodes per cell.
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Batch size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Hypergradient: first (DARTS 1st order) or second (unrolled, DARTS 2nd order).
+    #[arg(long, value_enum)]
+    order: Option<Order>,
+    /// Weights' initial learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Alpha's Adam learning rate.
+    #[arg(long)]
+    arch_lr: Option<f64>,
+    /// Fraction of the training set for the weights (the rest trains alpha).
+    #[arg(long)]
+    train_portion: Option<f64>,
+    /// Seed: one seed reproduces a run.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Run directory (config, metrics, checkpoint, genotype).
+    #[arg(long, default_value = "runs/search")]
+    out: PathBuf,
+    /// Continue the run in this directory from its last checkpoint (other settings come from it).
+    #[arg(long, conflicts_with_all = ["preset", "dataset", "epochs", "out"])]
+    resume: Option<PathBuf>,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn preset(p: Preset) -> SearchConfig {
+    match p {
+        Preset::Darts => SearchConfig::default(),
+        Preset::Quick => SearchConfig {
+            dataset: DatasetKind::Builtin,
+            limit: Some(2000),
+            space: SearchSpace { channels: 8, layers: 5, ..Default::default() },
+            epochs: 3,
+            batch_size: 32,
+            ..Default::default()
+        },
+    }
+}
+
+fn config(a: &SearchArgs) -> Result<SearchConfig> {
+    let mut c = preset(a.preset);
+    if let Some(path) = &a.space {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        c.space = SearchSpace::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
+    }
+    if let Some(ops) = &a.ops {
+        c.space.ops = SearchSpace::parse_ops(ops).context("--ops")?;
+    }
+    macro_rules! set {
+        ($($field:ident).+ = $arg:expr) => {
+            if let Some(v) = $arg.clone() {
+                c.$($field).+ = v;
+            }
+        };
+    }
+    set!(dataset = a.dataset);
+    set!(space.channels = a.channels);
+    set!(space.layers = a.layers);
+    set!(space.nodes = a.nodes);
+    set!(epochs = a.epochs);
+    set!(batch_size = a.batch_size);
+    set!(order = a.order);
+    set!(lr = a.lr);
+    set!(arch_lr = a.arch_lr);
+    set!(train_portion = a.train_portion);
+    set!(seed = a.seed);
+    if a.data_dir.is_some() {
+        c.data_dir = a.data_dir.clone();
+    }
+    if a.limit.is_some() {
+        c.limit = a.limit;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+pub fn run(a: SearchArgs) -> Result<()> {
+    if let Some(t) = a.threads {
+        anyhow::ensure!(t >= 1, "--threads {t}: use at least 1");
+        tch::set_num_threads(t);
+    }
+    let device = darts::device_from_name(&a.device)?;
+    let mut opts = RunOptions { out_dir: a.out.clone(), device, progress: !a.quiet, stop_after: None };
+    let outcome = match &a.resume {
+        Some(dir) => {
+            opts.out_dir = dir.clone();
+            run::resume(&opts)?
+        }
+        None => run::start(config(&a)?, &opts)?,
+    };
+    if outcome.finished {
+        eprintln!("wrote {0}/genotype.json and {0}/genotype.txt", opts.out_dir.display());
+    }
+    println!("{}", outcome.genotype);
+    Ok(())
+}

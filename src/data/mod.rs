@@ -1,0 +1,422 @@
+//! Datasets: loading (IDX, CIFAR binary, the built-in Fashion-MNIST subset), the disjoint search split,
+//! seeded augmentation and batching.
+
+pub mod formats;
+
+use crate::space::DataShape;
+use formats::Raw;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Data problems, each naming the file and saying how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file that should exist does not.
+    #[error("dataset file not found: {file}")]
+    Missing {
+        /// The path looked for.
+        file: String,
+    },
+    /// A file that exists but is not what it should be.
+    #[error("{file}: {problem}")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A file that could not be read.
+    #[error("{file}: {error}")]
+    Io {
+        /// The file.
+        file: String,
+        /// The OS error.
+        error: String,
+    },
+    /// No folder given and none found.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// The datasets darts reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// A 6,000-image Fashion-MNIST subset shipped inside darts (no download).
+    Builtin,
+    /// Fashion-MNIST (IDX files; Debian's dataset-fashion-mnist is found without being told).
+    FashionMnist,
+    /// MNIST (IDX files).
+    Mnist,
+    /// CIFAR-10 (binary version).
+    Cifar10,
+    /// CIFAR-100 (binary version, fine labels).
+    Cifar100,
+}
+
+impl DatasetKind {
+    /// Name as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Builtin => "builtin",
+            DatasetKind::FashionMnist => "fashion-mnist",
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Cifar100 => "cifar100",
+        }
+    }
+
+    fn classes(self) -> usize {
+        if self == DatasetKind::Cifar100 {
+            100
+        } else {
+            10
+        }
+    }
+
+    /// Per-channel mean and std used for normalisation (the usual published values).
+    pub fn mean_std(self) -> (Vec<f64>, Vec<f64>) {
+        match self {
+            DatasetKind::Builtin | DatasetKind::FashionMnist => (vec![0.2860], vec![0.3530]),
+            DatasetKind::Mnist => (vec![0.1307], vec![0.3081]),
+            DatasetKind::Cifar10 => (vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616]),
+            DatasetKind::Cifar100 => (vec![0.5071, 0.4865, 0.4409], vec![0.2673, 0.2564, 0.2762]),
+        }
+    }
+
+    /// The training-time augmentation the original code uses for this kind of data.
+    pub fn default_augment(self) -> Augment {
+        match self {
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment { crop_padding: 4, flip: true },
+            DatasetKind::Builtin | DatasetKind::FashionMnist => Augment { crop_padding: 2, flip: true },
+            DatasetKind::Mnist => Augment { crop_padding: 2, flip: false },
+        }
+    }
+
+    fn default_dirs(self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        let sub = match self {
+            DatasetKind::Builtin => return dirs,
+            DatasetKind::FashionMnist => "fashion-mnist",
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::Cifar10 => "cifar-10-batches-bin",
+            DatasetKind::Cifar100 => "cifar-100-binary",
+        };
+        if let Some(d) = std::env::var_os("DARTS_DATA") {
+            dirs.push(PathBuf::from(d).join(sub));
+        }
+        if let Some(h) = std::env::var_os("HOME") {
+            dirs.push(PathBuf::from(h).join(".cache/darts/data").join(sub));
+        }
+        dirs.push(PathBuf::from("/usr/share/datasets").join(sub));
+        dirs
+    }
+}
+
+/// Random crop with zero padding and horizontal flip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Augment {
+    /// Pixels of zero padding before a random crop back to the original size (0 = no crop).
+    pub crop_padding: i64,
+    /// Random horizontal flip with probability 1/2.
+    pub flip: bool,
+}
+
+/// Images (uint8, `[n, c, h, w]`, on the CPU) with labels and normalisation constants.
+#[derive(Debug)]
+pub struct Dataset {
+    /// Which dataset.
+    pub kind: DatasetKind,
+    /// Pixels.
+    pub images: Tensor,
+    /// Labels, int64 `[n]`.
+    pub labels: Tensor,
+    /// Channels, size and classes.
+    pub shape: DataShape,
+    /// Per-channel mean.
+    pub mean: Vec<f64>,
+    /// Per-channel std.
+    pub std: Vec<f64>,
+}
+
+impl Dataset {
+    fn from_raw(kind: DatasetKind, raw: Raw) -> Result<Dataset, DataError> {
+        let n = raw.len() as i64;
+        if n == 0 {
+            return Err(DataError::NotFound(format!("the {} data holds no images", kind.name())));
+        }
+        let (c, h, w) = (raw.channels as i64, raw.height as i64, raw.width as i64);
+        let images = Tensor::from_slice(&raw.images).reshape([n, c, h, w]);
+        let labels = Tensor::from_slice(&raw.labels).to_kind(Kind::Int64);
+        let (mean, std) = kind.mean_std();
+        let shape = DataShape { channels: raw.channels, height: raw.height, width: raw.width, classes: kind.classes() };
+        Ok(Dataset { kind, images, labels, shape, mean, std })
+    }
+
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.size()[0] as usize
+    }
+
+    /// Whether there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The examples at `idx` as a normalised float batch on `device`, augmented when `augment` is given.
+    pub fn batch(&self, idx: &[usize], augment: Option<(&Augment, &mut ChaCha8Rng)>, device: Device) -> (Tensor, Tensor) {
+        let ix: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+        let ix = Tensor::from_slice(&ix);
+        let mut x = self.images.index_select(0, &ix);
+        if let Some((aug, rng)) = augment {
+            x = augment_batch(&x, aug, rng);
+        }
+        let y = self.labels.index_select(0, &ix).to_device(device);
+        let c = self.shape.channels as i64;
+        let mean = Tensor::from_slice(&self.mean).to_kind(Kind::Float).reshape([1, c, 1, 1]).to_device(device);
+        let std = Tensor::from_slice(&self.std).to_kind(Kind::Float).reshape([1, c, 1, 1]).to_device(device);
+        let x = (x.to_device(device).to_kind(Kind::Float) / 255.0 - mean) / std;
+        (x, y)
+    }
+}
+
+/// Random crop (zero padding) and flip of a uint8 batch, one draw per image from `rng`.
+pub fn augment_batch(x: &Tensor, aug: &Augment, rng: &mut ChaCha8Rng) -> Tensor {
+    let (n, h, w) = (x.size()[0], x.size()[2], x.size()[3]);
+    let p = aug.crop_padding;
+    let padded = if p > 0 { x.constant_pad_nd([p, p, p, p]) } else { x.shallow_clone() };
+    let images: Vec<Tensor> = (0..n)
+        .map(|i| {
+            let (dy, dx) = if p > 0 { (rng.random_range(0..=2 * p), rng.random_range(0..=2 * p)) } else { (0, 0) };
+            let img = padded.get(i).narrow(1, dy, h).narrow(2, dx, w);
+            if aug.flip && rng.random_bool(0.5) {
+                img.flip([2])
+            } else {
+                img
+            }
+        })
+        .collect();
+    Tensor::stack(&images, 0)
+}
+
+fn find_dir(kind: DatasetKind, dir: Option<&Path>, probe: &str) -> Result<PathBuf, DataError> {
+    if let Some(d) = dir {
+        if !d.is_dir() {
+            return Err(DataError::NotFound(format!("data directory {} does not exist", d.display())));
+        }
+        return Ok(d.to_path_buf());
+    }
+    let candidates = kind.default_dirs();
+    for d in &candidates {
+        if d.join(probe).is_file() || d.join(format!("{probe}.gz")).is_file() {
+            return Ok(d.clone());
+        }
+    }
+    let hint = match kind {
+        DatasetKind::FashionMnist => " (on Debian: apt-get install dataset-fashion-mnist)",
+        _ => "",
+    };
+    Err(DataError::NotFound(format!(
+        "no {} data found; looked in {}. Pass --data-dir DIR holding {probe}[.gz]{hint}, or use --dataset builtin",
+        kind.name(),
+        candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+fn load_idx(kind: DatasetKind, dir: &Path, prefix: &str) -> Result<Raw, DataError> {
+    let (images, iname) = formats::read_maybe_gz(dir, &format!("{prefix}-images-idx3-ubyte"))?;
+    let (labels, lname) = formats::read_maybe_gz(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
+    formats::idx_pair(images, labels, (&iname, &lname), kind.classes())
+}
+
+fn load_cifar(kind: DatasetKind, dir: &Path, train: bool) -> Result<Raw, DataError> {
+    let files: Vec<String> = match (kind, train) {
+        (DatasetKind::Cifar10, true) => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
+        (DatasetKind::Cifar10, false) => vec!["test_batch.bin".into()],
+        (_, true) => vec!["train.bin".into()],
+        (_, false) => vec!["test.bin".into()],
+    };
+    let label_bytes = if kind == DatasetKind::Cifar100 { 2 } else { 1 };
+    let mut all: Option<Raw> = None;
+    for f in files {
+        let path = dir.join(&f);
+        if !path.is_file() {
+            return Err(DataError::Missing { file: path.display().to_string() });
+        }
+        let bytes = std::fs::read(&path).map_err(|e| DataError::Io { file: path.display().to_string(), error: e.to_string() })?;
+        let raw = formats::parse_cifar(&bytes, label_bytes, kind.classes(), &path.display().to_string())?;
+        all = Some(match all {
+            None => raw,
+            Some(mut a) => {
+                a.images.extend(raw.images);
+                a.labels.extend(raw.labels);
+                a
+            }
+        });
+    }
+    Ok(all.expect("at least one file"))
+}
+
+/// Loads the training (`train = true`) or test split of `kind`, from `dir` or the default places.
+pub fn load(kind: DatasetKind, dir: Option<&Path>, train: bool) -> Result<Dataset, DataError> {
+    let prefix = if train { "train" } else { "t10k" };
+    let raw = match kind {
+        DatasetKind::Builtin => {
+            let (i, l): (&[u8], &[u8]) = if train {
+                (
+                    include_bytes!("../../data/fashion-mnist-subset/train-images-idx3-ubyte.gz"),
+                    include_bytes!("../../data/fashion-mnist-subset/train-labels-idx1-ubyte.gz"),
+                )
+            } else {
+                (
+                    include_bytes!("../../data/fashion-mnist-subset/t10k-images-idx3-ubyte.gz"),
+                    include_bytes!("../../data/fashion-mnist-subset/t10k-labels-idx1-ubyte.gz"),
+                )
+            };
+            formats::idx_pair(i.to_vec(), l.to_vec(), ("builtin images", "builtin labels"), 10)?
+        }
+        DatasetKind::FashionMnist | DatasetKind::Mnist => {
+            let d = find_dir(kind, dir, "train-images-idx3-ubyte")?;
+            load_idx(kind, &d, prefix)?
+        }
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+            let probe = if kind == DatasetKind::Cifar10 { "data_batch_1.bin" } else { "train.bin" };
+            let d = find_dir(kind, dir, probe)?;
+            load_cifar(kind, &d, train)?
+        }
+    };
+    Dataset::from_raw(kind, raw)
+}
+
+/// The search split: two disjoint index sets, weights learn on `train`, alpha on `val`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// Indices for the weight step.
+    pub train: Vec<usize>,
+    /// Indices for the alpha step.
+    pub val: Vec<usize>,
+}
+
+impl Split {
+    /// Shuffles `0..n` with `seed` and cuts it at `portion * n`.
+    pub fn new(n: usize, portion: f64, seed: u64) -> Result<Split, String> {
+        if !(portion > 0.0 && portion < 1.0) {
+            return Err(format!("train_portion = {portion}: it must lie strictly between 0 and 1"));
+        }
+        let cut = (portion * n as f64).floor() as usize;
+        if cut == 0 || cut == n {
+            return Err(format!("a train_portion of {portion} leaves one side of the split of {n} examples empty"));
+        }
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.shuffle(&mut <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0x5eed_5b1d));
+        let val = idx.split_off(cut);
+        let split = Split { train: idx, val };
+        split.check_disjoint(n)?;
+        Ok(split)
+    }
+
+    /// Verifies that no example is in both halves and every index is below `n`.
+    pub fn check_disjoint(&self, n: usize) -> Result<(), String> {
+        let mut seen = vec![0u8; n];
+        for (side, set) in [(1u8, &self.train), (2u8, &self.val)] {
+            for &i in set {
+                if i >= n {
+                    return Err(format!("index {i} is outside the dataset of {n} examples"));
+                }
+                if seen[i] != 0 {
+                    return Err(format!("example {i} is in both the weight split and the alpha split"));
+                }
+                seen[i] = side;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Batches of `size` from `indices` in an order shuffled by `rng` (the last batch may be smaller).
+pub fn shuffled_batches(indices: &[usize], size: usize, rng: &mut impl Rng) -> Vec<Vec<usize>> {
+    let mut idx = indices.to_vec();
+    idx.shuffle(rng);
+    idx.chunks(size.max(1)).map(|c| c.to_vec()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn builtin_subset_loads_with_balanced_classes() {
+        let d = load(DatasetKind::Builtin, None, true).unwrap();
+        assert_eq!(d.len(), 6000);
+        assert_eq!(d.shape, DataShape { channels: 1, height: 28, width: 28, classes: 10 });
+        let counts = d.labels.bincount::<Tensor>(None, 10);
+        for c in 0..10 {
+            assert_eq!(counts.int64_value(&[c]), 600);
+        }
+        let t = load(DatasetKind::Builtin, None, false).unwrap();
+        assert_eq!(t.len(), 1000);
+    }
+
+    #[test]
+    fn split_is_disjoint_complete_and_seeded() {
+        let s = Split::new(1001, 0.5, 3).unwrap();
+        assert_eq!(s.train.len(), 500);
+        assert_eq!(s.val.len(), 501);
+        let mut all: Vec<usize> = s.train.iter().chain(&s.val).copied().collect();
+        all.sort();
+        assert_eq!(all, (0..1001).collect::<Vec<_>>());
+        assert_eq!(Split::new(1001, 0.5, 3).unwrap(), s);
+        assert_ne!(Split::new(1001, 0.5, 4).unwrap(), s);
+        let overlapping = Split { train: vec![0, 1, 2], val: vec![2, 3] };
+        assert!(overlapping.check_disjoint(4).unwrap_err().contains("example 2"));
+        assert!(Split::new(10, 1.0, 0).is_err());
+        assert!(Split::new(10, 0.01, 0).is_err());
+    }
+
+    #[test]
+    fn batches_are_normalised_and_augmentation_keeps_pixels() {
+        let d = load(DatasetKind::Builtin, None, true).unwrap();
+        let idx: Vec<usize> = (0..64).collect();
+        let (x, y) = d.batch(&idx, None, Device::Cpu);
+        assert_eq!(x.size(), vec![64, 1, 28, 28]);
+        assert_eq!(y.size(), vec![64]);
+        let raw = d.images.narrow(0, 0, 64).to_kind(Kind::Float) / 255.0;
+        let back = &x * d.std[0] + d.mean[0];
+        assert!((back - raw).abs().max().double_value(&[]) < 1e-5);
+        // Flip only (no crop): every augmented image is the image or its mirror.
+        let aug = Augment { crop_padding: 0, flip: true };
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let src = d.images.narrow(0, 0, 16);
+        let out = augment_batch(&src, &aug, &mut rng);
+        let mut flipped = 0;
+        for i in 0..16 {
+            let (a, b) = (out.get(i), src.get(i));
+            if a.equal(&b.flip([2])) && !a.equal(&b) {
+                flipped += 1;
+            } else {
+                assert!(a.equal(&b));
+            }
+        }
+        assert!(flipped > 0 && flipped < 16);
+        // Crop with padding 2 keeps the size and draws different offsets.
+        let aug = Augment { crop_padding: 2, flip: false };
+        let out = augment_batch(&src, &aug, &mut rng);
+        assert_eq!(out.size(), src.size());
+        assert!(!out.equal(&src));
+    }
+
+    #[test]
+    fn missing_data_dir_says_how_to_fix() {
+        let e = load(DatasetKind::Mnist, Some(Path::new("/nonexistent/dir")), true).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/dir"), "{e}");
+        let tmp = std::env::temp_dir().join("darts-empty-data-dir");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let e = load(DatasetKind::Cifar10, Some(&tmp), true).unwrap_err().to_string();
+        assert!(e.contains("data_batch_1.bin"), "{e}");
+    }
+}

@@ -1,0 +1,329 @@
+//! The op table: each candidate operation as a tch module, exactly as the original DARTS `operations.py`.
+//!
+//! Parameters are named like the original PyTorch modules' state_dict keys (`op.1.weight`, ...), and
+//! initialised like PyTorch's defaults (uniform in ±1/sqrt(fan_in) for convolutions, BN weight 1 and bias 0).
+
+use crate::space::OpKind;
+use tch::nn::{self, ModuleT};
+use tch::Tensor;
+
+/// A 2-d convolution without bias, initialised as PyTorch's `nn.Conv2d`.
+#[derive(Debug)]
+pub struct Conv {
+    /// The kernel, `[c_out, c_in / groups, kh, kw]`.
+    pub weight: Tensor,
+    stride: [i64; 2],
+    padding: [i64; 2],
+    dilation: [i64; 2],
+    groups: i64,
+}
+
+/// Geometry of a convolution: kernel, stride, padding, dilation and groups.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvSpec {
+    /// Kernel height and width.
+    pub kernel: [i64; 2],
+    /// Stride in each direction.
+    pub stride: [i64; 2],
+    /// Zero padding in each direction.
+    pub padding: [i64; 2],
+    /// Dilation in each direction.
+    pub dilation: [i64; 2],
+    /// Groups (c_in for a depthwise convolution).
+    pub groups: i64,
+}
+
+impl ConvSpec {
+    /// A square kernel `k` with `stride`, `padding`, dilation 1 and one group.
+    pub fn square(k: i64, stride: i64, padding: i64) -> Self {
+        ConvSpec { kernel: [k, k], stride: [stride; 2], padding: [padding; 2], dilation: [1, 1], groups: 1 }
+    }
+}
+
+impl Conv {
+    /// A convolution from `c_in` to `c_out` channels.
+    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, s: ConvSpec) -> Conv {
+        let fan_in = (c_in / s.groups) * s.kernel[0] * s.kernel[1];
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let weight = p.var(
+            "weight",
+            &[c_out, c_in / s.groups, s.kernel[0], s.kernel[1]],
+            nn::Init::Uniform { lo: -bound, up: bound },
+        );
+        Conv { weight, stride: s.stride, padding: s.padding, dilation: s.dilation, groups: s.groups }
+    }
+
+    /// Applies the convolution.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(&self.weight, None::<Tensor>, self.stride, self.padding, self.dilation, self.groups)
+    }
+}
+
+/// Batch normalisation as PyTorch's `nn.BatchNorm2d(c, affine=affine)`.
+pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> nn::BatchNorm {
+    nn::batch_norm2d(
+        p,
+        c,
+        nn::BatchNormConfig {
+            affine,
+            ws_init: nn::Init::Const(1.0),
+            bs_init: nn::Init::Const(0.0),
+            ..Default::default()
+        },
+    )
+}
+
+/// ReLU, convolution, BN (the original `ReLUConvBN`; the cells' preprocessing).
+#[derive(Debug)]
+pub struct ReluConvBn {
+    conv: Conv,
+    bn: nn::BatchNorm,
+}
+
+impl ReluConvBn {
+    /// `c_in -> c_out` with a square kernel.
+    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64, affine: bool) -> Self {
+        let op = p / "op";
+        ReluConvBn {
+            conv: Conv::new(&(&op / "1"), c_in, c_out, ConvSpec::square(k, stride, padding)),
+            bn: batch_norm(&(&op / "2"), c_out, affine),
+        }
+    }
+    /// Applies ReLU, conv, BN.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.bn.forward_t(&self.conv.forward(&x.relu()), train)
+    }
+}
+
+/// Halves the spatial size with two offset stride-2 1x1 convolutions (the original `FactorizedReduce`).
+#[derive(Debug)]
+pub struct FactorizedReduce {
+    conv_1: Conv,
+    conv_2: Conv,
+    bn: nn::BatchNorm,
+}
+
+impl FactorizedReduce {
+    /// `c_in -> c_out` channels (`c_out` even), half the height and width.
+    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, affine: bool) -> Self {
+        FactorizedReduce {
+            conv_1: Conv::new(&(p / "conv_1"), c_in, c_out / 2, ConvSpec::square(1, 2, 0)),
+            conv_2: Conv::new(&(p / "conv_2"), c_in, c_out / 2, ConvSpec::square(1, 2, 0)),
+            bn: batch_norm(&(p / "bn"), c_out, affine),
+        }
+    }
+    /// Applies the op. On an odd height or width the shifted branch is zero-padded at the end so that both
+    /// branches give ceil(size / 2), the size every other strided op gives (the original fails there).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x.relu();
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let shifted = x.narrow(2, 1, h - 1).narrow(3, 1, w - 1);
+        let shifted = if h % 2 == 1 || w % 2 == 1 {
+            shifted.constant_pad_nd([0, w % 2, 0, h % 2])
+        } else {
+            shifted
+        };
+        let out = Tensor::cat(&[self.conv_1.forward(&x), self.conv_2.forward(&shifted)], 1);
+        self.bn.forward_t(&out, train)
+    }
+}
+
+/// A candidate operation on one edge.
+#[derive(Debug)]
+pub enum Op {
+    /// The zero op; its output is zero of the (strided) input's shape.
+    Zero {
+        /// 1 or 2.
+        stride: i64,
+    },
+    /// 3x3 max pooling, with the search-time BN when present.
+    MaxPool {
+        /// 1 or 2.
+        stride: i64,
+        /// The BN (affine = false) that follows pooling during search.
+        bn: Option<nn::BatchNorm>,
+    },
+    /// 3x3 average pooling (padding not counted), with the search-time BN when present.
+    AvgPool {
+        /// 1 or 2.
+        stride: i64,
+        /// The BN (affine = false) that follows pooling during search.
+        bn: Option<nn::BatchNorm>,
+    },
+    /// Identity.
+    Identity,
+    /// FactorizedReduce (skip_connect on a reducing edge).
+    Reduce(FactorizedReduce),
+    /// A chain of (ReLU, convolutions, BN) blocks: sep, dil and 7x1-1x7 convolutions.
+    Convs(Vec<(Vec<Conv>, nn::BatchNorm)>),
+}
+
+impl Op {
+    /// Builds op `kind` on `c` channels with `stride`; `affine` for BN; `search` adds BN after pooling.
+    pub fn new(p: &nn::Path, kind: OpKind, c: i64, stride: i64, affine: bool, search: bool) -> Op {
+        // Pool ops are wrapped as nn.Sequential(pool, BN) during search: the BN is module "1".
+        let pool_bn = || search.then(|| batch_norm(&(p / "1"), c, false));
+        let sep = |k: i64| {
+            let pad = k / 2;
+            let op = p / "op";
+            let dw = |i: &str, s: i64| {
+                Conv::new(&(&op / i), c, c, ConvSpec { groups: c, ..ConvSpec::square(k, s, pad) })
+            };
+            Op::Convs(vec![
+                (
+                    vec![dw("1", stride), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
+                    batch_norm(&(&op / "3"), c, affine),
+                ),
+                (
+                    vec![dw("5", 1), Conv::new(&(&op / "6"), c, c, ConvSpec::square(1, 1, 0))],
+                    batch_norm(&(&op / "7"), c, affine),
+                ),
+            ])
+        };
+        let dil = |k: i64| {
+            let op = p / "op";
+            let spec = ConvSpec { dilation: [2, 2], groups: c, ..ConvSpec::square(k, stride, k - 1) };
+            Op::Convs(vec![(
+                vec![Conv::new(&(&op / "1"), c, c, spec), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
+                batch_norm(&(&op / "3"), c, affine),
+            )])
+        };
+        match kind {
+            OpKind::None => Op::Zero { stride },
+            OpKind::MaxPool3x3 => Op::MaxPool { stride, bn: pool_bn() },
+            OpKind::AvgPool3x3 => Op::AvgPool { stride, bn: pool_bn() },
+            OpKind::SkipConnect if stride == 1 => Op::Identity,
+            OpKind::SkipConnect => Op::Reduce(FactorizedReduce::new(p, c, c, affine)),
+            OpKind::SepConv3x3 => sep(3),
+            OpKind::SepConv5x5 => sep(5),
+            OpKind::SepConv7x7 => sep(7),
+            OpKind::DilConv3x3 => dil(3),
+            OpKind::DilConv5x5 => dil(5),
+            OpKind::Conv7x1_1x7 => {
+                let op = p / "op";
+                let a = ConvSpec { kernel: [1, 7], stride: [1, stride], padding: [0, 3], dilation: [1, 1], groups: 1 };
+                let b = ConvSpec { kernel: [7, 1], stride: [stride, 1], padding: [3, 0], dilation: [1, 1], groups: 1 };
+                Op::Convs(vec![(
+                    vec![Conv::new(&(&op / "1"), c, c, a), Conv::new(&(&op / "2"), c, c, b)],
+                    batch_norm(&(&op / "3"), c, affine),
+                )])
+            }
+        }
+    }
+
+    /// Whether the op's output is identically zero (so a weighted sum may skip it).
+    pub fn is_zero(&self) -> bool {
+        matches!(self, Op::Zero { .. })
+    }
+
+    /// Whether the op is the identity (drop path leaves it alone in the final network).
+    pub fn is_identity(&self) -> bool {
+        matches!(self, Op::Identity)
+    }
+
+    /// Applies the op.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Op::Zero { stride } => {
+                if *stride == 1 {
+                    x.zeros_like()
+                } else {
+                    x.slice(2, 0, None, *stride).slice(3, 0, None, *stride).zeros_like()
+                }
+            }
+            Op::MaxPool { stride, bn } => {
+                let y = x.max_pool2d([3, 3], [*stride, *stride], [1, 1], [1, 1], false);
+                match bn {
+                    Some(bn) => bn.forward_t(&y, train),
+                    None => y,
+                }
+            }
+            Op::AvgPool { stride, bn } => {
+                let y = x.avg_pool2d([3, 3], [*stride, *stride], [1, 1], false, false, None);
+                match bn {
+                    Some(bn) => bn.forward_t(&y, train),
+                    None => y,
+                }
+            }
+            Op::Identity => x.shallow_clone(),
+            Op::Reduce(fr) => fr.forward_t(x, train),
+            Op::Convs(blocks) => {
+                let mut y = x.shallow_clone();
+                for (convs, bn) in blocks {
+                    y = y.relu();
+                    for conv in convs {
+                        y = conv.forward(&y);
+                    }
+                    y = bn.forward_t(&y, train);
+                }
+                y
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn count(vs: &nn::VarStore) -> i64 {
+        vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+
+    #[test]
+    fn op_parameter_counts_match_the_original_modules() {
+        // Hand-computed from operations.py with C = 16, affine BN (2 * C per BN).
+        let c = 16i64;
+        let cases = [
+            (OpKind::SepConv3x3, 2 * (c * 9 + c * c + 2 * c)),
+            (OpKind::SepConv5x5, 2 * (c * 25 + c * c + 2 * c)),
+            (OpKind::DilConv3x3, c * 9 + c * c + 2 * c),
+            (OpKind::DilConv5x5, c * 25 + c * c + 2 * c),
+            (OpKind::Conv7x1_1x7, 2 * 7 * c * c + 2 * c),
+            (OpKind::MaxPool3x3, 0),
+            (OpKind::SkipConnect, 0),
+        ];
+        for (kind, want) in cases {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _op = Op::new(&vs.root(), kind, c, 1, true, false);
+            assert_eq!(count(&vs), want, "{kind}");
+        }
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _op = Op::new(&vs.root(), OpKind::SkipConnect, c, 2, true, false);
+        assert_eq!(count(&vs), 2 * (c * c / 2) + 2 * c);
+    }
+
+    #[test]
+    fn strided_ops_agree_on_output_shape_for_even_and_odd_sizes() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        for size in [8i64, 7] {
+            let x = Tensor::randn([2, 4, size, size], (Kind::Float, Device::Cpu));
+            for kind in OpKind::ALL {
+                let op = Op::new(&(vs.root() / kind.name() / size), kind, 4, 2, false, true);
+                let y = op.forward_t(&x, true);
+                assert_eq!(y.size(), vec![2, 4, (size + 1) / 2, (size + 1) / 2], "{kind} on {size}");
+            }
+        }
+    }
+
+    #[test]
+    fn avg_pool_does_not_count_padding() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let op = Op::new(&vs.root(), OpKind::AvgPool3x3, 1, 1, false, false);
+        let x = Tensor::ones([1, 1, 3, 3], (Kind::Float, Device::Cpu));
+        // With padding counted the corner would be 4/9; the original excludes padding, so it stays 1.
+        let y = op.forward_t(&x, false);
+        assert!((y.double_value(&[0, 0, 0, 0]) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn zero_op_is_zero_and_identity_is_identity() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let x = Tensor::randn([1, 2, 4, 4], (Kind::Float, Device::Cpu));
+        let z = Op::new(&vs.root(), OpKind::None, 2, 1, false, true).forward_t(&x, true);
+        assert_eq!(z.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        let i = Op::new(&vs.root(), OpKind::SkipConnect, 2, 1, false, true).forward_t(&x, true);
+        assert_eq!((&i - &x).abs().sum(Kind::Float).double_value(&[]), 0.0);
+    }
+}

@@ -1,0 +1,396 @@
+//! The bilevel search loop: for each training batch, one alpha step on a validation batch, then one weight
+//! step; per-epoch evaluation, metrics, atomic checkpoints and bit-exact resume.
+
+use crate::architect::{Architect, Order};
+use crate::data::{self, Dataset, DatasetKind, Split};
+use crate::genotype::Genotype;
+use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
+use crate::space::SearchSpace;
+use crate::supernet::{named_buffers, named_weights, softmax_rows, Alphas, SearchNetwork};
+use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Everything that determines a search's result (runtime choices such as threads or device are apart).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchConfig {
+    /// Which dataset.
+    pub dataset: DatasetKind,
+    /// Where its files are (None: the built-in data or the default places).
+    pub data_dir: Option<PathBuf>,
+    /// Use only the first `limit` training examples (quick runs); None uses all.
+    pub limit: Option<usize>,
+    /// The search space.
+    pub space: SearchSpace,
+    /// Epochs.
+    pub epochs: usize,
+    /// Batch size for both the weight and the alpha step.
+    pub batch_size: usize,
+    /// Fraction of the training set the weights learn on; alpha learns on the rest.
+    pub train_portion: f64,
+    /// Weights: initial learning rate.
+    pub lr: f64,
+    /// Weights: final learning rate of the cosine schedule.
+    pub lr_min: f64,
+    /// Weights: SGD momentum.
+    pub momentum: f64,
+    /// Weights: weight decay.
+    pub weight_decay: f64,
+    /// Weights: gradient norm clip.
+    pub grad_clip: f64,
+    /// Alpha: Adam learning rate.
+    pub arch_lr: f64,
+    /// Alpha: Adam betas.
+    pub arch_betas: (f64, f64),
+    /// Alpha: weight decay.
+    pub arch_weight_decay: f64,
+    /// First- or second-order hypergradient.
+    pub order: Order,
+    /// Seed for weights, alpha, split, shuffling and augmentation.
+    pub seed: u64,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            dataset: DatasetKind::Builtin,
+            data_dir: None,
+            limit: None,
+            space: SearchSpace::default(),
+            epochs: 50,
+            batch_size: 64,
+            train_portion: 0.5,
+            lr: 0.025,
+            lr_min: 0.001,
+            momentum: 0.9,
+            weight_decay: 3e-4,
+            grad_clip: 5.0,
+            arch_lr: 3e-4,
+            arch_betas: (0.5, 0.999),
+            arch_weight_decay: 1e-3,
+            order: Order::First,
+            seed: 2,
+        }
+    }
+}
+
+impl SearchConfig {
+    /// Checks values that no search can run with.
+    pub fn validate(&self) -> Result<()> {
+        self.space.validate()?;
+        let pos = |v: f64, name: &str| -> Result<()> {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("{name} = {v}: it must be a positive number");
+            }
+            Ok(())
+        };
+        if self.epochs == 0 {
+            bail!("epochs = 0: a search needs at least one epoch");
+        }
+        if self.batch_size < 2 {
+            bail!("batch size {}: batch normalisation needs at least 2 examples per batch", self.batch_size);
+        }
+        pos(self.lr, "lr")?;
+        pos(self.arch_lr, "arch_lr")?;
+        pos(self.grad_clip, "grad_clip")?;
+        if !(self.lr_min >= 0.0 && self.lr_min <= self.lr) {
+            bail!("lr_min = {}: it must lie between 0 and lr = {}", self.lr_min, self.lr);
+        }
+        for (v, n) in [(self.momentum, "momentum"), (self.arch_betas.0, "beta1"), (self.arch_betas.1, "beta2")] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{n} = {v}: it must lie in [0, 1)");
+            }
+        }
+        if self.weight_decay < 0.0 || self.arch_weight_decay < 0.0 {
+            bail!("weight decay must not be negative");
+        }
+        if let Some(0) = self.limit {
+            bail!("limit = 0: use at least a few examples, or leave the limit out");
+        }
+        Ok(())
+    }
+}
+
+/// Per-epoch results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochStats {
+    /// 0-based epoch.
+    pub epoch: usize,
+    /// Weights' learning rate this epoch.
+    pub lr: f64,
+    /// Mean training loss (weight split, training mode).
+    pub train_loss: f64,
+    /// Training accuracy.
+    pub train_acc: f64,
+    /// Loss on the alpha split (evaluation mode).
+    pub val_loss: f64,
+    /// Accuracy on the alpha split.
+    pub val_acc: f64,
+    /// softmax(alpha_normal) per edge.
+    pub alpha_normal: Vec<Vec<f64>>,
+    /// softmax(alpha_reduce) per edge.
+    pub alpha_reduce: Vec<Vec<f64>>,
+    /// The genotype derived at the end of the epoch, in DARTS Python text.
+    pub genotype: String,
+    /// Wall-clock seconds of the epoch.
+    pub seconds: f64,
+    /// Peak resident memory of the process so far, MiB.
+    pub peak_rss_mb: f64,
+}
+
+/// A search in progress: data, supernet, both optimisers and the epoch counter.
+pub struct Search {
+    /// Its configuration.
+    pub config: SearchConfig,
+    /// Where it runs.
+    pub device: Device,
+    vs: nn::VarStore,
+    /// The supernet (with the alphas).
+    pub net: SearchNetwork,
+    names: Vec<String>,
+    weights: Vec<Tensor>,
+    buffer_names: Vec<String>,
+    buffers: Vec<Tensor>,
+    sgd: Sgd,
+    architect: Architect,
+    data: Dataset,
+    /// The disjoint weight/alpha split of the training set.
+    pub split: Split,
+    /// The next epoch to run (= epochs done).
+    pub epoch: usize,
+}
+
+/// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    epoch: usize,
+    adam_steps: i64,
+    config: SearchConfig,
+}
+
+impl Search {
+    /// Loads the data, checks the split and builds the supernet and optimisers from `config.seed`.
+    pub fn new(config: SearchConfig, device: Device) -> Result<Search> {
+        config.validate()?;
+        let mut data = data::load(config.dataset, config.data_dir.as_deref(), true)?;
+        if let Some(limit) = config.limit {
+            let n = limit.min(data.len()) as i64;
+            data.images = data.images.narrow(0, 0, n);
+            data.labels = data.labels.narrow(0, 0, n);
+        }
+        config.space.validate_for(&data.shape)?;
+        let split = Split::new(data.len(), config.train_portion, config.seed).map_err(anyhow::Error::msg)?;
+        split.check_disjoint(data.len()).map_err(anyhow::Error::msg)?;
+        if split.train.len() < config.batch_size || split.val.len() < 2 {
+            bail!(
+                "the split leaves {} examples for the weights and {} for alpha: fewer than one batch of {}; \
+                 use more data (--limit) or a smaller --batch-size",
+                split.train.len(),
+                split.val.len(),
+                config.batch_size
+            );
+        }
+        tch::manual_seed(config.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let alphas = Alphas::random(&config.space, device);
+        let net = SearchNetwork::new(&vs.root(), &config.space, &data.shape, alphas);
+        let (names, weights): (Vec<String>, Vec<Tensor>) = named_weights(&vs).into_iter().unzip();
+        let (buffer_names, buffers): (Vec<String>, Vec<Tensor>) = named_buffers(&vs).into_iter().unzip();
+        let sgd = Sgd::new(&weights, config.lr, config.momentum, config.weight_decay);
+        let architect = Architect::new(&net, config.order, config.arch_lr, config.arch_betas, config.arch_weight_decay);
+        Ok(Search { config, device, vs, net, names, weights, buffer_names, buffers, sgd, architect, data, split, epoch: 0 })
+    }
+
+    /// Number of weight parameters of the supernet (alphas excluded).
+    pub fn parameter_count(&self) -> i64 {
+        crate::supernet::count_parameters(&self.vs)
+    }
+
+    /// The genotype derived from the current alphas.
+    pub fn genotype(&self) -> Genotype {
+        let (n, r) = self.net.alphas.softmax();
+        Genotype::derive(&n, &r, &self.config.space)
+    }
+
+    fn epoch_rng(&self, epoch: usize) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(epoch as u64))
+    }
+
+    /// Runs one epoch: per training batch an alpha step on a validation batch then a weight step; then
+    /// evaluates on the alpha split. `bar`, when given, shows the steps.
+    pub fn run_epoch(&mut self, bar: Option<&ProgressBar>) -> Result<EpochStats> {
+        let start = std::time::Instant::now();
+        let epoch = self.epoch;
+        let lr = cosine_lr(self.config.lr, self.config.lr_min, epoch, self.config.epochs);
+        self.sgd.lr = lr;
+        let mut rng = self.epoch_rng(epoch);
+        let bs = self.config.batch_size;
+        let train_batches = data::shuffled_batches(&self.split.train, bs, &mut rng);
+        let val_batches = data::shuffled_batches(&self.split.val, bs, &mut rng);
+        let augment = self.config.dataset.default_augment();
+        if let Some(b) = bar {
+            b.set_length(train_batches.len() as u64);
+            b.set_position(0);
+        }
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
+        let mut correct = Tensor::zeros([], (Kind::Int64, self.device));
+        let mut seen = 0usize;
+        for (step, idx) in train_batches.iter().enumerate() {
+            let (xt, yt) = self.data.batch(idx, Some((&augment, &mut rng)), self.device);
+            let vidx = &val_batches[step % val_batches.len()];
+            let (xv, yv) = self.data.batch(vidx, Some((&augment, &mut rng)), self.device);
+            self.architect.step(&self.net, &self.weights, &self.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr);
+
+            let logits = self.net.forward_t(&xt, true);
+            let loss = logits.cross_entropy_for_logits(&yt);
+            let mut grads = Tensor::run_backward(&[&loss], &self.weights, false, false);
+            let _ = clip_grad_norm(&mut grads, self.config.grad_clip);
+            self.sgd.step(&self.weights, &grads);
+
+            loss_sum += loss.detach().to_kind(Kind::Double) * idx.len() as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&yt).sum(Kind::Int64);
+            seen += idx.len();
+            let last = step + 1 == train_batches.len();
+            if step % 10 == 9 || last {
+                let mean = loss_sum.double_value(&[]) / seen as f64;
+                if !mean.is_finite() {
+                    bail!(
+                        "the training loss became {mean} in epoch {} (step {}): the last checkpoint, from the end of the \
+                         previous epoch, is intact; resume with a lower --lr or --arch-lr, or a smaller --grad-clip",
+                        epoch + 1,
+                        step + 1
+                    );
+                }
+                if let Some(b) = bar {
+                    let acc = correct.int64_value(&[]) as f64 / seen as f64;
+                    let rate = seen as f64 / start.elapsed().as_secs_f64();
+                    b.set_message(format!("loss {mean:.3} acc {:.1}% {rate:.0} img/s", 100.0 * acc));
+                }
+            }
+            if let Some(b) = bar {
+                b.inc(1);
+            }
+        }
+        let train_loss = loss_sum.double_value(&[]) / seen as f64;
+        let train_acc = correct.int64_value(&[]) as f64 / seen as f64;
+        let (val_loss, val_acc) = self.evaluate(&self.split.val.clone());
+        self.epoch += 1;
+        Ok(EpochStats {
+            epoch,
+            lr,
+            train_loss,
+            train_acc,
+            val_loss,
+            val_acc,
+            alpha_normal: softmax_rows(&self.net.alphas.normal),
+            alpha_reduce: softmax_rows(&self.net.alphas.reduce),
+            genotype: self.genotype().to_string(),
+            seconds: start.elapsed().as_secs_f64(),
+            peak_rss_mb: peak_rss_mb(),
+        })
+    }
+
+    /// Loss and accuracy on `indices` in evaluation mode (BN running statistics), without gradients.
+    pub fn evaluate(&self, indices: &[usize]) -> (f64, f64) {
+        tch::no_grad(|| {
+            let mut loss = 0.0;
+            let mut correct = 0i64;
+            for idx in indices.chunks(self.config.batch_size.max(256)) {
+                let (x, y) = self.data.batch(idx, None, self.device);
+                let logits = self.net.forward_t(&x, false);
+                loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * idx.len() as f64;
+                correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            }
+            (loss / indices.len() as f64, correct as f64 / indices.len() as f64)
+        })
+    }
+
+    /// Writes weights, BN statistics, alphas, both optimisers' state and the epoch to `dir/checkpoint.safetensors`
+    /// atomically (a temporary file renamed over the old one).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let meta = CheckpointMeta { epoch: self.epoch, adam_steps: self.architect.adam.step_count, config: self.config.clone() };
+        let meta = serde_json::to_vec(&meta)?;
+        let mut named: Vec<(String, Tensor)> = vec![("meta".into(), Tensor::from_slice(&meta))];
+        for (n, t) in self.names.iter().zip(&self.weights) {
+            named.push((format!("weight/{n}"), t.detach()));
+        }
+        for (n, t) in self.buffer_names.iter().zip(&self.buffers) {
+            named.push((format!("buffer/{n}"), t.detach()));
+        }
+        for (n, t) in self.names.iter().zip(&self.sgd.buffers) {
+            named.push((format!("sgd/{n}"), t.shallow_clone()));
+        }
+        named.push(("alpha/normal".into(), self.net.alphas.normal.detach()));
+        named.push(("alpha/reduce".into(), self.net.alphas.reduce.detach()));
+        for i in 0..2 {
+            named.push((format!("adam/m/{i}"), self.architect.adam.exp_avg[i].shallow_clone()));
+            named.push((format!("adam/v/{i}"), self.architect.adam.exp_avg_sq[i].shallow_clone()));
+        }
+        let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
+        Tensor::write_safetensors(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(CHECKPOINT)).with_context(|| format!("replacing the checkpoint in {}", dir.display()))?;
+        Ok(())
+    }
+
+    /// Rebuilds the search saved in `dir` and restores its exact state.
+    pub fn resume(dir: &Path, device: Device) -> Result<Search> {
+        let path = dir.join(CHECKPOINT);
+        if !path.is_file() {
+            bail!("{} has no {CHECKPOINT}: it is not a search run directory, or no epoch has finished yet", dir.display());
+        }
+        let tensors = Tensor::read_safetensors(&path)
+            .with_context(|| format!("{} is damaged; it cannot be resumed", path.display()))?;
+        let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+        let get = |k: &str| -> Result<&Tensor> {
+            map.get(k).with_context(|| format!("{} lacks '{k}': it was written by another version", path.display()))
+        };
+        let meta_t = get("meta")?;
+        let mut meta_bytes = vec![0u8; meta_t.numel()];
+        meta_t.copy_data_u8(&mut meta_bytes, meta_t.numel());
+        let meta: CheckpointMeta = serde_json::from_slice(&meta_bytes).context("checkpoint metadata")?;
+        let mut s = Search::new(meta.config, device)?;
+        tch::no_grad(|| -> Result<()> {
+            let copy = |dst: &Tensor, src: &Tensor, name: &str| -> Result<()> {
+                if dst.size() != src.size() {
+                    bail!("checkpoint tensor {name} has shape {:?}, the network expects {:?}", src.size(), dst.size());
+                }
+                dst.shallow_clone().copy_(&src.to_device(dst.device()));
+                Ok(())
+            };
+            for (n, t) in s.names.iter().zip(&s.weights) {
+                copy(t, get(&format!("weight/{n}"))?, n)?;
+            }
+            for (n, t) in s.buffer_names.iter().zip(&s.buffers) {
+                copy(t, get(&format!("buffer/{n}"))?, n)?;
+            }
+            for (n, t) in s.names.iter().zip(&s.sgd.buffers) {
+                copy(t, get(&format!("sgd/{n}"))?, n)?;
+            }
+            copy(&s.net.alphas.normal, get("alpha/normal")?, "alpha/normal")?;
+            copy(&s.net.alphas.reduce, get("alpha/reduce")?, "alpha/reduce")?;
+            for i in 0..2 {
+                copy(&s.architect.adam.exp_avg[i], get(&format!("adam/m/{i}"))?, "adam")?;
+                copy(&s.architect.adam.exp_avg_sq[i], get(&format!("adam/v/{i}"))?, "adam")?;
+            }
+            Ok(())
+        })?;
+        s.architect.adam.step_count = meta.adam_steps;
+        s.epoch = meta.epoch;
+        Ok(s)
+    }
+}
