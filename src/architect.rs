@@ -23,6 +23,8 @@ pub struct Architect {
     pub adam: Adam,
     /// First or second order.
     pub order: Order,
+    /// The finite-difference step is `hvp_r / ||v||` (0.01 in DARTS).
+    pub hvp_r: f64,
 }
 
 /// A copy of tensors' values, to restore them exactly later.
@@ -89,7 +91,7 @@ pub fn exact_hvp(net: &SearchNetwork, weights: &[Tensor], v: &[Tensor], x: &Tens
 impl Architect {
     /// Adam(lr, betas, weight decay) over the network's alphas.
     pub fn new(net: &SearchNetwork, order: Order, lr: f64, betas: (f64, f64), weight_decay: f64) -> Architect {
-        Architect { adam: Adam::new(&net.alphas.tensors(), lr, betas, weight_decay), order }
+        Architect { adam: Adam::new(&net.alphas.tensors(), lr, betas, weight_decay), order, hvp_r: 0.01 }
     }
 
     /// The hypergradient for (alpha_normal, alpha_reduce) at the current weights. `eta` is the weights'
@@ -127,7 +129,7 @@ impl Architect {
                 restore(weights, &theta);
                 restore(buffers, &stats);
                 let (dalpha, v) = grads.split_at(2);
-                let implicit = finite_difference_hvp(net, weights, v, x_train, y_train, 0.01);
+                let implicit = finite_difference_hvp(net, weights, v, x_train, y_train, self.hvp_r);
                 dalpha.iter().zip(&implicit).map(|(d, h)| d - h * eta).collect()
             }
         }

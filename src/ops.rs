@@ -3,7 +3,7 @@
 //! Parameters are named like the original PyTorch modules' state_dict keys (`op.1.weight`, ...), and
 //! initialised like PyTorch's defaults (uniform in ±1/sqrt(fan_in) for convolutions, BN weight 1 and bias 0).
 
-use crate::space::OpKind;
+use crate::space::{Activation, OpKind};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -76,28 +76,32 @@ pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> nn::BatchNorm {
 /// ReLU, convolution, BN (the original `ReLUConvBN`; the cells' preprocessing).
 #[derive(Debug)]
 pub struct ReluConvBn {
+    act: Activation,
     conv: Conv,
     bn: nn::BatchNorm,
 }
 
 impl ReluConvBn {
     /// `c_in -> c_out` with a square kernel.
-    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64, affine: bool) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64, affine: bool, act: Activation) -> Self {
         let op = p / "op";
         ReluConvBn {
+            act,
             conv: Conv::new(&(&op / "1"), c_in, c_out, ConvSpec::square(k, stride, padding)),
             bn: batch_norm(&(&op / "2"), c_out, affine),
         }
     }
     /// Applies ReLU, conv, BN.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.bn.forward_t(&self.conv.forward(&x.relu()), train)
+        self.bn.forward_t(&self.conv.forward(&self.act.apply(x)), train)
     }
 }
 
 /// Halves the spatial size with two offset stride-2 1x1 convolutions (the original `FactorizedReduce`).
 #[derive(Debug)]
 pub struct FactorizedReduce {
+    act: Activation,
     conv_1: Conv,
     conv_2: Conv,
     bn: nn::BatchNorm,
@@ -105,8 +109,9 @@ pub struct FactorizedReduce {
 
 impl FactorizedReduce {
     /// `c_in -> c_out` channels (`c_out` even), half the height and width.
-    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, affine: bool) -> Self {
+    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, affine: bool, act: Activation) -> Self {
         FactorizedReduce {
+            act,
             conv_1: Conv::new(&(p / "conv_1"), c_in, c_out / 2, ConvSpec::square(1, 2, 0)),
             conv_2: Conv::new(&(p / "conv_2"), c_in, c_out / 2, ConvSpec::square(1, 2, 0)),
             bn: batch_norm(&(p / "bn"), c_out, affine),
@@ -115,7 +120,7 @@ impl FactorizedReduce {
     /// Applies the op. On an odd height or width the shifted branch is zero-padded at the end so that both
     /// branches give ceil(size / 2), the size every other strided op gives (the original fails there).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = x.relu();
+        let x = self.act.apply(x);
         let (h, w) = (x.size()[2], x.size()[3]);
         let shifted = x.narrow(2, 1, h - 1).narrow(3, 1, w - 1);
         let shifted = if h % 2 == 1 || w % 2 == 1 {
@@ -155,12 +160,12 @@ pub enum Op {
     /// FactorizedReduce (skip_connect on a reducing edge).
     Reduce(FactorizedReduce),
     /// A chain of (ReLU, convolutions, BN) blocks: sep, dil and 7x1-1x7 convolutions.
-    Convs(Vec<(Vec<Conv>, nn::BatchNorm)>),
+    Convs(Activation, Vec<(Vec<Conv>, nn::BatchNorm)>),
 }
 
 impl Op {
     /// Builds op `kind` on `c` channels with `stride`; `affine` for BN; `search` adds BN after pooling.
-    pub fn new(p: &nn::Path, kind: OpKind, c: i64, stride: i64, affine: bool, search: bool) -> Op {
+    pub fn new(p: &nn::Path, kind: OpKind, c: i64, stride: i64, affine: bool, search: bool, act: Activation) -> Op {
         // Pool ops are wrapped as nn.Sequential(pool, BN) during search: the BN is module "1".
         let pool_bn = || search.then(|| batch_norm(&(p / "1"), c, false));
         let sep = |k: i64| {
@@ -169,7 +174,7 @@ impl Op {
             let dw = |i: &str, s: i64| {
                 Conv::new(&(&op / i), c, c, ConvSpec { groups: c, ..ConvSpec::square(k, s, pad) })
             };
-            Op::Convs(vec![
+            Op::Convs(act, vec![
                 (
                     vec![dw("1", stride), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
                     batch_norm(&(&op / "3"), c, affine),
@@ -183,7 +188,7 @@ impl Op {
         let dil = |k: i64| {
             let op = p / "op";
             let spec = ConvSpec { dilation: [2, 2], groups: c, ..ConvSpec::square(k, stride, k - 1) };
-            Op::Convs(vec![(
+            Op::Convs(act, vec![(
                 vec![Conv::new(&(&op / "1"), c, c, spec), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
                 batch_norm(&(&op / "3"), c, affine),
             )])
@@ -193,7 +198,7 @@ impl Op {
             OpKind::MaxPool3x3 => Op::MaxPool { stride, bn: pool_bn() },
             OpKind::AvgPool3x3 => Op::AvgPool { stride, bn: pool_bn() },
             OpKind::SkipConnect if stride == 1 => Op::Identity,
-            OpKind::SkipConnect => Op::Reduce(FactorizedReduce::new(p, c, c, affine)),
+            OpKind::SkipConnect => Op::Reduce(FactorizedReduce::new(p, c, c, affine, act)),
             OpKind::SepConv3x3 => sep(3),
             OpKind::SepConv5x5 => sep(5),
             OpKind::SepConv7x7 => sep(7),
@@ -203,7 +208,7 @@ impl Op {
                 let op = p / "op";
                 let a = ConvSpec { kernel: [1, 7], stride: [1, stride], padding: [0, 3], dilation: [1, 1], groups: 1 };
                 let b = ConvSpec { kernel: [7, 1], stride: [stride, 1], padding: [3, 0], dilation: [1, 1], groups: 1 };
-                Op::Convs(vec![(
+                Op::Convs(act, vec![(
                     vec![Conv::new(&(&op / "1"), c, c, a), Conv::new(&(&op / "2"), c, c, b)],
                     batch_norm(&(&op / "3"), c, affine),
                 )])
@@ -247,10 +252,10 @@ impl Op {
             }
             Op::Identity => x.shallow_clone(),
             Op::Reduce(fr) => fr.forward_t(x, train),
-            Op::Convs(blocks) => {
+            Op::Convs(act, blocks) => {
                 let mut y = x.shallow_clone();
                 for (convs, bn) in blocks {
-                    y = y.relu();
+                    y = act.apply(&y);
                     for conv in convs {
                         y = conv.forward(&y);
                     }
@@ -286,11 +291,11 @@ mod tests {
         ];
         for (kind, want) in cases {
             let vs = nn::VarStore::new(Device::Cpu);
-            let _op = Op::new(&vs.root(), kind, c, 1, true, false);
+            let _op = Op::new(&vs.root(), kind, c, 1, true, false, Activation::Relu);
             assert_eq!(count(&vs), want, "{kind}");
         }
         let vs = nn::VarStore::new(Device::Cpu);
-        let _op = Op::new(&vs.root(), OpKind::SkipConnect, c, 2, true, false);
+        let _op = Op::new(&vs.root(), OpKind::SkipConnect, c, 2, true, false, Activation::Relu);
         assert_eq!(count(&vs), 2 * (c * c / 2) + 2 * c);
     }
 
@@ -300,7 +305,7 @@ mod tests {
         for size in [8i64, 7] {
             let x = Tensor::randn([2, 4, size, size], (Kind::Float, Device::Cpu));
             for kind in OpKind::ALL {
-                let op = Op::new(&(vs.root() / kind.name() / size), kind, 4, 2, false, true);
+                let op = Op::new(&(vs.root() / kind.name() / size), kind, 4, 2, false, true, Activation::Relu);
                 let y = op.forward_t(&x, true);
                 assert_eq!(y.size(), vec![2, 4, (size + 1) / 2, (size + 1) / 2], "{kind} on {size}");
             }
@@ -310,7 +315,7 @@ mod tests {
     #[test]
     fn avg_pool_does_not_count_padding() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let op = Op::new(&vs.root(), OpKind::AvgPool3x3, 1, 1, false, false);
+        let op = Op::new(&vs.root(), OpKind::AvgPool3x3, 1, 1, false, false, Activation::Relu);
         let x = Tensor::ones([1, 1, 3, 3], (Kind::Float, Device::Cpu));
         // With padding counted the corner would be 4/9; the original excludes padding, so it stays 1.
         let y = op.forward_t(&x, false);
@@ -321,9 +326,9 @@ mod tests {
     fn zero_op_is_zero_and_identity_is_identity() {
         let vs = nn::VarStore::new(Device::Cpu);
         let x = Tensor::randn([1, 2, 4, 4], (Kind::Float, Device::Cpu));
-        let z = Op::new(&vs.root(), OpKind::None, 2, 1, false, true).forward_t(&x, true);
+        let z = Op::new(&vs.root(), OpKind::None, 2, 1, false, true, Activation::Relu).forward_t(&x, true);
         assert_eq!(z.abs().sum(Kind::Float).double_value(&[]), 0.0);
-        let i = Op::new(&vs.root(), OpKind::SkipConnect, 2, 1, false, true).forward_t(&x, true);
+        let i = Op::new(&vs.root(), OpKind::SkipConnect, 2, 1, false, true, Activation::Relu).forward_t(&x, true);
         assert_eq!((&i - &x).abs().sum(Kind::Float).double_value(&[]), 0.0);
     }
 }

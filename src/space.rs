@@ -123,6 +123,28 @@ impl From<OpKind> for String {
     }
 }
 
+/// The nonlinearity inside ops and preprocessing. DARTS uses ReLU; GELU makes the network smooth, so
+/// second derivatives (the unrolled hypergradient's Hessian term) have no kinks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// max(0, x), as the original.
+    #[default]
+    Relu,
+    /// x * Phi(x).
+    Gelu,
+}
+
+impl Activation {
+    /// Applies the nonlinearity.
+    pub fn apply(self, x: &tch::Tensor) -> tch::Tensor {
+        match self {
+            Activation::Relu => x.relu(),
+            Activation::Gelu => x.gelu("none"),
+        }
+    }
+}
+
 /// The shape of the data a network sees: input channels, image size and number of classes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataShape {
@@ -150,6 +172,8 @@ pub struct SearchSpace {
     pub channels: usize,
     /// The stem outputs `stem_multiplier * channels` channels.
     pub stem_multiplier: usize,
+    /// The nonlinearity in ops and preprocessing.
+    pub activation: Activation,
 }
 
 impl Default for SearchSpace {
@@ -160,6 +184,7 @@ impl Default for SearchSpace {
             layers: 8,
             channels: 16,
             stem_multiplier: 3,
+            activation: Activation::Relu,
         }
     }
 }

@@ -52,7 +52,7 @@ pub struct MixedOp {
 impl MixedOp {
     fn new(p: &nn::Path, space: &SearchSpace, c: i64, stride: i64) -> MixedOp {
         let ops_path = p / "_ops";
-        let ops = space.ops.iter().enumerate().map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c, stride, false, true));
+        let ops = space.ops.iter().enumerate().map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c, stride, false, true, space.activation));
         MixedOp { ops: ops.collect() }
     }
 
@@ -95,11 +95,11 @@ enum Preprocess {
 impl SearchCell {
     fn new(p: &nn::Path, space: &SearchSpace, c_pp: i64, c_p: i64, c: i64, reduction: bool, reduction_prev: bool) -> Self {
         let preprocess0 = if reduction_prev {
-            Preprocess::Reduce(FactorizedReduce::new(&(p / "preprocess0"), c_pp, c, false))
+            Preprocess::Reduce(FactorizedReduce::new(&(p / "preprocess0"), c_pp, c, false, space.activation))
         } else {
-            Preprocess::Conv(ReluConvBn::new(&(p / "preprocess0"), c_pp, c, 1, 1, 0, false))
+            Preprocess::Conv(ReluConvBn::new(&(p / "preprocess0"), c_pp, c, 1, 1, 0, false, space.activation))
         };
-        let preprocess1 = ReluConvBn::new(&(p / "preprocess1"), c_p, c, 1, 1, 0, false);
+        let preprocess1 = ReluConvBn::new(&(p / "preprocess1"), c_p, c, 1, 1, 0, false, space.activation);
         let ops = p / "_ops";
         let mut edges = Vec::new();
         for i in 0..space.nodes {
@@ -190,8 +190,8 @@ impl SearchNetwork {
 
     /// Logits for a batch `[n, c, h, w]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let w_normal = self.alphas.normal.softmax(-1, Kind::Float);
-        let w_reduce = self.alphas.reduce.softmax(-1, Kind::Float);
+        let w_normal = self.alphas.normal.softmax(-1, self.alphas.normal.kind());
+        let w_reduce = self.alphas.reduce.softmax(-1, self.alphas.reduce.kind());
         let stem = self.stem_bn.forward_t(&self.stem_conv.forward(x), train);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for cell in &self.cells {
