@@ -96,7 +96,13 @@ pub fn bench_search(
             }
             _ => continue,
         };
-        let row = BenchRow { implementation: "darts-rs".into(), name: name.into(), min_ms, median_ms, peak_rss_mb: peak_rss_mb() };
+        let row = BenchRow {
+            implementation: "darts-rs".into(),
+            name: name.into(),
+            min_ms,
+            median_ms,
+            peak_rss_mb: peak_rss_mb(),
+        };
         report(&row);
         rows.push(row);
     }

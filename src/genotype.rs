@@ -167,9 +167,8 @@ impl Genotype {
 impl fmt::Display for Genotype {
     /// The original DARTS Python text.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let cell = |c: &[(OpKind, usize)]| {
-            c.iter().map(|(op, i)| format!("('{op}', {i})")).collect::<Vec<_>>().join(", ")
-        };
+        let cell =
+            |c: &[(OpKind, usize)]| c.iter().map(|(op, i)| format!("('{op}', {i})")).collect::<Vec<_>>().join(", ");
         let list = |c: &[usize]| c.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
         write!(
             f,
@@ -435,12 +434,7 @@ mod tests {
         let cell = derive_cell(&w, &space);
         assert_eq!(
             cell,
-            vec![
-                (OpKind::SkipConnect, 1),
-                (OpKind::SepConv3x3, 0),
-                (OpKind::SkipConnect, 2),
-                (OpKind::SepConv3x3, 1)
-            ]
+            vec![(OpKind::SkipConnect, 1), (OpKind::SepConv3x3, 0), (OpKind::SkipConnect, 2), (OpKind::SepConv3x3, 1)]
         );
     }
 }

@@ -84,7 +84,16 @@ pub struct ReluConvBn {
 impl ReluConvBn {
     /// `c_in -> c_out` with a square kernel.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(p: &nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, padding: i64, affine: bool, act: Activation) -> Self {
+    pub fn new(
+        p: &nn::Path,
+        c_in: i64,
+        c_out: i64,
+        k: i64,
+        stride: i64,
+        padding: i64,
+        affine: bool,
+        act: Activation,
+    ) -> Self {
         let op = p / "op";
         ReluConvBn {
             act,
@@ -123,11 +132,7 @@ impl FactorizedReduce {
         let x = self.act.apply(x);
         let (h, w) = (x.size()[2], x.size()[3]);
         let shifted = x.narrow(2, 1, h - 1).narrow(3, 1, w - 1);
-        let shifted = if h % 2 == 1 || w % 2 == 1 {
-            shifted.constant_pad_nd([0, w % 2, 0, h % 2])
-        } else {
-            shifted
-        };
+        let shifted = if h % 2 == 1 || w % 2 == 1 { shifted.constant_pad_nd([0, w % 2, 0, h % 2]) } else { shifted };
         let out = Tensor::cat(&[self.conv_1.forward(&x), self.conv_2.forward(&shifted)], 1);
         self.bn.forward_t(&out, train)
     }
@@ -171,27 +176,32 @@ impl Op {
         let sep = |k: i64| {
             let pad = k / 2;
             let op = p / "op";
-            let dw = |i: &str, s: i64| {
-                Conv::new(&(&op / i), c, c, ConvSpec { groups: c, ..ConvSpec::square(k, s, pad) })
-            };
-            Op::Convs(act, vec![
-                (
-                    vec![dw("1", stride), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
-                    batch_norm(&(&op / "3"), c, affine),
-                ),
-                (
-                    vec![dw("5", 1), Conv::new(&(&op / "6"), c, c, ConvSpec::square(1, 1, 0))],
-                    batch_norm(&(&op / "7"), c, affine),
-                ),
-            ])
+            let dw =
+                |i: &str, s: i64| Conv::new(&(&op / i), c, c, ConvSpec { groups: c, ..ConvSpec::square(k, s, pad) });
+            Op::Convs(
+                act,
+                vec![
+                    (
+                        vec![dw("1", stride), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
+                        batch_norm(&(&op / "3"), c, affine),
+                    ),
+                    (
+                        vec![dw("5", 1), Conv::new(&(&op / "6"), c, c, ConvSpec::square(1, 1, 0))],
+                        batch_norm(&(&op / "7"), c, affine),
+                    ),
+                ],
+            )
         };
         let dil = |k: i64| {
             let op = p / "op";
             let spec = ConvSpec { dilation: [2, 2], groups: c, ..ConvSpec::square(k, stride, k - 1) };
-            Op::Convs(act, vec![(
-                vec![Conv::new(&(&op / "1"), c, c, spec), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
-                batch_norm(&(&op / "3"), c, affine),
-            )])
+            Op::Convs(
+                act,
+                vec![(
+                    vec![Conv::new(&(&op / "1"), c, c, spec), Conv::new(&(&op / "2"), c, c, ConvSpec::square(1, 1, 0))],
+                    batch_norm(&(&op / "3"), c, affine),
+                )],
+            )
         };
         match kind {
             OpKind::None => Op::Zero { stride },
@@ -208,10 +218,13 @@ impl Op {
                 let op = p / "op";
                 let a = ConvSpec { kernel: [1, 7], stride: [1, stride], padding: [0, 3], dilation: [1, 1], groups: 1 };
                 let b = ConvSpec { kernel: [7, 1], stride: [stride, 1], padding: [3, 0], dilation: [1, 1], groups: 1 };
-                Op::Convs(act, vec![(
-                    vec![Conv::new(&(&op / "1"), c, c, a), Conv::new(&(&op / "2"), c, c, b)],
-                    batch_norm(&(&op / "3"), c, affine),
-                )])
+                Op::Convs(
+                    act,
+                    vec![(
+                        vec![Conv::new(&(&op / "1"), c, c, a), Conv::new(&(&op / "2"), c, c, b)],
+                        batch_norm(&(&op / "3"), c, affine),
+                    )],
+                )
             }
         }
     }

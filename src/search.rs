@@ -213,7 +213,21 @@ impl Search {
         let (buffer_names, buffers): (Vec<String>, Vec<Tensor>) = named_buffers(&vs).into_iter().unzip();
         let sgd = Sgd::new(&weights, config.lr, config.momentum, config.weight_decay);
         let architect = Architect::new(&net, config.order, config.arch_lr, config.arch_betas, config.arch_weight_decay);
-        Ok(Search { config, device, vs, net, names, weights, buffer_names, buffers, sgd, architect, data, split, epoch: 0 })
+        Ok(Search {
+            config,
+            device,
+            vs,
+            net,
+            names,
+            weights,
+            buffer_names,
+            buffers,
+            sgd,
+            architect,
+            data,
+            split,
+            epoch: 0,
+        })
     }
 
     /// Number of weight parameters of the supernet (alphas excluded).
@@ -323,7 +337,11 @@ impl Search {
     /// Writes weights, BN statistics, alphas, both optimisers' state and the epoch to `dir/checkpoint.safetensors`
     /// atomically (a temporary file renamed over the old one).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let meta = CheckpointMeta { epoch: self.epoch, adam_steps: self.architect.adam.step_count, config: self.config.clone() };
+        let meta = CheckpointMeta {
+            epoch: self.epoch,
+            adam_steps: self.architect.adam.step_count,
+            config: self.config.clone(),
+        };
         let meta = serde_json::to_vec(&meta)?;
         let mut named: Vec<(String, Tensor)> = vec![("meta".into(), Tensor::from_slice(&meta))];
         for (n, t) in self.names.iter().zip(&self.weights) {
@@ -343,7 +361,8 @@ impl Search {
         }
         let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
         Tensor::write_safetensors(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, dir.join(CHECKPOINT)).with_context(|| format!("replacing the checkpoint in {}", dir.display()))?;
+        std::fs::rename(&tmp, dir.join(CHECKPOINT))
+            .with_context(|| format!("replacing the checkpoint in {}", dir.display()))?;
         Ok(())
     }
 
@@ -351,7 +370,10 @@ impl Search {
     pub fn resume(dir: &Path, device: Device) -> Result<Search> {
         let path = dir.join(CHECKPOINT);
         if !path.is_file() {
-            bail!("{} has no {CHECKPOINT}: it is not a search run directory, or no epoch has finished yet", dir.display());
+            bail!(
+                "{} has no {CHECKPOINT}: it is not a search run directory, or no epoch has finished yet",
+                dir.display()
+            );
         }
         let tensors = Tensor::read_safetensors(&path)
             .with_context(|| format!("{} is damaged; it cannot be resumed", path.display()))?;

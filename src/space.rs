@@ -102,11 +102,7 @@ impl fmt::Display for OpKind {
 impl FromStr for OpKind {
     type Err = SpaceError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        OpKind::ALL
-            .iter()
-            .copied()
-            .find(|o| o.name() == s)
-            .ok_or_else(|| SpaceError::UnknownOp(s.to_string()))
+        OpKind::ALL.iter().copied().find(|o| o.name() == s).ok_or_else(|| SpaceError::UnknownOp(s.to_string()))
     }
 }
 
@@ -207,11 +203,7 @@ impl SearchSpace {
 
     /// Parses a comma-separated op list such as `none,skip_connect,sep_conv_3x3`.
     pub fn parse_ops(list: &str) -> Result<Vec<OpKind>, SpaceError> {
-        list.split(',')
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .map(str::parse)
-            .collect()
+        list.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()).map(str::parse).collect()
     }
 
     /// Loads a space from TOML text (missing keys take the defaults).
@@ -242,7 +234,7 @@ impl SearchSpace {
         if self.layers < 1 || self.layers > 100 {
             return bad(format!("layers = {}: use 1 to 100 cells (DARTS searches with 8)", self.layers));
         }
-        if self.channels < 2 || self.channels % 2 != 0 || self.channels > 4096 {
+        if self.channels < 2 || !self.channels.is_multiple_of(2) || self.channels > 4096 {
             return bad(format!(
                 "channels = {}: initial channels must be even (FactorizedReduce halves them) and between 2 and 4096",
                 self.channels

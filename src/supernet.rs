@@ -52,7 +52,11 @@ pub struct MixedOp {
 impl MixedOp {
     fn new(p: &nn::Path, space: &SearchSpace, c: i64, stride: i64) -> MixedOp {
         let ops_path = p / "_ops";
-        let ops = space.ops.iter().enumerate().map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c, stride, false, true, space.activation));
+        let ops = space
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c, stride, false, true, space.activation));
         MixedOp { ops: ops.collect() }
     }
 
@@ -93,7 +97,15 @@ enum Preprocess {
 }
 
 impl SearchCell {
-    fn new(p: &nn::Path, space: &SearchSpace, c_pp: i64, c_p: i64, c: i64, reduction: bool, reduction_prev: bool) -> Self {
+    fn new(
+        p: &nn::Path,
+        space: &SearchSpace,
+        c_pp: i64,
+        c_p: i64,
+        c: i64,
+        reduction: bool,
+        reduction_prev: bool,
+    ) -> Self {
         let preprocess0 = if reduction_prev {
             Preprocess::Reduce(FactorizedReduce::new(&(p / "preprocess0"), c_pp, c, false, space.activation))
         } else {

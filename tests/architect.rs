@@ -20,7 +20,8 @@ fn fixture() -> Fixture {
     // finite difference of it picks up their jumps, which double backward (second derivative 0 between kinks)
     // does not see; then the two are not the same quantity and cannot be compared.
     let ops = vec![OpKind::None, OpKind::AvgPool3x3, OpKind::SkipConnect, OpKind::SepConv3x3, OpKind::DilConv3x3];
-    let space = SearchSpace { ops, channels: 4, layers: 3, nodes: 2, activation: Activation::Gelu, ..Default::default() };
+    let space =
+        SearchSpace { ops, channels: 4, layers: 3, nodes: 2, activation: Activation::Gelu, ..Default::default() };
     let shape = DataShape { channels: 2, height: 8, width: 8, classes: 4 };
     let mut vs = nn::VarStore::new(Device::Cpu);
     let opts = (Kind::Double, Device::Cpu);
@@ -97,5 +98,3 @@ fn second_order_hypergradient_is_val_gradient_at_unrolled_weights_minus_eta_hvp(
     assert!(rel_err(&h1, &want) > 10.0 * err);
     let _ = stats_before;
 }
-
-

@@ -43,8 +43,8 @@ fn parameter_counts_match_the_pytorch_reference_for_other_shapes() {
 
 /// The Python of darts' own set-up (scripts/setup.sh), which has torch.
 pub fn darts_python() -> String {
-    let cache = std::env::var("DARTS_CACHE")
-        .unwrap_or_else(|_| format!("{}/.cache/darts", std::env::var("HOME").unwrap()));
+    let cache =
+        std::env::var("DARTS_CACHE").unwrap_or_else(|_| format!("{}/.cache/darts", std::env::var("HOME").unwrap()));
     let py = format!("{cache}/venv/bin/python");
     assert!(std::path::Path::new(&py).is_file(), "{py} missing: run scripts/setup.sh first");
     py

@@ -45,7 +45,8 @@ pub struct BenchArgs {
 
 fn default_python() -> Option<String> {
     let home = std::env::var_os("HOME")?;
-    let cache = std::env::var_os("DARTS_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(home).join(".cache/darts"));
+    let cache =
+        std::env::var_os("DARTS_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(home).join(".cache/darts"));
     let py = cache.join("venv/bin/python");
     py.is_file().then(|| py.display().to_string())
 }

@@ -18,7 +18,8 @@ pub fn run(a: GenotypeArgs) -> Result<()> {
     } else {
         a.genotype.clone()
     };
-    let g = Genotype::parse(text.trim()).with_context(|| format!("in {}", a.genotype.chars().take(60).collect::<String>()))?;
+    let g = Genotype::parse(text.trim())
+        .with_context(|| format!("in {}", a.genotype.chars().take(60).collect::<String>()))?;
     if a.json {
         println!("{}", g.to_json());
     } else {

@@ -18,7 +18,9 @@ pub enum Preset {
 
 /// Arguments of `darts search`.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Examples:\n  darts search --preset quick\n  darts search --dataset fashion-mnist --epochs 50 --out runs/fmnist\n  darts search --resume runs/fmnist")]
+#[command(
+    after_help = "Examples:\n  darts search --preset quick\n  darts search --dataset fashion-mnist --epochs 50 --out runs/fmnist\n  darts search --resume runs/fmnist"
+)]
 pub struct SearchArgs {
     /// Starting configuration.
     #[arg(long, value_enum, default_value = "darts")]

@@ -76,7 +76,10 @@ pub fn parse_idx_images(bytes: &[u8], file: &str) -> Result<(usize, usize, usize
             file,
             format!("truncated: header promises {n} images of {h}x{w} ({want} bytes) but the file has {}", bytes.len()),
         )),
-        _ => Err(corrupt(file, format!("header promises {n} images of {h}x{w} but the file size {} differs", bytes.len()))),
+        _ => Err(corrupt(
+            file,
+            format!("header promises {n} images of {h}x{w} but the file size {} differs", bytes.len()),
+        )),
     }
 }
 
@@ -128,7 +131,8 @@ pub fn read_maybe_gz(dir: &Path, stem: &str) -> Result<(Vec<u8>, String), DataEr
     for name in [stem.to_string(), format!("{stem}.gz")] {
         let path = dir.join(&name);
         if path.is_file() {
-            let bytes = std::fs::read(&path).map_err(|e| DataError::Io { file: path.display().to_string(), error: e.to_string() })?;
+            let bytes = std::fs::read(&path)
+                .map_err(|e| DataError::Io { file: path.display().to_string(), error: e.to_string() })?;
             return Ok((bytes, path.display().to_string()));
         }
     }
@@ -139,10 +143,13 @@ pub fn read_maybe_gz(dir: &Path, stem: &str) -> Result<(Vec<u8>, String), DataEr
 /// the second, the fine label, is used), then 3x32x32 pixels.
 pub fn parse_cifar(bytes: &[u8], label_bytes: usize, classes: usize, file: &str) -> Result<Raw, DataError> {
     let rec = label_bytes + 3072;
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         return Err(corrupt(
             file,
-            format!("{} bytes is not a whole number of {rec}-byte CIFAR records (truncated or not a CIFAR binary file)", bytes.len()),
+            format!(
+                "{} bytes is not a whole number of {rec}-byte CIFAR records (truncated or not a CIFAR binary file)",
+                bytes.len()
+            ),
         ));
     }
     let n = bytes.len() / rec;

@@ -168,7 +168,12 @@ impl Dataset {
     }
 
     /// The examples at `idx` as a normalised float batch on `device`, augmented when `augment` is given.
-    pub fn batch(&self, idx: &[usize], augment: Option<(&Augment, &mut ChaCha8Rng)>, device: Device) -> (Tensor, Tensor) {
+    pub fn batch(
+        &self,
+        idx: &[usize],
+        augment: Option<(&Augment, &mut ChaCha8Rng)>,
+        device: Device,
+    ) -> (Tensor, Tensor) {
         let ix: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
         let ix = Tensor::from_slice(&ix);
         let mut x = self.images.index_select(0, &ix);
@@ -247,7 +252,8 @@ fn load_cifar(kind: DatasetKind, dir: &Path, train: bool) -> Result<Raw, DataErr
         if !path.is_file() {
             return Err(DataError::Missing { file: path.display().to_string() });
         }
-        let bytes = std::fs::read(&path).map_err(|e| DataError::Io { file: path.display().to_string(), error: e.to_string() })?;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| DataError::Io { file: path.display().to_string(), error: e.to_string() })?;
         let raw = formats::parse_cifar(&bytes, label_bytes, kind.classes(), &path.display().to_string())?;
         all = Some(match all {
             None => raw,

@@ -1,0 +1,96 @@
+//! The `darts` binary: errors that say what and how to fix, and a complete small search.
+use darts::genotype::Genotype;
+use std::process::Command;
+
+fn darts(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_darts")).args(args).output().expect("run darts");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn every_published_genotype_loads_and_round_trips() {
+    let text = include_str!("data/published_genotypes.txt");
+    let mut n = 0;
+    for line in text.lines().filter(|l| l.starts_with("Genotype(")) {
+        let g = Genotype::from_python(line).unwrap_or_else(|e| panic!("{e}\n{line}"));
+        assert_eq!(Genotype::from_python(&g.to_string()).unwrap(), g);
+        assert_eq!(Genotype::from_json(&g.to_json()).unwrap(), g);
+        n += 1;
+    }
+    assert_eq!(n, 7);
+    // Through the binary: text in, JSON out, and back.
+    let v2 = text.lines().skip_while(|l| *l != "DARTS_V2").nth(1).unwrap();
+    let (ok, json, err) = darts(&["genotype", v2, "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(Genotype::from_json(&json).unwrap(), Genotype::from_python(v2).unwrap());
+}
+
+#[test]
+fn malformed_genotype_is_an_error_with_a_position() {
+    let (ok, _, err) = darts(&["genotype", "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3' 1)])"]);
+    assert!(!ok);
+    assert!(err.contains("line 1 column") && err.contains("expected ','"), "{err}");
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn impossible_settings_are_refused_with_a_reason() {
+    for (args, want) in [
+        (vec!["--channels", "15"], "even"),
+        (vec!["--batch-size", "1"], "at least 2"),
+        (vec!["--lr=-1"], "positive"),
+        (vec!["--ops", "none,conv_9x9"], "conv_9x9"),
+        (vec!["--train-portion", "1.5"], "train_portion"),
+        (vec!["--dataset", "cifar10", "--data-dir", "/nonexistent"], "/nonexistent"),
+        (vec!["--device", "tpu"], "unknown device"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = vec!["search", "--quiet", "--out", dir.path().to_str().unwrap()];
+        a.extend(args.iter());
+        let (ok, _, err) = darts(&a);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_small_search_writes_its_artefacts_and_resume_of_a_finished_run_is_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = [
+        "search",
+        "--preset",
+        "quick",
+        "--limit",
+        "64",
+        "--channels",
+        "4",
+        "--layers",
+        "3",
+        "--nodes",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out,
+    ];
+    let (ok, stdout, err) = darts(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("disjoint"), "{err}");
+    let printed = Genotype::from_python(stdout.trim()).unwrap();
+    let saved = Genotype::from_json(&std::fs::read_to_string(dir.path().join("genotype.json")).unwrap()).unwrap();
+    assert_eq!(printed, saved);
+    assert_eq!(saved.normal.len(), 4);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["space"]["channels"], 4);
+    let (ok, stdout2, err) = darts(&["search", "--quiet", "--resume", out]);
+    assert!(ok, "{err}");
+    assert_eq!(stdout2, stdout);
+}
