@@ -9,12 +9,14 @@ pub mod architect;
 pub mod bench;
 pub mod data;
 pub mod genotype;
+pub mod network;
 pub mod ops;
 pub mod optim;
 pub mod run;
 pub mod search;
 pub mod space;
 pub mod supernet;
+pub mod zoo;
 
 /// Picks the compute device: "cpu", "cuda" (the first GPU; an error without one) or "auto".
 pub fn device_from_name(name: &str) -> anyhow::Result<tch::Device> {

@@ -1,0 +1,260 @@
+//! The final network built from a genotype (the original `model.py`, `NetworkCIFAR`): a stack of cells
+//! applying the genotype's ops (BN affine now), an auxiliary head at 2/3 depth, drop path; and its parameter
+//! and multiply-accumulate counts.
+
+use crate::genotype::Genotype;
+use crate::ops::{batch_norm, Conv, ConvSpec, FactorizedReduce, Op, ReluConvBn};
+use crate::space::{Activation, DataShape};
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+
+/// The macro shape of a final network.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkConfig {
+    /// Initial channels C (36 in DARTS' CIFAR evaluation).
+    pub channels: usize,
+    /// Number of cells (20 in DARTS' CIFAR evaluation).
+    pub layers: usize,
+    /// Build the auxiliary head at 2/3 depth.
+    pub auxiliary: bool,
+    /// The stem outputs `stem_multiplier * channels` channels.
+    pub stem_multiplier: usize,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig { channels: 36, layers: 20, auxiliary: true, stem_multiplier: 3 }
+    }
+}
+
+#[derive(Debug)]
+enum Preprocess {
+    Reduce(FactorizedReduce),
+    Conv(ReluConvBn),
+}
+
+impl Preprocess {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Preprocess::Reduce(fr) => fr.forward_t(x, train),
+            Preprocess::Conv(c) => c.forward_t(x, train),
+        }
+    }
+}
+
+/// A cell of the final network: each intermediate node sums two ops applied to its two chosen inputs.
+#[derive(Debug)]
+pub struct Cell {
+    /// Whether this is a reduction cell.
+    pub reduction: bool,
+    preprocess0: Preprocess,
+    preprocess1: ReluConvBn,
+    ops: Vec<Op>,
+    indices: Vec<usize>,
+    concat: Vec<usize>,
+}
+
+/// Drop path: zeroes whole examples with probability `p` and rescales the rest by 1 / (1 - p).
+pub fn drop_path(x: &Tensor, p: f64) -> Tensor {
+    let keep = 1.0 - p;
+    let mask = Tensor::empty([x.size()[0], 1, 1, 1], (x.kind(), x.device())).bernoulli_float_(keep);
+    x / keep * mask
+}
+
+impl Cell {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        p: &nn::Path,
+        genotype: &Genotype,
+        c_pp: i64,
+        c_p: i64,
+        c: i64,
+        reduction: bool,
+        reduction_prev: bool,
+    ) -> Cell {
+        let act = Activation::Relu;
+        let preprocess0 = if reduction_prev {
+            Preprocess::Reduce(FactorizedReduce::new(&(p / "preprocess0"), c_pp, c, true, act))
+        } else {
+            Preprocess::Conv(ReluConvBn::new(&(p / "preprocess0"), c_pp, c, 1, 1, 0, true, act))
+        };
+        let preprocess1 = ReluConvBn::new(&(p / "preprocess1"), c_p, c, 1, 1, 0, true, act);
+        let (gene, concat) =
+            if reduction { (&genotype.reduce, &genotype.reduce_concat) } else { (&genotype.normal, &genotype.normal_concat) };
+        let ops_path = p / "_ops";
+        let ops = gene
+            .iter()
+            .enumerate()
+            .map(|(k, &(kind, index))| {
+                let stride = if reduction && index < 2 { 2 } else { 1 };
+                Op::new(&(&ops_path / k), kind, c, stride, true, false, act)
+            })
+            .collect();
+        let indices = gene.iter().map(|&(_, i)| i).collect();
+        Cell { reduction, preprocess0, preprocess1, ops, indices, concat: concat.clone() }
+    }
+
+    /// Number of states concatenated into the output.
+    pub fn multiplier(&self) -> usize {
+        self.concat.len()
+    }
+
+    /// Applies the cell; `drop_prob` > 0 applies drop path to every non-identity op in training.
+    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, drop_prob: f64, train: bool) -> Tensor {
+        let mut states = vec![self.preprocess0.forward_t(s0, train), self.preprocess1.forward_t(s1, train)];
+        for i in 0..self.ops.len() / 2 {
+            let mut sum: Option<Tensor> = None;
+            for k in [2 * i, 2 * i + 1] {
+                let op = &self.ops[k];
+                let mut h = op.forward_t(&states[self.indices[k]], train);
+                if train && drop_prob > 0.0 && !op.is_identity() {
+                    h = drop_path(&h, drop_prob);
+                }
+                sum = Some(match sum {
+                    None => h,
+                    Some(s) => s + h,
+                });
+            }
+            states.push(sum.expect("two ops per node"));
+        }
+        let out: Vec<&Tensor> = self.concat.iter().map(|&i| &states[i]).collect();
+        Tensor::cat(&out, 1)
+    }
+}
+
+/// The auxiliary classifier at 2/3 depth (the original `AuxiliaryHeadCIFAR`, for 8x8 inputs there).
+#[derive(Debug)]
+pub struct AuxiliaryHead {
+    conv1: Conv,
+    bn1: nn::BatchNorm,
+    conv2: Conv,
+    bn2: nn::BatchNorm,
+    classifier: nn::Linear,
+}
+
+fn linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
+    let b = 1.0 / (i as f64).sqrt();
+    nn::linear(
+        p,
+        i,
+        o,
+        nn::LinearConfig {
+            ws_init: nn::Init::Uniform { lo: -b, up: b },
+            bs_init: Some(nn::Init::Uniform { lo: -b, up: b }),
+            bias: true,
+        },
+    )
+}
+
+impl AuxiliaryHead {
+    fn new(p: &nn::Path, c: i64, classes: i64) -> AuxiliaryHead {
+        let f = p / "features";
+        AuxiliaryHead {
+            conv1: Conv::new(&(&f / "2"), c, 128, ConvSpec::square(1, 1, 0)),
+            bn1: batch_norm(&(&f / "3"), 128, true),
+            conv2: Conv::new(&(&f / "5"), 128, 768, ConvSpec::square(2, 1, 0)),
+            bn2: batch_norm(&(&f / "6"), 768, true),
+            classifier: linear(p / "classifier", 768, classes),
+        }
+    }
+
+    /// Logits from the 2/3-depth feature map. Pooling is 5x5 stride 3 as the original on 8x8 maps; on other
+    /// sizes an adaptive pool to 2x2 keeps the head's shape.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x.relu();
+        let x = if x.size()[2] == 8 && x.size()[3] == 8 {
+            x.avg_pool2d([5, 5], [3, 3], [0, 0], false, false, None)
+        } else {
+            x.adaptive_avg_pool2d([2, 2])
+        };
+        let x = self.bn1.forward_t(&self.conv1.forward(&x), train).relu();
+        let x = self.bn2.forward_t(&self.conv2.forward(&x), train).relu();
+        x.flatten(1, -1).apply(&self.classifier)
+    }
+}
+
+/// The network evaluated after search.
+#[derive(Debug)]
+pub struct Network {
+    stem_conv: Conv,
+    stem_bn: nn::BatchNorm,
+    cells: Vec<Cell>,
+    aux: Option<AuxiliaryHead>,
+    aux_after: usize,
+    classifier: nn::Linear,
+    /// Drop-path probability applied in training (ramped by the trainer).
+    pub drop_path_prob: f64,
+}
+
+impl Network {
+    /// Builds the network for `genotype` under `p`.
+    pub fn new(p: &nn::Path, genotype: &Genotype, cfg: &NetworkConfig, shape: &DataShape) -> Network {
+        let c = cfg.channels as i64;
+        let layers = cfg.layers;
+        let mut c_curr = cfg.stem_multiplier as i64 * c;
+        let stem = p / "stem";
+        let stem_conv = Conv::new(&(&stem / "0"), shape.channels as i64, c_curr, ConvSpec::square(3, 1, 1));
+        let stem_bn = batch_norm(&(&stem / "1"), c_curr, true);
+        let (mut c_pp, mut c_p) = (c_curr, c_curr);
+        c_curr = c;
+        let mut cells = Vec::new();
+        let mut reduction_prev = false;
+        let mut c_aux = c_p;
+        let cells_path = p / "cells";
+        for i in 0..layers {
+            let reduction = i == layers / 3 || i == 2 * layers / 3;
+            if reduction {
+                c_curr *= 2;
+            }
+            let cell = Cell::new(&(&cells_path / i), genotype, c_pp, c_p, c_curr, reduction, reduction_prev);
+            reduction_prev = reduction;
+            (c_pp, c_p) = (c_p, cell.multiplier() as i64 * c_curr);
+            cells.push(cell);
+            if i == 2 * layers / 3 {
+                c_aux = c_p;
+            }
+        }
+        let aux = cfg.auxiliary.then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64));
+        let classifier = linear(p / "classifier", c_p, shape.classes as i64);
+        Network { stem_conv, stem_bn, cells, aux, aux_after: 2 * layers / 3, classifier, drop_path_prob: 0.0 }
+    }
+
+    /// (logits, auxiliary logits in training when the head exists).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> (Tensor, Option<Tensor>) {
+        let stem = self.stem_bn.forward_t(&self.stem_conv.forward(x), train);
+        let (mut s0, mut s1) = (stem.shallow_clone(), stem);
+        let mut aux = None;
+        for (i, cell) in self.cells.iter().enumerate() {
+            let out = cell.forward_t(&s0, &s1, self.drop_path_prob, train);
+            (s0, s1) = (s1, out);
+            if i == self.aux_after && train {
+                aux = self.aux.as_ref().map(|h| h.forward_t(&s1, train));
+            }
+        }
+        let logits = s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier);
+        (logits, aux)
+    }
+}
+
+/// Parameters of a VarStore excluding the auxiliary head (as the original `count_parameters_in_MB`).
+pub fn count_parameters_without_auxiliary(vs: &nn::VarStore) -> i64 {
+    vs.variables()
+        .iter()
+        .filter(|(name, t)| t.requires_grad() && !name.contains("auxiliary"))
+        .map(|(_, t)| t.numel() as i64)
+        .sum()
+}
+
+/// Mean cross-entropy plus `aux_weight` times the auxiliary head's.
+pub fn loss_with_auxiliary(logits: &Tensor, aux: Option<&Tensor>, y: &Tensor, aux_weight: f64) -> Tensor {
+    let main = logits.cross_entropy_for_logits(y);
+    match aux {
+        Some(a) => main + a.cross_entropy_for_logits(y) * aux_weight,
+        None => main,
+    }
+}
+
+/// Fraction of examples whose logits rank the label first.
+pub fn accuracy(logits: &Tensor, y: &Tensor) -> f64 {
+    logits.argmax(-1, false).eq_tensor(y).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}

@@ -1,0 +1,48 @@
+//! The final network from a genotype against the original model.py's published sizes.
+use darts::network::{count_parameters_without_auxiliary, drop_path, Network, NetworkConfig};
+use darts::space::DataShape;
+use darts::zoo;
+use tch::{nn, Device, Kind, Tensor};
+
+fn params(name: &str, cfg: &NetworkConfig, shape: &DataShape) -> i64 {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = Network::new(&vs.root(), &zoo::get(name).unwrap(), cfg, shape);
+    count_parameters_without_auxiliary(&vs)
+}
+
+#[test]
+fn published_cells_have_the_original_parameter_counts() {
+    let cifar = DataShape { channels: 3, height: 32, width: 32, classes: 10 };
+    let cfg = NetworkConfig::default();
+    assert_eq!(params("DARTS_V2", &cfg, &cifar), 3_349_342);
+    assert_eq!(params("DARTS_V1", &cfg, &cifar), 3_169_414);
+}
+
+#[test]
+fn forward_with_auxiliary_head_on_fashion_mnist_shapes() {
+    let shape = DataShape { channels: 1, height: 28, width: 28, classes: 10 };
+    let cfg = NetworkConfig { channels: 8, layers: 5, auxiliary: true, stem_multiplier: 3 };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut net = Network::new(&vs.root(), &zoo::get("DARTS_V2").unwrap(), &cfg, &shape);
+    net.drop_path_prob = 0.2;
+    let x = Tensor::randn([4, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let (logits, aux) = net.forward_t(&x, true);
+    assert_eq!(logits.size(), vec![4, 10]);
+    assert_eq!(aux.unwrap().size(), vec![4, 10]);
+    let (_, aux) = net.forward_t(&x, false);
+    assert!(aux.is_none());
+}
+
+#[test]
+fn drop_path_zeroes_whole_examples_at_the_right_rate_and_keeps_the_mean() {
+    tch::manual_seed(3);
+    let x = Tensor::ones([20000, 2, 2, 2], (Kind::Float, Device::Cpu));
+    let y = drop_path(&x, 0.2);
+    let per_example = y.sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float);
+    let dropped = per_example.eq(0.0).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+    assert!((dropped - 0.2).abs() < 0.015, "{dropped}");
+    // Kept examples are scaled by 1/0.8 everywhere, dropped ones are 0 everywhere.
+    let kept_value = y.max().double_value(&[]);
+    assert!((kept_value - 1.25).abs() < 1e-6);
+    assert!((y.mean(Kind::Double).double_value(&[]) - 1.0).abs() < 0.02);
+}
