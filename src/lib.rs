@@ -16,7 +16,15 @@ pub mod run;
 pub mod search;
 pub mod space;
 pub mod supernet;
+pub mod train;
 pub mod zoo;
+
+/// Held while seeding libtorch's global generator and drawing initial weights from it, so that runs built
+/// on parallel threads (tests, a library user's) do not interleave their draws.
+pub fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Picks the compute device: "cpu", "cuda" (the first GPU; an error without one) or "auto".
 pub fn device_from_name(name: &str) -> anyhow::Result<tch::Device> {

@@ -54,11 +54,17 @@ pub struct Cell {
     concat: Vec<usize>,
 }
 
-/// Drop path: zeroes whole examples with probability `p` and rescales the rest by 1 / (1 - p).
-pub fn drop_path(x: &Tensor, p: f64) -> Tensor {
-    let keep = 1.0 - p;
-    let mask = Tensor::empty([x.size()[0], 1, 1, 1], (x.kind(), x.device())).bernoulli_float_(keep);
-    x / keep * mask
+/// Drop path: multiplies each example by its keep mask (0 or 1, `[n]`) and rescales by 1 / (1 - p).
+pub fn drop_path(x: &Tensor, keep_mask: &Tensor, p: f64) -> Tensor {
+    x / (1.0 - p) * keep_mask.view([-1, 1, 1, 1]).to_kind(x.kind())
+}
+
+/// Keep masks for one step, `[sites, n]`: each entry 1 with probability 1 - p, drawn from `rng` (not from
+/// libtorch's global generator, so that runs are reproducible and resumable whatever else draws from it).
+pub fn drop_path_masks(sites: usize, n: usize, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Tensor {
+    use rand::Rng;
+    let v: Vec<f32> = (0..sites * n).map(|_| if rng.random_bool(1.0 - p) { 1.0 } else { 0.0 }).collect();
+    Tensor::from_slice(&v).reshape([sites as i64, n as i64])
 }
 
 impl Cell {
@@ -79,8 +85,11 @@ impl Cell {
             Preprocess::Conv(ReluConvBn::new(&(p / "preprocess0"), c_pp, c, 1, 1, 0, true, act))
         };
         let preprocess1 = ReluConvBn::new(&(p / "preprocess1"), c_p, c, 1, 1, 0, true, act);
-        let (gene, concat) =
-            if reduction { (&genotype.reduce, &genotype.reduce_concat) } else { (&genotype.normal, &genotype.normal_concat) };
+        let (gene, concat) = if reduction {
+            (&genotype.reduce, &genotype.reduce_concat)
+        } else {
+            (&genotype.normal, &genotype.normal_concat)
+        };
         let ops_path = p / "_ops";
         let ops = gene
             .iter()
@@ -99,16 +108,29 @@ impl Cell {
         self.concat.len()
     }
 
-    /// Applies the cell; `drop_prob` > 0 applies drop path to every non-identity op in training.
-    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, drop_prob: f64, train: bool) -> Tensor {
+    /// Ops that drop path applies to (all but identities).
+    pub fn drop_sites(&self) -> usize {
+        self.ops.iter().filter(|o| !o.is_identity()).count()
+    }
+
+    /// Applies the cell; with `drop` = (p, masks, next row) drop path applies to every non-identity op in
+    /// training, each taking the next row of the masks.
+    pub fn forward_t(
+        &self,
+        s0: &Tensor,
+        s1: &Tensor,
+        mut drop: Option<(f64, &Tensor, &mut i64)>,
+        train: bool,
+    ) -> Tensor {
         let mut states = vec![self.preprocess0.forward_t(s0, train), self.preprocess1.forward_t(s1, train)];
         for i in 0..self.ops.len() / 2 {
             let mut sum: Option<Tensor> = None;
             for k in [2 * i, 2 * i + 1] {
                 let op = &self.ops[k];
                 let mut h = op.forward_t(&states[self.indices[k]], train);
-                if train && drop_prob > 0.0 && !op.is_identity() {
-                    h = drop_path(&h, drop_prob);
+                if let (true, false, Some((p, masks, row))) = (train, op.is_identity(), drop.as_mut()) {
+                    h = drop_path(&h, &masks.get(**row), *p);
+                    **row += 1;
                 }
                 sum = Some(match sum {
                     None => h,
@@ -219,13 +241,32 @@ impl Network {
         Network { stem_conv, stem_bn, cells, aux, aux_after: 2 * layers / 3, classifier, drop_path_prob: 0.0 }
     }
 
-    /// (logits, auxiliary logits in training when the head exists).
+    /// Features entering the classifier.
+    pub fn classifier_in(&self) -> i64 {
+        self.classifier.ws.size()[1]
+    }
+
+    /// Number of rows the drop-path masks of one step need.
+    pub fn drop_sites(&self) -> usize {
+        self.cells.iter().map(Cell::drop_sites).sum()
+    }
+
+    /// (logits, auxiliary logits in training when the head exists), without drop path.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> (Tensor, Option<Tensor>) {
+        self.forward_masked(x, train, None)
+    }
+
+    /// As `forward_t`, with drop path at probability `drop_path_prob` using `masks` (`[drop_sites, n]`, from
+    /// [`drop_path_masks`]) when training.
+    pub fn forward_masked(&self, x: &Tensor, train: bool, masks: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
         let stem = self.stem_bn.forward_t(&self.stem_conv.forward(x), train);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         let mut aux = None;
+        let mut row = 0i64;
+        let p = self.drop_path_prob;
         for (i, cell) in self.cells.iter().enumerate() {
-            let out = cell.forward_t(&s0, &s1, self.drop_path_prob, train);
+            let drop = masks.filter(|_| p > 0.0).map(|m| (p, m, &mut row));
+            let out = cell.forward_t(&s0, &s1, drop, train);
             (s0, s1) = (s1, out);
             if i == self.aux_after && train {
                 aux = self.aux.as_ref().map(|h| h.forward_t(&s1, train));

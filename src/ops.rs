@@ -7,6 +7,18 @@ use crate::space::{Activation, OpKind};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+thread_local! {
+    static MACS: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` and returns the multiply-accumulates per example of every [`Conv`] it applied (convolutions
+/// only; feed one example and add linear layers by hand).
+pub fn count_conv_macs(f: impl FnOnce()) -> u64 {
+    MACS.with(|m| m.set(Some(0)));
+    f();
+    MACS.with(|m| m.replace(None)).unwrap_or(0)
+}
+
 /// A 2-d convolution without bias, initialised as PyTorch's `nn.Conv2d`.
 #[derive(Debug)]
 pub struct Conv {
@@ -55,7 +67,16 @@ impl Conv {
 
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, None::<Tensor>, self.stride, self.padding, self.dilation, self.groups)
+        let y = x.conv2d(&self.weight, None::<Tensor>, self.stride, self.padding, self.dilation, self.groups);
+        MACS.with(|m| {
+            if let Some(n) = m.get() {
+                // Per example: every output element takes c_in/groups * kh * kw multiply-adds.
+                let w = self.weight.size();
+                let out = y.size();
+                m.set(Some(n + (out[1] * out[2] * out[3] * w[1] * w[2] * w[3]) as u64));
+            }
+        });
+        y
     }
 }
 

@@ -62,20 +62,7 @@ pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
 /// Continues the search saved in `opts.out_dir`.
 pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
     let search = Search::resume(&opts.out_dir, opts.device)?;
-    // Keep only the metrics of epochs the checkpoint holds.
-    let metrics = opts.out_dir.join("metrics.jsonl");
-    if let Ok(text) = std::fs::read_to_string(&metrics) {
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("epoch").and_then(|e| e.as_u64()))
-                    .is_some_and(|e| (e as usize) < search.epoch)
-            })
-            .collect();
-        std::fs::write(&metrics, kept.iter().map(|l| format!("{l}\n")).collect::<String>())?;
-    }
+    truncate_metrics(&opts.out_dir, search.epoch)?;
     eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), search.epoch + 1, search.config.epochs);
     drive(search, opts)
 }
@@ -106,26 +93,13 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
             opts.device
         ),
     );
-    let epoch_bar = mp.as_ref().map(|mp| {
-        let b = mp.add(ProgressBar::new(cfg.epochs as u64));
-        b.set_style(ProgressStyle::with_template("epoch {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}").unwrap());
-        b.set_position(search.epoch as u64);
-        b
-    });
-    let step_bar = mp.as_ref().map(|mp| {
-        let b = mp.add(ProgressBar::new(0));
-        b.set_style(
-            ProgressStyle::with_template("step  {pos}/{len} [{bar:30}] {per_sec} {msg}").unwrap().progress_chars("=> "),
-        );
-        b
-    });
+    let (epoch_bar, step_bar) = bars(mp.as_ref(), cfg.epochs, search.epoch);
     let mut done = Vec::new();
     let mut ran = 0;
     while search.epoch < cfg.epochs && opts.stop_after.is_none_or(|n| ran < n) {
         let stats = search.run_epoch(step_bar.as_ref())?;
         search.save_checkpoint(&opts.out_dir)?;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(opts.out_dir.join("metrics.jsonl"))?;
-        writeln!(f, "{}", serde_json::to_string(&stats)?)?;
+        append_metrics(&opts.out_dir, &stats)?;
         say(
             mp.as_ref(),
             format!(
@@ -147,10 +121,7 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
         done.push(stats);
         ran += 1;
     }
-    if let Some(b) = &step_bar {
-        b.finish_and_clear();
-    }
-    if let Some(b) = &epoch_bar {
+    for b in [&step_bar, &epoch_bar].into_iter().flatten() {
         b.finish_and_clear();
     }
     let genotype = search.genotype();
@@ -166,4 +137,153 @@ pub fn write_genotype(dir: &Path, g: &Genotype) -> Result<()> {
     std::fs::write(dir.join("genotype.json"), g.to_json() + "\n")?;
     std::fs::write(dir.join("genotype.txt"), g.to_string() + "\n")?;
     Ok(())
+}
+
+/// What a training run leaves behind.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// Per-epoch statistics of the epochs run in this invocation.
+    pub epochs: Vec<crate::train::TrainStats>,
+    /// Whether all configured epochs are done.
+    pub finished: bool,
+    /// Test-set results of the last weights.
+    pub last: crate::train::EvalResult,
+    /// Best test accuracy over the epochs.
+    pub best_acc: f64,
+}
+
+/// Starts training in `opts.out_dir`: `train-config.json`, `genotype.json/.txt`, `metrics.jsonl`, a checkpoint
+/// per epoch, `model-last.safetensors` and `model-best.safetensors` (best test accuracy).
+pub fn start_training(config: crate::train::TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
+    if opts.out_dir.join("checkpoint.safetensors").exists() {
+        bail!("{} already holds a run; continue it with --resume {0}, or choose another --out", opts.out_dir.display());
+    }
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let trainer = crate::train::Trainer::new(config, opts.device)?;
+    std::fs::write(opts.out_dir.join("train-config.json"), serde_json::to_string_pretty(&trainer.config)?)?;
+    write_genotype(&opts.out_dir, &trainer.config.genotype)?;
+    let _ = std::fs::remove_file(opts.out_dir.join("metrics.jsonl"));
+    drive_training(trainer, opts)
+}
+
+/// Continues the training run saved in `opts.out_dir`.
+pub fn resume_training(opts: &RunOptions) -> Result<TrainOutcome> {
+    let trainer = crate::train::Trainer::resume(&opts.out_dir, opts.device)?;
+    truncate_metrics(&opts.out_dir, trainer.epoch)?;
+    eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), trainer.epoch + 1, trainer.config.epochs);
+    drive_training(trainer, opts)
+}
+
+/// Keeps only the metrics lines of epochs below `epoch`.
+fn truncate_metrics(dir: &Path, epoch: usize) -> Result<()> {
+    let metrics = dir.join("metrics.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&metrics) {
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("epoch").and_then(|e| e.as_u64()))
+                    .is_some_and(|e| (e as usize) < epoch)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&metrics, kept)?;
+    }
+    Ok(())
+}
+
+fn bars(mp: Option<&MultiProgress>, epochs: usize, done: usize) -> (Option<ProgressBar>, Option<ProgressBar>) {
+    let epoch_bar = mp.map(|mp| {
+        let b = mp.add(ProgressBar::new(epochs as u64));
+        b.set_style(ProgressStyle::with_template("epoch {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta}").unwrap());
+        b.set_position(done as u64);
+        b
+    });
+    let step_bar = mp.map(|mp| {
+        let b = mp.add(ProgressBar::new(0));
+        b.set_style(
+            ProgressStyle::with_template("step  {pos}/{len} [{bar:30}] {per_sec} {msg}").unwrap().progress_chars("=> "),
+        );
+        b
+    });
+    (epoch_bar, step_bar)
+}
+
+fn append_metrics<T: serde::Serialize>(dir: &Path, stats: &T) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("metrics.jsonl"))?;
+    writeln!(f, "{}", serde_json::to_string(stats)?)?;
+    Ok(())
+}
+
+fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<TrainOutcome> {
+    let cfg = t.config.clone();
+    let mp = opts.progress.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+    let (n_train, n_test) = t.sizes();
+    say(
+        mp.as_ref(),
+        format!(
+            "train: {} ({n_train} training / {n_test} test examples), C={}, {} cells, auxiliary {}, {} parameters \
+             (auxiliary head excluded), device {:?}\n  genotype {}",
+            cfg.dataset.name(),
+            cfg.network.channels,
+            cfg.network.layers,
+            cfg.network.auxiliary,
+            t.parameter_count(),
+            opts.device,
+            cfg.genotype
+        ),
+    );
+    let (epoch_bar, step_bar) = bars(mp.as_ref(), cfg.epochs, t.epoch);
+    let mut done = Vec::new();
+    while t.epoch < cfg.epochs && opts.stop_after.is_none_or(|n| done.len() < n) {
+        let stats = t.run_epoch(step_bar.as_ref())?;
+        t.save_weights(&opts.out_dir.join("model-last.safetensors"))?;
+        if stats.test_acc > t.best_acc || !opts.out_dir.join("model-best.safetensors").exists() {
+            t.best_acc = t.best_acc.max(stats.test_acc);
+            t.save_weights(&opts.out_dir.join("model-best.safetensors"))?;
+        }
+        t.save_checkpoint(&opts.out_dir)?;
+        append_metrics(&opts.out_dir, &stats)?;
+        say(
+            mp.as_ref(),
+            format!(
+                "epoch {}/{}: lr {:.5} drop path {:.3} train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}%{} | {:.1}s",
+                stats.epoch + 1,
+                cfg.epochs,
+                stats.lr,
+                stats.drop_path,
+                stats.train_loss,
+                100.0 * stats.train_acc,
+                stats.test_loss,
+                100.0 * stats.test_acc,
+                stats.test_top5.map_or(String::new(), |t5| format!(" top-5 {:.2}%", 100.0 * t5)),
+                stats.seconds
+            ),
+        );
+        if let Some(b) = &epoch_bar {
+            b.set_position(t.epoch as u64);
+        }
+        done.push(stats);
+    }
+    for b in [&step_bar, &epoch_bar].into_iter().flatten() {
+        b.finish_and_clear();
+    }
+    let last = t.evaluate();
+    Ok(TrainOutcome { epochs: done, finished: t.epoch >= cfg.epochs, last, best_acc: t.best_acc })
+}
+
+/// Loads a trained model from a training run directory (`which` = "best" or "last") and evaluates it on
+/// the test set.
+pub fn evaluate_model(dir: &Path, which: &str, device: Device) -> Result<crate::train::EvalResult> {
+    let cfg_path = dir.join("train-config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{} is not a training run directory (no train-config.json)", dir.display()))?;
+    let cfg: crate::train::TrainConfig =
+        serde_json::from_str(&text).with_context(|| format!("{} is malformed", cfg_path.display()))?;
+    let mut t = crate::train::Trainer::new(cfg, device)?;
+    let weights = dir.join(format!("model-{which}.safetensors"));
+    let map = crate::train::read_tensors(&weights)?;
+    t.load_model(&map, &weights)?;
+    Ok(t.evaluate())
 }

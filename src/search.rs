@@ -205,10 +205,14 @@ impl Search {
                 config.batch_size
             );
         }
-        tch::manual_seed(config.seed as i64);
-        let vs = nn::VarStore::new(device);
-        let alphas = Alphas::random(&config.space, device);
-        let net = SearchNetwork::new(&vs.root(), &config.space, &data.shape, alphas);
+        let (vs, net) = {
+            let _rng = crate::torch_rng_lock();
+            tch::manual_seed(config.seed as i64);
+            let vs = nn::VarStore::new(device);
+            let alphas = Alphas::random(&config.space, device);
+            let net = SearchNetwork::new(&vs.root(), &config.space, &data.shape, alphas);
+            (vs, net)
+        };
         let (names, weights): (Vec<String>, Vec<Tensor>) = named_weights(&vs).into_iter().unzip();
         let (buffer_names, buffers): (Vec<String>, Vec<Tensor>) = named_buffers(&vs).into_iter().unzip();
         let sgd = Sgd::new(&weights, config.lr, config.momentum, config.weight_decay);

@@ -1,7 +1,8 @@
 //! The final network from a genotype against the original model.py's published sizes.
-use darts::network::{count_parameters_without_auxiliary, drop_path, Network, NetworkConfig};
+use darts::network::{count_parameters_without_auxiliary, drop_path, drop_path_masks, Network, NetworkConfig};
 use darts::space::DataShape;
 use darts::zoo;
+use rand::SeedableRng;
 use tch::{nn, Device, Kind, Tensor};
 
 fn params(name: &str, cfg: &NetworkConfig, shape: &DataShape) -> i64 {
@@ -26,7 +27,12 @@ fn forward_with_auxiliary_head_on_fashion_mnist_shapes() {
     let mut net = Network::new(&vs.root(), &zoo::get("DARTS_V2").unwrap(), &cfg, &shape);
     net.drop_path_prob = 0.2;
     let x = Tensor::randn([4, 1, 28, 28], (Kind::Float, Device::Cpu));
-    let (logits, aux) = net.forward_t(&x, true);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    // DARTS_V2's normal cell has 6 non-identity ops of 8 (two skips from inputs 0), its reduction cell 5
+    // (three skips from node 2 stay identities); 5 cells = 3 normal + 2 reduction.
+    assert_eq!(net.drop_sites(), 3 * 6 + 2 * 5);
+    let masks = drop_path_masks(net.drop_sites(), 4, 0.2, &mut rng);
+    let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
     assert_eq!(logits.size(), vec![4, 10]);
     assert_eq!(aux.unwrap().size(), vec![4, 10]);
     let (_, aux) = net.forward_t(&x, false);
@@ -35,9 +41,9 @@ fn forward_with_auxiliary_head_on_fashion_mnist_shapes() {
 
 #[test]
 fn drop_path_zeroes_whole_examples_at_the_right_rate_and_keeps_the_mean() {
-    tch::manual_seed(3);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let x = Tensor::ones([20000, 2, 2, 2], (Kind::Float, Device::Cpu));
-    let y = drop_path(&x, 0.2);
+    let y = drop_path(&x, &drop_path_masks(1, 20000, 0.2, &mut rng).get(0), 0.2);
     let per_example = y.sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float);
     let dropped = per_example.eq(0.0).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
     assert!((dropped - 0.2).abs() < 0.015, "{dropped}");

@@ -3,7 +3,10 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod genotype;
+mod info;
+mod pipeline;
 mod search;
+mod train;
 
 /// Differentiable architecture search (DARTS) for convolutional networks.
 #[derive(Parser, Debug)]
@@ -11,12 +14,47 @@ mod search;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    runtime: Runtime,
+}
+
+/// Options that change how, not what, darts computes.
+#[derive(clap::Args, Debug)]
+pub struct Runtime {
+    /// cpu, cuda or auto.
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
+    /// CPU threads for libtorch (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+impl Runtime {
+    /// Applies the thread count and picks the device.
+    pub fn device(&self) -> anyhow::Result<tch::Device> {
+        if let Some(t) = self.threads {
+            anyhow::ensure!(t >= 1, "--threads {t}: use at least 1");
+            tch::set_num_threads(t);
+        }
+        darts::device_from_name(&self.device)
+    }
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Search a cell with DARTS on a dataset and write the genotype it finds.
     Search(search::SearchArgs),
+    /// Train a genotype's network from scratch on the full training set; evaluate on the test set.
+    Train(train::TrainArgs),
+    /// Evaluate a trained model on the test set.
+    Eval(train::EvalArgs),
+    /// Search, derive, train from scratch and evaluate, in one run directory.
+    Run(pipeline::RunArgs),
+    /// Parameters and multiply-accumulates of a genotype's network.
+    Info(info::InfoArgs),
     /// Time our search step against the original PyTorch code on the same shapes.
     Bench(bench::BenchArgs),
     /// Read a genotype (JSON or DARTS Python text), check it, and print it in either format.
@@ -25,9 +63,14 @@ enum Command {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = &cli.runtime;
     match cli.command {
-        Command::Search(a) => search::run(a),
-        Command::Genotype(a) => genotype::run(a),
+        Command::Search(a) => search::run(a, rt),
+        Command::Train(a) => train::run(a, rt),
+        Command::Eval(a) => train::eval(a, rt),
+        Command::Run(a) => pipeline::run(a, rt),
+        Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Genotype(a) => genotype::run(a),
     }
 }

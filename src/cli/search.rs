@@ -70,21 +70,12 @@ pub struct SearchArgs {
     /// Seed: one seed reproduces a run.
     #[arg(long)]
     seed: Option<u64>,
-    /// CPU threads for libtorch (default: all cores).
-    #[arg(long)]
-    threads: Option<i32>,
-    /// cpu, cuda or auto.
-    #[arg(long, default_value = "auto")]
-    device: String,
     /// Run directory (config, metrics, checkpoint, genotype).
     #[arg(long, default_value = "runs/search")]
     out: PathBuf,
     /// Continue the run in this directory from its last checkpoint (other settings come from it).
     #[arg(long, conflicts_with_all = ["preset", "dataset", "epochs", "out"])]
     resume: Option<PathBuf>,
-    /// No progress bars.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 fn preset(p: Preset) -> SearchConfig {
@@ -101,7 +92,7 @@ fn preset(p: Preset) -> SearchConfig {
     }
 }
 
-fn config(a: &SearchArgs) -> Result<SearchConfig> {
+pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     let mut c = preset(a.preset);
     if let Some(path) = &a.space {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -138,13 +129,9 @@ fn config(a: &SearchArgs) -> Result<SearchConfig> {
     Ok(c)
 }
 
-pub fn run(a: SearchArgs) -> Result<()> {
-    if let Some(t) = a.threads {
-        anyhow::ensure!(t >= 1, "--threads {t}: use at least 1");
-        tch::set_num_threads(t);
-    }
-    let device = darts::device_from_name(&a.device)?;
-    let mut opts = RunOptions { out_dir: a.out.clone(), device, progress: !a.quiet, stop_after: None };
+pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
+    let device = rt.device()?;
+    let mut opts = RunOptions { out_dir: a.out.clone(), device, progress: !rt.quiet, stop_after: None };
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();

@@ -91,9 +91,9 @@ impl DatasetKind {
     /// The training-time augmentation the original code uses for this kind of data.
     pub fn default_augment(self) -> Augment {
         match self {
-            DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment { crop_padding: 4, flip: true },
-            DatasetKind::Builtin | DatasetKind::FashionMnist => Augment { crop_padding: 2, flip: true },
-            DatasetKind::Mnist => Augment { crop_padding: 2, flip: false },
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment { crop_padding: 4, flip: true, cutout: 0 },
+            DatasetKind::Builtin | DatasetKind::FashionMnist => Augment { crop_padding: 2, flip: true, cutout: 0 },
+            DatasetKind::Mnist => Augment { crop_padding: 2, flip: false, cutout: 0 },
         }
     }
 
@@ -117,13 +117,16 @@ impl DatasetKind {
     }
 }
 
-/// Random crop with zero padding and horizontal flip.
+/// Random crop with zero padding, horizontal flip and cutout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Augment {
     /// Pixels of zero padding before a random crop back to the original size (0 = no crop).
     pub crop_padding: i64,
     /// Random horizontal flip with probability 1/2.
     pub flip: bool,
+    /// Side of the square cutout (zeroed after normalisation, centre anywhere in the image); 0 = none.
+    #[serde(default)]
+    pub cutout: i64,
 }
 
 /// Images (uint8, `[n, c, h, w]`, on the CPU) with labels and normalisation constants.
@@ -177,16 +180,43 @@ impl Dataset {
         let ix: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
         let ix = Tensor::from_slice(&ix);
         let mut x = self.images.index_select(0, &ix);
+        let mut mask = None;
         if let Some((aug, rng)) = augment {
             x = augment_batch(&x, aug, rng);
+            if aug.cutout > 0 {
+                mask = Some(
+                    cutout_mask(idx.len(), self.shape.height, self.shape.width, aug.cutout, rng).to_device(device),
+                );
+            }
         }
         let y = self.labels.index_select(0, &ix).to_device(device);
         let c = self.shape.channels as i64;
         let mean = Tensor::from_slice(&self.mean).to_kind(Kind::Float).reshape([1, c, 1, 1]).to_device(device);
         let std = Tensor::from_slice(&self.std).to_kind(Kind::Float).reshape([1, c, 1, 1]).to_device(device);
         let x = (x.to_device(device).to_kind(Kind::Float) / 255.0 - mean) / std;
-        (x, y)
+        match mask {
+            Some(m) => (x * m, y),
+            None => (x, y),
+        }
     }
+}
+
+/// Cutout masks `[n, 1, h, w]` (the original `Cutout`): 1 everywhere except a `len` x `len` square of zeros,
+/// clipped at the border, centred on a uniformly drawn pixel.
+pub fn cutout_mask(n: usize, h: usize, w: usize, len: i64, rng: &mut ChaCha8Rng) -> Tensor {
+    let mut m = vec![1f32; n * h * w];
+    let (hh, ww) = (h as i64, w as i64);
+    for i in 0..n {
+        let (cy, cx) = (rng.random_range(0..hh), rng.random_range(0..ww));
+        let (y1, y2) = ((cy - len / 2).clamp(0, hh), (cy + len / 2).clamp(0, hh));
+        let (x1, x2) = ((cx - len / 2).clamp(0, ww), (cx + len / 2).clamp(0, ww));
+        for y in y1..y2 {
+            for x in x1..x2 {
+                m[i * h * w + y as usize * w + x as usize] = 0.0;
+            }
+        }
+    }
+    Tensor::from_slice(&m).reshape([n as i64, 1, hh, ww])
 }
 
 /// Random crop (zero padding) and flip of a uint8 batch, one draw per image from `rng`.
@@ -395,7 +425,7 @@ mod tests {
         let back = &x * d.std[0] + d.mean[0];
         assert!((back - raw).abs().max().double_value(&[]) < 1e-5);
         // Flip only (no crop): every augmented image is the image or its mirror.
-        let aug = Augment { crop_padding: 0, flip: true };
+        let aug = Augment { crop_padding: 0, flip: true, cutout: 0 };
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let src = d.images.narrow(0, 0, 16);
         let out = augment_batch(&src, &aug, &mut rng);
@@ -410,10 +440,23 @@ mod tests {
         }
         assert!(flipped > 0 && flipped < 16);
         // Crop with padding 2 keeps the size and draws different offsets.
-        let aug = Augment { crop_padding: 2, flip: false };
+        let aug = Augment { crop_padding: 2, flip: false, cutout: 0 };
         let out = augment_batch(&src, &aug, &mut rng);
         assert_eq!(out.size(), src.size());
         assert!(!out.equal(&src));
+    }
+
+    #[test]
+    fn cutout_zeroes_a_clipped_square() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let m = cutout_mask(4000, 32, 32, 16, &mut rng);
+        let zeros = (m.ones_like() - &m).sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float);
+        // A full 16x16 square when the centre is at least 8 pixels from every border, less otherwise.
+        assert_eq!(zeros.max().double_value(&[]), 256.0);
+        assert!(zeros.min().double_value(&[]) >= 64.0);
+        // Mean zeroed area: E[clipped side]^2 = (16 - 64/32)^2 = 196 for a 32-pixel image.
+        let mean = zeros.mean(Kind::Double).double_value(&[]);
+        assert!((mean - 196.0).abs() < 4.0, "{mean}");
     }
 
     #[test]

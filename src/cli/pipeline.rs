@@ -1,0 +1,134 @@
+//! `darts run`: search -> derive -> train from scratch -> evaluate, in one run directory that can be
+//! re-run to continue where it stopped.
+use anyhow::Result;
+use darts::data::DatasetKind;
+use darts::genotype::Genotype;
+use darts::run::{self, RunOptions};
+use darts::search::SearchConfig;
+use darts::space::SearchSpace;
+use darts::train::TrainConfig;
+use std::path::PathBuf;
+
+/// Starting configurations for the whole pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PipelinePreset {
+    /// The paper: search C=16/8 cells/50 epochs, then train C=36/20 cells/600 epochs.
+    Darts,
+    /// Minutes on a laptop: the quick search preset, then C=16/8 cells for 3 epochs on the built-in data.
+    Quick,
+}
+
+/// Arguments of `darts run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Starting configuration.
+    #[arg(long, value_enum, default_value = "quick")]
+    preset: PipelinePreset,
+    /// Dataset for both stages.
+    #[arg(long, value_enum)]
+    dataset: Option<DatasetKind>,
+    /// Dataset folder.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Search epochs.
+    #[arg(long)]
+    search_epochs: Option<usize>,
+    /// Training epochs.
+    #[arg(long)]
+    train_epochs: Option<usize>,
+    /// Training: initial channels.
+    #[arg(long)]
+    train_channels: Option<usize>,
+    /// Training: cells.
+    #[arg(long)]
+    train_layers: Option<usize>,
+    /// Seed for both stages.
+    #[arg(long, default_value_t = 2)]
+    seed: u64,
+    /// Run directory (search/, train/ and summary.json inside); running again continues it.
+    #[arg(long, default_value = "runs/run")]
+    out: PathBuf,
+}
+
+fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + '_>) {
+    let mut s = match a.preset {
+        PipelinePreset::Darts => SearchConfig::default(),
+        PipelinePreset::Quick => SearchConfig {
+            dataset: DatasetKind::Builtin,
+            limit: Some(800),
+            space: SearchSpace { channels: 8, layers: 5, ..Default::default() },
+            epochs: 3,
+            batch_size: 32,
+            ..Default::default()
+        },
+    };
+    if let Some(d) = a.dataset {
+        s.dataset = d;
+    }
+    s.data_dir = a.data_dir.clone();
+    if let Some(e) = a.search_epochs {
+        s.epochs = e;
+    }
+    s.seed = a.seed;
+    let dataset = s.dataset;
+    let train = move |g: Genotype| {
+        let mut t = TrainConfig::darts(g);
+        t.dataset = dataset;
+        t.data_dir = a.data_dir.clone();
+        t.seed = a.seed;
+        if a.preset == PipelinePreset::Quick {
+            t.network.channels = 16;
+            t.network.layers = 8;
+            t.epochs = 3;
+            t.batch_size = 64;
+        }
+        if let Some(e) = a.train_epochs {
+            t.epochs = e;
+        }
+        if let Some(c) = a.train_channels {
+            t.network.channels = c;
+        }
+        if let Some(l) = a.train_layers {
+            t.network.layers = l;
+        }
+        t
+    };
+    (s, Box::new(train))
+}
+
+pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
+    let device = rt.device()?;
+    let (search_cfg, train_cfg) = configs(&a);
+    let opts = |sub: &str| RunOptions { out_dir: a.out.join(sub), device, progress: !rt.quiet, stop_after: None };
+    let t0 = std::time::Instant::now();
+    let search_dir = a.out.join("search");
+    let genotype_file = search_dir.join("genotype.json");
+    let genotype = if genotype_file.is_file() {
+        eprintln!("search already finished in {}", search_dir.display());
+        Genotype::from_json(&std::fs::read_to_string(&genotype_file)?)?
+    } else if search_dir.join("checkpoint.safetensors").is_file() {
+        run::resume(&opts("search"))?.genotype
+    } else {
+        run::start(search_cfg.clone(), &opts("search"))?.genotype
+    };
+    let search_seconds = t0.elapsed().as_secs_f64();
+    eprintln!("derived genotype: {genotype}");
+    let t1 = std::time::Instant::now();
+    let train_dir = a.out.join("train");
+    let out = if train_dir.join("checkpoint.safetensors").is_file() {
+        run::resume_training(&opts("train"))?
+    } else {
+        run::start_training(train_cfg(genotype.clone()), &opts("train"))?
+    };
+    let summary = serde_json::json!({
+        "genotype": genotype.to_string(),
+        "search_seconds_this_invocation": search_seconds,
+        "train_seconds_this_invocation": t1.elapsed().as_secs_f64(),
+        "test": out.last,
+        "best_test_top1": out.best_acc,
+        "finished": out.finished,
+    });
+    std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    println!("{summary}");
+    Ok(())
+}

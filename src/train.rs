@@ -1,0 +1,432 @@
+//! Training a derived network from scratch (the original `train.py`) and evaluating it on the test set.
+
+use crate::data::{self, Augment, Dataset, DatasetKind};
+use crate::genotype::Genotype;
+use crate::network::{
+    count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
+};
+use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
+use crate::search::peak_rss_mb;
+use crate::supernet::{named_buffers, named_weights};
+use anyhow::{bail, Context, Result};
+use indicatif::ProgressBar;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Everything that determines a training run's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Which dataset.
+    pub dataset: DatasetKind,
+    /// Where its files are.
+    pub data_dir: Option<PathBuf>,
+    /// Use only the first `limit` training (and test) examples.
+    pub limit: Option<usize>,
+    /// The cell.
+    pub genotype: Genotype,
+    /// The macro shape.
+    pub network: NetworkConfig,
+    /// Epochs.
+    pub epochs: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Initial learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    pub lr_min: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Gradient norm clip.
+    pub grad_clip: f64,
+    /// Weight of the auxiliary head's loss.
+    pub aux_weight: f64,
+    /// Drop-path probability reached at the last epoch (ramped linearly from 0).
+    pub drop_path: f64,
+    /// Cutout side in pixels (0 = none).
+    pub cutout: i64,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The DARTS CIFAR-10 evaluation settings for `genotype`.
+    pub fn darts(genotype: Genotype) -> TrainConfig {
+        TrainConfig {
+            dataset: DatasetKind::Builtin,
+            data_dir: None,
+            limit: None,
+            genotype,
+            network: NetworkConfig::default(),
+            epochs: 600,
+            batch_size: 96,
+            lr: 0.025,
+            lr_min: 0.0,
+            momentum: 0.9,
+            weight_decay: 3e-4,
+            grad_clip: 5.0,
+            aux_weight: 0.4,
+            drop_path: 0.2,
+            cutout: 16,
+            seed: 0,
+        }
+    }
+
+    /// Checks values no training can run with.
+    pub fn validate(&self) -> Result<()> {
+        self.genotype.validate()?;
+        if self.epochs == 0 {
+            bail!("epochs = 0: training needs at least one epoch");
+        }
+        if self.batch_size < 2 {
+            bail!("batch size {}: batch normalisation needs at least 2 examples", self.batch_size);
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("lr = {}: it must be a positive number", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.drop_path) {
+            bail!("drop_path = {}: it must lie in [0, 1)", self.drop_path);
+        }
+        if self.cutout < 0 || self.aux_weight < 0.0 {
+            bail!("cutout and aux_weight must not be negative");
+        }
+        let c = self.network.channels;
+        if c < 2 || !c.is_multiple_of(2) {
+            bail!("channels = {c}: initial channels must be even (FactorizedReduce halves them)");
+        }
+        if self.network.layers < 3 {
+            bail!("layers = {}: the network needs at least 3 cells (two are reductions)", self.network.layers);
+        }
+        Ok(())
+    }
+}
+
+/// Per-epoch results of training.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainStats {
+    /// 0-based epoch.
+    pub epoch: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Drop-path probability.
+    pub drop_path: f64,
+    /// Mean training loss (main head).
+    pub train_loss: f64,
+    /// Training accuracy.
+    pub train_acc: f64,
+    /// Test loss.
+    pub test_loss: f64,
+    /// Test top-1 accuracy.
+    pub test_acc: f64,
+    /// Test top-5 accuracy (when there are more than 5 classes).
+    pub test_top5: Option<f64>,
+    /// Seconds.
+    pub seconds: f64,
+    /// Peak RSS, MiB.
+    pub peak_rss_mb: f64,
+}
+
+/// Test-set results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Top-1 accuracy.
+    pub top1: f64,
+    /// Top-5 accuracy when there are more than 5 classes.
+    pub top5: Option<f64>,
+    /// Examples evaluated.
+    pub examples: usize,
+}
+
+/// Loss, top-1 and top-5 of `net` on `data`, in evaluation mode.
+pub fn evaluate(net: &Network, data: &Dataset, batch: usize, device: Device) -> EvalResult {
+    tch::no_grad(|| {
+        let n = data.len();
+        let (mut loss, mut top1, mut top5) = (0.0, 0i64, 0i64);
+        let idx: Vec<usize> = (0..n).collect();
+        for chunk in idx.chunks(batch.max(1)) {
+            let (x, y) = data.batch(chunk, None, device);
+            let (logits, _) = net.forward_t(&x, false);
+            loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * chunk.len() as f64;
+            top1 += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+            if data.shape.classes > 5 {
+                let (_, top) = logits.topk(5, -1, true, true);
+                top5 += top.eq_tensor(&y.unsqueeze(1)).any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
+            }
+        }
+        EvalResult {
+            loss: loss / n as f64,
+            top1: top1 as f64 / n as f64,
+            top5: (data.shape.classes > 5).then(|| top5 as f64 / n as f64),
+            examples: n,
+        }
+    })
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    /// Its configuration.
+    pub config: TrainConfig,
+    /// Where it runs.
+    pub device: Device,
+    vs: nn::VarStore,
+    /// The network.
+    pub net: Network,
+    names: Vec<String>,
+    weights: Vec<Tensor>,
+    buffer_names: Vec<String>,
+    buffers: Vec<Tensor>,
+    sgd: Sgd,
+    train: Dataset,
+    test: Dataset,
+    /// Next epoch to run.
+    pub epoch: usize,
+    /// Best test accuracy so far.
+    pub best_acc: f64,
+}
+
+const CHECKPOINT: &str = "checkpoint.safetensors";
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    epoch: usize,
+    best_acc: f64,
+    config: TrainConfig,
+}
+
+fn limit(mut d: Dataset, n: Option<usize>) -> Dataset {
+    if let Some(n) = n {
+        let n = n.min(d.len()) as i64;
+        d.images = d.images.narrow(0, 0, n);
+        d.labels = d.labels.narrow(0, 0, n);
+    }
+    d
+}
+
+impl Trainer {
+    /// Loads the data and builds the network from `config.seed`.
+    pub fn new(config: TrainConfig, device: Device) -> Result<Trainer> {
+        config.validate()?;
+        let train = limit(data::load(config.dataset, config.data_dir.as_deref(), true)?, config.limit);
+        let test = limit(data::load(config.dataset, config.data_dir.as_deref(), false)?, config.limit);
+        let min = 1usize << 2;
+        if train.shape.height < min || train.shape.width < min {
+            bail!("images of {}x{} are too small for two reduction cells", train.shape.height, train.shape.width);
+        }
+        let (vs, net) = {
+            let _rng = crate::torch_rng_lock();
+            tch::manual_seed(config.seed as i64);
+            let vs = nn::VarStore::new(device);
+            let net = Network::new(&vs.root(), &config.genotype, &config.network, &train.shape);
+            (vs, net)
+        };
+        let (names, weights): (Vec<String>, Vec<Tensor>) = named_weights(&vs).into_iter().unzip();
+        let (buffer_names, buffers): (Vec<String>, Vec<Tensor>) = named_buffers(&vs).into_iter().unzip();
+        let sgd = Sgd::new(&weights, config.lr, config.momentum, config.weight_decay);
+        Ok(Trainer {
+            config,
+            device,
+            vs,
+            net,
+            names,
+            weights,
+            buffer_names,
+            buffers,
+            sgd,
+            train,
+            test,
+            epoch: 0,
+            best_acc: 0.0,
+        })
+    }
+
+    /// Parameters, auxiliary head excluded (as the original counts them).
+    pub fn parameter_count(&self) -> i64 {
+        count_parameters_without_auxiliary(&self.vs)
+    }
+
+    /// Training and test set sizes.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.test.len())
+    }
+
+    /// One epoch over the full training set, then evaluation on the test set.
+    pub fn run_epoch(&mut self, bar: Option<&ProgressBar>) -> Result<TrainStats> {
+        let start = std::time::Instant::now();
+        let cfg = &self.config;
+        let epoch = self.epoch;
+        let lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
+        self.sgd.lr = lr;
+        self.net.drop_path_prob = cfg.drop_path * epoch as f64 / cfg.epochs as f64;
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(epoch as u64));
+        let all: Vec<usize> = (0..self.train.len()).collect();
+        let batches = data::shuffled_batches(&all, cfg.batch_size, &mut rng);
+        let augment = Augment { cutout: cfg.cutout, ..cfg.dataset.default_augment() };
+        if let Some(b) = bar {
+            b.set_length(batches.len() as u64);
+            b.set_position(0);
+        }
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
+        let mut correct = Tensor::zeros([], (Kind::Int64, self.device));
+        let mut seen = 0;
+        for (step, idx) in batches.iter().enumerate() {
+            let (x, y) = self.train.batch(idx, Some((&augment, &mut rng)), self.device);
+            let masks = (self.net.drop_path_prob > 0.0).then(|| {
+                drop_path_masks(self.net.drop_sites(), idx.len(), self.net.drop_path_prob, &mut rng)
+                    .to_device(self.device)
+            });
+            let (logits, aux) = self.net.forward_masked(&x, true, masks.as_ref());
+            let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, cfg.aux_weight);
+            let mut grads = Tensor::run_backward(&[&loss], &self.weights, false, false);
+            let _ = clip_grad_norm(&mut grads, cfg.grad_clip);
+            self.sgd.step(&self.weights, &grads);
+            loss_sum += logits.detach().cross_entropy_for_logits(&y).to_kind(Kind::Double) * idx.len() as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
+            seen += idx.len();
+            if step % 10 == 9 || step + 1 == batches.len() {
+                let mean = loss_sum.double_value(&[]) / seen as f64;
+                if !mean.is_finite() {
+                    bail!(
+                        "the training loss became {mean} in epoch {} (step {}): the last checkpoint is intact; \
+                         resume with a lower --lr or a smaller --grad-clip",
+                        epoch + 1,
+                        step + 1
+                    );
+                }
+                if let Some(b) = bar {
+                    let acc = correct.int64_value(&[]) as f64 / seen as f64;
+                    let rate = seen as f64 / start.elapsed().as_secs_f64();
+                    b.set_message(format!("loss {mean:.3} acc {:.1}% {rate:.0} img/s", 100.0 * acc));
+                }
+            }
+            if let Some(b) = bar {
+                b.inc(1);
+            }
+        }
+        let test = evaluate(&self.net, &self.test, 256, self.device);
+        self.epoch += 1;
+        Ok(TrainStats {
+            epoch,
+            lr,
+            drop_path: self.net.drop_path_prob,
+            train_loss: loss_sum.double_value(&[]) / seen as f64,
+            train_acc: correct.int64_value(&[]) as f64 / seen as f64,
+            test_loss: test.loss,
+            test_acc: test.top1,
+            test_top5: test.top5,
+            seconds: start.elapsed().as_secs_f64(),
+            peak_rss_mb: peak_rss_mb(),
+        })
+    }
+
+    /// Evaluates on the test set.
+    pub fn evaluate(&self) -> EvalResult {
+        evaluate(&self.net, &self.test, 256, self.device)
+    }
+
+    fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> =
+            self.names.iter().zip(&self.weights).map(|(n, t)| (n.clone(), t.detach())).collect();
+        v.extend(self.buffer_names.iter().zip(&self.buffers).map(|(n, t)| (n.clone(), t.detach())));
+        v
+    }
+
+    /// Writes the model's weights and BN statistics (names follow the original PyTorch state_dict keys)
+    /// to `path` atomically.
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("tmp");
+        Tensor::write_safetensors(&self.model_tensors(), &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+
+    /// Writes the training state (model, optimiser, epoch, best accuracy) to `dir/checkpoint.safetensors`.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let meta =
+            serde_json::to_vec(&Meta { epoch: self.epoch, best_acc: self.best_acc, config: self.config.clone() })?;
+        let mut named = self.model_tensors();
+        named.push(("meta".into(), Tensor::from_slice(&meta)));
+        named.extend(self.names.iter().zip(&self.sgd.buffers).map(|(n, t)| (format!("sgd/{n}"), t.shallow_clone())));
+        let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
+        Tensor::write_safetensors(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(CHECKPOINT))?;
+        Ok(())
+    }
+
+    /// Restores the run saved in `dir`.
+    pub fn resume(dir: &Path, device: Device) -> Result<Trainer> {
+        let path = dir.join(CHECKPOINT);
+        if !path.is_file() {
+            bail!(
+                "{} has no {CHECKPOINT}: it is not a training run directory, or no epoch has finished",
+                dir.display()
+            );
+        }
+        let map = read_tensors(&path)?;
+        let meta_t = map.get("meta").with_context(|| format!("{} lacks its metadata", path.display()))?;
+        let mut bytes = vec![0u8; meta_t.numel()];
+        meta_t.copy_data_u8(&mut bytes, meta_t.numel());
+        let meta: Meta = serde_json::from_slice(&bytes).context("checkpoint metadata")?;
+        let mut t = Trainer::new(meta.config, device)?;
+        t.load_model(&map, &path)?;
+        for (n, b) in t.names.iter().zip(&t.sgd.buffers) {
+            let src = map.get(&format!("sgd/{n}")).with_context(|| format!("{} lacks sgd/{n}", path.display()))?;
+            tch::no_grad(|| b.shallow_clone().copy_(&src.to_device(device)));
+        }
+        t.epoch = meta.epoch;
+        t.best_acc = meta.best_acc;
+        Ok(t)
+    }
+
+    /// Loads model tensors from a map read from `path`, checking names and shapes and listing every difference.
+    pub fn load_model(&mut self, map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        let mut problems = Vec::new();
+        let ours: Vec<(String, Tensor)> = self.model_tensors();
+        for (name, t) in &ours {
+            match map.get(name) {
+                None => problems.push(format!("missing {name} {:?}", t.size())),
+                Some(s) if s.size() != t.size() => {
+                    problems.push(format!("{name}: file has {:?}, the network expects {:?}", s.size(), t.size()))
+                }
+                Some(_) => {}
+            }
+        }
+        let known: std::collections::HashSet<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
+        for name in map.keys() {
+            if !known.contains(name.as_str()) && name != "meta" && !name.starts_with("sgd/") {
+                problems.push(format!("unexpected {name} (not in this network)"));
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            let shown = problems.iter().take(12).cloned().collect::<Vec<_>>().join("\n  ");
+            bail!(
+                "{} does not match the network built from the genotype and config ({} differences):\n  {shown}",
+                path.display(),
+                problems.len()
+            );
+        }
+        tch::no_grad(|| {
+            for (name, t) in &ours {
+                t.shallow_clone().copy_(&map[name].to_device(self.device));
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Reads a safetensors file into a name -> tensor map.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path)
+        .with_context(|| format!("{} is missing or damaged", path.display()))?
+        .into_iter()
+        .collect())
+}
