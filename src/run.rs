@@ -35,6 +35,23 @@ pub struct RunOutcome {
     pub alphas: (Vec<Vec<f64>>, Vec<Vec<f64>>),
 }
 
+/// A fresh run directory name under `runs/`: `runs/<kind>-YYYYMMDD-HHMMSS` (UTC).
+pub fn default_dir(kind: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    PathBuf::from(format!("runs/{kind}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
+}
+
 fn say(progress: Option<&MultiProgress>, line: String) {
     match progress {
         Some(mp) if !mp.is_hidden() => {
@@ -286,4 +303,18 @@ pub fn evaluate_model(dir: &Path, which: &str, device: Device) -> Result<crate::
     let map = crate::train::read_tensors(&weights)?;
     t.load_model(&map, &weights)?;
     Ok(t.evaluate())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_dir_has_a_plausible_utc_timestamp() {
+        let d = super::default_dir("search").display().to_string();
+        assert!(d.starts_with("runs/search-20"), "{d}");
+        let stamp = &d["runs/search-".len()..];
+        assert_eq!(stamp.len(), 15);
+        let month: u32 = stamp[4..6].parse().unwrap();
+        let day: u32 = stamp[6..8].parse().unwrap();
+        assert!((1..=12).contains(&month) && (1..=31).contains(&day), "{d}");
+    }
 }

@@ -304,7 +304,7 @@ impl Trainer {
                 if let Some(b) = bar {
                     let acc = correct.int64_value(&[]) as f64 / seen as f64;
                     let rate = seen as f64 / start.elapsed().as_secs_f64();
-                    b.set_message(format!("loss {mean:.3} acc {:.1}% {rate:.0} img/s", 100.0 * acc));
+                    crate::progress::report(b, step, batches.len(), mean, acc, rate);
                 }
             }
             if let Some(b) = bar {

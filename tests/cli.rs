@@ -94,3 +94,64 @@ fn a_small_search_writes_its_artefacts_and_resume_of_a_finished_run_is_harmless(
     assert!(ok, "{err}");
     assert_eq!(stdout2, stdout);
 }
+
+#[test]
+fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = [
+        "run",
+        "--preset",
+        "quick",
+        "--limit",
+        "64",
+        "--search-channels",
+        "4",
+        "--search-layers",
+        "3",
+        "--search-nodes",
+        "2",
+        "--search-epochs",
+        "1",
+        "--train-epochs",
+        "1",
+        "--train-channels",
+        "4",
+        "--train-layers",
+        "3",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out,
+    ];
+    let (ok, stdout, err) = darts(&args);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["finished"], true);
+    let top1 = summary["test"]["top1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&top1));
+    let searched = std::fs::read_to_string(dir.path().join("search/genotype.txt")).unwrap();
+    let trained = std::fs::read_to_string(dir.path().join("train/genotype.txt")).unwrap();
+    assert_eq!(searched, trained, "the trained network is the searched genotype");
+    assert!(dir.path().join("train/model-best.safetensors").is_file());
+    let (ok, stdout2, err) = darts(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("search already finished"), "{err}");
+    let again: serde_json::Value = serde_json::from_str(stdout2.trim()).unwrap();
+    assert_eq!(again["test"]["top1"], summary["test"]["top1"]);
+    let (ok, stdout3, err) = darts(&["eval", "--model", &format!("{out}/train"), "--which", "last", "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let eval: serde_json::Value = serde_json::from_str(stdout3.trim()).unwrap();
+    assert_eq!(eval["top1"], summary["test"]["top1"]);
+}
+
+#[test]
+fn info_prints_the_published_darts_v2_size() {
+    let (ok, stdout, err) = darts(&["info", "DARTS_V2"]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(json["parameters"], 3_349_342);
+    let (ok, _, err) = darts(&["info", "NO_SUCH_CELL"]);
+    assert!(!ok && err.contains("zoo name"), "{err}");
+}

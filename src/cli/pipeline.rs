@@ -30,6 +30,18 @@ pub struct RunArgs {
     /// Dataset folder.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Use only the first N training (and test) examples in both stages.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Search: initial channels.
+    #[arg(long)]
+    search_channels: Option<usize>,
+    /// Search: cells.
+    #[arg(long)]
+    search_layers: Option<usize>,
+    /// Search: intermediate nodes per cell.
+    #[arg(long)]
+    search_nodes: Option<usize>,
     /// Search epochs.
     #[arg(long)]
     search_epochs: Option<usize>,
@@ -45,9 +57,9 @@ pub struct RunArgs {
     /// Seed for both stages.
     #[arg(long, default_value_t = 2)]
     seed: u64,
-    /// Run directory (search/, train/ and summary.json inside); running again continues it.
-    #[arg(long, default_value = "runs/run")]
-    out: PathBuf,
+    /// Run directory (search/, train/ and summary.json inside; default runs/run-<date>-<time>); running again continues it.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + '_>) {
@@ -69,6 +81,18 @@ fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + 
     if let Some(e) = a.search_epochs {
         s.epochs = e;
     }
+    if a.limit.is_some() {
+        s.limit = a.limit;
+    }
+    if let Some(c) = a.search_channels {
+        s.space.channels = c;
+    }
+    if let Some(l) = a.search_layers {
+        s.space.layers = l;
+    }
+    if let Some(n) = a.search_nodes {
+        s.space.nodes = n;
+    }
     s.seed = a.seed;
     let dataset = s.dataset;
     let train = move |g: Genotype| {
@@ -76,6 +100,7 @@ fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + 
         t.dataset = dataset;
         t.data_dir = a.data_dir.clone();
         t.seed = a.seed;
+        t.limit = a.limit;
         if a.preset == PipelinePreset::Quick {
             t.network.channels = 16;
             t.network.layers = 8;
@@ -99,9 +124,11 @@ fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + 
 pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
     let (search_cfg, train_cfg) = configs(&a);
-    let opts = |sub: &str| RunOptions { out_dir: a.out.join(sub), device, progress: !rt.quiet, stop_after: None };
+    let root = a.out.clone().unwrap_or_else(|| run::default_dir("run"));
+    eprintln!("run directory {}", root.display());
+    let opts = |sub: &str| RunOptions { out_dir: root.join(sub), device, progress: !rt.quiet, stop_after: None };
     let t0 = std::time::Instant::now();
-    let search_dir = a.out.join("search");
+    let search_dir = root.join("search");
     let genotype_file = search_dir.join("genotype.json");
     let genotype = if genotype_file.is_file() {
         eprintln!("search already finished in {}", search_dir.display());
@@ -114,7 +141,7 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     let search_seconds = t0.elapsed().as_secs_f64();
     eprintln!("derived genotype: {genotype}");
     let t1 = std::time::Instant::now();
-    let train_dir = a.out.join("train");
+    let train_dir = root.join("train");
     let out = if train_dir.join("checkpoint.safetensors").is_file() {
         run::resume_training(&opts("train"))?
     } else {
@@ -128,7 +155,7 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
         "best_test_top1": out.best_acc,
         "finished": out.finished,
     });
-    std::fs::write(a.out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    std::fs::write(root.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     println!("{summary}");
     Ok(())
 }

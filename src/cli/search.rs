@@ -70,9 +70,9 @@ pub struct SearchArgs {
     /// Seed: one seed reproduces a run.
     #[arg(long)]
     seed: Option<u64>,
-    /// Run directory (config, metrics, checkpoint, genotype).
-    #[arg(long, default_value = "runs/search")]
-    out: PathBuf,
+    /// Run directory (config, metrics, checkpoint, genotype); default runs/search-<date>-<time>.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue the run in this directory from its last checkpoint (other settings come from it).
     #[arg(long, conflicts_with_all = ["preset", "dataset", "epochs", "out"])]
     resume: Option<PathBuf>,
@@ -131,7 +131,12 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
 
 pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
-    let mut opts = RunOptions { out_dir: a.out.clone(), device, progress: !rt.quiet, stop_after: None };
+    let mut opts = RunOptions {
+        out_dir: a.out.clone().unwrap_or_else(|| run::default_dir("search")),
+        device,
+        progress: !rt.quiet,
+        stop_after: None,
+    };
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();

@@ -17,9 +17,9 @@ pub struct TrainArgs {
     genotype: Option<String>,
     #[command(flatten)]
     common: TrainCommon,
-    /// Run directory.
-    #[arg(long, default_value = "runs/train")]
-    out: PathBuf,
+    /// Run directory; default runs/train-<date>-<time>.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Continue the run in this directory.
     #[arg(long, conflicts_with_all = ["genotype", "out"])]
     resume: Option<PathBuf>,
@@ -92,7 +92,12 @@ impl TrainCommon {
 
 pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
-    let mut opts = RunOptions { out_dir: a.out.clone(), device, progress: !rt.quiet, stop_after: None };
+    let mut opts = RunOptions {
+        out_dir: a.out.clone().unwrap_or_else(|| run::default_dir("train")),
+        device,
+        progress: !rt.quiet,
+        stop_after: None,
+    };
     let out = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
