@@ -8,7 +8,7 @@ pub fn report(bar: &ProgressBar, step: usize, total: usize, loss: f64, acc: f64,
     let msg = format!("loss {loss:.3} acc {:.1}% {rate:.0} img/s", 100.0 * acc);
     if bar.is_hidden() {
         let every = (total / 10).max(1).div_ceil(10) * 10;
-        if (step + 1) % every == 0 || step + 1 == total {
+        if (step + 1).is_multiple_of(every) || step + 1 == total {
             eprintln!("  step {}/{total}: {msg}", step + 1);
         }
     } else {
