@@ -6,7 +6,7 @@ use crate::architect::{Architect, Order};
 use crate::optim::{clip_grad_norm, Sgd};
 use crate::search::peak_rss_mb;
 use crate::space::{DataShape, SearchSpace};
-use crate::supernet::{named_buffers, named_weights, Alphas, SearchNetwork};
+use crate::supernet::{named_buffers, named_weights, set_channels_last, Alphas, SearchNetwork};
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -52,6 +52,7 @@ pub fn time_ms(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64
 }
 
 /// Measures the search steps named in `only` for a supernet of `space` on `batch` random images of `shape`.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_search(
     space: &SearchSpace,
     shape: &DataShape,
@@ -59,11 +60,14 @@ pub fn bench_search(
     repeats: usize,
     device: Device,
     only: &[&str],
+    channels_last: bool,
     mut report: impl FnMut(&BenchRow),
 ) -> Vec<BenchRow> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
-    let net = SearchNetwork::new(&vs.root(), space, shape, Alphas::random(space, device));
+    let mut net = SearchNetwork::new(&vs.root(), space, shape, Alphas::random(space, device));
+    set_channels_last(&mut net, &vs, channels_last);
+    let label = if channels_last { "darts-rs (channels-last)" } else { "darts-rs" };
     let weights: Vec<Tensor> = named_weights(&vs).into_iter().map(|(_, t)| t).collect();
     let buffers: Vec<Tensor> = named_buffers(&vs).into_iter().map(|(_, t)| t).collect();
     let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
@@ -96,13 +100,8 @@ pub fn bench_search(
             }
             _ => continue,
         };
-        let row = BenchRow {
-            implementation: "darts-rs".into(),
-            name: name.into(),
-            min_ms,
-            median_ms,
-            peak_rss_mb: peak_rss_mb(),
-        };
+        let row =
+            BenchRow { implementation: label.into(), name: name.into(), min_ms, median_ms, peak_rss_mb: peak_rss_mb() };
         report(&row);
         rows.push(row);
     }

@@ -27,6 +27,66 @@ pub fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Writes named tensors to a safetensors file atomically (a temporary file renamed over `path`), as
+/// contiguous CPU tensors whatever their device or memory layout.
+pub fn write_tensors_atomically(named: &[(String, tch::Tensor)], path: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let host: Vec<(String, tch::Tensor)> =
+        named.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    tch::Tensor::write_safetensors(&host, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+/// Memory layout of activations and convolution kernels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// Channels-last on the CPU (libtorch's faster kernels there), NCHW on CUDA.
+    #[default]
+    Auto,
+    /// Contiguous NCHW everywhere.
+    Nchw,
+    /// Channels-last (NHWC in memory) everywhere.
+    ChannelsLast,
+}
+
+impl Layout {
+    /// Whether to use channels-last on `device`.
+    pub fn channels_last(self, device: tch::Device) -> bool {
+        match self {
+            Layout::Auto => device == tch::Device::Cpu,
+            Layout::Nchw => false,
+            Layout::ChannelsLast => true,
+        }
+    }
+}
+
+/// Switches every 4-d variable of `vs` (the convolution kernels) to channels-last strides in place (`on`), or
+/// back to contiguous NCHW. Values, names and gradients are unchanged; only the memory order differs.
+pub fn set_vars_channels_last(vs: &tch::nn::VarStore, on: bool) {
+    tch::no_grad(|| {
+        for (_, mut t) in vs.variables() {
+            if t.dim() == 4 {
+                let data = if on { channels_last(&t) } else { t.contiguous() };
+                t.set_data(&data);
+            }
+        }
+    });
+}
+
+/// The same tensor with channels-last strides (NHWC in memory, NCHW in shape), as PyTorch's
+/// `.to(memory_format=torch.channels_last)`; other ranks are returned as they are.
+pub fn channels_last(t: &tch::Tensor) -> tch::Tensor {
+    if t.dim() == 4 {
+        t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    } else {
+        t.shallow_clone()
+    }
+}
+
 /// Picks the compute device: "cpu", "cuda" (the first GPU; an error without one) or "auto".
 pub fn device_from_name(name: &str) -> anyhow::Result<tch::Device> {
     match name {

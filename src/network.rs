@@ -206,6 +206,8 @@ pub struct Network {
     classifier: nn::Linear,
     /// Drop-path probability applied in training (ramped by the trainer).
     pub drop_path_prob: f64,
+    /// Feed the network channels-last activations (set with the kernels by `set_channels_last`).
+    pub channels_last: bool,
 }
 
 impl Network {
@@ -238,7 +240,16 @@ impl Network {
         }
         let aux = cfg.auxiliary.then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64));
         let classifier = linear(p / "classifier", c_p, shape.classes as i64);
-        Network { stem_conv, stem_bn, cells, aux, aux_after: 2 * layers / 3, classifier, drop_path_prob: 0.0 }
+        Network {
+            stem_conv,
+            stem_bn,
+            cells,
+            aux,
+            aux_after: 2 * layers / 3,
+            classifier,
+            drop_path_prob: 0.0,
+            channels_last: false,
+        }
     }
 
     /// Features entering the classifier.
@@ -259,7 +270,8 @@ impl Network {
     /// As `forward_t`, with drop path at probability `drop_path_prob` using `masks` (`[drop_sites, n]`, from
     /// [`drop_path_masks`]) when training.
     pub fn forward_masked(&self, x: &Tensor, train: bool, masks: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
-        let stem = self.stem_bn.forward_t(&self.stem_conv.forward(x), train);
+        let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
+        let stem = self.stem_bn.forward_t(&self.stem_conv.forward(&x), train);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         let mut aux = None;
         let mut row = 0i64;
@@ -275,6 +287,12 @@ impl Network {
         let logits = s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier);
         (logits, aux)
     }
+}
+
+/// Switches the network's kernels (in `vs`) and activations to channels-last (`on`) or contiguous NCHW.
+pub fn set_channels_last(net: &mut Network, vs: &nn::VarStore, on: bool) {
+    net.channels_last = on;
+    crate::set_vars_channels_last(vs, on);
 }
 
 /// Parameters of a VarStore excluding the auxiliary head (as the original `count_parameters_in_MB`).

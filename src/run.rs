@@ -20,6 +20,15 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop after this many epochs in this invocation (the run can be resumed later).
     pub stop_after: Option<usize>,
+    /// Memory layout (use the same one to resume bit for bit).
+    pub layout: crate::Layout,
+}
+
+impl RunOptions {
+    /// Options for `out_dir` on `device` with progress shown, all epochs, the automatic layout.
+    pub fn new(out_dir: PathBuf, device: Device) -> RunOptions {
+        RunOptions { out_dir, device, progress: true, stop_after: None, layout: crate::Layout::Auto }
+    }
 }
 
 /// What a run leaves behind.
@@ -70,7 +79,8 @@ pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
         );
     }
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    let search = Search::new(config, opts.device)?;
+    let mut search = Search::new(config, opts.device)?;
+    search.set_channels_last(opts.layout.channels_last(opts.device));
     std::fs::write(opts.out_dir.join("config.json"), serde_json::to_string_pretty(&search.config)?)?;
     let _ = std::fs::remove_file(opts.out_dir.join("metrics.jsonl"));
     drive(search, opts)
@@ -78,7 +88,8 @@ pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
 
 /// Continues the search saved in `opts.out_dir`.
 pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
-    let search = Search::resume(&opts.out_dir, opts.device)?;
+    let mut search = Search::resume(&opts.out_dir, opts.device)?;
+    search.set_channels_last(opts.layout.channels_last(opts.device));
     truncate_metrics(&opts.out_dir, search.epoch)?;
     eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), search.epoch + 1, search.config.epochs);
     drive(search, opts)
@@ -176,7 +187,8 @@ pub fn start_training(config: crate::train::TrainConfig, opts: &RunOptions) -> R
         bail!("{} already holds a run; continue it with --resume {0}, or choose another --out", opts.out_dir.display());
     }
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    let trainer = crate::train::Trainer::new(config, opts.device)?;
+    let mut trainer = crate::train::Trainer::new(config, opts.device)?;
+    trainer.set_channels_last(opts.layout.channels_last(opts.device));
     std::fs::write(opts.out_dir.join("train-config.json"), serde_json::to_string_pretty(&trainer.config)?)?;
     write_genotype(&opts.out_dir, &trainer.config.genotype)?;
     let _ = std::fs::remove_file(opts.out_dir.join("metrics.jsonl"));
@@ -185,7 +197,8 @@ pub fn start_training(config: crate::train::TrainConfig, opts: &RunOptions) -> R
 
 /// Continues the training run saved in `opts.out_dir`.
 pub fn resume_training(opts: &RunOptions) -> Result<TrainOutcome> {
-    let trainer = crate::train::Trainer::resume(&opts.out_dir, opts.device)?;
+    let mut trainer = crate::train::Trainer::resume(&opts.out_dir, opts.device)?;
+    trainer.set_channels_last(opts.layout.channels_last(opts.device));
     truncate_metrics(&opts.out_dir, trainer.epoch)?;
     eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), trainer.epoch + 1, trainer.config.epochs);
     drive_training(trainer, opts)
@@ -292,7 +305,12 @@ fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<Tra
 
 /// Loads a trained model from a training run directory (`which` = "best" or "last") and evaluates it on
 /// the test set.
-pub fn evaluate_model(dir: &Path, which: &str, device: Device) -> Result<crate::train::EvalResult> {
+pub fn evaluate_model(
+    dir: &Path,
+    which: &str,
+    device: Device,
+    layout: crate::Layout,
+) -> Result<crate::train::EvalResult> {
     let cfg_path = dir.join("train-config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{} is not a training run directory (no train-config.json)", dir.display()))?;
@@ -301,6 +319,7 @@ pub fn evaluate_model(dir: &Path, which: &str, device: Device) -> Result<crate::
     let mut t = crate::train::Trainer::new(cfg, device)?;
     let weights = dir.join(format!("model-{which}.safetensors"));
     let map = crate::train::read_tensors(&weights)?;
+    t.set_channels_last(layout.channels_last(device));
     t.load_model(&map, &weights)?;
     Ok(t.evaluate())
 }

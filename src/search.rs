@@ -234,6 +234,11 @@ impl Search {
         })
     }
 
+    /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
+    pub fn set_channels_last(&mut self, on: bool) {
+        crate::supernet::set_channels_last(&mut self.net, &self.vs, on);
+    }
+
     /// Number of weight parameters of the supernet (alphas excluded).
     pub fn parameter_count(&self) -> i64 {
         crate::supernet::count_parameters(&self.vs)

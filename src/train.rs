@@ -247,6 +247,11 @@ impl Trainer {
         })
     }
 
+    /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
+    pub fn set_channels_last(&mut self, on: bool) {
+        crate::network::set_channels_last(&mut self.net, &self.vs, on);
+    }
+
     /// Parameters, auxiliary head excluded (as the original counts them).
     pub fn parameter_count(&self) -> i64 {
         count_parameters_without_auxiliary(&self.vs)
@@ -342,10 +347,7 @@ impl Trainer {
     /// Writes the model's weights and BN statistics (names follow the original PyTorch state_dict keys)
     /// to `path` atomically.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("tmp");
-        Tensor::write_safetensors(&self.model_tensors(), &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
+        crate::write_tensors_atomically(&self.model_tensors(), path)
     }
 
     /// Writes the training state (model, optimiser, epoch, best accuracy) to `dir/checkpoint.safetensors`.
@@ -355,10 +357,7 @@ impl Trainer {
         let mut named = self.model_tensors();
         named.push(("meta".into(), Tensor::from_slice(&meta)));
         named.extend(self.names.iter().zip(&self.sgd.buffers).map(|(n, t)| (format!("sgd/{n}"), t.shallow_clone())));
-        let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
-        Tensor::write_safetensors(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, dir.join(CHECKPOINT))?;
-        Ok(())
+        crate::write_tensors_atomically(&named, &dir.join(CHECKPOINT))
     }
 
     /// Restores the run saved in `dir`.

@@ -19,7 +19,7 @@ fn tiny(epochs: usize) -> SearchConfig {
 }
 
 fn opts(dir: &std::path::Path, stop_after: Option<usize>) -> RunOptions {
-    RunOptions { out_dir: dir.to_path_buf(), device: Device::Cpu, progress: false, stop_after }
+    RunOptions { progress: false, stop_after, ..RunOptions::new(dir.to_path_buf(), Device::Cpu) }
 }
 
 fn checkpoint_tensors(dir: &std::path::Path) -> Vec<(String, Tensor)> {

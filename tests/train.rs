@@ -19,7 +19,7 @@ fn tiny(epochs: usize) -> TrainConfig {
 }
 
 fn opts(dir: &std::path::Path, stop_after: Option<usize>) -> RunOptions {
-    RunOptions { out_dir: dir.to_path_buf(), device: Device::Cpu, progress: false, stop_after }
+    RunOptions { progress: false, stop_after, ..RunOptions::new(dir.to_path_buf(), Device::Cpu) }
 }
 
 #[test]
@@ -68,7 +68,7 @@ fn training_resumes_bit_for_bit_and_saved_weights_reload_with_checks() {
     assert!(names.contains(&"auxiliary_head.classifier.weight"));
     assert!(names.contains(&"stem.1.running_mean"));
     // Reloading gives the same test result as the run reported.
-    let again = run::evaluate_model(a.path(), "last", Device::Cpu).unwrap();
+    let again = run::evaluate_model(a.path(), "last", Device::Cpu, darts::Layout::Auto).unwrap();
     assert_eq!(again.top1, full.last.top1);
     assert!((again.loss - full.last.loss).abs() < 1e-9);
     // A different genotype in the config: the weights no longer fit, and the error lists what differs.
@@ -76,7 +76,7 @@ fn training_resumes_bit_for_bit_and_saved_weights_reload_with_checks() {
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["genotype"] = serde_json::from_str(&zoo::get("DARTS_V1").unwrap().to_json()).unwrap();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let e = run::evaluate_model(a.path(), "last", Device::Cpu).unwrap_err().to_string();
+    let e = run::evaluate_model(a.path(), "last", Device::Cpu, darts::Layout::Auto).unwrap_err().to_string();
     assert!(e.contains("does not match") && e.contains("differences"), "{e}");
 }
 

@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Which measurements, comma-separated.
     #[arg(long, default_value = "forward,forward_backward_sgd,first_order_step,second_order_step")]
     only: String,
+    /// Memory layout of our supernet: nchw, channels-last, or both (each measured).
+    #[arg(long, default_value = "both", value_parser = ["nchw", "channels-last", "both"])]
+    layout: String,
     /// Python with torch for the reference ("none" skips it; default: darts' own venv).
     #[arg(long)]
     pytorch: Option<String>,
@@ -65,9 +68,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "bench: batch {} x 3x{}x{}, C={}, {} cells, {} threads, device {:?}",
         a.batch, a.size, a.size, a.channels, a.layers, a.threads, device
     );
-    let mut rows = bench_search(&space, &shape, a.batch, a.repeats, device, &only, |r| {
-        eprintln!("  darts-rs {:<22} min {:>10.1} ms  median {:>10.1} ms", r.name, r.min_ms, r.median_ms)
-    });
+    let mut rows = Vec::new();
+    for cl in [false, true] {
+        if (cl && a.layout == "nchw") || (!cl && a.layout == "channels-last") {
+            continue;
+        }
+        rows.extend(bench_search(&space, &shape, a.batch, a.repeats, device, &only, cl, |r| {
+            eprintln!(
+                "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms",
+                r.implementation, r.name, r.min_ms, r.median_ms
+            )
+        }));
+    }
     let python = match a.pytorch.as_deref() {
         Some("none") => None,
         Some(p) => Some(p.to_string()),
@@ -101,23 +113,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
             });
         }
     }
-    println!("| step | darts-rs median ms | PyTorch median ms | ratio | darts-rs peak MiB | PyTorch peak MiB |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    let mut impls: Vec<String> = Vec::new();
+    for r in &rows {
+        if !impls.contains(&r.implementation) {
+            impls.push(r.implementation.clone());
+        }
+    }
+    let header: Vec<String> = impls.iter().map(|i| format!("{i} median ms (peak MiB)")).collect();
+    println!("| step | {} | ratio to PyTorch |", header.join(" | "));
+    println!("|---|{}---|", "---:|".repeat(impls.len()));
     for name in &only {
         let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == *name);
-        let (ours, theirs) = (find("darts-rs"), find("pytorch"));
-        let f = |r: Option<&BenchRow>, g: fn(&BenchRow) -> f64| r.map_or("-".into(), |r| format!("{:.1}", g(r)));
-        let ratio = match (ours, theirs) {
-            (Some(o), Some(t)) => format!("{:.2}", o.median_ms / t.median_ms),
-            _ => "-".into(),
+        let cells: Vec<String> = impls
+            .iter()
+            .map(|i| find(i).map_or("-".into(), |r| format!("{:.1} ({:.0})", r.median_ms, r.peak_rss_mb)))
+            .collect();
+        let ratios: Vec<String> = match find("pytorch") {
+            Some(t) => impls
+                .iter()
+                .filter(|i| *i != "pytorch")
+                .filter_map(|i| find(i).map(|o| format!("{}: {:.2}", i, o.median_ms / t.median_ms)))
+                .collect(),
+            None => vec![],
         };
-        println!(
-            "| {name} | {} | {} | {ratio} | {} | {} |",
-            f(ours, |r| r.median_ms),
-            f(theirs, |r| r.median_ms),
-            f(ours, |r| r.peak_rss_mb),
-            f(theirs, |r| r.peak_rss_mb)
-        );
+        println!("| {name} | {} | {} |", cells.join(" | "), ratios.join(", "));
     }
     if let Some(path) = a.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;

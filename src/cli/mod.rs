@@ -30,6 +30,9 @@ pub struct Runtime {
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Memory layout: auto (channels-last on CPU, NCHW on CUDA), nchw or channels-last.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    layout: darts::Layout,
 }
 
 impl Runtime {
@@ -40,6 +43,11 @@ impl Runtime {
             tch::set_num_threads(t);
         }
         darts::device_from_name(&self.device)
+    }
+
+    /// Run options for `out_dir` on `device`.
+    pub fn options(&self, out_dir: std::path::PathBuf, device: tch::Device) -> darts::run::RunOptions {
+        darts::run::RunOptions { out_dir, device, progress: !self.quiet, stop_after: None, layout: self.layout }
     }
 }
 

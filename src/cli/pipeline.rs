@@ -3,7 +3,7 @@
 use anyhow::Result;
 use darts::data::DatasetKind;
 use darts::genotype::Genotype;
-use darts::run::{self, RunOptions};
+use darts::run;
 use darts::search::SearchConfig;
 use darts::space::SearchSpace;
 use darts::train::TrainConfig;
@@ -126,7 +126,7 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     let (search_cfg, train_cfg) = configs(&a);
     let root = a.out.clone().unwrap_or_else(|| run::default_dir("run"));
     eprintln!("run directory {}", root.display());
-    let opts = |sub: &str| RunOptions { out_dir: root.join(sub), device, progress: !rt.quiet, stop_after: None };
+    let opts = |sub: &str| rt.options(root.join(sub), device);
     let t0 = std::time::Instant::now();
     let search_dir = root.join("search");
     let genotype_file = search_dir.join("genotype.json");

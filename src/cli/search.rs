@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use darts::architect::Order;
 use darts::data::DatasetKind;
-use darts::run::{self, RunOptions};
+use darts::run;
 use darts::search::SearchConfig;
 use darts::space::SearchSpace;
 use std::path::PathBuf;
@@ -131,12 +131,7 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
 
 pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
-    let mut opts = RunOptions {
-        out_dir: a.out.clone().unwrap_or_else(|| run::default_dir("search")),
-        device,
-        progress: !rt.quiet,
-        stop_after: None,
-    };
+    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| run::default_dir("search")), device);
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();

@@ -1,7 +1,7 @@
 //! `darts train`: train a genotype's network from scratch; `darts eval`: test a trained model.
 use anyhow::Result;
 use darts::data::DatasetKind;
-use darts::run::{self, RunOptions};
+use darts::run;
 use darts::train::TrainConfig;
 use std::path::PathBuf;
 
@@ -92,12 +92,7 @@ impl TrainCommon {
 
 pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
-    let mut opts = RunOptions {
-        out_dir: a.out.clone().unwrap_or_else(|| run::default_dir("train")),
-        device,
-        progress: !rt.quiet,
-        stop_after: None,
-    };
+    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| run::default_dir("train")), device);
     let out = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
@@ -130,7 +125,7 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: EvalArgs, rt: &super::Runtime) -> Result<()> {
-    let r = run::evaluate_model(&a.model, &a.which, rt.device()?)?;
+    let r = run::evaluate_model(&a.model, &a.which, rt.device()?, rt.layout)?;
     println!("{}", serde_json::to_string(&r)?);
     eprintln!(
         "test: {} examples, loss {:.4}, top-1 {:.2}%{}",
