@@ -3,7 +3,7 @@
 //! and multiply-accumulate counts.
 
 use crate::genotype::Genotype;
-use crate::ops::{batch_norm, Conv, ConvSpec, FactorizedReduce, Op, ReluConvBn};
+use crate::ops::{batch_norm, Conv, ConvSpec, Op, Preprocess, ReluConvBn, Stem};
 use crate::space::{Activation, DataShape};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
@@ -24,21 +24,6 @@ pub struct NetworkConfig {
 impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig { channels: 36, layers: 20, auxiliary: true, stem_multiplier: 3 }
-    }
-}
-
-#[derive(Debug)]
-enum Preprocess {
-    Reduce(FactorizedReduce),
-    Conv(ReluConvBn),
-}
-
-impl Preprocess {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        match self {
-            Preprocess::Reduce(fr) => fr.forward_t(x, train),
-            Preprocess::Conv(c) => c.forward_t(x, train),
-        }
     }
 }
 
@@ -79,11 +64,7 @@ impl Cell {
         reduction_prev: bool,
     ) -> Cell {
         let act = Activation::Relu;
-        let preprocess0 = if reduction_prev {
-            Preprocess::Reduce(FactorizedReduce::new(&(p / "preprocess0"), c_pp, c, true, act))
-        } else {
-            Preprocess::Conv(ReluConvBn::new(&(p / "preprocess0"), c_pp, c, 1, 1, 0, true, act))
-        };
+        let preprocess0 = Preprocess::new(&(p / "preprocess0"), c_pp, c, reduction_prev, true, act);
         let preprocess1 = ReluConvBn::new(&(p / "preprocess1"), c_p, c, 1, 1, 0, true, act);
         let (gene, concat) = if reduction {
             (&genotype.reduce, &genotype.reduce_concat)
@@ -198,8 +179,7 @@ impl AuxiliaryHead {
 /// The network evaluated after search.
 #[derive(Debug)]
 pub struct Network {
-    stem_conv: Conv,
-    stem_bn: nn::BatchNorm,
+    stem: Stem,
     cells: Vec<Cell>,
     aux: Option<AuxiliaryHead>,
     aux_after: usize,
@@ -216,9 +196,7 @@ impl Network {
         let c = cfg.channels as i64;
         let layers = cfg.layers;
         let mut c_curr = cfg.stem_multiplier as i64 * c;
-        let stem = p / "stem";
-        let stem_conv = Conv::new(&(&stem / "0"), shape.channels as i64, c_curr, ConvSpec::square(3, 1, 1));
-        let stem_bn = batch_norm(&(&stem / "1"), c_curr, true);
+        let stem = Stem::new(&(p / "stem"), shape.channels as i64, c_curr);
         let (mut c_pp, mut c_p) = (c_curr, c_curr);
         c_curr = c;
         let mut cells = Vec::new();
@@ -240,16 +218,7 @@ impl Network {
         }
         let aux = cfg.auxiliary.then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64));
         let classifier = linear(p / "classifier", c_p, shape.classes as i64);
-        Network {
-            stem_conv,
-            stem_bn,
-            cells,
-            aux,
-            aux_after: 2 * layers / 3,
-            classifier,
-            drop_path_prob: 0.0,
-            channels_last: false,
-        }
+        Network { stem, cells, aux, aux_after: 2 * layers / 3, classifier, drop_path_prob: 0.0, channels_last: false }
     }
 
     /// Features entering the classifier.
@@ -271,7 +240,7 @@ impl Network {
     /// [`drop_path_masks`]) when training.
     pub fn forward_masked(&self, x: &Tensor, train: bool, masks: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
-        let stem = self.stem_bn.forward_t(&self.stem_conv.forward(&x), train);
+        let stem = self.stem.forward_t(&x, train);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         let mut aux = None;
         let mut row = 0i64;

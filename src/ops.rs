@@ -204,6 +204,54 @@ impl FactorizedReduce {
     }
 }
 
+/// A cell's preprocessing of its first input: FactorizedReduce when the previous cell reduced (so both inputs
+/// have the same size), else ReLU-conv1x1-BN.
+#[derive(Debug)]
+pub enum Preprocess {
+    /// After a reduction cell.
+    Reduce(FactorizedReduce),
+    /// Otherwise.
+    Conv(ReluConvBn),
+}
+
+impl Preprocess {
+    /// `c_in -> c` channels under `p`.
+    pub fn new(p: &nn::Path, c_in: i64, c: i64, reduction_prev: bool, affine: bool, act: Activation) -> Preprocess {
+        if reduction_prev {
+            Preprocess::Reduce(FactorizedReduce::new(p, c_in, c, affine, act))
+        } else {
+            Preprocess::Conv(ReluConvBn::new(p, c_in, c, 1, 1, 0, affine, act))
+        }
+    }
+
+    /// Applies it.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Preprocess::Reduce(fr) => fr.forward_t(x, train),
+            Preprocess::Conv(c) => c.forward_t(x, train),
+        }
+    }
+}
+
+/// The stem: a 3x3 convolution from the image channels to `c` channels, then BN (affine).
+#[derive(Debug)]
+pub struct Stem {
+    conv: Conv,
+    bn: nn::BatchNorm,
+}
+
+impl Stem {
+    /// Parameters named `stem.0.weight`, `stem.1.*` as the original `nn.Sequential`.
+    pub fn new(p: &nn::Path, c_in: i64, c: i64) -> Stem {
+        Stem { conv: Conv::new(&(p / "0"), c_in, c, ConvSpec::square(3, 1, 1)), bn: batch_norm(&(p / "1"), c, true) }
+    }
+
+    /// Applies it.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.bn.forward_t(&self.conv.forward(x), train)
+    }
+}
+
 /// A candidate operation on one edge.
 #[derive(Debug)]
 pub enum Op {

@@ -3,9 +3,9 @@
 //! The architecture parameters ([`Alphas`]) live apart from the network weights: the weights are in a
 //! `VarStore`, the alphas are two plain leaf tensors, so each optimiser sees only its own parameters.
 
-use crate::ops::{batch_norm, Conv, ConvSpec, FactorizedReduce, Op, ReluConvBn};
+use crate::ops::{Op, Preprocess, ReluConvBn, Stem};
 use crate::space::{DataShape, SearchSpace};
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 /// The architecture parameters: one row per edge, one column per candidate op.
@@ -90,12 +90,6 @@ pub struct SearchCell {
     nodes: usize,
 }
 
-#[derive(Debug)]
-enum Preprocess {
-    Reduce(FactorizedReduce),
-    Conv(ReluConvBn),
-}
-
 impl SearchCell {
     fn new(
         p: &nn::Path,
@@ -106,11 +100,7 @@ impl SearchCell {
         reduction: bool,
         reduction_prev: bool,
     ) -> Self {
-        let preprocess0 = if reduction_prev {
-            Preprocess::Reduce(FactorizedReduce::new(&(p / "preprocess0"), c_pp, c, false, space.activation))
-        } else {
-            Preprocess::Conv(ReluConvBn::new(&(p / "preprocess0"), c_pp, c, 1, 1, 0, false, space.activation))
-        };
+        let preprocess0 = Preprocess::new(&(p / "preprocess0"), c_pp, c, reduction_prev, false, space.activation);
         let preprocess1 = ReluConvBn::new(&(p / "preprocess1"), c_p, c, 1, 1, 0, false, space.activation);
         let ops = p / "_ops";
         let mut edges = Vec::new();
@@ -125,10 +115,7 @@ impl SearchCell {
 
     /// `weights` = softmax(alpha) for this cell type, `[edges, ops]`.
     pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, weights: &Tensor, train: bool) -> Tensor {
-        let s0 = match &self.preprocess0 {
-            Preprocess::Reduce(fr) => fr.forward_t(s0, train),
-            Preprocess::Conv(rcb) => rcb.forward_t(s0, train),
-        };
+        let s0 = self.preprocess0.forward_t(s0, train);
         let s1 = self.preprocess1.forward_t(s1, train);
         let mut states = vec![s0, s1];
         let mut offset = 0;
@@ -155,8 +142,7 @@ pub struct SearchNetwork {
     pub space: SearchSpace,
     /// The data shape it was built for.
     pub shape: DataShape,
-    stem_conv: Conv,
-    stem_bn: nn::BatchNorm,
+    stem: Stem,
     cells: Vec<SearchCell>,
     classifier: nn::Linear,
     /// The architecture parameters.
@@ -171,9 +157,7 @@ impl SearchNetwork {
         let c = space.channels as i64;
         let mult = space.nodes as i64;
         let mut c_curr = space.stem_multiplier as i64 * c;
-        let stem = p / "stem";
-        let stem_conv = Conv::new(&(&stem / "0"), shape.channels as i64, c_curr, ConvSpec::square(3, 1, 1));
-        let stem_bn = batch_norm(&(&stem / "1"), c_curr, true);
+        let stem = Stem::new(&(p / "stem"), shape.channels as i64, c_curr);
         let (mut c_pp, mut c_p) = (c_curr, c_curr);
         c_curr = c;
         let mut cells = Vec::new();
@@ -199,16 +183,7 @@ impl SearchNetwork {
                 bias: true,
             },
         );
-        SearchNetwork {
-            space: space.clone(),
-            shape: *shape,
-            stem_conv,
-            stem_bn,
-            cells,
-            classifier,
-            alphas,
-            channels_last: false,
-        }
+        SearchNetwork { space: space.clone(), shape: *shape, stem, cells, classifier, alphas, channels_last: false }
     }
 
     /// Logits for a batch `[n, c, h, w]`.
@@ -216,7 +191,7 @@ impl SearchNetwork {
         let w_normal = self.alphas.normal.softmax(-1, self.alphas.normal.kind());
         let w_reduce = self.alphas.reduce.softmax(-1, self.alphas.reduce.kind());
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
-        let stem = self.stem_bn.forward_t(&self.stem_conv.forward(&x), train);
+        let stem = self.stem.forward_t(&x, train);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for cell in &self.cells {
             let w = if cell.reduction { &w_reduce } else { &w_normal };

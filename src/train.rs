@@ -6,6 +6,7 @@ use crate::network::{
     count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
 };
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
+use crate::progress::StepMeter;
 use crate::search::peak_rss_mb;
 use crate::supernet::{named_buffers, named_weights};
 use anyhow::{bail, Context, Result};
@@ -275,13 +276,10 @@ impl Trainer {
         let all: Vec<usize> = (0..self.train.len()).collect();
         let batches = data::shuffled_batches(&all, cfg.batch_size, &mut rng);
         let augment = Augment { cutout: cfg.cutout, ..cfg.dataset.default_augment() };
-        if let Some(b) = bar {
-            b.set_length(batches.len() as u64);
-            b.set_position(0);
-        }
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
-        let mut correct = Tensor::zeros([], (Kind::Int64, self.device));
-        let mut seen = 0;
+        let mut meter = StepMeter::new(self.device, batches.len(), bar);
+        let nan_hint = format!(
+            "the last checkpoint (end of epoch {epoch}) is intact; resume with a lower --lr or a smaller --grad-clip"
+        );
         for (step, idx) in batches.iter().enumerate() {
             let (x, y) = self.train.batch(idx, Some((&augment, &mut rng)), self.device);
             let masks = (self.net.drop_path_prob > 0.0).then(|| {
@@ -293,37 +291,18 @@ impl Trainer {
             let mut grads = Tensor::run_backward(&[&loss], &self.weights, false, false);
             let _ = clip_grad_norm(&mut grads, cfg.grad_clip);
             self.sgd.step(&self.weights, &grads);
-            loss_sum += logits.detach().cross_entropy_for_logits(&y).to_kind(Kind::Double) * idx.len() as f64;
-            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
-            seen += idx.len();
-            if step % 10 == 9 || step + 1 == batches.len() {
-                let mean = loss_sum.double_value(&[]) / seen as f64;
-                if !mean.is_finite() {
-                    bail!(
-                        "the training loss became {mean} in epoch {} (step {}): the last checkpoint is intact; \
-                         resume with a lower --lr or a smaller --grad-clip",
-                        epoch + 1,
-                        step + 1
-                    );
-                }
-                if let Some(b) = bar {
-                    let acc = correct.int64_value(&[]) as f64 / seen as f64;
-                    let rate = seen as f64 / start.elapsed().as_secs_f64();
-                    crate::progress::report(b, step, batches.len(), mean, acc, rate);
-                }
-            }
-            if let Some(b) = bar {
-                b.inc(1);
-            }
+            let main_loss = logits.detach().cross_entropy_for_logits(&y);
+            meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
         }
+        let (train_loss, train_acc) = meter.means();
         let test = evaluate(&self.net, &self.test, 256, self.device);
         self.epoch += 1;
         Ok(TrainStats {
             epoch,
             lr,
             drop_path: self.net.drop_path_prob,
-            train_loss: loss_sum.double_value(&[]) / seen as f64,
-            train_acc: correct.int64_value(&[]) as f64 / seen as f64,
+            train_loss,
+            train_acc,
             test_loss: test.loss,
             test_acc: test.top1,
             test_top5: test.top5,

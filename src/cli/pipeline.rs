@@ -5,7 +5,6 @@ use darts::data::DatasetKind;
 use darts::genotype::Genotype;
 use darts::run;
 use darts::search::SearchConfig;
-use darts::space::SearchSpace;
 use darts::train::TrainConfig;
 use std::path::PathBuf;
 
@@ -65,14 +64,7 @@ pub struct RunArgs {
 fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + '_>) {
     let mut s = match a.preset {
         PipelinePreset::Darts => SearchConfig::default(),
-        PipelinePreset::Quick => SearchConfig {
-            dataset: DatasetKind::Builtin,
-            limit: Some(800),
-            space: SearchSpace { channels: 8, layers: 5, ..Default::default() },
-            epochs: 3,
-            batch_size: 32,
-            ..Default::default()
-        },
+        PipelinePreset::Quick => SearchConfig::quick(),
     };
     if let Some(d) = a.dataset {
         s.dataset = d;

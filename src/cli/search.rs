@@ -81,14 +81,7 @@ pub struct SearchArgs {
 fn preset(p: Preset) -> SearchConfig {
     match p {
         Preset::Darts => SearchConfig::default(),
-        Preset::Quick => SearchConfig {
-            dataset: DatasetKind::Builtin,
-            limit: Some(800),
-            space: SearchSpace { channels: 8, layers: 5, ..Default::default() },
-            epochs: 3,
-            batch_size: 32,
-            ..Default::default()
-        },
+        Preset::Quick => SearchConfig::quick(),
     }
 }
 
