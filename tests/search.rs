@@ -117,3 +117,17 @@ fn a_second_start_in_the_same_directory_is_refused() {
     let e = run::resume(&opts(&dir.path().join("nothing"), None)).err().unwrap().to_string();
     assert!(e.contains("checkpoint"), "{e}");
 }
+
+#[test]
+fn a_diverging_search_stops_with_a_clear_error_and_writes_no_bad_checkpoint() {
+    // An absurd learning rate: the loss overflows within a few steps of the first epoch.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SearchConfig { lr: 1e30, lr_min: 0.0, epochs: 2, ..tiny(2) };
+    let e = run::start(cfg, &opts(dir.path(), None)).unwrap_err().to_string();
+    assert!(e.contains("training loss became") && e.contains("checkpoint"), "{e}");
+    assert!(!e.contains("panicked"));
+    // The failed epoch wrote nothing over the (here: absent) checkpoint, and no metrics line.
+    assert!(!dir.path().join("checkpoint.safetensors").exists());
+    assert!(!dir.path().join("metrics.jsonl").exists());
+    assert!(dir.path().join("config.json").exists());
+}
