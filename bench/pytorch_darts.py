@@ -1,8 +1,12 @@
 """The original DARTS search code (quark0/darts: operations.py, model_search.py, architect.py), condensed and
 updated for PyTorch 2.x, used as the reference our Rust implementation is checked and benchmarked against.
 
+Also the network trained after search (model.py: NetworkCIFAR, NetworkImageNet).
+
 Usage:
   python bench/pytorch_darts.py count [--channels 16 --layers 8 --classes 10 --in-channels 3]
+  python bench/pytorch_darts.py count-final --genotype "Genotype(...)" --channels 36 --layers 20 [--imagenet]
+  python bench/pytorch_darts.py bench-final --genotype "Genotype(...)" --channels 36 --layers 20 --batch 96
   python bench/pytorch_darts.py bench --batch 64 --size 32 --channels 16 --layers 8 --repeats 3 --threads 2
 """
 import argparse, json, resource, sys, time
@@ -239,6 +243,168 @@ class Architect:
         return [(a - b).div_(2 * R) for a, b in zip(gp, gn)]
 
 
+# ---- model.py: the network trained after search --------------------------------------------------------
+
+from collections import namedtuple
+
+Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
+OPS['conv_7x1_1x7'] = lambda C, stride, affine: nn.Sequential(
+    nn.ReLU(inplace=False),
+    nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
+    nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
+    nn.BatchNorm2d(C, affine=affine))
+
+
+def drop_path(x, drop_prob):
+    if drop_prob > 0.:
+        keep_prob = 1. - drop_prob
+        mask = torch.empty(x.size(0), 1, 1, 1, device=x.device).bernoulli_(keep_prob)
+        x = x.div(keep_prob) * mask
+    return x
+
+
+class EvalCell(nn.Module):
+    def __init__(self, genotype, C_prev_prev, C_prev, C, reduction, reduction_prev):
+        super().__init__()
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0)
+        op_names, indices = zip(*(genotype.reduce if reduction else genotype.normal))
+        concat = genotype.reduce_concat if reduction else genotype.normal_concat
+        self._steps = len(op_names) // 2
+        self._concat = concat
+        self.multiplier = len(concat)
+        self._ops = nn.ModuleList()
+        for name, index in zip(op_names, indices):
+            stride = 2 if reduction and index < 2 else 1
+            self._ops += [OPS[name](C, stride, True)]
+        self._indices = indices
+
+    def forward(self, s0, s1, drop_prob):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for i in range(self._steps):
+            h1 = self._ops[2 * i](states[self._indices[2 * i]])
+            h2 = self._ops[2 * i + 1](states[self._indices[2 * i + 1]])
+            if self.training and drop_prob > 0.:
+                if not isinstance(self._ops[2 * i], Identity):
+                    h1 = drop_path(h1, drop_prob)
+                if not isinstance(self._ops[2 * i + 1], Identity):
+                    h2 = drop_path(h2, drop_prob)
+            states += [h1 + h2]
+        return torch.cat([states[i] for i in self._concat], dim=1)
+
+
+class AuxiliaryHead(nn.Module):
+    def __init__(self, C, num_classes, imagenet):
+        super().__init__()
+        layers = [nn.ReLU(inplace=True),
+                  nn.AvgPool2d(5, stride=2 if imagenet else 3, padding=0, count_include_pad=False),
+                  nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+                  nn.Conv2d(128, 768, 2, bias=False)]
+        if not imagenet:
+            layers.append(nn.BatchNorm2d(768))
+        layers.append(nn.ReLU(inplace=True))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.view(x.size(0), -1))
+
+
+class EvalNetwork(nn.Module):
+    """NetworkCIFAR, or NetworkImageNet with imagenet=True."""
+
+    def __init__(self, C, num_classes, layers, auxiliary, genotype, imagenet=False, in_channels=3):
+        super().__init__()
+        self._layers, self._auxiliary, self.imagenet = layers, auxiliary, imagenet
+        self.drop_path_prob = 0.
+        if imagenet:
+            self.stem0 = nn.Sequential(
+                nn.Conv2d(in_channels, C // 2, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(C // 2), nn.ReLU(inplace=True),
+                nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+            self.stem1 = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+                                       nn.BatchNorm2d(C))
+            C_prev_prev, C_prev, C_curr = C, C, C
+            reduction_prev = True
+        else:
+            C_curr = 3 * C
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+            C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+            reduction_prev = False
+        self.cells = nn.ModuleList()
+        for i in range(layers):
+            if i in [layers // 3, 2 * layers // 3]:
+                C_curr *= 2
+                reduction = True
+            else:
+                reduction = False
+            cell = EvalCell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            reduction_prev = reduction
+            self.cells += [cell]
+            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+            if i == 2 * layers // 3:
+                C_to_auxiliary = C_prev
+        if auxiliary:
+            self.auxiliary_head = AuxiliaryHead(C_to_auxiliary, num_classes, imagenet)
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, input):
+        logits_aux = None
+        if self.imagenet:
+            s0 = self.stem0(input)
+            s1 = self.stem1(s0)
+        else:
+            s0 = s1 = self.stem(input)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == 2 * self._layers // 3 and self._auxiliary and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        out = self.global_pooling(s1)
+        return self.classifier(out.view(out.size(0), -1)), logits_aux
+
+
+def parse_genotype(text):
+    return eval(text, {"Genotype": Genotype, "range": range})
+
+
+def count_final(args):
+    g = parse_genotype(args.genotype)
+    model = EvalNetwork(args.channels, args.classes, args.layers, True, g, imagenet=args.imagenet,
+                        in_channels=args.in_channels)
+    print(sum(p.numel() for name, p in model.named_parameters() if 'auxiliary' not in name))
+
+
+def bench_final(args):
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    model = EvalNetwork(args.channels, 10, args.layers, True, parse_genotype(args.genotype)).to(dev)
+    model.train()
+    model.drop_path_prob = 0.2
+    opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+
+    def step():
+        opt.zero_grad()
+        logits, aux = model(x)
+        loss = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(aux, y)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    r = timeit(step, args.repeats)
+    r["peak_rss_mb"] = peak_rss_mb()
+    if dev.type == "cuda":
+        r["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps({"impl": "pytorch", "name": "final_train_step", **r}), flush=True)
+
+
 def count(args):
     model = Network(args.channels, args.classes, args.layers, in_channels=args.in_channels)
     print(sum(p.numel() for p in model.parameters()))
@@ -319,7 +485,9 @@ def bench(args):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["count", "bench"])
+    ap.add_argument("cmd", choices=["count", "bench", "count-final", "bench-final"])
+    ap.add_argument("--genotype", default="")
+    ap.add_argument("--imagenet", action="store_true")
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--classes", type=int, default=10)
@@ -331,4 +499,4 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="forward,forward_backward_sgd,first_order_step,second_order_step")
     a = ap.parse_args()
-    {"count": count, "bench": bench}[a.cmd](a)
+    {"count": count, "bench": bench, "count-final": count_final, "bench-final": bench_final}[a.cmd](a)

@@ -17,14 +17,72 @@ pub struct NetworkConfig {
     pub layers: usize,
     /// Build the auxiliary head at 2/3 depth.
     pub auxiliary: bool,
-    /// The stem outputs `stem_multiplier * channels` channels.
+    /// The stem outputs `stem_multiplier * channels` channels (CIFAR variant).
     pub stem_multiplier: usize,
+    /// The ImageNet variant (`NetworkImageNet`): a two-stage stride-2 stem (8x smaller maps), the first cell
+    /// reducing its older input, the ImageNet auxiliary head.
+    #[serde(default)]
+    pub imagenet: bool,
 }
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        NetworkConfig { channels: 36, layers: 20, auxiliary: true, stem_multiplier: 3 }
+        NetworkConfig { channels: 36, layers: 20, auxiliary: true, stem_multiplier: 3, imagenet: false }
     }
+}
+
+impl NetworkConfig {
+    /// DARTS' ImageNet evaluation network: 48 channels, 14 cells, auxiliary head.
+    pub fn imagenet() -> NetworkConfig {
+        NetworkConfig { channels: 48, layers: 14, auxiliary: true, stem_multiplier: 3, imagenet: true }
+    }
+
+    /// Smallest image side the network accepts.
+    pub fn min_image_size(&self) -> usize {
+        if self.imagenet {
+            32
+        } else {
+            4
+        }
+    }
+}
+
+/// The ImageNet stems: stem0 = conv3x3/2, BN, ReLU, conv3x3/2, BN; stem1 = ReLU, conv3x3/2, BN.
+#[derive(Debug)]
+struct ImageNetStem {
+    conv0a: Conv,
+    bn0a: nn::BatchNorm,
+    conv0b: Conv,
+    bn0b: nn::BatchNorm,
+    conv1: Conv,
+    bn1: nn::BatchNorm,
+}
+
+impl ImageNetStem {
+    fn new(p: &nn::Path, c_in: i64, c: i64) -> ImageNetStem {
+        let (s0, s1) = (p / "stem0", p / "stem1");
+        ImageNetStem {
+            conv0a: Conv::new(&(&s0 / "0"), c_in, c / 2, ConvSpec::square(3, 2, 1)),
+            bn0a: batch_norm(&(&s0 / "1"), c / 2, true),
+            conv0b: Conv::new(&(&s0 / "3"), c / 2, c, ConvSpec::square(3, 2, 1)),
+            bn0b: batch_norm(&(&s0 / "4"), c, true),
+            conv1: Conv::new(&(&s1 / "1"), c, c, ConvSpec::square(3, 2, 1)),
+            bn1: batch_norm(&(&s1 / "2"), c, true),
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let s0 = self.bn0a.forward_t(&self.conv0a.forward(x), train).relu();
+        let s0 = self.bn0b.forward_t(&self.conv0b.forward(&s0), train);
+        let s1 = self.bn1.forward_t(&self.conv1.forward(&s0.relu()), train);
+        (s0, s1)
+    }
+}
+
+#[derive(Debug)]
+enum NetStem {
+    Cifar(Stem),
+    ImageNet(ImageNetStem),
 }
 
 /// A cell of the final network: each intermediate node sums two ops applied to its two chosen inputs.
@@ -125,14 +183,16 @@ impl Cell {
     }
 }
 
-/// The auxiliary classifier at 2/3 depth (the original `AuxiliaryHeadCIFAR`, for 8x8 inputs there).
+/// The auxiliary classifier at 2/3 depth (the original `AuxiliaryHeadCIFAR` for 8x8 maps, or
+/// `AuxiliaryHeadImageNet` for 7x7 maps, which has no BN after its second convolution).
 #[derive(Debug)]
 pub struct AuxiliaryHead {
     conv1: Conv,
     bn1: nn::BatchNorm,
     conv2: Conv,
-    bn2: nn::BatchNorm,
+    bn2: Option<nn::BatchNorm>,
     classifier: nn::Linear,
+    imagenet: bool,
 }
 
 fn linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
@@ -150,28 +210,35 @@ fn linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
 }
 
 impl AuxiliaryHead {
-    fn new(p: &nn::Path, c: i64, classes: i64) -> AuxiliaryHead {
+    fn new(p: &nn::Path, c: i64, classes: i64, imagenet: bool) -> AuxiliaryHead {
         let f = p / "features";
         AuxiliaryHead {
             conv1: Conv::new(&(&f / "2"), c, 128, ConvSpec::square(1, 1, 0)),
             bn1: batch_norm(&(&f / "3"), 128, true),
             conv2: Conv::new(&(&f / "5"), 128, 768, ConvSpec::square(2, 1, 0)),
-            bn2: batch_norm(&(&f / "6"), 768, true),
+            bn2: (!imagenet).then(|| batch_norm(&(&f / "6"), 768, true)),
             classifier: linear(p / "classifier", 768, classes),
+            imagenet,
         }
     }
 
-    /// Logits from the 2/3-depth feature map. Pooling is 5x5 stride 3 as the original on 8x8 maps; on other
-    /// sizes an adaptive pool to 2x2 keeps the head's shape.
+    /// Logits from the 2/3-depth feature map. Pooling is 5x5 with stride 3 (CIFAR, on 8x8 maps) or 2
+    /// (ImageNet, on 7x7 maps) as the original; on other sizes an adaptive pool to 2x2 keeps the head's shape.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let x = x.relu();
-        let x = if x.size()[2] == 8 && x.size()[3] == 8 {
-            x.avg_pool2d([5, 5], [3, 3], [0, 0], false, false, None)
-        } else {
-            x.adaptive_avg_pool2d([2, 2])
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let x = match (self.imagenet, h, w) {
+            (false, 8, 8) => x.avg_pool2d([5, 5], [3, 3], [0, 0], false, false, None),
+            (true, 7, 7) => x.avg_pool2d([5, 5], [2, 2], [0, 0], false, false, None),
+            _ => x.adaptive_avg_pool2d([2, 2]),
         };
         let x = self.bn1.forward_t(&self.conv1.forward(&x), train).relu();
-        let x = self.bn2.forward_t(&self.conv2.forward(&x), train).relu();
+        let x = self.conv2.forward(&x);
+        let x = match &self.bn2 {
+            Some(bn) => bn.forward_t(&x, train),
+            None => x,
+        }
+        .relu();
         x.flatten(1, -1).apply(&self.classifier)
     }
 }
@@ -179,7 +246,7 @@ impl AuxiliaryHead {
 /// The network evaluated after search.
 #[derive(Debug)]
 pub struct Network {
-    stem: Stem,
+    stem: NetStem,
     cells: Vec<Cell>,
     aux: Option<AuxiliaryHead>,
     aux_after: usize,
@@ -195,12 +262,15 @@ impl Network {
     pub fn new(p: &nn::Path, genotype: &Genotype, cfg: &NetworkConfig, shape: &DataShape) -> Network {
         let c = cfg.channels as i64;
         let layers = cfg.layers;
-        let mut c_curr = cfg.stem_multiplier as i64 * c;
-        let stem = Stem::new(&(p / "stem"), shape.channels as i64, c_curr);
-        let (mut c_pp, mut c_p) = (c_curr, c_curr);
-        c_curr = c;
+        let (stem, c_stem, mut reduction_prev) = if cfg.imagenet {
+            (NetStem::ImageNet(ImageNetStem::new(p, shape.channels as i64, c)), c, true)
+        } else {
+            let c_stem = cfg.stem_multiplier as i64 * c;
+            (NetStem::Cifar(Stem::new(&(p / "stem"), shape.channels as i64, c_stem)), c_stem, false)
+        };
+        let (mut c_pp, mut c_p) = (c_stem, c_stem);
+        let mut c_curr = c;
         let mut cells = Vec::new();
-        let mut reduction_prev = false;
         let mut c_aux = c_p;
         let cells_path = p / "cells";
         for i in 0..layers {
@@ -216,7 +286,7 @@ impl Network {
                 c_aux = c_p;
             }
         }
-        let aux = cfg.auxiliary.then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64));
+        let aux = cfg.auxiliary.then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64, cfg.imagenet));
         let classifier = linear(p / "classifier", c_p, shape.classes as i64);
         Network { stem, cells, aux, aux_after: 2 * layers / 3, classifier, drop_path_prob: 0.0, channels_last: false }
     }
@@ -240,8 +310,13 @@ impl Network {
     /// [`drop_path_masks`]) when training.
     pub fn forward_masked(&self, x: &Tensor, train: bool, masks: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
-        let stem = self.stem.forward_t(&x, train);
-        let (mut s0, mut s1) = (stem.shallow_clone(), stem);
+        let (mut s0, mut s1) = match &self.stem {
+            NetStem::Cifar(stem) => {
+                let s = stem.forward_t(&x, train);
+                (s.shallow_clone(), s)
+            }
+            NetStem::ImageNet(stem) => stem.forward_t(&x, train),
+        };
         let mut aux = None;
         let mut row = 0i64;
         let p = self.drop_path_prob;
@@ -273,11 +348,12 @@ pub fn count_parameters_without_auxiliary(vs: &nn::VarStore) -> i64 {
         .sum()
 }
 
-/// Mean cross-entropy plus `aux_weight` times the auxiliary head's.
-pub fn loss_with_auxiliary(logits: &Tensor, aux: Option<&Tensor>, y: &Tensor, aux_weight: f64) -> Tensor {
-    let main = logits.cross_entropy_for_logits(y);
+/// Mean cross-entropy (with `label_smoothing`) plus `aux_weight` times the auxiliary head's.
+pub fn loss_with_auxiliary(logits: &Tensor, aux: Option<&Tensor>, y: &Tensor, aux_weight: f64, label_smoothing: f64) -> Tensor {
+    let ce = |l: &Tensor| l.cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, label_smoothing);
+    let main = ce(logits);
     match aux {
-        Some(a) => main + a.cross_entropy_for_logits(y) * aux_weight,
+        Some(a) => main + ce(a) * aux_weight,
         None => main,
     }
 }

@@ -52,6 +52,9 @@ pub struct TrainConfig {
     pub drop_path: f64,
     /// Cutout side in pixels (0 = none).
     pub cutout: i64,
+    /// Label smoothing of the cross-entropy (0.1 in DARTS' ImageNet training).
+    #[serde(default)]
+    pub label_smoothing: f64,
     /// Seed.
     pub seed: u64,
 }
@@ -75,6 +78,7 @@ impl TrainConfig {
             aux_weight: 0.4,
             drop_path: 0.2,
             cutout: 16,
+            label_smoothing: 0.0,
             seed: 0,
         }
     }
@@ -93,6 +97,9 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.drop_path) {
             bail!("drop_path = {}: it must lie in [0, 1)", self.drop_path);
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!("label_smoothing = {}: it must lie in [0, 1)", self.label_smoothing);
         }
         if self.cutout < 0 || self.aux_weight < 0.0 {
             bail!("cutout and aux_weight must not be negative");
@@ -217,9 +224,13 @@ impl Trainer {
         config.validate()?;
         let train = limit(data::load(config.dataset, config.data_dir.as_deref(), true)?, config.limit);
         let test = limit(data::load(config.dataset, config.data_dir.as_deref(), false)?, config.limit);
-        let min = 1usize << 2;
+        let min = config.network.min_image_size();
         if train.shape.height < min || train.shape.width < min {
-            bail!("images of {}x{} are too small for two reduction cells", train.shape.height, train.shape.width);
+            bail!(
+                "images of {}x{} are too small for this network (at least {min}x{min})",
+                train.shape.height,
+                train.shape.width
+            );
         }
         let (vs, net) = {
             let _rng = crate::torch_rng_lock();
@@ -287,7 +298,7 @@ impl Trainer {
                     .to_device(self.device)
             });
             let (logits, aux) = self.net.forward_masked(&x, true, masks.as_ref());
-            let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, cfg.aux_weight);
+            let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, cfg.aux_weight, cfg.label_smoothing);
             let mut grads = Tensor::run_backward(&[&loss], &self.weights, false, false);
             let _ = clip_grad_norm(&mut grads, cfg.grad_clip);
             self.sgd.step(&self.weights, &grads);

@@ -17,12 +17,29 @@ fn published_cells_have_the_original_parameter_counts() {
     let cfg = NetworkConfig::default();
     assert_eq!(params("DARTS_V2", &cfg, &cifar), 3_349_342);
     assert_eq!(params("DARTS_V1", &cfg, &cifar), 3_169_414);
+    // NetworkImageNet(48, 1000, 14, DARTS_V2): 4.7M as published; 4,718,752 from the original model.py.
+    let imagenet = DataShape { channels: 3, height: 224, width: 224, classes: 1000 };
+    assert_eq!(params("DARTS_V2", &NetworkConfig::imagenet(), &imagenet), 4_718_752);
+}
+
+#[test]
+fn imagenet_variant_runs_on_small_images_with_its_auxiliary_head() {
+    let shape = DataShape { channels: 3, height: 56, width: 56, classes: 7 };
+    let cfg = NetworkConfig { channels: 8, layers: 5, ..NetworkConfig::imagenet() };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = Network::new(&vs.root(), &zoo::get("DARTS_V2").unwrap(), &cfg, &shape);
+    let (logits, aux) = net.forward_t(&Tensor::randn([2, 3, 56, 56], (Kind::Float, Device::Cpu)), true);
+    assert_eq!(logits.size(), vec![2, 7]);
+    assert_eq!(aux.unwrap().size(), vec![2, 7]);
+    // The ImageNet auxiliary head has no BN after its second convolution.
+    assert!(!vs.variables().keys().any(|k| k.starts_with("auxiliary_head.features.6")));
+    assert!(vs.variables().contains_key("stem0.4.weight") && vs.variables().contains_key("stem1.1.weight"));
 }
 
 #[test]
 fn forward_with_auxiliary_head_on_fashion_mnist_shapes() {
     let shape = DataShape { channels: 1, height: 28, width: 28, classes: 10 };
-    let cfg = NetworkConfig { channels: 8, layers: 5, auxiliary: true, stem_multiplier: 3 };
+    let cfg = NetworkConfig { channels: 8, layers: 5, ..Default::default() };
     let vs = nn::VarStore::new(Device::Cpu);
     let mut net = Network::new(&vs.root(), &zoo::get("DARTS_V2").unwrap(), &cfg, &shape);
     net.drop_path_prob = 0.2;

@@ -92,8 +92,22 @@ fn auxiliary_loss_is_added_with_its_weight() {
     };
     let main = by_hand([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], [0, 2]);
     assert!((ce(&logits) - main).abs() < 1e-5);
-    let total = loss_with_auxiliary(&logits, Some(&aux), &y, 0.4).double_value(&[]);
+    let total = loss_with_auxiliary(&logits, Some(&aux), &y, 0.4, 0.0).double_value(&[]);
     let aux_hand = by_hand([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0]], [0, 2]);
     assert!((total - (main + 0.4 * aux_hand)).abs() < 1e-5);
-    assert_eq!(loss_with_auxiliary(&logits, None, &y, 0.4).kind(), Kind::Float);
+    assert_eq!(loss_with_auxiliary(&logits, None, &y, 0.4, 0.0).kind(), Kind::Float);
+    // Label smoothing eps: (1 - eps) * CE + eps * mean over classes of -log p.
+    let eps = 0.1;
+    let smooth_hand = |rows: [[f64; 3]; 2], t: [usize; 2]| {
+        rows.iter()
+            .zip(t)
+            .map(|(r, k)| {
+                let lse = r.iter().map(|v| v.exp()).sum::<f64>().ln();
+                (1.0 - eps) * (lse - r[k]) + eps * r.iter().map(|v| lse - v).sum::<f64>() / 3.0
+            })
+            .sum::<f64>()
+            / 2.0
+    };
+    let smoothed = loss_with_auxiliary(&logits, None, &y, 0.4, eps).double_value(&[]);
+    assert!((smoothed - smooth_hand([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], [0, 2])).abs() < 1e-5);
 }

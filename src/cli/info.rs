@@ -9,45 +9,57 @@ use tch::{nn, Device, Kind, Tensor};
 pub struct InfoArgs {
     /// A zoo name, a genotype file, or the DARTS Python text.
     genotype: String,
-    /// Initial channels.
-    #[arg(long, default_value_t = 36)]
-    channels: usize,
-    /// Cells.
-    #[arg(long, default_value_t = 20)]
-    layers: usize,
-    /// Classes.
-    #[arg(long, default_value_t = 10)]
-    classes: usize,
+    /// The ImageNet variant (defaults then: 48 channels, 14 cells, 1000 classes, 224x224).
+    #[arg(long)]
+    imagenet: bool,
+    /// Initial channels (default 36).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Cells (default 20).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Classes (default 10).
+    #[arg(long)]
+    classes: Option<usize>,
     /// Input channels.
     #[arg(long, default_value_t = 3)]
     in_channels: usize,
-    /// Image height and width.
-    #[arg(long, default_value_t = 32)]
-    size: usize,
+    /// Image height and width (default 32).
+    #[arg(long)]
+    size: Option<usize>,
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
     let g = darts::zoo::resolve(&a.genotype)?;
-    let shape = DataShape { channels: a.in_channels, height: a.size, width: a.size, classes: a.classes };
-    let cfg = NetworkConfig { channels: a.channels, layers: a.layers, auxiliary: true, stem_multiplier: 3 };
-    anyhow::ensure!(a.channels >= 2 && a.channels.is_multiple_of(2), "--channels must be even and at least 2");
-    anyhow::ensure!(a.layers >= 3, "--layers must be at least 3");
-    anyhow::ensure!(a.size >= 4, "--size must be at least 4");
+    let base = if a.imagenet { NetworkConfig::imagenet() } else { NetworkConfig::default() };
+    let cfg = NetworkConfig {
+        channels: a.channels.unwrap_or(base.channels),
+        layers: a.layers.unwrap_or(base.layers),
+        ..base
+    };
+    let size = a.size.unwrap_or(if a.imagenet { 224 } else { 32 });
+    let classes = a.classes.unwrap_or(if a.imagenet { 1000 } else { 10 });
+    let shape = DataShape { channels: a.in_channels, height: size, width: size, classes };
+    anyhow::ensure!(cfg.channels >= 2 && cfg.channels.is_multiple_of(2), "--channels must be even and at least 2");
+    anyhow::ensure!(cfg.layers >= 3, "--layers must be at least 3");
+    anyhow::ensure!(size >= cfg.min_image_size(), "--size must be at least {}", cfg.min_image_size());
+    anyhow::ensure!(classes >= 2, "--classes must be at least 2");
     let vs = nn::VarStore::new(Device::Cpu);
     let net = Network::new(&vs.root(), &g, &cfg, &shape);
     let params = count_parameters_without_auxiliary(&vs);
     let total: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
-    let x = Tensor::zeros([1, a.in_channels as i64, a.size as i64, a.size as i64], (Kind::Float, Device::Cpu));
+    let x = Tensor::zeros([1, a.in_channels as i64, size as i64, size as i64], (Kind::Float, Device::Cpu));
     let conv_macs = darts::ops::count_conv_macs(|| {
         let _ = tch::no_grad(|| net.forward_t(&x, false));
     });
-    let head = net.classifier_in() as u64 * a.classes as u64;
+    let head = net.classifier_in() as u64 * classes as u64;
     let macs = conv_macs + head;
     println!("{g}");
     println!(
         "{}",
         serde_json::json!({"parameters": params, "parameters_with_auxiliary": total, "macs": macs,
-            "channels": a.channels, "layers": a.layers, "classes": a.classes, "input": [a.in_channels, a.size, a.size]})
+            "channels": cfg.channels, "layers": cfg.layers, "classes": classes, "imagenet": cfg.imagenet,
+            "input": [a.in_channels, size, size]})
     );
     eprintln!(
         "{:.3}M parameters (auxiliary head excluded; {:.3}M with it), {:.1}M multiply-accumulates per {}x{}x{} image",
@@ -55,8 +67,8 @@ pub fn run(a: InfoArgs) -> Result<()> {
         total as f64 / 1e6,
         macs as f64 / 1e6,
         a.in_channels,
-        a.size,
-        a.size
+        size,
+        size
     );
     Ok(())
 }

@@ -46,6 +46,13 @@ pub struct TrainCommon {
     /// No auxiliary head.
     #[arg(long)]
     pub no_auxiliary: bool,
+    /// The ImageNet variant (two-stage stride-2 stem, ImageNet auxiliary head, label smoothing 0.1); give
+    /// --channels 48 --layers 14 for DARTS' ImageNet network.
+    #[arg(long)]
+    pub imagenet: bool,
+    /// Label smoothing (default 0, or 0.1 with --imagenet).
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
     /// Epochs.
     #[arg(long = "epochs", default_value_t = 600)]
     pub train_epochs: usize,
@@ -79,6 +86,8 @@ impl TrainCommon {
         c.network.channels = self.channels;
         c.network.layers = self.layers;
         c.network.auxiliary = !self.no_auxiliary;
+        c.network.imagenet = self.imagenet;
+        c.label_smoothing = self.label_smoothing.unwrap_or(if self.imagenet { 0.1 } else { 0.0 });
         c.epochs = self.train_epochs;
         c.batch_size = self.train_batch_size;
         c.lr = self.train_lr;
