@@ -27,7 +27,8 @@ pub struct BenchRow {
 }
 
 /// The measurements the bench can take.
-pub const STEPS: [&str; 4] = ["forward", "forward_backward_sgd", "first_order_step", "second_order_step"];
+pub const STEPS: [&str; 5] =
+    ["forward", "forward_backward_sgd", "first_order_step", "second_order_step", "final_train_step"];
 
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
@@ -106,4 +107,47 @@ pub fn bench_search(
         rows.push(row);
     }
     rows
+}
+
+/// Times one training step of the final network (forward with auxiliary head and drop path 0.2, backward,
+/// clipping, SGD) for `genotype` at `cfg` on `batch` random images of `shape`.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_final(
+    genotype: &crate::genotype::Genotype,
+    cfg: &crate::network::NetworkConfig,
+    shape: &DataShape,
+    batch: i64,
+    repeats: usize,
+    device: Device,
+    channels_last: bool,
+) -> BenchRow {
+    use crate::network::{drop_path_masks, loss_with_auxiliary, set_channels_last, Network};
+    use rand::SeedableRng;
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let mut net = Network::new(&vs.root(), genotype, cfg, shape);
+    set_channels_last(&mut net, &vs, channels_last);
+    net.drop_path_prob = 0.2;
+    let weights: Vec<Tensor> = named_weights(&vs).into_iter().map(|(_, t)| t).collect();
+    let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
+    let x =
+        Tensor::randn([batch, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, device));
+    let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let (min_ms, median_ms) = time_ms(device, repeats, || {
+        let masks = drop_path_masks(net.drop_sites(), batch as usize, 0.2, &mut rng).to_device(device);
+        let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
+        let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, 0.4, 0.0);
+        let mut g = Tensor::run_backward(&[loss], &weights, false, false);
+        let _ = clip_grad_norm(&mut g, 5.0);
+        sgd.step(&weights, &g);
+    });
+    let label = if channels_last { "darts-rs (channels-last)" } else { "darts-rs" };
+    BenchRow {
+        implementation: label.into(),
+        name: "final_train_step".into(),
+        min_ms,
+        median_ms,
+        peak_rss_mb: peak_rss_mb(),
+    }
 }

@@ -286,7 +286,9 @@ impl Network {
                 c_aux = c_p;
             }
         }
-        let aux = cfg.auxiliary.then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64, cfg.imagenet));
+        let aux = cfg
+            .auxiliary
+            .then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64, cfg.imagenet));
         let classifier = linear(p / "classifier", c_p, shape.classes as i64);
         Network { stem, cells, aux, aux_after: 2 * layers / 3, classifier, drop_path_prob: 0.0, channels_last: false }
     }
@@ -349,7 +351,13 @@ pub fn count_parameters_without_auxiliary(vs: &nn::VarStore) -> i64 {
 }
 
 /// Mean cross-entropy (with `label_smoothing`) plus `aux_weight` times the auxiliary head's.
-pub fn loss_with_auxiliary(logits: &Tensor, aux: Option<&Tensor>, y: &Tensor, aux_weight: f64, label_smoothing: f64) -> Tensor {
+pub fn loss_with_auxiliary(
+    logits: &Tensor,
+    aux: Option<&Tensor>,
+    y: &Tensor,
+    aux_weight: f64,
+    label_smoothing: f64,
+) -> Tensor {
     let ce = |l: &Tensor| l.cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, label_smoothing);
     let main = ce(logits);
     match aux {

@@ -155,3 +155,42 @@ fn info_prints_the_published_darts_v2_size() {
     let (ok, _, err) = darts(&["info", "NO_SUCH_CELL"]);
     assert!(!ok && err.contains("zoo name"), "{err}");
 }
+
+#[test]
+fn every_subcommand_parses_its_arguments_and_bench_runs() {
+    for cmd in ["search", "train", "eval", "run", "info", "bench", "genotype"] {
+        let (ok, stdout, err) = darts(&[cmd, "--help"]);
+        assert!(ok, "{cmd} --help: {err}");
+        assert!(stdout.contains("--device") && stdout.contains("--threads"), "{cmd}: {stdout}");
+    }
+    let (ok, stdout, err) = darts(&[
+        "bench",
+        "--only",
+        "forward,final_train_step",
+        "--batch",
+        "2",
+        "--size",
+        "8",
+        "--channels",
+        "2",
+        "--layers",
+        "3",
+        "--final-channels",
+        "2",
+        "--final-layers",
+        "3",
+        "--final-batch",
+        "2",
+        "--repeats",
+        "1",
+        "--pytorch",
+        "none",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("| forward |") && stdout.contains("| final_train_step |"), "{stdout}");
+    assert!(stdout.contains("darts-rs (channels-last)"), "{stdout}");
+}

@@ -23,16 +23,16 @@ pub struct Cli {
 pub struct Runtime {
     /// cpu, cuda or auto.
     #[arg(long, global = true, default_value = "auto")]
-    device: String,
+    pub device: String,
     /// CPU threads for libtorch (default: all cores).
     #[arg(long, global = true)]
-    threads: Option<i32>,
+    pub threads: Option<i32>,
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
     /// Memory layout: auto (channels-last on CPU, NCHW on CUDA), nchw or channels-last.
     #[arg(long, global = true, value_enum, default_value = "auto")]
-    layout: darts::Layout,
+    pub layout: darts::Layout,
 }
 
 impl Runtime {
@@ -78,7 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => train::eval(a, rt),
         Command::Run(a) => pipeline::run(a, rt),
         Command::Info(a) => info::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => bench::run(a, rt),
         Command::Genotype(a) => genotype::run(a),
     }
 }
