@@ -82,7 +82,7 @@ impl ImageNetStem {
 #[derive(Debug)]
 enum NetStem {
     Cifar(Stem),
-    ImageNet(ImageNetStem),
+    ImageNet(Box<ImageNetStem>),
 }
 
 /// A cell of the final network: each intermediate node sums two ops applied to its two chosen inputs.
@@ -263,7 +263,7 @@ impl Network {
         let c = cfg.channels as i64;
         let layers = cfg.layers;
         let (stem, c_stem, mut reduction_prev) = if cfg.imagenet {
-            (NetStem::ImageNet(ImageNetStem::new(p, shape.channels as i64, c)), c, true)
+            (NetStem::ImageNet(Box::new(ImageNetStem::new(p, shape.channels as i64, c))), c, true)
         } else {
             let c_stem = cfg.stem_multiplier as i64 * c;
             (NetStem::Cifar(Stem::new(&(p / "stem"), shape.channels as i64, c_stem)), c_stem, false)
