@@ -37,17 +37,17 @@ pub struct TrainCommon {
     /// Use only the first N training and test examples.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Initial channels.
-    #[arg(long, default_value_t = 36)]
-    pub channels: usize,
-    /// Cells.
-    #[arg(long, default_value_t = 20)]
-    pub layers: usize,
+    /// Initial channels (default 36, or 48 with --imagenet).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Cells (default 20, or 14 with --imagenet).
+    #[arg(long)]
+    pub layers: Option<usize>,
     /// No auxiliary head.
     #[arg(long)]
     pub no_auxiliary: bool,
-    /// The ImageNet variant (two-stage stride-2 stem, ImageNet auxiliary head, label smoothing 0.1); give
-    /// --channels 48 --layers 14 for DARTS' ImageNet network.
+    /// The ImageNet variant: two-stage stride-2 stem, ImageNet auxiliary head, label smoothing 0.1, 48
+    /// channels and 14 cells unless given.
     #[arg(long)]
     pub imagenet: bool,
     /// Label smoothing (default 0, or 0.1 with --imagenet).
@@ -83,10 +83,12 @@ impl TrainCommon {
         c.dataset = self.dataset.unwrap_or(dataset);
         c.data_dir = self.data_dir.clone();
         c.limit = self.limit;
-        c.network.channels = self.channels;
-        c.network.layers = self.layers;
+        if self.imagenet {
+            c.network = darts::network::NetworkConfig::imagenet();
+        }
+        c.network.channels = self.channels.unwrap_or(c.network.channels);
+        c.network.layers = self.layers.unwrap_or(c.network.layers);
         c.network.auxiliary = !self.no_auxiliary;
-        c.network.imagenet = self.imagenet;
         c.label_smoothing = self.label_smoothing.unwrap_or(if self.imagenet { 0.1 } else { 0.0 });
         c.epochs = self.train_epochs;
         c.batch_size = self.train_batch_size;
