@@ -58,8 +58,42 @@ fn default_python() -> Option<String> {
     py.is_file().then(|| py.display().to_string())
 }
 
+/// One reference measurement in its own process (so that each peak RSS is its own and an out-of-memory
+/// kill loses only that row). Returns the row, or why there is none.
+fn reference_row(py: &str, script: &std::path::Path, args: &[String]) -> Result<BenchRow, String> {
+    let omp = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
+    let out = Command::new(py)
+        .arg(script)
+        .args(args)
+        .env("OMP_WAIT_POLICY", omp)
+        .output()
+        .map_err(|e| format!("could not run {py}: {e}"))?;
+    if !out.status.success() {
+        use std::os::unix::process::ExitStatusExt;
+        return Err(match out.status.signal() {
+            Some(9) => "killed (signal 9: out of memory)".to_string(),
+            Some(s) => format!("killed by signal {s}"),
+            None => {
+                let err = String::from_utf8_lossy(&out.stderr);
+                format!("failed: {}", err.lines().last().unwrap_or("no message"))
+            }
+        });
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().ok_or("no output")?;
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("unreadable output: {e}"))?;
+    Ok(BenchRow {
+        implementation: "pytorch".into(),
+        name: v["name"].as_str().unwrap_or("").into(),
+        min_ms: v["min_ms"].as_f64().unwrap_or(f64::NAN),
+        median_ms: v["median_ms"].as_f64().unwrap_or(f64::NAN),
+        peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
 /// Runs the benchmark: `--threads` (default 2 here) and `--device` are the global options; `--layout auto`
-/// measures both layouts of ours, `nchw` or `channels-last` only that one.
+/// measures both layouts of ours, `nchw` or `channels-last` only that one. The PyTorch reference runs first,
+/// one process per measurement, then ours in this process.
 pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let threads = rt.threads.unwrap_or(2);
     anyhow::ensure!(threads >= 1, "--threads {threads}: use at least 1");
@@ -74,20 +108,72 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         anyhow::ensure!(STEPS.contains(o), "--only: unknown measurement '{o}'; choose from {}", STEPS.join(", "));
     }
     eprintln!(
-        "bench: batch {} x 3x{}x{}, C={}, {} cells, {} threads, device {:?}",
-        a.batch, a.size, a.size, a.channels, a.layers, threads, device
+        "bench: batch {} x 3x{}x{}, C={}, {} cells; final network {} x {} cells, batch {}; {} threads, device {:?}",
+        a.batch, a.size, a.size, a.channels, a.layers, a.final_channels, a.final_layers, a.final_batch, threads, device
     );
+    let show = |r: &BenchRow| {
+        eprintln!(
+            "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms  peak {:>8.0} MiB",
+            r.implementation, r.name, r.min_ms, r.median_ms, r.peak_rss_mb
+        )
+    };
     let mut rows = Vec::new();
+    let mut failures: Vec<(String, String)> = Vec::new();
+    let python = match a.pytorch.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(p.to_string()),
+        None => default_python(),
+    };
+    if let Some(py) = python {
+        let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
+        std::fs::write(&script, REFERENCE).context("writing the reference script")?;
+        let cuda = if device.is_cuda() { "cuda" } else { "cpu" };
+        for &name in &only {
+            let common = ["--repeats".to_string(), a.repeats.to_string(), "--threads".into(), threads.to_string()];
+            let mut args: Vec<String> = if name == "final_train_step" {
+                vec![
+                    "bench-final".into(),
+                    "--genotype".into(),
+                    genotype.to_string(),
+                    "--batch".into(),
+                    a.final_batch.to_string(),
+                    "--channels".into(),
+                    a.final_channels.to_string(),
+                    "--layers".into(),
+                    a.final_layers.to_string(),
+                ]
+            } else {
+                vec![
+                    "bench".into(),
+                    "--only".into(),
+                    name.into(),
+                    "--batch".into(),
+                    a.batch.to_string(),
+                    "--channels".into(),
+                    a.channels.to_string(),
+                    "--layers".into(),
+                    a.layers.to_string(),
+                ]
+            };
+            args.extend(["--size".into(), a.size.to_string(), "--device".into(), cuda.into()]);
+            args.extend(common);
+            match reference_row(&py, &script, &args) {
+                Ok(r) => {
+                    show(&r);
+                    rows.push(r);
+                }
+                Err(why) => {
+                    eprintln!("  pytorch                    {name:<22} {why}");
+                    failures.push((name.to_string(), why));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&script);
+    }
     for cl in [false, true] {
         if (cl && rt.layout == darts::Layout::Nchw) || (!cl && rt.layout == darts::Layout::ChannelsLast) {
             continue;
         }
-        let show = |r: &BenchRow| {
-            eprintln!(
-                "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms",
-                r.implementation, r.name, r.min_ms, r.median_ms
-            )
-        };
         rows.extend(bench_search(&space, &shape, a.batch, a.repeats, device, &only, cl, show));
         if only.contains(&"final_train_step") {
             let cfg = NetworkConfig { channels: a.final_channels, layers: a.final_layers, ..Default::default() };
@@ -96,62 +182,7 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             rows.push(r);
         }
     }
-    let python = match a.pytorch.as_deref() {
-        Some("none") => None,
-        Some(p) => Some(p.to_string()),
-        None => default_python(),
-    };
-    if let Some(py) = python {
-        let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
-        std::fs::write(&script, REFERENCE)?;
-        let cuda = if device.is_cuda() { "cuda" } else { "cpu" };
-        let search_steps: Vec<&str> = only.iter().copied().filter(|s| *s != "final_train_step").collect();
-        let omp = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
-        let mut outputs = Vec::new();
-        if !search_steps.is_empty() {
-            outputs.push(
-                Command::new(&py)
-                    .arg(&script)
-                    .args(["bench", "--batch", &a.batch.to_string(), "--size", &a.size.to_string()])
-                    .args(["--channels", &a.channels.to_string(), "--layers", &a.layers.to_string()])
-                    .args(["--repeats", &a.repeats.to_string(), "--threads", &threads.to_string()])
-                    .args(["--only", &search_steps.join(","), "--device", cuda])
-                    .env("OMP_WAIT_POLICY", &omp)
-                    .output()
-                    .with_context(|| format!("running the PyTorch reference with {py}"))?,
-            );
-        }
-        if only.contains(&"final_train_step") {
-            outputs.push(
-                Command::new(&py)
-                    .arg(&script)
-                    .args(["bench-final", "--genotype", &genotype.to_string(), "--batch", &a.final_batch.to_string()])
-                    .args(["--size", &a.size.to_string(), "--channels", &a.final_channels.to_string()])
-                    .args(["--layers", &a.final_layers.to_string(), "--repeats", &a.repeats.to_string()])
-                    .args(["--threads", &threads.to_string(), "--device", cuda])
-                    .env("OMP_WAIT_POLICY", &omp)
-                    .output()
-                    .with_context(|| format!("running the PyTorch reference with {py}"))?,
-            );
-        }
-        let _ = std::fs::remove_file(&script);
-        for out in &outputs {
-            if !out.status.success() {
-                anyhow::bail!("the PyTorch reference failed:\n{}", String::from_utf8_lossy(&out.stderr));
-            }
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let v: serde_json::Value = serde_json::from_str(line).context("reference output")?;
-                rows.push(BenchRow {
-                    implementation: "pytorch".into(),
-                    name: v["name"].as_str().unwrap_or("").into(),
-                    min_ms: v["min_ms"].as_f64().unwrap_or(f64::NAN),
-                    median_ms: v["median_ms"].as_f64().unwrap_or(f64::NAN),
-                    peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
-                });
-            }
-        }
-    }
-    let mut impls: Vec<String> = Vec::new();
+    let mut impls: Vec<String> = vec!["pytorch".into()];
     for r in &rows {
         if !impls.contains(&r.implementation) {
             impls.push(r.implementation.clone());
@@ -162,9 +193,14 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     println!("|---|{}---|", "---:|".repeat(impls.len()));
     for name in &only {
         let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == *name);
+        let failed = failures.iter().find(|(n, _)| n == name).map(|(_, w)| w.clone());
         let cells: Vec<String> = impls
             .iter()
-            .map(|i| find(i).map_or("-".into(), |r| format!("{:.1} ({:.0})", r.median_ms, r.peak_rss_mb)))
+            .map(|i| match find(i) {
+                Some(r) => format!("{:.1} ({:.0})", r.median_ms, r.peak_rss_mb),
+                None if i == "pytorch" => failed.clone().unwrap_or_else(|| "-".into()),
+                None => "-".into(),
+            })
             .collect();
         let ratios: Vec<String> = match find("pytorch") {
             Some(t) => impls
@@ -177,7 +213,8 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         println!("| {name} | {} | {} |", cells.join(" | "), ratios.join(", "));
     }
     if let Some(path) = a.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+        let json = serde_json::json!({"rows": rows, "pytorch_failures": failures});
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
 }
