@@ -4,9 +4,10 @@
 
 use crate::architect::{Architect, Order};
 use crate::optim::{clip_grad_norm, Sgd};
+use crate::params::Params;
 use crate::search::peak_rss_mb;
 use crate::space::{DataShape, SearchSpace};
-use crate::supernet::{named_buffers, named_weights, set_channels_last, Alphas, SearchNetwork};
+use crate::supernet::{set_channels_last, Alphas, SearchNetwork};
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -69,8 +70,7 @@ pub fn bench_search(
     let mut net = SearchNetwork::new(&vs.root(), space, shape, Alphas::random(space, device));
     set_channels_last(&mut net, &vs, channels_last);
     let label = if channels_last { "darts-rs (channels-last)" } else { "darts-rs" };
-    let weights: Vec<Tensor> = named_weights(&vs).into_iter().map(|(_, t)| t).collect();
-    let buffers: Vec<Tensor> = named_buffers(&vs).into_iter().map(|(_, t)| t).collect();
+    let Params { weights, buffers, .. } = Params::of(&vs);
     let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
     let (c, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
     let opts = (Kind::Float, device);
@@ -128,7 +128,7 @@ pub fn bench_final(
     let mut net = Network::new(&vs.root(), genotype, cfg, shape);
     set_channels_last(&mut net, &vs, channels_last);
     net.drop_path_prob = 0.2;
-    let weights: Vec<Tensor> = named_weights(&vs).into_iter().map(|(_, t)| t).collect();
+    let weights = Params::of(&vs).weights;
     let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
     let x =
         Tensor::randn([batch, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, device));

@@ -12,6 +12,7 @@ pub mod genotype;
 pub mod network;
 pub mod ops;
 pub mod optim;
+pub mod params;
 pub mod progress;
 pub mod run;
 pub mod search;

@@ -5,9 +5,10 @@ use crate::architect::{Architect, Order};
 use crate::data::{self, Dataset, DatasetKind, Split};
 use crate::genotype::Genotype;
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
+use crate::params::Params;
 use crate::progress::StepMeter;
 use crate::space::SearchSpace;
-use crate::supernet::{named_buffers, named_weights, softmax_rows, Alphas, SearchNetwork};
+use crate::supernet::{softmax_rows, Alphas, SearchNetwork};
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
@@ -166,10 +167,7 @@ pub struct Search {
     vs: nn::VarStore,
     /// The supernet (with the alphas).
     pub net: SearchNetwork,
-    names: Vec<String>,
-    weights: Vec<Tensor>,
-    buffer_names: Vec<String>,
-    buffers: Vec<Tensor>,
+    params: Params,
     sgd: Sgd,
     architect: Architect,
     data: Dataset,
@@ -201,12 +199,7 @@ impl Search {
     /// Loads the data, checks the split and builds the supernet and optimisers from `config.seed`.
     pub fn new(config: SearchConfig, device: Device) -> Result<Search> {
         config.validate()?;
-        let mut data = data::load(config.dataset, config.data_dir.as_deref(), true)?;
-        if let Some(limit) = config.limit {
-            let n = limit.min(data.len()) as i64;
-            data.images = data.images.narrow(0, 0, n);
-            data.labels = data.labels.narrow(0, 0, n);
-        }
+        let data = data::load(config.dataset, config.data_dir.as_deref(), true)?.truncated(config.limit);
         config.space.validate_for(&data.shape)?;
         let split = Split::new(data.len(), config.train_portion, config.seed).map_err(anyhow::Error::msg)?;
         split.check_disjoint(data.len()).map_err(anyhow::Error::msg)?;
@@ -227,25 +220,10 @@ impl Search {
             let net = SearchNetwork::new(&vs.root(), &config.space, &data.shape, alphas);
             (vs, net)
         };
-        let (names, weights): (Vec<String>, Vec<Tensor>) = named_weights(&vs).into_iter().unzip();
-        let (buffer_names, buffers): (Vec<String>, Vec<Tensor>) = named_buffers(&vs).into_iter().unzip();
-        let sgd = Sgd::new(&weights, config.lr, config.momentum, config.weight_decay);
+        let params = Params::of(&vs);
+        let sgd = Sgd::new(&params.weights, config.lr, config.momentum, config.weight_decay);
         let architect = Architect::new(&net, config.order, config.arch_lr, config.arch_betas, config.arch_weight_decay);
-        Ok(Search {
-            config,
-            device,
-            vs,
-            net,
-            names,
-            weights,
-            buffer_names,
-            buffers,
-            sgd,
-            architect,
-            data,
-            split,
-            epoch: 0,
-        })
+        Ok(Search { config, device, vs, net, params, sgd, architect, data, split, epoch: 0 })
     }
 
     /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
@@ -289,13 +267,14 @@ impl Search {
             let (xt, yt) = self.data.batch(idx, Some((&augment, &mut rng)), self.device);
             let vidx = &val_batches[step % val_batches.len()];
             let (xv, yv) = self.data.batch(vidx, Some((&augment, &mut rng)), self.device);
-            self.architect.step(&self.net, &self.weights, &self.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr);
+            let p = &self.params;
+            self.architect.step(&self.net, &p.weights, &p.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr);
 
             let logits = self.net.forward_t(&xt, true);
             let loss = logits.cross_entropy_for_logits(&yt);
-            let mut grads = Tensor::run_backward(&[&loss], &self.weights, false, false);
+            let mut grads = Tensor::run_backward(&[&loss], &self.params.weights, false, false);
             let _ = clip_grad_norm(&mut grads, self.config.grad_clip);
-            self.sgd.step(&self.weights, &grads);
+            self.sgd.step(&self.params.weights, &grads);
             meter.record(step, &loss, &logits, &yt, bar, &nan_hint)?;
         }
         let (train_loss, train_acc) = meter.means();
@@ -341,15 +320,9 @@ impl Search {
         };
         let meta = serde_json::to_vec(&meta)?;
         let mut named: Vec<(String, Tensor)> = vec![("meta".into(), Tensor::from_slice(&meta))];
-        for (n, t) in self.names.iter().zip(&self.weights) {
-            named.push((format!("weight/{n}"), t.detach()));
-        }
-        for (n, t) in self.buffer_names.iter().zip(&self.buffers) {
-            named.push((format!("buffer/{n}"), t.detach()));
-        }
-        for (n, t) in self.names.iter().zip(&self.sgd.buffers) {
-            named.push((format!("sgd/{n}"), t.shallow_clone()));
-        }
+        named.extend(self.params.named());
+        let sgd = self.params.names.iter().zip(&self.sgd.buffers);
+        named.extend(sgd.map(|(n, t)| (format!("sgd/{n}"), t.shallow_clone())));
         named.push(("alpha/normal".into(), self.net.alphas.normal.detach()));
         named.push(("alpha/reduce".into(), self.net.alphas.reduce.detach()));
         for i in 0..2 {
@@ -383,31 +356,22 @@ impl Search {
         meta_t.copy_data_u8(&mut meta_bytes, meta_t.numel());
         let meta: CheckpointMeta = serde_json::from_slice(&meta_bytes).context("checkpoint metadata")?;
         let mut s = Search::new(meta.config, device)?;
-        tch::no_grad(|| -> Result<()> {
-            let copy = |dst: &Tensor, src: &Tensor, name: &str| -> Result<()> {
-                if dst.size() != src.size() {
-                    bail!("checkpoint tensor {name} has shape {:?}, the network expects {:?}", src.size(), dst.size());
-                }
-                dst.shallow_clone().copy_(&src.to_device(dst.device()));
-                Ok(())
-            };
-            for (n, t) in s.names.iter().zip(&s.weights) {
-                copy(t, get(&format!("weight/{n}"))?, n)?;
+        s.params.load(&map, &path)?;
+        s.params.load_per_weight(&map, "sgd/", &s.sgd.buffers, &path)?;
+        let alphas = [("alpha/normal", &s.net.alphas.normal), ("alpha/reduce", &s.net.alphas.reduce)];
+        let adam = (0..2).flat_map(|i| {
+            [
+                (format!("adam/m/{i}"), &s.architect.adam.exp_avg[i]),
+                (format!("adam/v/{i}"), &s.architect.adam.exp_avg_sq[i]),
+            ]
+        });
+        for (key, dst) in alphas.into_iter().map(|(k, t)| (k.to_string(), t)).chain(adam) {
+            let src = get(&key)?;
+            if src.size() != dst.size() {
+                bail!("{}: {key} has shape {:?}, the search space needs {:?}", path.display(), src.size(), dst.size());
             }
-            for (n, t) in s.buffer_names.iter().zip(&s.buffers) {
-                copy(t, get(&format!("buffer/{n}"))?, n)?;
-            }
-            for (n, t) in s.names.iter().zip(&s.sgd.buffers) {
-                copy(t, get(&format!("sgd/{n}"))?, n)?;
-            }
-            copy(&s.net.alphas.normal, get("alpha/normal")?, "alpha/normal")?;
-            copy(&s.net.alphas.reduce, get("alpha/reduce")?, "alpha/reduce")?;
-            for i in 0..2 {
-                copy(&s.architect.adam.exp_avg[i], get(&format!("adam/m/{i}"))?, "adam")?;
-                copy(&s.architect.adam.exp_avg_sq[i], get(&format!("adam/v/{i}"))?, "adam")?;
-            }
-            Ok(())
-        })?;
+            tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device())));
+        }
         s.architect.adam.step_count = meta.adam_steps;
         s.epoch = meta.epoch;
         Ok(s)

@@ -214,21 +214,6 @@ pub fn set_channels_last(net: &mut SearchNetwork, vs: &nn::VarStore, on: bool) {
     crate::set_vars_channels_last(vs, on);
 }
 
-/// The trainable weights of a VarStore as (name, tensor), sorted by name: the one fixed order that optimiser
-/// state and checkpoints use.
-pub fn named_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// The non-trainable buffers (BN running statistics) of a VarStore, sorted by name.
-pub fn named_buffers(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 /// Total number of trainable weight parameters.
 pub fn count_parameters(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()

@@ -6,9 +6,9 @@ use crate::network::{
     count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
 };
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
+use crate::params::Params;
 use crate::progress::StepMeter;
 use crate::search::peak_rss_mb;
-use crate::supernet::{named_buffers, named_weights};
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
@@ -187,10 +187,7 @@ pub struct Trainer {
     vs: nn::VarStore,
     /// The network.
     pub net: Network,
-    names: Vec<String>,
-    weights: Vec<Tensor>,
-    buffer_names: Vec<String>,
-    buffers: Vec<Tensor>,
+    params: Params,
     sgd: Sgd,
     train: Dataset,
     test: Dataset,
@@ -209,21 +206,12 @@ struct Meta {
     config: TrainConfig,
 }
 
-fn limit(mut d: Dataset, n: Option<usize>) -> Dataset {
-    if let Some(n) = n {
-        let n = n.min(d.len()) as i64;
-        d.images = d.images.narrow(0, 0, n);
-        d.labels = d.labels.narrow(0, 0, n);
-    }
-    d
-}
-
 impl Trainer {
     /// Loads the data and builds the network from `config.seed`.
     pub fn new(config: TrainConfig, device: Device) -> Result<Trainer> {
         config.validate()?;
-        let train = limit(data::load(config.dataset, config.data_dir.as_deref(), true)?, config.limit);
-        let test = limit(data::load(config.dataset, config.data_dir.as_deref(), false)?, config.limit);
+        let train = data::load(config.dataset, config.data_dir.as_deref(), true)?.truncated(config.limit);
+        let test = data::load(config.dataset, config.data_dir.as_deref(), false)?.truncated(config.limit);
         let min = config.network.min_image_size();
         if train.shape.height < min || train.shape.width < min {
             bail!(
@@ -239,24 +227,9 @@ impl Trainer {
             let net = Network::new(&vs.root(), &config.genotype, &config.network, &train.shape);
             (vs, net)
         };
-        let (names, weights): (Vec<String>, Vec<Tensor>) = named_weights(&vs).into_iter().unzip();
-        let (buffer_names, buffers): (Vec<String>, Vec<Tensor>) = named_buffers(&vs).into_iter().unzip();
-        let sgd = Sgd::new(&weights, config.lr, config.momentum, config.weight_decay);
-        Ok(Trainer {
-            config,
-            device,
-            vs,
-            net,
-            names,
-            weights,
-            buffer_names,
-            buffers,
-            sgd,
-            train,
-            test,
-            epoch: 0,
-            best_acc: 0.0,
-        })
+        let params = Params::of(&vs);
+        let sgd = Sgd::new(&params.weights, config.lr, config.momentum, config.weight_decay);
+        Ok(Trainer { config, device, vs, net, params, sgd, train, test, epoch: 0, best_acc: 0.0 })
     }
 
     /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
@@ -299,9 +272,9 @@ impl Trainer {
             });
             let (logits, aux) = self.net.forward_masked(&x, true, masks.as_ref());
             let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, cfg.aux_weight, cfg.label_smoothing);
-            let mut grads = Tensor::run_backward(&[&loss], &self.weights, false, false);
+            let mut grads = Tensor::run_backward(&[&loss], &self.params.weights, false, false);
             let _ = clip_grad_norm(&mut grads, cfg.grad_clip);
-            self.sgd.step(&self.weights, &grads);
+            self.sgd.step(&self.params.weights, &grads);
             let main_loss = logits.detach().cross_entropy_for_logits(&y);
             meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
         }
@@ -327,26 +300,20 @@ impl Trainer {
         evaluate(&self.net, &self.test, 256, self.device)
     }
 
-    fn model_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> =
-            self.names.iter().zip(&self.weights).map(|(n, t)| (n.clone(), t.detach())).collect();
-        v.extend(self.buffer_names.iter().zip(&self.buffers).map(|(n, t)| (n.clone(), t.detach())));
-        v
-    }
-
     /// Writes the model's weights and BN statistics (names follow the original PyTorch state_dict keys)
     /// to `path` atomically.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
-        crate::write_tensors_atomically(&self.model_tensors(), path)
+        crate::write_tensors_atomically(&self.params.named(), path)
     }
 
     /// Writes the training state (model, optimiser, epoch, best accuracy) to `dir/checkpoint.safetensors`.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
         let meta =
             serde_json::to_vec(&Meta { epoch: self.epoch, best_acc: self.best_acc, config: self.config.clone() })?;
-        let mut named = self.model_tensors();
+        let mut named = self.params.named();
         named.push(("meta".into(), Tensor::from_slice(&meta)));
-        named.extend(self.names.iter().zip(&self.sgd.buffers).map(|(n, t)| (format!("sgd/{n}"), t.shallow_clone())));
+        let sgd = self.params.names.iter().zip(&self.sgd.buffers);
+        named.extend(sgd.map(|(n, t)| (format!("sgd/{n}"), t.shallow_clone())));
         crate::write_tensors_atomically(&named, &dir.join(CHECKPOINT))
     }
 
@@ -365,50 +332,16 @@ impl Trainer {
         meta_t.copy_data_u8(&mut bytes, meta_t.numel());
         let meta: Meta = serde_json::from_slice(&bytes).context("checkpoint metadata")?;
         let mut t = Trainer::new(meta.config, device)?;
-        t.load_model(&map, &path)?;
-        for (n, b) in t.names.iter().zip(&t.sgd.buffers) {
-            let src = map.get(&format!("sgd/{n}")).with_context(|| format!("{} lacks sgd/{n}", path.display()))?;
-            tch::no_grad(|| b.shallow_clone().copy_(&src.to_device(device)));
-        }
+        t.params.load(&map, &path)?;
+        t.params.load_per_weight(&map, "sgd/", &t.sgd.buffers, &path)?;
         t.epoch = meta.epoch;
         t.best_acc = meta.best_acc;
         Ok(t)
     }
 
-    /// Loads model tensors from a map read from `path`, checking names and shapes and listing every difference.
+    /// Loads model weights from a map read from `path`, checking names and shapes and listing every difference.
     pub fn load_model(&mut self, map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-        let mut problems = Vec::new();
-        let ours: Vec<(String, Tensor)> = self.model_tensors();
-        for (name, t) in &ours {
-            match map.get(name) {
-                None => problems.push(format!("missing {name} {:?}", t.size())),
-                Some(s) if s.size() != t.size() => {
-                    problems.push(format!("{name}: file has {:?}, the network expects {:?}", s.size(), t.size()))
-                }
-                Some(_) => {}
-            }
-        }
-        let known: std::collections::HashSet<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
-        for name in map.keys() {
-            if !known.contains(name.as_str()) && name != "meta" && !name.starts_with("sgd/") {
-                problems.push(format!("unexpected {name} (not in this network)"));
-            }
-        }
-        if !problems.is_empty() {
-            problems.sort();
-            let shown = problems.iter().take(12).cloned().collect::<Vec<_>>().join("\n  ");
-            bail!(
-                "{} does not match the network built from the genotype and config ({} differences):\n  {shown}",
-                path.display(),
-                problems.len()
-            );
-        }
-        tch::no_grad(|| {
-            for (name, t) in &ours {
-                t.shallow_clone().copy_(&map[name].to_device(self.device));
-            }
-        });
-        Ok(())
+        self.params.load(map, path)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The second-order hypergradient's Hessian-vector product against exact double backward.
 use darts::architect::{exact_hvp, finite_difference_hvp, global_norm, Architect, Order};
 use darts::optim::Sgd;
+use darts::params::Params;
 use darts::space::{Activation, DataShape, OpKind, SearchSpace};
-use darts::supernet::{named_buffers, named_weights, Alphas, SearchNetwork};
+use darts::supernet::{Alphas, SearchNetwork};
 use tch::{nn, Device, Kind, Tensor};
 
 struct Fixture {
@@ -28,8 +29,7 @@ fn fixture() -> Fixture {
     let a = || (Tensor::randn([5, 5], opts) * 0.5).set_requires_grad(true);
     let net = SearchNetwork::new(&vs.root(), &space, &shape, Alphas { normal: a(), reduce: a() });
     vs.double();
-    let weights = named_weights(&vs).into_iter().map(|(_, t)| t).collect();
-    let buffers = named_buffers(&vs).into_iter().map(|(_, t)| t).collect();
+    let Params { weights, buffers, .. } = Params::of(&vs);
     let x = Tensor::randn([6, 2, 8, 8], opts);
     let y = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1]);
     Fixture { _vs: vs, net, weights, buffers, x, y }

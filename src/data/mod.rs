@@ -160,6 +160,16 @@ impl Dataset {
         Ok(Dataset { kind, images, labels, shape, mean, std })
     }
 
+    /// Keeps only the first `n` examples (all when `n` is None or larger than the set).
+    pub fn truncated(mut self, n: Option<usize>) -> Dataset {
+        if let Some(n) = n {
+            let n = n.min(self.len()) as i64;
+            self.images = self.images.narrow(0, 0, n);
+            self.labels = self.labels.narrow(0, 0, n);
+        }
+        self
+    }
+
     /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.size()[0] as usize

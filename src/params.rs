@@ -1,0 +1,99 @@
+//! A network's state as named tensors: trainable weights and BN buffers in one fixed (name-sorted) order, with
+//! checked loading. Search and training both keep their models' state this way.
+
+use anyhow::{bail, Result};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{nn, Tensor};
+
+/// The weights and buffers of a VarStore, each list sorted by name (the order optimiser state follows).
+#[derive(Debug)]
+pub struct Params {
+    /// Names of the trainable weights (the original PyTorch state_dict keys).
+    pub names: Vec<String>,
+    /// The trainable weights (shallow: they share storage with the VarStore).
+    pub weights: Vec<Tensor>,
+    /// Names of the non-trainable buffers (BN running statistics).
+    pub buffer_names: Vec<String>,
+    /// The buffers.
+    pub buffers: Vec<Tensor>,
+}
+
+impl Params {
+    /// The state of `vs`.
+    pub fn of(vs: &nn::VarStore) -> Params {
+        let mut all: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let (train, fixed): (Vec<_>, Vec<_>) = all.into_iter().partition(|(_, t)| t.requires_grad());
+        let (names, weights) = train.into_iter().unzip();
+        let (buffer_names, buffers) = fixed.into_iter().unzip();
+        Params { names, weights, buffer_names, buffers }
+    }
+
+    /// Weights then buffers as (name, detached tensor).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let w = self.names.iter().zip(&self.weights);
+        let b = self.buffer_names.iter().zip(&self.buffers);
+        w.chain(b).map(|(n, t)| (n.clone(), t.detach())).collect()
+    }
+
+    /// Copies every weight and buffer from `map` (read from `path`), after checking that each is there with its
+    /// shape and that the file has no other model tensors (keys with a '/' and "meta" are other state); an
+    /// error lists the differences.
+    pub fn load(&self, map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+        let ours = self.named();
+        let mut problems = Vec::new();
+        for (name, t) in &ours {
+            match map.get(name) {
+                None => problems.push(format!("missing {name} {:?}", t.size())),
+                Some(s) if s.size() != t.size() => {
+                    problems.push(format!("{name}: file has {:?}, the network expects {:?}", s.size(), t.size()))
+                }
+                Some(_) => {}
+            }
+        }
+        let known: std::collections::HashSet<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
+        for name in map.keys() {
+            if !known.contains(name.as_str()) && name != "meta" && !name.contains('/') {
+                problems.push(format!("unexpected {name} (not in this network)"));
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort();
+            let shown = problems.iter().take(12).cloned().collect::<Vec<_>>().join("\n  ");
+            bail!(
+                "{} does not match the network its config builds ({} differences):\n  {shown}",
+                path.display(),
+                problems.len()
+            );
+        }
+        let dsts = self.weights.iter().chain(&self.buffers);
+        tch::no_grad(|| {
+            for ((name, _), dst) in ours.iter().zip(dsts) {
+                dst.shallow_clone().copy_(&map[name].to_device(dst.device()));
+            }
+        });
+        Ok(())
+    }
+
+    /// Copies tensors named `{prefix}{name}` (one per weight) from `map` into `dsts` (e.g. momentum buffers).
+    pub fn load_per_weight(
+        &self,
+        map: &HashMap<String, Tensor>,
+        prefix: &str,
+        dsts: &[Tensor],
+        path: &Path,
+    ) -> Result<()> {
+        for (n, dst) in self.names.iter().zip(dsts) {
+            let key = format!("{prefix}{n}");
+            let Some(src) = map.get(&key) else {
+                bail!("{} lacks {key}: it was written by another version", path.display())
+            };
+            if src.size() != dst.size() {
+                bail!("{}: {key} has shape {:?}, expected {:?}", path.display(), src.size(), dst.size());
+            }
+            tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device())));
+        }
+        Ok(())
+    }
+}
