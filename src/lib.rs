@@ -42,6 +42,26 @@ pub fn write_tensors_atomically(named: &[(String, tch::Tensor)], path: &std::pat
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failures_are_explained_and_out_of_memory_gets_advice() {
+        let m =
+            super::explain_failure("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory");
+        assert!(m.contains("out of memory") && m.contains("--batch-size") && m.contains("--resume"), "{m}");
+        let m = super::explain_failure("CUDA out of memory. Tried to allocate 2.00 GiB");
+        assert!(m.contains("--channels"), "{m}");
+        let tch = r#"called `Result::unwrap()` on an `Err` value: Torch("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 80281600 bytes.\nframe #0: c10::ThrowEnforceNotMet") (at tensor_generated.rs:1)"#;
+        let m = super::explain_failure(tch);
+        assert!(
+            m.starts_with("out of memory: [enforce fail") && !m.contains("frame #") && !m.contains("unwrap"),
+            "{m}"
+        );
+        let m = super::explain_failure("shape mismatch");
+        assert!(m.starts_with("libtorch failed: shape mismatch") && !m.contains("--batch-size"), "{m}");
+    }
+}
+
 /// Memory layout of activations and convolution kernels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Layout {
@@ -85,6 +105,38 @@ pub fn channels_last(t: &tch::Tensor) -> tch::Tensor {
         t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
     } else {
         t.shallow_clone()
+    }
+}
+
+/// Turns a libtorch failure message into an error for people: out-of-memory gets the options that reduce
+/// memory, and every message says that the last checkpoint is intact.
+pub fn explain_failure(msg: &str) -> String {
+    // tch reports libtorch errors as `called Result::unwrap() on an Err value: Torch("...\nframe #0 ...")`:
+    // keep libtorch's own first line, drop the C++ stack.
+    let mut msg = msg;
+    if let Some(i) = msg.find("Torch(\"") {
+        msg = &msg[i + 7..];
+    }
+    for cut in ["\\nframe #", "\nframe #", "\\nException raised from", "\nException raised from"] {
+        if let Some(i) = msg.find(cut) {
+            msg = &msg[..i];
+        }
+    }
+    let msg = msg.trim_end_matches(['"', ')']).trim();
+    let lower = msg.to_lowercase();
+    let oom = lower.contains("out of memory")
+        || lower.contains("can't allocate memory")
+        || lower.contains("failed to allocate");
+    let resume = "Checkpoints are written at the end of every epoch, so the last one is intact: continue with \
+                  --resume DIR";
+    if oom {
+        format!(
+            "out of memory: {msg}\n  Reduce what a step holds: a smaller --batch-size, fewer --channels or --layers \
+             (or --nodes / fewer --ops for a search), first-order instead of --order second (the unrolled step \
+             holds a second graph). {resume} (a run's settings are fixed, so a smaller one starts anew with --out)."
+        )
+    } else {
+        format!("libtorch failed: {msg}\n  {resume}. If it repeats, please report it with the command line.")
     }
 }
 

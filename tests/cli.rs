@@ -194,3 +194,20 @@ fn every_subcommand_parses_its_arguments_and_bench_runs() {
     assert!(stdout.contains("| forward |") && stdout.contains("| final_train_step |"), "{stdout}");
     assert!(stdout.contains("darts-rs (channels-last)"), "{stdout}");
 }
+
+#[test]
+fn running_out_of_memory_is_an_error_with_advice_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    // Cap the address space so that the first forward pass of a large supernet cannot allocate.
+    let cmd = format!(
+        "ulimit -v 8000000; exec {} search --preset quick --batch-size 400 --limit 800 --channels 64 --epochs 1 \
+         --device cpu --quiet --out {}",
+        env!("CARGO_BIN_EXE_darts"),
+        dir.path().display()
+    );
+    let out = Command::new("bash").args(["-c", &cmd]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("out of memory") && err.contains("--batch-size") && err.contains("--resume"), "{err}");
+    assert!(!err.contains("frame #") && !err.contains("panicked"), "{err}");
+}
