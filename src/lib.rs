@@ -117,12 +117,12 @@ pub fn explain_failure(msg: &str) -> String {
     if let Some(i) = msg.find("Torch(\"") {
         msg = &msg[i + 7..];
     }
-    for cut in ["\\nframe #", "\nframe #", "\\nException raised from", "\nException raised from"] {
+    for cut in ["\\nframe #", "\nframe #", "\\nException raised from", "\nException raised from", "\") (at "] {
         if let Some(i) = msg.find(cut) {
             msg = &msg[..i];
         }
     }
-    let msg = msg.trim_end_matches(['"', ')']).trim();
+    let msg = msg.trim();
     let lower = msg.to_lowercase();
     let oom = lower.contains("out of memory")
         || lower.contains("can't allocate memory")
