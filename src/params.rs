@@ -1,7 +1,7 @@
 //! A network's state as named tensors: trainable weights and BN buffers in one fixed (name-sorted) order, with
 //! checked loading. Search and training both keep their models' state this way.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn, Tensor};
@@ -85,15 +85,44 @@ impl Params {
         path: &Path,
     ) -> Result<()> {
         for (n, dst) in self.names.iter().zip(dsts) {
-            let key = format!("{prefix}{n}");
-            let Some(src) = map.get(&key) else {
-                bail!("{} lacks {key}: it was written by another version", path.display())
-            };
-            if src.size() != dst.size() {
-                bail!("{}: {key} has shape {:?}, expected {:?}", path.display(), src.size(), dst.size());
-            }
-            tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device())));
+            copy_checked(map, &format!("{prefix}{n}"), dst, path)?;
         }
         Ok(())
     }
+}
+
+/// Copies `map[key]` (read from `path`) into `dst`, after checking that it is there with `dst`'s shape.
+pub fn copy_checked(map: &HashMap<String, Tensor>, key: &str, dst: &Tensor, path: &Path) -> Result<()> {
+    let Some(src) = map.get(key) else { bail!("{} lacks {key}: it was written by another version", path.display()) };
+    if src.size() != dst.size() {
+        bail!("{}: {key} has shape {:?}, expected {:?}", path.display(), src.size(), dst.size());
+    }
+    tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device())));
+    Ok(())
+}
+
+/// Reads a safetensors file into a name -> tensor map.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path)
+        .with_context(|| format!("{} is missing or damaged", path.display()))?
+        .into_iter()
+        .collect())
+}
+
+/// Opens the checkpoint `file` of the `kind` run in `dir`: its tensors and its JSON metadata (tensor "meta").
+pub fn read_checkpoint<M: serde::de::DeserializeOwned>(
+    dir: &Path,
+    file: &str,
+    kind: &str,
+) -> Result<(std::path::PathBuf, HashMap<String, Tensor>, M)> {
+    let path = dir.join(file);
+    if !path.is_file() {
+        bail!("{} has no {file}: it is not a {kind} run directory, or no epoch has finished yet", dir.display());
+    }
+    let map = read_tensors(&path)?;
+    let meta = map.get("meta").with_context(|| format!("{} lacks its metadata", path.display()))?;
+    let mut bytes = vec![0u8; meta.numel()];
+    meta.copy_data_u8(&mut bytes, meta.numel());
+    let meta = serde_json::from_slice(&bytes).with_context(|| format!("{}: unreadable metadata", path.display()))?;
+    Ok((path, map, meta))
 }

@@ -70,15 +70,20 @@ fn say(progress: Option<&MultiProgress>, line: String) {
     }
 }
 
-/// Starts a new search in `opts.out_dir` (which must not hold one already).
-pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
+/// Creates `opts.out_dir` for a new `kind`, refusing a directory that already holds a run.
+fn new_run_dir(opts: &RunOptions, kind: &str) -> Result<()> {
     if opts.out_dir.join("checkpoint.safetensors").exists() {
         bail!(
-            "{} already holds a search; continue it with --resume {0}, or choose another --out",
+            "{} already holds a {kind}; continue it with --resume {0}, or choose another --out",
             opts.out_dir.display()
         );
     }
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))
+}
+
+/// Starts a new search in `opts.out_dir` (which must not hold one already).
+pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
+    new_run_dir(opts, "search")?;
     let mut search = Search::new(config, opts.device)?;
     search.set_channels_last(opts.layout.channels_last(opts.device));
     std::fs::write(opts.out_dir.join("config.json"), serde_json::to_string_pretty(&search.config)?)?;
@@ -183,10 +188,7 @@ pub struct TrainOutcome {
 /// Starts training in `opts.out_dir`: `train-config.json`, `genotype.json/.txt`, `metrics.jsonl`, a checkpoint
 /// per epoch, `model-last.safetensors` and `model-best.safetensors` (best test accuracy).
 pub fn start_training(config: crate::train::TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
-    if opts.out_dir.join("checkpoint.safetensors").exists() {
-        bail!("{} already holds a run; continue it with --resume {0}, or choose another --out", opts.out_dir.display());
-    }
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    new_run_dir(opts, "run")?;
     let mut trainer = crate::train::Trainer::new(config, opts.device)?;
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
     std::fs::write(opts.out_dir.join("train-config.json"), serde_json::to_string_pretty(&trainer.config)?)?;
@@ -318,7 +320,7 @@ pub fn evaluate_model(
         serde_json::from_str(&text).with_context(|| format!("{} is malformed", cfg_path.display()))?;
     let mut t = crate::train::Trainer::new(cfg, device)?;
     let weights = dir.join(format!("model-{which}.safetensors"));
-    let map = crate::train::read_tensors(&weights)?;
+    let map = crate::params::read_tensors(&weights)?;
     t.set_channels_last(layout.channels_last(device));
     t.load_model(&map, &weights)?;
     Ok(t.evaluate())

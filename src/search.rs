@@ -5,7 +5,7 @@ use crate::architect::{Architect, Order};
 use crate::data::{self, Dataset, DatasetKind, Split};
 use crate::genotype::Genotype;
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
-use crate::params::Params;
+use crate::params::{copy_checked, read_checkpoint, Params};
 use crate::progress::StepMeter;
 use crate::space::SearchSpace;
 use crate::supernet::{softmax_rows, Alphas, SearchNetwork};
@@ -338,23 +338,7 @@ impl Search {
 
     /// Rebuilds the search saved in `dir` and restores its exact state.
     pub fn resume(dir: &Path, device: Device) -> Result<Search> {
-        let path = dir.join(CHECKPOINT);
-        if !path.is_file() {
-            bail!(
-                "{} has no {CHECKPOINT}: it is not a search run directory, or no epoch has finished yet",
-                dir.display()
-            );
-        }
-        let tensors = Tensor::read_safetensors(&path)
-            .with_context(|| format!("{} is damaged; it cannot be resumed", path.display()))?;
-        let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-        let get = |k: &str| -> Result<&Tensor> {
-            map.get(k).with_context(|| format!("{} lacks '{k}': it was written by another version", path.display()))
-        };
-        let meta_t = get("meta")?;
-        let mut meta_bytes = vec![0u8; meta_t.numel()];
-        meta_t.copy_data_u8(&mut meta_bytes, meta_t.numel());
-        let meta: CheckpointMeta = serde_json::from_slice(&meta_bytes).context("checkpoint metadata")?;
+        let (path, map, meta): (_, _, CheckpointMeta) = read_checkpoint(dir, CHECKPOINT, "search")?;
         let mut s = Search::new(meta.config, device)?;
         s.params.load(&map, &path)?;
         s.params.load_per_weight(&map, "sgd/", &s.sgd.buffers, &path)?;
@@ -366,11 +350,7 @@ impl Search {
             ]
         });
         for (key, dst) in alphas.into_iter().map(|(k, t)| (k.to_string(), t)).chain(adam) {
-            let src = get(&key)?;
-            if src.size() != dst.size() {
-                bail!("{}: {key} has shape {:?}, the search space needs {:?}", path.display(), src.size(), dst.size());
-            }
-            tch::no_grad(|| dst.shallow_clone().copy_(&src.to_device(dst.device())));
+            copy_checked(&map, &key, dst, &path)?;
         }
         s.architect.adam.step_count = meta.adam_steps;
         s.epoch = meta.epoch;

@@ -6,10 +6,10 @@ use crate::network::{
     count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
 };
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
-use crate::params::Params;
+use crate::params::{read_checkpoint, Params};
 use crate::progress::StepMeter;
 use crate::search::peak_rss_mb;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -319,18 +319,7 @@ impl Trainer {
 
     /// Restores the run saved in `dir`.
     pub fn resume(dir: &Path, device: Device) -> Result<Trainer> {
-        let path = dir.join(CHECKPOINT);
-        if !path.is_file() {
-            bail!(
-                "{} has no {CHECKPOINT}: it is not a training run directory, or no epoch has finished",
-                dir.display()
-            );
-        }
-        let map = read_tensors(&path)?;
-        let meta_t = map.get("meta").with_context(|| format!("{} lacks its metadata", path.display()))?;
-        let mut bytes = vec![0u8; meta_t.numel()];
-        meta_t.copy_data_u8(&mut bytes, meta_t.numel());
-        let meta: Meta = serde_json::from_slice(&bytes).context("checkpoint metadata")?;
+        let (path, map, meta): (_, _, Meta) = read_checkpoint(dir, CHECKPOINT, "training")?;
         let mut t = Trainer::new(meta.config, device)?;
         t.params.load(&map, &path)?;
         t.params.load_per_weight(&map, "sgd/", &t.sgd.buffers, &path)?;
@@ -343,12 +332,4 @@ impl Trainer {
     pub fn load_model(&mut self, map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
         self.params.load(map, path)
     }
-}
-
-/// Reads a safetensors file into a name -> tensor map.
-pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    Ok(Tensor::read_safetensors(path)
-        .with_context(|| format!("{} is missing or damaged", path.display()))?
-        .into_iter()
-        .collect())
 }
