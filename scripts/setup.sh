@@ -21,5 +21,12 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
    (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
    echo "darts setup: could not install dataset-fashion-mnist (only needed for the full dataset)" >&2
 fi
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  # For the test that opens a run report in a real headless browser (Debian's chromium).
+  echo "darts setup: installing chromium (once; for the report test)" >&2
+  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+   echo "darts setup: could not install chromium (the report's browser test needs it)" >&2
+fi
 . "$here/env.sh"
 echo "darts setup: libtorch at $LIBTORCH" >&2

@@ -14,11 +14,13 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod progress;
+pub mod report;
 pub mod run;
 pub mod search;
 pub mod space;
 pub mod supernet;
 pub mod train;
+pub mod viz;
 pub mod zoo;
 
 /// Held while seeding libtorch's global generator and drawing initial weights from it, so that runs built

@@ -350,6 +350,38 @@ pub fn count_parameters_without_auxiliary(vs: &nn::VarStore) -> i64 {
         .sum()
 }
 
+/// Size and cost of a final network.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkCost {
+    /// Trainable parameters, auxiliary head excluded (the number papers quote).
+    pub parameters: i64,
+    /// Trainable parameters with the auxiliary head.
+    pub parameters_with_auxiliary: i64,
+    /// Multiply-accumulates per image: convolutions plus the classifier.
+    pub macs: u64,
+    /// Input channels, height, width.
+    pub input: [usize; 3],
+    /// Classes.
+    pub classes: usize,
+}
+
+/// Counts `net`'s parameters and its multiply-accumulates on one `shape` image (an inference pass).
+pub fn network_cost(net: &Network, vs: &nn::VarStore, shape: &DataShape) -> NetworkCost {
+    let total: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let x =
+        Tensor::zeros([1, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, vs.device()));
+    let conv = crate::ops::count_conv_macs(|| {
+        let _ = tch::no_grad(|| net.forward_t(&x, false));
+    });
+    NetworkCost {
+        parameters: count_parameters_without_auxiliary(vs),
+        parameters_with_auxiliary: total,
+        macs: conv + net.classifier_in() as u64 * shape.classes as u64,
+        input: [shape.channels, shape.height, shape.width],
+        classes: shape.classes,
+    }
+}
+
 /// Mean cross-entropy (with `label_smoothing`) plus `aux_weight` times the auxiliary head's.
 pub fn loss_with_auxiliary(
     logits: &Tensor,

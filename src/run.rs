@@ -162,7 +162,19 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
     if finished {
         write_genotype(&opts.out_dir, &genotype)?;
     }
+    write_report(&opts.out_dir);
     Ok(RunOutcome { epochs: done, genotype, finished, alphas: search.net.alphas.softmax() })
+}
+
+/// Writes `report.html` and `figures/` for the run directory `dir` and says where. A failure is only a
+/// warning: the run's results are saved already, and `darts report DIR` tries again.
+pub fn write_report(dir: &Path) {
+    match crate::report::write_report(dir) {
+        Ok(path) => eprintln!("report: {}", path.display()),
+        Err(e) => {
+            eprintln!("warning: could not write the report ({e:#}); `darts report {}` tries again", dir.display())
+        }
+    }
 }
 
 /// Writes `genotype.json` and `genotype.txt` (DARTS Python text) into `dir`.
@@ -193,6 +205,7 @@ pub fn start_training(config: crate::train::TrainConfig, opts: &RunOptions) -> R
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
     std::fs::write(opts.out_dir.join("train-config.json"), serde_json::to_string_pretty(&trainer.config)?)?;
     write_genotype(&opts.out_dir, &trainer.config.genotype)?;
+    std::fs::write(opts.out_dir.join("network.json"), serde_json::to_string_pretty(&trainer.cost())?)?;
     let _ = std::fs::remove_file(opts.out_dir.join("metrics.jsonl"));
     drive_training(trainer, opts)
 }
@@ -302,6 +315,7 @@ fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<Tra
         b.finish_and_clear();
     }
     let last = t.evaluate();
+    write_report(&opts.out_dir);
     Ok(TrainOutcome { epochs: done, finished: t.epoch >= cfg.epochs, last, best_acc: t.best_acc })
 }
 

@@ -242,6 +242,11 @@ impl Trainer {
         count_parameters_without_auxiliary(&self.vs)
     }
 
+    /// Parameter and multiply-accumulate counts of the network on this data's image shape.
+    pub fn cost(&self) -> crate::network::NetworkCost {
+        crate::network::network_cost(&self.net, &self.vs, &self.train.shape)
+    }
+
     /// Training and test set sizes.
     pub fn sizes(&self) -> (usize, usize) {
         (self.train.len(), self.test.len())

@@ -135,6 +135,18 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     let trained = std::fs::read_to_string(dir.path().join("train/genotype.txt")).unwrap();
     assert_eq!(searched, trained, "the trained network is the searched genotype");
     assert!(dir.path().join("train/model-best.safetensors").is_file());
+    for report in ["report.html", "search/report.html", "train/report.html"] {
+        assert!(dir.path().join(report).is_file(), "{report} missing: {err}");
+    }
+    for fig in ["cell-normal", "cell-reduce", "alpha-normal", "alpha-evolution-reduce", "search-curves", "train-curves"]
+    {
+        let png = std::fs::read(dir.path().join(format!("figures/{fig}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG", "{fig}.png");
+    }
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.contains(&format!("{:.2}%", 100.0 * top1)), "the report shows the final test accuracy");
+    assert!(html.contains("multiply-accumulates") && html.contains(searched.trim()), "counts and genotype");
+    opens_in_a_browser(&dir.path().join("report.html"), 8);
     let (ok, stdout2, err) = darts(&args);
     assert!(ok, "{err}");
     assert!(err.contains("search already finished"), "{err}");
@@ -144,6 +156,58 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     assert!(ok, "{err}");
     let eval: serde_json::Value = serde_json::from_str(stdout3.trim()).unwrap();
     assert_eq!(eval["top1"], summary["test"]["top1"]);
+}
+
+/// Loads `page` in Debian's headless chromium and checks what the page's own check records on <body>: every
+/// image decoded (`data-images="n/n"`, n = `images`) and no script or resource error.
+fn opens_in_a_browser(page: &std::path::Path, images: usize) {
+    let chromium = std::env::var("DARTS_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {chromium} ({e}): install Debian's chromium (scripts/setup.sh does, as root)")
+        });
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let body = dom.split("<body").nth(1).and_then(|b| b.split('>').next()).expect("no <body> in the DOM");
+    assert!(body.contains(&format!("data-images=\"{images}/{images}\"")), "images: <body{body}>");
+    assert!(body.contains("data-errors=\"0\""), "errors: <body{body}>");
+    assert!(dom.contains("<div id=\"load-problems\"></div>"), "the page shows a load problem");
+}
+
+#[test]
+fn show_draws_a_zoo_cell_in_the_terminal_and_as_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cells");
+    let (ok, stdout, err) = darts(&["show", "DARTS_V2", "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("normal cell") && stdout.contains("reduce cell"), "{stdout}");
+    assert!(stdout.contains("output c_{k} = concat(0, 1, 2, 3)"), "{stdout}");
+    for kind in ["normal", "reduce"] {
+        let dot = std::fs::read_to_string(out.join(format!("{kind}.dot"))).unwrap();
+        assert_eq!(dot.matches("->").count(), 20, "8 ops in and out, 4 into the output");
+        let svg = std::fs::read_to_string(out.join(format!("{kind}.svg"))).unwrap();
+        assert!(svg.contains("c_{k-2}") && svg.contains("c_{k}"));
+        let png = std::fs::read(out.join(format!("{kind}.png"))).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
+    let (ok, _, err) = darts(&["show", "Genotype(normal=[('sep_conv_3x3', 0)]", "--no-files"]);
+    assert!(!ok && err.contains("line 1"), "a malformed genotype is an error with its position: {err}");
 }
 
 #[test]
@@ -158,7 +222,7 @@ fn info_prints_the_published_darts_v2_size() {
 
 #[test]
 fn every_subcommand_parses_its_arguments_and_bench_runs() {
-    for cmd in ["search", "train", "eval", "run", "info", "bench", "genotype"] {
+    for cmd in ["search", "train", "eval", "run", "info", "bench", "genotype", "show", "report"] {
         let (ok, stdout, err) = darts(&[cmd, "--help"]);
         assert!(ok, "{cmd} --help: {err}");
         assert!(stdout.contains("--device") && stdout.contains("--threads"), "{cmd}: {stdout}");

@@ -1,8 +1,8 @@
 //! `darts info`: size and cost of a genotype's network.
 use anyhow::Result;
-use darts::network::{count_parameters_without_auxiliary, Network, NetworkConfig};
+use darts::network::{network_cost, Network, NetworkConfig};
 use darts::space::DataShape;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device};
 
 /// Arguments of `darts info`.
 #[derive(clap::Args, Debug)]
@@ -46,14 +46,8 @@ pub fn run(a: InfoArgs) -> Result<()> {
     anyhow::ensure!(classes >= 2, "--classes must be at least 2");
     let vs = nn::VarStore::new(Device::Cpu);
     let net = Network::new(&vs.root(), &g, &cfg, &shape);
-    let params = count_parameters_without_auxiliary(&vs);
-    let total: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
-    let x = Tensor::zeros([1, a.in_channels as i64, size as i64, size as i64], (Kind::Float, Device::Cpu));
-    let conv_macs = darts::ops::count_conv_macs(|| {
-        let _ = tch::no_grad(|| net.forward_t(&x, false));
-    });
-    let head = net.classifier_in() as u64 * classes as u64;
-    let macs = conv_macs + head;
+    let cost = network_cost(&net, &vs, &shape);
+    let (params, total, macs) = (cost.parameters, cost.parameters_with_auxiliary, cost.macs);
     println!("{g}");
     println!(
         "{}",

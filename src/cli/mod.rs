@@ -5,7 +5,9 @@ mod bench;
 mod genotype;
 mod info;
 mod pipeline;
+mod report;
 mod search;
+mod show;
 mod train;
 
 /// Differentiable architecture search (DARTS) for convolutional networks.
@@ -67,6 +69,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Read a genotype (JSON or DARTS Python text), check it, and print it in either format.
     Genotype(genotype::GenotypeArgs),
+    /// Draw a genotype's cells: a terminal view, and DOT, SVG and PNG files.
+    Show(show::ShowArgs),
+    /// Write the HTML report (and figures/) of a run directory: search, training or `darts run`.
+    Report(report::ReportArgs),
 }
 
 /// Runs the parsed command line.
@@ -80,5 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a, rt),
         Command::Genotype(a) => genotype::run(a),
+        Command::Show(a) => show::run(a),
+        Command::Report(a) => report::run(a),
     }
 }

@@ -148,6 +148,7 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
         "finished": out.finished,
     });
     std::fs::write(root.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    run::write_report(&root);
     println!("{summary}");
     Ok(())
 }
