@@ -483,9 +483,54 @@ def bench(args):
             print(json.dumps({"impl": "pytorch", "name": name, **r}), flush=True)
 
 
+def read_safetensors(path):
+    """A safetensors file as a state_dict (the format is an 8-byte header size, a JSON header, raw data)."""
+    import struct
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    kinds = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+    out = {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = v["data_offsets"]
+        raw = bytearray(data[8 + n + start:8 + n + end])
+        out[key] = torch.frombuffer(raw, dtype=kinds[v["dtype"]]).reshape(v["shape"]) if raw else \
+            torch.zeros(v["shape"], dtype=kinds[v["dtype"]])
+    return out
+
+
+def read_idx(path):
+    import gzip
+    import struct
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = struct.unpack(">" + "I" * dims, data[4:4 + 4 * dims])
+    return torch.frombuffer(bytearray(data[4 + 4 * dims:]), dtype=torch.uint8).reshape(shape)
+
+
+def check_weights(a):
+    """Loads darts' model-*.safetensors into the original NetworkCIFAR with load_state_dict(strict=True) and
+    evaluates it on the first --limit images of an IDX test set; prints loss and top-1 as JSON."""
+    model = EvalNetwork(a.channels, a.classes, a.layers, a.auxiliary, parse_genotype(a.genotype),
+                        in_channels=a.in_channels)
+    model.load_state_dict(read_safetensors(a.weights), strict=True)
+    model.eval()
+    x = read_idx(a.images)[:a.limit].float().div(255.0).unsqueeze(1)
+    y = read_idx(a.labels)[:a.limit].long()
+    x = (x - a.mean) / a.std
+    with torch.no_grad():
+        logits, _ = model(x)
+    print(json.dumps({"loss": F.cross_entropy(logits, y).item(),
+                      "top1": (logits.argmax(1) == y).float().mean().item(), "examples": len(y)}))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["count", "bench", "count-final", "bench-final"])
+    ap.add_argument("cmd", choices=["count", "bench", "count-final", "bench-final", "check-weights"])
     ap.add_argument("--genotype", default="")
     ap.add_argument("--imagenet", action="store_true")
     ap.add_argument("--channels", type=int, default=16)
@@ -498,5 +543,13 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="forward,forward_backward_sgd,first_order_step,second_order_step")
+    ap.add_argument("--auxiliary", action="store_true")
+    ap.add_argument("--weights", default="")
+    ap.add_argument("--images", default="")
+    ap.add_argument("--labels", default="")
+    ap.add_argument("--limit", type=int, default=1000)
+    ap.add_argument("--mean", type=float, default=0.2860)
+    ap.add_argument("--std", type=float, default=0.3530)
     a = ap.parse_args()
-    {"count": count, "bench": bench, "count-final": count_final, "bench-final": bench_final}[a.cmd](a)
+    {"count": count, "bench": bench, "count-final": count_final, "bench-final": bench_final,
+     "check-weights": check_weights}[a.cmd](a)

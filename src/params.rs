@@ -38,8 +38,8 @@ impl Params {
     }
 
     /// Copies every weight and buffer from `map` (read from `path`), after checking that each is there with its
-    /// shape and that the file has no other model tensors (keys with a '/' and "meta" are other state); an
-    /// error lists the differences.
+    /// shape and that the file has no other model tensors (keys with a '/' and "meta" are other state, and
+    /// PyTorch's BN `num_batches_tracked` counters are accepted and ignored); an error lists the differences.
     pub fn load(&self, map: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
         let ours = self.named();
         let mut problems = Vec::new();
@@ -54,7 +54,8 @@ impl Params {
         }
         let known: std::collections::HashSet<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
         for name in map.keys() {
-            if !known.contains(name.as_str()) && name != "meta" && !name.contains('/') {
+            let other_state = name == "meta" || name.contains('/') || name.ends_with(".num_batches_tracked");
+            if !known.contains(name.as_str()) && !other_state {
                 problems.push(format!("unexpected {name} (not in this network)"));
             }
         }

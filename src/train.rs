@@ -305,10 +305,19 @@ impl Trainer {
         evaluate(&self.net, &self.test, 256, self.device)
     }
 
-    /// Writes the model's weights and BN statistics (names follow the original PyTorch state_dict keys)
-    /// to `path` atomically.
+    /// Writes the model's weights and BN statistics to `path` atomically. Names follow the original PyTorch
+    /// state_dict keys, and each BN also gets PyTorch's `num_batches_tracked` (the training batches seen), so
+    /// that `load_state_dict(strict=True)` of the original model accepts the file.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
-        crate::write_tensors_atomically(&self.params.named(), path)
+        let mut named = self.params.named();
+        let batches = (self.epoch * self.train.len().div_ceil(self.config.batch_size.max(1))) as f64;
+        let tracked: Vec<(String, Tensor)> = named
+            .iter()
+            .filter_map(|(n, _)| n.strip_suffix(".running_mean"))
+            .map(|bn| (format!("{bn}.num_batches_tracked"), Tensor::scalar_tensor(batches, (Kind::Int64, Device::Cpu))))
+            .collect();
+        named.extend(tracked);
+        crate::write_tensors_atomically(&named, path)
     }
 
     /// Writes the training state (model, optimiser, epoch, best accuracy) to `dir/checkpoint.safetensors`.

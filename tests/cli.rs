@@ -275,3 +275,64 @@ fn running_out_of_memory_is_an_error_with_advice_not_a_crash() {
     assert!(err.contains("out of memory") && err.contains("--batch-size") && err.contains("--resume"), "{err}");
     assert!(!err.contains("frame #") && !err.contains("panicked"), "{err}");
 }
+
+/// The Python of darts' own libtorch install (scripts/setup.sh), which has torch.
+fn reference_python() -> String {
+    if let Ok(p) = std::env::var("DARTS_PYTHON") {
+        return p;
+    }
+    let home = std::env::var("HOME").expect("HOME");
+    let cache = std::env::var("DARTS_CACHE").unwrap_or(format!("{home}/.cache/darts"));
+    let py = format!("{cache}/venv/bin/python");
+    assert!(std::path::Path::new(&py).is_file(), "{py} missing: run scripts/setup.sh");
+    py
+}
+
+#[test]
+fn trained_weights_load_into_the_original_pytorch_model_and_give_the_same_test_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let o = out.to_str().unwrap();
+    let (ok, _, err) = darts(&[
+        "train",
+        "--genotype",
+        "DARTS_V2",
+        "--channels",
+        "4",
+        "--layers",
+        "5",
+        "--epochs",
+        "1",
+        "--limit",
+        "96",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        o,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = darts(&["eval", "--model", o, "--which", "last", "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let ours: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let genotype = std::fs::read_to_string(out.join("genotype.txt")).unwrap();
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist-subset");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/pytorch_darts.py");
+    let py = Command::new(reference_python())
+        .args([script, "check-weights", "--channels", "4", "--layers", "5", "--classes", "10", "--in-channels", "1"])
+        .args(["--auxiliary", "--limit", "96", "--genotype", genotype.trim()])
+        .arg("--weights")
+        .arg(out.join("model-last.safetensors"))
+        .arg(format!("--images={data}/t10k-images-idx3-ubyte.gz"))
+        .arg(format!("--labels={data}/t10k-labels-idx1-ubyte.gz"))
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "the original model refused the weights: {}", String::from_utf8_lossy(&py.stderr));
+    let theirs: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    assert_eq!(theirs["examples"], 96);
+    let (a, b) = (ours["loss"].as_f64().unwrap(), theirs["loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "test loss: ours {a}, original code {b}");
+    assert_eq!(ours["top1"], theirs["top1"]);
+}
