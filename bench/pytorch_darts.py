@@ -101,22 +101,45 @@ class FactorizedReduce(nn.Module):
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
 
 
+def channel_shuffle(x, groups):
+    # PC-DARTS model_search.py
+    batchsize, num_channels, height, width = x.data.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, -1, height, width)
+
+
 class MixedOp(nn.Module):
-    def __init__(self, C, stride):
+    """DARTS' MixedOp; with k > 1 PC-DARTS' (partial channels: ops on C // k channels, channel shuffle)."""
+
+    def __init__(self, C, stride, k=1):
         super().__init__()
         self._ops = nn.ModuleList()
+        self.k = k
+        self.mp = nn.MaxPool2d(2, 2)
         for primitive in PRIMITIVES:
-            op = OPS[primitive](C, stride, False)
+            op = OPS[primitive](C // k, stride, False)
             if 'pool' in primitive:
-                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+                op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
             self._ops.append(op)
 
     def forward(self, x, weights):
-        return sum(w * op(x) for w, op in zip(weights, self._ops))
+        if self.k == 1:
+            return sum(w * op(x) for w, op in zip(weights, self._ops))
+        dim_2 = x.shape[1]
+        xtemp = x[:, :dim_2 // self.k, :, :]
+        xtemp2 = x[:, dim_2 // self.k:, :, :]
+        temp1 = sum(w * op(xtemp) for w, op in zip(weights, self._ops))
+        if temp1.shape[2] == x.shape[2]:
+            ans = torch.cat([temp1, xtemp2], dim=1)
+        else:
+            ans = torch.cat([temp1, self.mp(xtemp2)], dim=1)
+        return channel_shuffle(ans, self.k)
 
 
 class Cell(nn.Module):
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, k=1):
         super().__init__()
         self.reduction = reduction
         if reduction_prev:
@@ -130,24 +153,30 @@ class Cell(nn.Module):
         for i in range(self._steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(C, stride))
+                self._ops.append(MixedOp(C, stride, k))
 
-    def forward(self, s0, s1, weights):
+    def forward(self, s0, s1, weights, weights2=None):
         s0 = self.preprocess0(s0)
         s1 = self.preprocess1(s1)
         states = [s0, s1]
         offset = 0
         for i in range(self._steps):
-            s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            if weights2 is None:
+                s = sum(self._ops[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            else:
+                s = sum(weights2[offset + j] * self._ops[offset + j](h, weights[offset + j])
+                        for j, h in enumerate(states))
             offset += len(states)
             states.append(s)
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
 class Network(nn.Module):
-    def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, in_channels=3):
+    def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, in_channels=3, k=1,
+                 edge_norm=False):
         super().__init__()
         self._C, self._num_classes, self._layers = C, num_classes, layers
+        self.edge_norm = edge_norm
         self._steps, self._multiplier = steps, multiplier
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
@@ -160,24 +189,42 @@ class Network(nn.Module):
                 reduction = True
             else:
                 reduction = False
-            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, k)
             reduction_prev = reduction
             self.cells += [cell]
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
-        k = sum(1 for i in range(self._steps) for n in range(2 + i))
-        self.alphas_normal = (1e-3 * torch.randn(k, len(PRIMITIVES))).requires_grad_(True)
-        self.alphas_reduce = (1e-3 * torch.randn(k, len(PRIMITIVES))).requires_grad_(True)
+        n_edges = sum(1 for i in range(self._steps) for n in range(2 + i))
+        self.alphas_normal = (1e-3 * torch.randn(n_edges, len(PRIMITIVES))).requires_grad_(True)
+        self.alphas_reduce = (1e-3 * torch.randn(n_edges, len(PRIMITIVES))).requires_grad_(True)
+        self.betas_normal = (1e-3 * torch.randn(n_edges)).requires_grad_(True)
+        self.betas_reduce = (1e-3 * torch.randn(n_edges)).requires_grad_(True)
 
     def arch_parameters(self):
+        if self.edge_norm:
+            return [self.alphas_normal, self.alphas_reduce, self.betas_normal, self.betas_reduce]
         return [self.alphas_normal, self.alphas_reduce]
+
+    def _edge_weights(self, betas):
+        # PC-DARTS model_search.py Network.forward: softmax over each node's incoming edges.
+        n, start = 3, 2
+        weights2 = F.softmax(betas[0:2], dim=-1)
+        for i in range(self._steps - 1):
+            end = start + n
+            weights2 = torch.cat([weights2, F.softmax(betas[start:end], dim=-1)], dim=0)
+            start = end
+            n += 1
+        return weights2
 
     def forward(self, input):
         s0 = s1 = self.stem(input)
         for cell in self.cells:
             weights = F.softmax(self.alphas_reduce if cell.reduction else self.alphas_normal, dim=-1)
-            s0, s1 = s1, cell(s0, s1, weights)
+            weights2 = None
+            if self.edge_norm:
+                weights2 = self._edge_weights(self.betas_reduce if cell.reduction else self.betas_normal)
+            s0, s1 = s1, cell(s0, s1, weights, weights2)
         out = self.global_pooling(s1)
         return self.classifier(out.view(out.size(0), -1))
 
@@ -406,8 +453,36 @@ def bench_final(args):
 
 
 def count(args):
-    model = Network(args.channels, args.classes, args.layers, in_channels=args.in_channels)
+    model = Network(args.channels, args.classes, args.layers, in_channels=args.in_channels, k=args.partial)
     print(sum(p.numel() for p in model.parameters()))
+
+
+def check_supernet(args):
+    """Loads a supernet written by darts' test (weights, BN statistics, alphas, betas, a batch, and darts'
+    logits, loss and architecture gradients) into this reference and prints the largest differences."""
+    t = read_safetensors(args.weights)
+    model = Network(args.channels, args.classes, args.layers, steps=args.nodes, multiplier=args.nodes,
+                    in_channels=args.in_channels, k=args.partial, edge_norm=args.edge_norm)
+    state = {k: v for k, v in t.items() if "/" not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(m.endswith("num_batches_tracked") for m in missing), missing
+    arch = model.arch_parameters()
+    names = ["alpha/normal", "alpha/reduce", "beta/normal", "beta/reduce"][:len(arch)]
+    with torch.no_grad():
+        for p, n in zip(arch, names):
+            p.copy_(t[n])
+    model.train()
+    logits = model(t["test/x"])
+    loss = F.cross_entropy(logits, t["test/y"].long())
+    grads = torch.autograd.grad(loss, arch)
+    out = {"logits": (logits - t["test/logits"]).abs().max().item(),
+           "loss": abs(loss.item() - t["test/loss"].item()),
+           "loss_value": loss.item()}
+    for n, g in zip(names, grads):
+        out["grad " + n] = (g - t["test/grad/" + n]).abs().max().item()
+        out["grad scale " + n] = g.abs().max().item()
+    print(json.dumps(out))
 
 
 def peak_rss_mb():
@@ -530,7 +605,8 @@ def check_weights(a):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["count", "bench", "count-final", "bench-final", "check-weights"])
+    ap.add_argument("cmd", choices=["count", "bench", "count-final", "bench-final", "check-weights",
+                                    "check-supernet"])
     ap.add_argument("--genotype", default="")
     ap.add_argument("--imagenet", action="store_true")
     ap.add_argument("--channels", type=int, default=16)
@@ -544,6 +620,9 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default="forward,forward_backward_sgd,first_order_step,second_order_step")
     ap.add_argument("--auxiliary", action="store_true")
+    ap.add_argument("--partial", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--edge-norm", action="store_true")
     ap.add_argument("--weights", default="")
     ap.add_argument("--images", default="")
     ap.add_argument("--labels", default="")
@@ -552,4 +631,4 @@ if __name__ == "__main__":
     ap.add_argument("--std", type=float, default=0.3530)
     a = ap.parse_args()
     {"count": count, "bench": bench, "count-final": count_final, "bench-final": bench_final,
-     "check-weights": check_weights}[a.cmd](a)
+     "check-weights": check_weights, "check-supernet": check_supernet}[a.cmd](a)

@@ -19,7 +19,7 @@ pub enum Order {
 /// The architecture optimiser: Adam on alpha plus the hypergradient rule.
 #[derive(Debug)]
 pub struct Architect {
-    /// Adam over (alpha_normal, alpha_reduce).
+    /// Adam over the architecture tensors (alpha normal, alpha reduce, and the betas if any).
     pub adam: Adam,
     /// First or second order.
     pub order: Order,
@@ -42,8 +42,7 @@ fn restore(ts: &[Tensor], saved: &[Tensor]) {
 
 /// grad_alpha of the training-mode loss on (x, y).
 fn alpha_grads(net: &SearchNetwork, x: &Tensor, y: &Tensor) -> Vec<Tensor> {
-    let loss = net.loss(x, y);
-    Tensor::run_backward(&[loss], &net.alphas.tensors(), false, false)
+    net.loss_grads(x, y, &net.alphas.tensors()).2
 }
 
 /// Global L2 norm of a list of tensors, as a 0-d tensor (stays on the device).
@@ -111,8 +110,8 @@ impl Architect {
             Order::First => alpha_grads(net, x_val, y_val),
             Order::Second => {
                 // w' = w - eta (momentum * buf + grad_w L_train + wd * w)
-                let loss = net.loss(x_train, y_train);
-                let g = Tensor::run_backward(&[loss], weights, false, false);
+                let w_refs: Vec<&Tensor> = weights.iter().collect();
+                let (_, _, g) = net.loss_grads(x_train, y_train, &w_refs);
                 let theta = snapshot(weights);
                 tch::no_grad(|| {
                     for (((w, t), gi), buf) in weights.iter().zip(&theta).zip(&g).zip(&sgd.buffers) {
@@ -122,13 +121,13 @@ impl Architect {
                 });
                 // The unrolled model is a copy in the original: its forward must not move our BN statistics.
                 let stats = snapshot(buffers);
-                let loss_val = net.loss(x_val, y_val);
-                let mut inputs: Vec<&Tensor> = net.alphas.tensors().to_vec();
+                let mut inputs: Vec<&Tensor> = net.alphas.tensors();
+                let n_arch = inputs.len();
                 inputs.extend(weights.iter());
-                let grads = Tensor::run_backward(&[loss_val], &inputs, false, false);
+                let (_, _, grads) = net.loss_grads(x_val, y_val, &inputs);
                 restore(weights, &theta);
                 restore(buffers, &stats);
-                let (dalpha, v) = grads.split_at(2);
+                let (dalpha, v) = grads.split_at(n_arch);
                 let implicit = finite_difference_hvp(net, weights, v, x_train, y_train, self.hvp_r);
                 dalpha.iter().zip(&implicit).map(|(d, h)| d - h * eta).collect()
             }

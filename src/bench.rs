@@ -12,7 +12,7 @@ use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
 /// One row of the table.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct BenchRow {
     /// Which implementation.
     #[serde(rename = "impl")]
@@ -53,7 +53,59 @@ pub fn time_ms(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64
     (ts[0], ts[ts.len() / 2])
 }
 
-/// Measures the search steps named in `only` for a supernet of `space` on `batch` random images of `shape`.
+/// One configuration of ours to measure: memory layout, gradient checkpointing, PC-DARTS.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    /// The name on the command line and in the table.
+    pub name: String,
+    /// Channels-last activations and kernels.
+    pub channels_last: bool,
+    /// Gradient checkpointing of cells.
+    pub checkpoint_cells: bool,
+    /// PC-DARTS partial channels (1 = off).
+    pub partial_channels: usize,
+    /// PC-DARTS edge normalisation.
+    pub edge_normalization: bool,
+}
+
+/// The variants `darts bench --variants` knows.
+pub const VARIANTS: [&str; 5] = ["nchw", "channels-last", "checkpoint", "pc-darts", "pc-darts-checkpoint"];
+
+impl Variant {
+    /// A variant by name; "checkpoint" and the PC-DARTS ones use channels-last when `best_channels_last`
+    /// (the `--layout` option's choice for the device).
+    pub fn parse(name: &str, best_channels_last: bool) -> Option<Variant> {
+        let best = best_channels_last;
+        let v = |channels_last, checkpoint_cells, partial_channels| Variant {
+            name: name.to_string(),
+            channels_last,
+            checkpoint_cells,
+            partial_channels,
+            edge_normalization: partial_channels > 1,
+        };
+        Some(match name {
+            "nchw" => v(false, false, 1),
+            "channels-last" => v(true, false, 1),
+            "checkpoint" => v(best, true, 1),
+            "pc-darts" => v(best, false, 4),
+            "pc-darts-checkpoint" => v(best, true, 4),
+            _ => return None,
+        })
+    }
+
+    /// The column label: "darts-rs (<name>)".
+    pub fn label(&self) -> String {
+        format!("darts-rs ({})", self.name)
+    }
+
+    /// Whether the final-network measurement applies (layout variants only).
+    pub fn has_final(&self) -> bool {
+        !self.checkpoint_cells && self.partial_channels == 1
+    }
+}
+
+/// Measures the search steps named in `only` for a supernet of `space` (modified by `variant`) on `batch`
+/// random images of `shape`.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_search(
     space: &SearchSpace,
@@ -62,14 +114,20 @@ pub fn bench_search(
     repeats: usize,
     device: Device,
     only: &[&str],
-    channels_last: bool,
+    variant: &Variant,
     mut report: impl FnMut(&BenchRow),
 ) -> Vec<BenchRow> {
     tch::manual_seed(0);
+    let space = SearchSpace {
+        partial_channels: variant.partial_channels,
+        edge_normalization: variant.edge_normalization,
+        ..space.clone()
+    };
     let vs = nn::VarStore::new(device);
-    let mut net = SearchNetwork::new(&vs.root(), space, shape, Alphas::random(space, device));
-    set_channels_last(&mut net, &vs, channels_last);
-    let label = if channels_last { "darts-rs (channels-last)" } else { "darts-rs" };
+    let mut net = SearchNetwork::new(&vs.root(), &space, shape, Alphas::random(&space, device));
+    set_channels_last(&mut net, &vs, variant.channels_last);
+    crate::supernet::set_checkpoint_cells(&mut net, &vs, variant.checkpoint_cells);
+    let label = variant.label();
     let Params { weights, buffers, .. } = Params::of(&vs);
     let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
     let (c, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
@@ -81,8 +139,8 @@ pub fn bench_search(
     let mut rows = Vec::new();
     for &name in only {
         let weight_step = |sgd: &mut Sgd| {
-            let loss = net.loss(&x, &y);
-            let mut g = Tensor::run_backward(&[loss], &weights, false, false);
+            let w: Vec<&Tensor> = weights.iter().collect();
+            let (_, _, mut g) = net.loss_grads(&x, &y, &w);
             let _ = clip_grad_norm(&mut g, 5.0);
             sgd.step(&weights, &g);
         };
@@ -101,8 +159,13 @@ pub fn bench_search(
             }
             _ => continue,
         };
-        let row =
-            BenchRow { implementation: label.into(), name: name.into(), min_ms, median_ms, peak_rss_mb: peak_rss_mb() };
+        let row = BenchRow {
+            implementation: label.clone(),
+            name: name.into(),
+            min_ms,
+            median_ms,
+            peak_rss_mb: peak_rss_mb(),
+        };
         report(&row);
         rows.push(row);
     }
@@ -142,7 +205,7 @@ pub fn bench_final(
         let _ = clip_grad_norm(&mut g, 5.0);
         sgd.step(&weights, &g);
     });
-    let label = if channels_last { "darts-rs (channels-last)" } else { "darts-rs" };
+    let label = if channels_last { "darts-rs (channels-last)" } else { "darts-rs (nchw)" };
     BenchRow {
         implementation: label.into(),
         name: "final_train_step".into(),

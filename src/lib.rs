@@ -133,9 +133,12 @@ pub fn explain_failure(msg: &str) -> String {
                   --resume DIR";
     if oom {
         format!(
-            "out of memory: {msg}\n  Reduce what a step holds: a smaller --batch-size, fewer --channels or --layers \
-             (or --nodes / fewer --ops for a search), first-order instead of --order second (the unrolled step \
-             holds a second graph). {resume} (a run's settings are fixed, so a smaller one starts anew with --out)."
+            "out of memory: {msg}\n  Reduce what a step holds. A search: --checkpoint-cells (recomputes each cell \
+             during backward: same result, a fraction of the memory; also works with --resume DIR), \
+             --partial-channels 4 (PC-DARTS: each edge's ops see a quarter of the channels), first-order instead \
+             of --order second (the unrolled step holds a second graph), fewer --nodes or --ops. Any run: a \
+             smaller --batch-size, fewer --channels or --layers. {resume} (settings that change the result are \
+             fixed for a run, so a smaller one starts anew with --out)."
         )
     } else {
         format!("libtorch failed: {msg}\n  {resume}. If it repeats, please report it with the command line.")

@@ -69,6 +69,13 @@ impl Conv {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = if self.is_dilated_depthwise() && x.device() == tch::Device::Cpu {
             self.dilated_depthwise_by_phases(x)
+        } else if self.is_strided_pointwise() && x.device() == tch::Device::Cpu && x.stride()[1] == 1 {
+            // libtorch 2.11's CPU kernel for a channels-last 1x1 convolution with stride 2 corrupts the heap
+            // for small channel counts (seen with 2 to 6 input channels, also from Python). The same maths:
+            // take every second pixel, then a 1x1 convolution with stride 1.
+            let (h, w) = (x.size()[2], x.size()[3]);
+            let sub = crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2));
+            sub.conv2d(&self.weight, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
         } else {
             x.conv2d(&self.weight, None::<Tensor>, self.stride, self.padding, self.dilation, self.groups)
         };
@@ -85,6 +92,12 @@ impl Conv {
 }
 
 impl Conv {
+    /// A 1x1 convolution with stride 2 and no padding (FactorizedReduce's).
+    fn is_strided_pointwise(&self) -> bool {
+        let k = self.weight.size();
+        k[2] == 1 && k[3] == 1 && self.stride == [2, 2] && self.padding == [0, 0] && self.groups == 1
+    }
+
     /// A depthwise convolution with dilation 2 and "same" padding (the dil_conv ops).
     fn is_dilated_depthwise(&self) -> bool {
         let k = self.weight.size();
@@ -435,6 +448,36 @@ mod tests {
                 let op = Op::new(&(vs.root() / kind.name() / size), kind, 4, 2, false, true, Activation::Relu);
                 let y = op.forward_t(&x, true);
                 assert_eq!(y.size(), vec![2, 4, (size + 1) / 2, (size + 1) / 2], "{kind} on {size}");
+            }
+        }
+    }
+
+    /// FactorizedReduce's 1x1 stride-2 convolution on channels-last input goes around a libtorch kernel that
+    /// corrupts the heap for small channel counts (this test crashed the process before): same values and
+    /// gradients as the direct NCHW convolution.
+    #[test]
+    fn channels_last_strided_pointwise_equals_the_direct_convolution_and_survives() {
+        for c in [2i64, 4, 6, 8] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let conv = Conv::new(&vs.root(), c, c / 2, ConvSpec::square(1, 2, 0));
+            crate::set_vars_channels_last(&vs, true);
+            for size in [8i64, 7] {
+                for _ in 0..10 {
+                    let x = Tensor::randn([4, c, size, size], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+                    let y = conv.forward(&crate::channels_last(&x));
+                    let direct = x.conv2d(&conv.weight.contiguous(), None::<Tensor>, [2, 2], [0, 0], [1, 1], 1);
+                    assert!(y.allclose(&direct, 1e-5, 1e-6, false), "C={c} size {size}");
+                    let g = Tensor::run_backward(&[(&y * &y).sum(Kind::Float)], &[&x, &conv.weight], false, false);
+                    let gd = Tensor::run_backward(
+                        &[(&direct * &direct).sum(Kind::Float)],
+                        &[&x, &conv.weight],
+                        false,
+                        false,
+                    );
+                    for (a, b) in g.iter().zip(&gd) {
+                        assert!(a.allclose(b, 1e-4, 1e-5, false), "C={c}: gradient");
+                    }
+                }
             }
         }
     }

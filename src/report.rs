@@ -183,12 +183,13 @@ fn search_figures(s: &SearchRun, figs: &mut Vec<Figure>) -> Result<()> {
     let ops: Vec<String> = s.config.space.ops.iter().map(|o| o.name().to_string()).collect();
     let edges = edge_labels(s.config.space.nodes);
     let derived = Genotype::parse(&last.genotype)?;
-    for (kind, w, cell) in [
-        (CellKind::Normal, &last.alpha_normal, &derived.normal),
-        (CellKind::Reduce, &last.alpha_reduce, &derived.reduce),
+    for (kind, w, cell, betas) in [
+        (CellKind::Normal, &last.alpha_normal, &derived.normal, &last.beta_normal),
+        (CellKind::Reduce, &last.alpha_reduce, &derived.reduce, &last.beta_reduce),
     ] {
         let title = format!("softmax(alpha), {} cell, after epoch {}", kind.name(), last.epoch + 1);
-        let svg = alpha_heatmap(&title, w, &ops, &edges, &kept_cells(cell, &s.config.space.ops))?;
+        let kept = kept_cells(cell, &s.config.space.ops);
+        let svg = alpha_heatmap(&title, w, &ops, &edges, &kept, betas.as_deref())?;
         figs.push(Figure {
             stem: format!("alpha-{}", kind.name()),
             caption: format!(
@@ -408,6 +409,22 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             )),
         );
         row(&mut h, "hypergradient", &escape(&format!("{:?} order", s.config.order).to_lowercase()));
+        let mut extras = Vec::new();
+        if s.config.space.partial_channels > 1 {
+            extras.push(format!("partial channels 1/{}", s.config.space.partial_channels));
+        }
+        if s.config.space.edge_normalization {
+            extras.push("edge normalisation (beta)".to_string());
+        }
+        if s.config.arch_warmup_epochs > 0 {
+            extras.push(format!("alpha frozen for the first {} epochs", s.config.arch_warmup_epochs));
+        }
+        if s.config.checkpoint_cells {
+            extras.push("gradient checkpointing of cells".to_string());
+        }
+        if !extras.is_empty() {
+            row(&mut h, "search options", &escape(&extras.join(", ")));
+        }
         if let Some(last) = s.epochs.last() {
             row(
                 &mut h,

@@ -22,12 +22,21 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Memory layout (use the same one to resume bit for bit).
     pub layout: crate::Layout,
+    /// Turn on gradient checkpointing of cells when resuming a search (starting one, the config decides).
+    pub checkpoint_cells: bool,
 }
 
 impl RunOptions {
     /// Options for `out_dir` on `device` with progress shown, all epochs, the automatic layout.
     pub fn new(out_dir: PathBuf, device: Device) -> RunOptions {
-        RunOptions { out_dir, device, progress: true, stop_after: None, layout: crate::Layout::Auto }
+        RunOptions {
+            out_dir,
+            device,
+            progress: true,
+            stop_after: None,
+            layout: crate::Layout::Auto,
+            checkpoint_cells: false,
+        }
     }
 }
 
@@ -95,6 +104,9 @@ pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
 pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
     let mut search = Search::resume(&opts.out_dir, opts.device)?;
     search.set_channels_last(opts.layout.channels_last(opts.device));
+    if opts.checkpoint_cells {
+        search.set_checkpoint_cells(true);
+    }
     truncate_metrics(&opts.out_dir, search.epoch)?;
     eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), search.epoch + 1, search.config.epochs);
     drive(search, opts)
@@ -116,14 +128,21 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
     say(
         mp.as_ref(),
         format!(
-            "supernet: {} cells, {} nodes, C={}, {} ops, {} weight parameters, {:?}-order, device {:?}",
+            "supernet: {} cells, {} nodes, C={}, {} ops, {} weight parameters, {:?}-order, device {:?}{}{}{}",
             cfg.space.layers,
             cfg.space.nodes,
             cfg.space.channels,
             cfg.space.ops.len(),
             search.parameter_count(),
             cfg.order,
-            opts.device
+            opts.device,
+            if cfg.space.partial_channels > 1 {
+                format!(", partial channels 1/{}", cfg.space.partial_channels)
+            } else {
+                String::new()
+            },
+            if cfg.space.edge_normalization { ", edge normalisation" } else { "" },
+            if search.config.checkpoint_cells { ", checkpointed cells" } else { "" }
         ),
     );
     let (epoch_bar, step_bar) = bars(mp.as_ref(), cfg.epochs, search.epoch);

@@ -55,6 +55,13 @@ pub struct SearchConfig {
     pub order: Order,
     /// Seed for weights, alpha, split, shuffling and augmentation.
     pub seed: u64,
+    /// Epochs at the start during which alpha stays fixed and only the weights train (PC-DARTS: 15).
+    #[serde(default)]
+    pub arch_warmup_epochs: usize,
+    /// Gradient checkpointing: keep only each cell's output during the forward pass and recompute the cell
+    /// during backward. Same gradients, much less memory, about one more forward pass of time.
+    #[serde(default)]
+    pub checkpoint_cells: bool,
 }
 
 impl Default for SearchConfig {
@@ -77,6 +84,8 @@ impl Default for SearchConfig {
             arch_weight_decay: 1e-3,
             order: Order::First,
             seed: 2,
+            arch_warmup_epochs: 0,
+            checkpoint_cells: false,
         }
     }
 }
@@ -91,6 +100,21 @@ impl SearchConfig {
             space: SearchSpace { channels: 8, layers: 5, ..Default::default() },
             epochs: 3,
             batch_size: 32,
+            ..Default::default()
+        }
+    }
+
+    /// PC-DARTS (Xu et al., ICLR 2020) as its authors' code searches on CIFAR-10: partial channels K=4, edge
+    /// normalisation, batch 256, SGD lr 0.1 (cosine to 0), Adam 6e-4 on alpha and beta after 15 warm-up
+    /// epochs of weights only, 50 epochs, C=16, 8 cells.
+    pub fn pc_darts() -> SearchConfig {
+        SearchConfig {
+            space: SearchSpace { partial_channels: 4, edge_normalization: true, ..Default::default() },
+            batch_size: 256,
+            lr: 0.1,
+            lr_min: 0.0,
+            arch_lr: 6e-4,
+            arch_warmup_epochs: 15,
             ..Default::default()
         }
     }
@@ -124,6 +148,13 @@ impl SearchConfig {
         if self.weight_decay < 0.0 || self.arch_weight_decay < 0.0 {
             bail!("weight decay must not be negative");
         }
+        if self.arch_warmup_epochs >= self.epochs {
+            bail!(
+                "arch_warmup_epochs = {} with {} epochs: alpha would never train; use fewer warm-up epochs",
+                self.arch_warmup_epochs,
+                self.epochs
+            );
+        }
         if let Some(0) = self.limit {
             bail!("limit = 0: use at least a few examples, or leave the limit out");
         }
@@ -150,6 +181,12 @@ pub struct EpochStats {
     pub alpha_normal: Vec<Vec<f64>>,
     /// softmax(alpha_reduce) per edge.
     pub alpha_reduce: Vec<Vec<f64>>,
+    /// Edge normalisation only: each normal-cell edge's weight (softmax of beta over its node's edges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_normal: Option<Vec<f64>>,
+    /// Edge normalisation only: each reduction-cell edge's weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_reduce: Option<Vec<f64>>,
     /// The genotype derived at the end of the epoch, in DARTS Python text.
     pub genotype: String,
     /// Wall-clock seconds of the epoch.
@@ -212,14 +249,20 @@ impl Search {
                 config.batch_size
             );
         }
-        let (vs, net) = {
+        // Drawn on the CPU from the seed and then moved, so that one seed starts the same search on any device.
+        let (mut vs, mut net) = {
             let _rng = crate::torch_rng_lock();
             tch::manual_seed(config.seed as i64);
-            let vs = nn::VarStore::new(device);
-            let alphas = Alphas::random(&config.space, device);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let alphas = Alphas::random(&config.space, Device::Cpu);
             let net = SearchNetwork::new(&vs.root(), &config.space, &data.shape, alphas);
             (vs, net)
         };
+        if device != Device::Cpu {
+            vs.set_device(device);
+            net.alphas = net.alphas.to_device(device);
+        }
+        crate::supernet::set_checkpoint_cells(&mut net, &vs, config.checkpoint_cells);
         let params = Params::of(&vs);
         let sgd = Sgd::new(&params.weights, config.lr, config.momentum, config.weight_decay);
         let architect = Architect::new(&net, config.order, config.arch_lr, config.arch_betas, config.arch_weight_decay);
@@ -231,14 +274,20 @@ impl Search {
         crate::supernet::set_channels_last(&mut self.net, &self.vs, on);
     }
 
+    /// Gradient checkpointing of cells on or off (same results; recorded in the next checkpoint's config).
+    pub fn set_checkpoint_cells(&mut self, on: bool) {
+        self.config.checkpoint_cells = on;
+        crate::supernet::set_checkpoint_cells(&mut self.net, &self.vs, on);
+    }
+
     /// Number of weight parameters of the supernet (alphas excluded).
     pub fn parameter_count(&self) -> i64 {
         crate::supernet::count_parameters(&self.vs)
     }
 
-    /// The genotype derived from the current alphas.
+    /// The genotype derived from the current alphas (and betas: PC-DARTS ranks edges by alpha times beta).
     pub fn genotype(&self) -> Genotype {
-        let (n, r) = self.net.alphas.softmax();
+        let (n, r) = self.net.alphas.derivation_weights();
         Genotype::derive(&n, &r, &self.config.space)
     }
 
@@ -265,14 +314,15 @@ impl Search {
         );
         for (step, idx) in train_batches.iter().enumerate() {
             let (xt, yt) = self.data.batch(idx, Some((&augment, &mut rng)), self.device);
-            let vidx = &val_batches[step % val_batches.len()];
-            let (xv, yv) = self.data.batch(vidx, Some((&augment, &mut rng)), self.device);
-            let p = &self.params;
-            self.architect.step(&self.net, &p.weights, &p.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr);
+            if epoch >= self.config.arch_warmup_epochs {
+                let vidx = &val_batches[step % val_batches.len()];
+                let (xv, yv) = self.data.batch(vidx, Some((&augment, &mut rng)), self.device);
+                let p = &self.params;
+                self.architect.step(&self.net, &p.weights, &p.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr);
+            }
 
-            let logits = self.net.forward_t(&xt, true);
-            let loss = logits.cross_entropy_for_logits(&yt);
-            let mut grads = Tensor::run_backward(&[&loss], &self.params.weights, false, false);
+            let weights: Vec<&Tensor> = self.params.weights.iter().collect();
+            let (loss, logits, mut grads) = self.net.loss_grads(&xt, &yt, &weights);
             let _ = clip_grad_norm(&mut grads, self.config.grad_clip);
             self.sgd.step(&self.params.weights, &grads);
             meter.record(step, &loss, &logits, &yt, bar, &nan_hint)?;
@@ -280,6 +330,7 @@ impl Search {
         let (train_loss, train_acc) = meter.means();
         let (val_loss, val_acc) = self.evaluate(&self.split.val.clone());
         self.epoch += 1;
+        let betas = self.net.alphas.edge_weights_vec();
         Ok(EpochStats {
             epoch,
             lr,
@@ -289,6 +340,8 @@ impl Search {
             val_acc,
             alpha_normal: softmax_rows(&self.net.alphas.normal),
             alpha_reduce: softmax_rows(&self.net.alphas.reduce),
+            beta_normal: betas.as_ref().map(|b| b.0.clone()),
+            beta_reduce: betas.map(|b| b.1),
             genotype: self.genotype().to_string(),
             seconds: start.elapsed().as_secs_f64(),
             peak_rss_mb: peak_rss_mb(),
@@ -323,9 +376,11 @@ impl Search {
         named.extend(self.params.named());
         let sgd = self.params.names.iter().zip(&self.sgd.buffers);
         named.extend(sgd.map(|(n, t)| (format!("sgd/{n}"), t.shallow_clone())));
-        named.push(("alpha/normal".into(), self.net.alphas.normal.detach()));
-        named.push(("alpha/reduce".into(), self.net.alphas.reduce.detach()));
-        for i in 0..2 {
+        let arch = self.net.alphas.tensors();
+        for (name, t) in self.net.alphas.names().into_iter().zip(&arch) {
+            named.push((name.into(), t.detach()));
+        }
+        for i in 0..arch.len() {
             named.push((format!("adam/m/{i}"), self.architect.adam.exp_avg[i].shallow_clone()));
             named.push((format!("adam/v/{i}"), self.architect.adam.exp_avg_sq[i].shallow_clone()));
         }
@@ -342,8 +397,9 @@ impl Search {
         let mut s = Search::new(meta.config, device)?;
         s.params.load(&map, &path)?;
         s.params.load_per_weight(&map, "sgd/", &s.sgd.buffers, &path)?;
-        let alphas = [("alpha/normal", &s.net.alphas.normal), ("alpha/reduce", &s.net.alphas.reduce)];
-        let adam = (0..2).flat_map(|i| {
+        let arch = s.net.alphas.tensors();
+        let alphas: Vec<(&str, &Tensor)> = s.net.alphas.names().into_iter().zip(arch.iter().copied()).collect();
+        let adam = (0..arch.len()).flat_map(|i| {
             [
                 (format!("adam/m/{i}"), &s.architect.adam.exp_avg[i]),
                 (format!("adam/v/{i}"), &s.architect.adam.exp_avg_sq[i]),

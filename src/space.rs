@@ -170,6 +170,12 @@ pub struct SearchSpace {
     pub stem_multiplier: usize,
     /// The nonlinearity in ops and preprocessing.
     pub activation: Activation,
+    /// PC-DARTS partial channel connections: every edge's candidate ops see only 1/K of the channels (the
+    /// rest bypass them), followed by a channel shuffle. 1 (the default) is plain DARTS; PC-DARTS uses 4.
+    pub partial_channels: usize,
+    /// PC-DARTS edge normalisation: a second set of architecture weights (beta), one per edge, softmax over
+    /// each node's incoming edges, weighting the edges' sum and the ranking of edges at derivation.
+    pub edge_normalization: bool,
 }
 
 impl Default for SearchSpace {
@@ -181,6 +187,8 @@ impl Default for SearchSpace {
             channels: 16,
             stem_multiplier: 3,
             activation: Activation::Relu,
+            partial_channels: 1,
+            edge_normalization: false,
         }
     }
 }
@@ -237,6 +245,14 @@ impl SearchSpace {
         if self.channels < 2 || !self.channels.is_multiple_of(2) || self.channels > 4096 {
             return bad(format!(
                 "channels = {}: initial channels must be even (FactorizedReduce halves them) and between 2 and 4096",
+                self.channels
+            ));
+        }
+        let k = self.partial_channels;
+        if k < 1 || !self.channels.is_multiple_of(2 * k) {
+            return bad(format!(
+                "partial_channels = {k} with channels = {}: each edge's ops see channels/partial_channels channels, \
+                 which must be a whole, even number (e.g. partial_channels = 4 with channels = 16; 1 turns it off)",
                 self.channels
             ));
         }

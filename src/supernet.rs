@@ -8,32 +8,110 @@ use crate::space::{DataShape, SearchSpace};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-/// The architecture parameters: one row per edge, one column per candidate op.
+/// The architecture parameters: one row per edge, one column per candidate op; with PC-DARTS edge
+/// normalisation also one weight per edge (beta).
 #[derive(Debug)]
 pub struct Alphas {
     /// alpha for the normal cells, `[edges, ops]`.
     pub normal: Tensor,
     /// alpha for the reduction cells, `[edges, ops]`.
     pub reduce: Tensor,
+    /// beta for the normal and the reduction cells, `[edges]` each (edge normalisation only).
+    pub betas: Option<(Tensor, Tensor)>,
+    /// Intermediate nodes per cell (the betas' softmax groups).
+    pub nodes: usize,
 }
 
 impl Alphas {
-    /// `1e-3 * N(0, 1)`, as the original (draws from libtorch's generator: seed it first).
+    /// `1e-3 * N(0, 1)`, as the original (draws from libtorch's generator: seed it first); alpha normal,
+    /// alpha reduce, then (edge normalisation) beta normal and beta reduce, PC-DARTS' order.
     pub fn random(space: &SearchSpace, device: Device) -> Alphas {
+        let make = |shape: &[i64]| (Tensor::randn(shape, (Kind::Float, device)) * 1e-3).set_requires_grad(true);
         let shape = [space.edges() as i64, space.ops.len() as i64];
-        let make = || (Tensor::randn(shape, (Kind::Float, device)) * 1e-3).set_requires_grad(true);
-        Alphas { normal: make(), reduce: make() }
+        let (normal, reduce) = (make(&shape), make(&shape));
+        let betas = space.edge_normalization.then(|| (make(&shape[..1]), make(&shape[..1])));
+        Alphas { normal, reduce, betas, nodes: space.nodes }
     }
 
-    /// Both alpha matrices, normal first (the order of the optimiser state).
-    pub fn tensors(&self) -> [&Tensor; 2] {
-        [&self.normal, &self.reduce]
+    /// The same values on `device`, as new leaf tensors.
+    pub fn to_device(&self, device: Device) -> Alphas {
+        let mv = |t: &Tensor| t.detach().to_device(device).set_requires_grad(true);
+        Alphas {
+            normal: mv(&self.normal),
+            reduce: mv(&self.reduce),
+            betas: self.betas.as_ref().map(|(n, r)| (mv(n), mv(r))),
+            nodes: self.nodes,
+        }
+    }
+
+    /// Every architecture tensor, in the order of the optimiser state: alpha normal, alpha reduce, then the
+    /// betas if any.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.normal, &self.reduce];
+        if let Some((n, r)) = &self.betas {
+            v.extend([n, r]);
+        }
+        v
+    }
+
+    /// Checkpoint names of [`Alphas::tensors`], in the same order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v = vec!["alpha/normal", "alpha/reduce"];
+        if self.betas.is_some() {
+            v.extend(["beta/normal", "beta/reduce"]);
+        }
+        v
     }
 
     /// softmax(alpha) per edge, as plain nested vectors: (normal, reduce).
     pub fn softmax(&self) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
         (softmax_rows(&self.normal), softmax_rows(&self.reduce))
     }
+
+    /// The edge weights (softmax of beta over each node's incoming edges), normal and reduce, as tensors.
+    pub fn edge_weights(&self) -> Option<(Tensor, Tensor)> {
+        self.betas.as_ref().map(|(n, r)| (node_softmax(n, self.nodes), node_softmax(r, self.nodes)))
+    }
+
+    /// [`Alphas::edge_weights`] on the host.
+    pub fn edge_weights_vec(&self) -> Option<(Vec<f64>, Vec<f64>)> {
+        let host = |t: Tensor| Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).to_device(Device::Cpu));
+        self.edge_weights().map(|(n, r)| (host(n).unwrap_or_default(), host(r).unwrap_or_default()))
+    }
+
+    /// The weights derivation ranks by: softmax(alpha), each row scaled by its edge weight when there are
+    /// betas (as PC-DARTS' `genotype()`): (normal, reduce).
+    pub fn derivation_weights(&self) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+        let (mut n, mut r) = self.softmax();
+        if let Some((bn, br)) = self.edge_weights_vec() {
+            for (rows, w) in [(&mut n, bn), (&mut r, br)] {
+                for (row, w) in rows.iter_mut().zip(w) {
+                    row.iter_mut().for_each(|v| *v *= w);
+                }
+            }
+        }
+        (n, r)
+    }
+}
+
+/// Softmax of a per-edge vector within each node's incoming edges (node i has 2 + i).
+pub fn node_softmax(betas: &Tensor, nodes: usize) -> Tensor {
+    let mut parts = Vec::with_capacity(nodes);
+    let mut start = 0;
+    for i in 0..nodes {
+        let n = (2 + i) as i64;
+        parts.push(betas.narrow(0, start, n).softmax(-1, betas.kind()));
+        start += n;
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// PC-DARTS' channel shuffle: `[n, c, h, w]` viewed as `[n, groups, c / groups, h, w]`, groups and
+/// channels-per-group swapped.
+pub fn channel_shuffle(x: &Tensor, groups: i64) -> Tensor {
+    let s = x.size();
+    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+    x.reshape([n, groups, c / groups, h, w]).transpose(1, 2).reshape([n, c, h, w])
 }
 
 /// Row-wise softmax of a 2-d tensor, copied to the host.
@@ -43,25 +121,47 @@ pub fn softmax_rows(t: &Tensor) -> Vec<Vec<f64>> {
     (0..r).map(|i| (0..c).map(|j| s.double_value(&[i, j])).collect()).collect()
 }
 
-/// A continuous relaxation of one edge: sum over ops of softmax(alpha)_op * op(x).
+/// A continuous relaxation of one edge: sum over ops of softmax(alpha)_op * op(x). With partial channels
+/// (K > 1, PC-DARTS) the ops see the first C/K channels only; the others bypass them (max-pooled 2x2 on a
+/// reducing edge) and the two parts are concatenated and channel-shuffled.
 #[derive(Debug)]
 pub struct MixedOp {
     ops: Vec<Op>,
+    partial: i64,
+    stride: i64,
 }
 
 impl MixedOp {
     fn new(p: &nn::Path, space: &SearchSpace, c: i64, stride: i64) -> MixedOp {
         let ops_path = p / "_ops";
+        let partial = space.partial_channels as i64;
         let ops = space
             .ops
             .iter()
             .enumerate()
-            .map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c, stride, false, true, space.activation));
-        MixedOp { ops: ops.collect() }
+            .map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c / partial, stride, false, true, space.activation));
+        MixedOp { ops: ops.collect(), partial, stride }
     }
 
     /// `weights` is this edge's row of softmax(alpha).
     pub fn forward_t(&self, x: &Tensor, weights: &Tensor, train: bool) -> Tensor {
+        if self.partial == 1 {
+            return self.mix(x, weights, train);
+        }
+        let c = x.size()[1];
+        // A channel slice of a channels-last tensor is dense in neither layout, and the shuffle's reshape
+        // returns NCHW: both are copied dense in the layout the rest of the network uses.
+        let nhwc = x.dim() == 4 && x.stride()[1] == 1 && c > 1;
+        let dense = |t: Tensor| if nhwc { crate::channels_last(&t) } else { t.contiguous() };
+        let seen = dense(x.narrow(1, 0, c / self.partial));
+        let bypass = x.narrow(1, c / self.partial, c - c / self.partial);
+        let mixed = self.mix(&seen, weights, train);
+        // ceil_mode: odd sizes give the ops' ceil(h/2) too (the original code fails on odd sizes).
+        let bypass = if self.stride == 2 { bypass.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], true) } else { bypass };
+        dense(channel_shuffle(&Tensor::cat(&[mixed, bypass], 1), self.partial))
+    }
+
+    fn mix(&self, x: &Tensor, weights: &Tensor, train: bool) -> Tensor {
         let mut out: Option<Tensor> = None;
         for (k, op) in self.ops.iter().enumerate() {
             // The zero op adds nothing to the sum and nothing to any gradient: skip its work.
@@ -113,8 +213,16 @@ impl SearchCell {
         SearchCell { reduction, preprocess0, preprocess1, edges, nodes: space.nodes }
     }
 
-    /// `weights` = softmax(alpha) for this cell type, `[edges, ops]`.
-    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, weights: &Tensor, train: bool) -> Tensor {
+    /// `weights` = softmax(alpha) for this cell type, `[edges, ops]`; `edge_weights` (edge normalisation)
+    /// the per-node softmax of beta, `[edges]`.
+    pub fn forward_t(
+        &self,
+        s0: &Tensor,
+        s1: &Tensor,
+        weights: &Tensor,
+        edge_weights: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let s0 = self.preprocess0.forward_t(s0, train);
         let s1 = self.preprocess1.forward_t(s1, train);
         let mut states = vec![s0, s1];
@@ -122,7 +230,12 @@ impl SearchCell {
         for _ in 0..self.nodes {
             let mut sum: Option<Tensor> = None;
             for (j, h) in states.iter().enumerate() {
-                let y = self.edges[offset + j].forward_t(h, &weights.get((offset + j) as i64), train);
+                let e = (offset + j) as i64;
+                let y = self.edges[offset + j].forward_t(h, &weights.get(e), train);
+                let y = match edge_weights {
+                    Some(b) => y * b.get(e),
+                    None => y,
+                };
                 sum = Some(match sum {
                     None => y,
                     Some(acc) => acc + y,
@@ -149,6 +262,10 @@ pub struct SearchNetwork {
     pub alphas: Alphas,
     /// Feed the network channels-last activations (faster on CPU; same maths).
     pub channels_last: bool,
+    /// Gradient checkpointing of cells (see [`SearchNetwork::loss_grads`]); set by [`set_checkpoint_cells`].
+    pub checkpoint_cells: bool,
+    /// The BN running statistics, restored after the recomputation when checkpointing.
+    buffers: Vec<Tensor>,
 }
 
 impl SearchNetwork {
@@ -183,19 +300,31 @@ impl SearchNetwork {
                 bias: true,
             },
         );
-        SearchNetwork { space: space.clone(), shape: *shape, stem, cells, classifier, alphas, channels_last: false }
+        SearchNetwork {
+            space: space.clone(),
+            shape: *shape,
+            stem,
+            cells,
+            classifier,
+            alphas,
+            channels_last: false,
+            checkpoint_cells: false,
+            buffers: Vec::new(),
+        }
     }
 
     /// Logits for a batch `[n, c, h, w]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let w_normal = self.alphas.normal.softmax(-1, self.alphas.normal.kind());
         let w_reduce = self.alphas.reduce.softmax(-1, self.alphas.reduce.kind());
+        let edge_w = self.alphas.edge_weights();
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         let stem = self.stem.forward_t(&x, train);
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for cell in &self.cells {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
-            let out = cell.forward_t(&s0, &s1, w, train);
+            let ew = edge_w.as_ref().map(|(n, r)| if cell.reduction { r } else { n });
+            let out = cell.forward_t(&s0, &s1, w, ew, train);
             (s0, s1) = (s1, out);
         }
         let pooled = s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
@@ -206,6 +335,105 @@ impl SearchNetwork {
     pub fn loss(&self, x: &Tensor, y: &Tensor) -> Tensor {
         self.forward_t(x, true).cross_entropy_for_logits(y)
     }
+
+    /// softmax(alpha) and the edge weights for one cell type, built afresh (each checkpointed segment has
+    /// its own graph back to the leaves).
+    fn cell_weights(&self, reduction: bool) -> (Tensor, Option<Tensor>) {
+        let a = if reduction { &self.alphas.reduce } else { &self.alphas.normal };
+        let ew = self.alphas.betas.as_ref().map(|(n, r)| node_softmax(if reduction { r } else { n }, self.space.nodes));
+        (a.softmax(-1, a.kind()), ew)
+    }
+
+    /// The training-mode loss on (x, y), its logits (both detached) and its gradients with respect to `wrt`
+    /// (weights and/or architecture tensors). With [`SearchNetwork::checkpoint_cells`] the forward pass keeps
+    /// only each cell's output; backward then walks the cells from last to first, recomputing each cell's
+    /// forward from its saved inputs and back-propagating through it alone, so that at most one cell's
+    /// activations are alive at a time. The BN running statistics end as after one forward pass, and the
+    /// gradients are those of the plain pass (a test compares them).
+    pub fn loss_grads(&self, x: &Tensor, y: &Tensor, wrt: &[&Tensor]) -> (Tensor, Tensor, Vec<Tensor>) {
+        if !self.checkpoint_cells {
+            let logits = self.forward_t(x, true);
+            let loss = logits.cross_entropy_for_logits(y);
+            let grads = Tensor::run_backward(&[&loss], wrt, false, false);
+            return (loss.detach(), logits.detach(), grads);
+        }
+        let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
+        // Forward without a graph: the cell boundaries are all that is kept.
+        let states = tch::no_grad(|| {
+            let stem = self.stem.forward_t(&x, true);
+            let mut states = vec![stem.shallow_clone(), stem];
+            for cell in &self.cells {
+                let (w, ew) = self.cell_weights(cell.reduction);
+                let n = states.len();
+                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, ew.as_ref(), true);
+                states.push(out);
+            }
+            states
+        });
+        let stats: Vec<Tensor> = tch::no_grad(|| self.buffers.iter().map(|b| b.copy()).collect());
+        let leaf = |t: &Tensor| t.detach().set_requires_grad(true);
+        let add = |slot: &mut Option<Tensor>, g: &Tensor| {
+            if g.defined() {
+                *slot = Some(match slot.take() {
+                    None => g.shallow_clone(),
+                    Some(acc) => acc + g,
+                })
+            }
+        };
+        // Gradients with respect to `wrt`, summed over the segments (undefined where a segment does not
+        // reach a tensor: libtorch's engine skips those, and computes nothing that `wrt` does not need).
+        let mut acc: Vec<Option<Tensor>> = (0..wrt.len()).map(|_| None).collect();
+        let mut backward = |root: Tensor, extra: &[&Tensor]| -> Vec<Tensor> {
+            let mut inputs: Vec<&Tensor> = extra.to_vec();
+            inputs.extend_from_slice(wrt);
+            let mut gs = Tensor::run_backward(&[root], &inputs, false, false);
+            let rest = gs.split_off(extra.len());
+            for (slot, g) in acc.iter_mut().zip(&rest) {
+                add(slot, g);
+            }
+            gs
+        };
+        let mut upstream: Vec<Option<Tensor>> = (0..states.len()).map(|_| None).collect();
+        // The head.
+        let last = leaf(states.last().expect("states"));
+        let logits = last.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier);
+        let loss = logits.cross_entropy_for_logits(y);
+        let g = backward(loss.shallow_clone(), &[&last]);
+        add(&mut upstream[states.len() - 1], &g[0]);
+        // The cells, last to first: recompute, then back-propagate the output's gradient through the cell.
+        for (i, cell) in self.cells.iter().enumerate().rev() {
+            let g_out = upstream[i + 2].take().expect("every cell output feeds a later cell or the head");
+            let (a, b) = (leaf(&states[i]), leaf(&states[i + 1]));
+            let (w, ew) = self.cell_weights(cell.reduction);
+            let out = cell.forward_t(&a, &b, &w, ew.as_ref(), true);
+            let g = backward((out * g_out).sum(Kind::Float), &[&a, &b]);
+            add(&mut upstream[i], &g[0]);
+            add(&mut upstream[i + 1], &g[1]);
+        }
+        // states[0] and states[1] are both the stem's output.
+        let g_stem = upstream[0].take().expect("cell 0") + upstream[1].take().expect("cell 0");
+        let stem = self.stem.forward_t(&x, true);
+        backward((stem * g_stem).sum(Kind::Float), &[]);
+        tch::no_grad(|| {
+            for (b, s) in self.buffers.iter().zip(&stats) {
+                b.shallow_clone().copy_(s);
+            }
+        });
+        let grads = acc.into_iter().zip(wrt).map(|(g, t)| g.unwrap_or_else(|| t.zeros_like())).collect();
+        (loss.detach(), logits.detach(), grads)
+    }
+}
+
+/// Turns gradient checkpointing of cells on or off for `net`, whose weights and BN statistics are in `vs`.
+pub fn set_checkpoint_cells(net: &mut SearchNetwork, vs: &nn::VarStore, on: bool) {
+    net.checkpoint_cells = on;
+    net.buffers = if on {
+        let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.into_iter().map(|(_, t)| t).collect()
+    } else {
+        Vec::new()
+    };
 }
 
 /// Switches the network's kernels and activations to channels-last (`on`) or contiguous NCHW.
@@ -217,4 +445,40 @@ pub fn set_channels_last(net: &mut SearchNetwork, vs: &nn::VarStore, on: bool) {
 /// Total number of trainable weight parameters.
 pub fn count_parameters(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_shuffle_interleaves_the_groups() {
+        let x = Tensor::arange(8, (Kind::Float, Device::Cpu)).reshape([1, 8, 1, 1]);
+        let y = Vec::<f32>::try_from(channel_shuffle(&x, 4).flatten(0, -1)).unwrap();
+        // groups of 2: [0 1][2 3][4 5][6 7] -> first of each group, then second of each group.
+        assert_eq!(y, vec![0., 2., 4., 6., 1., 3., 5., 7.]);
+    }
+
+    #[test]
+    fn edge_weights_are_a_softmax_per_node_and_scale_derivation() {
+        let space = SearchSpace { nodes: 2, edge_normalization: true, ..Default::default() };
+        let a = Alphas::random(&space, Device::Cpu);
+        let (bn, _) = a.betas.as_ref().unwrap();
+        tch::no_grad(|| {
+            bn.shallow_clone().copy_(&Tensor::from_slice(&[0.0f32, 0.0, 0.0, 3.0f32.ln(), 0.0]));
+        });
+        let (wn, _) = a.edge_weights_vec().unwrap();
+        // node 0: edges 0,1 equal; node 1: edges 2,3,4 with exp weights 1,3,1.
+        let want = [0.5, 0.5, 0.2, 0.6, 0.2];
+        for (w, t) in wn.iter().zip(want) {
+            assert!((w - t).abs() < 1e-6, "{wn:?}");
+        }
+        let (soft, _) = a.softmax();
+        let (scaled, _) = a.derivation_weights();
+        for e in 0..5 {
+            for o in 0..soft[e].len() {
+                assert!((scaled[e][o] - soft[e][o] * wn[e]).abs() < 1e-12);
+            }
+        }
+    }
 }

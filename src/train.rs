@@ -220,13 +220,15 @@ impl Trainer {
                 train.shape.width
             );
         }
-        let (vs, net) = {
+        // Drawn on the CPU from the seed and then moved, so that one seed starts the same training on any device.
+        let (mut vs, net) = {
             let _rng = crate::torch_rng_lock();
             tch::manual_seed(config.seed as i64);
-            let vs = nn::VarStore::new(device);
+            let vs = nn::VarStore::new(Device::Cpu);
             let net = Network::new(&vs.root(), &config.genotype, &config.network, &train.shape);
             (vs, net)
         };
+        vs.set_device(device);
         let params = Params::of(&vs);
         let sgd = Sgd::new(&params.weights, config.lr, config.momentum, config.weight_decay);
         Ok(Trainer { config, device, vs, net, params, sgd, train, test, epoch: 0, best_acc: 0.0 })

@@ -27,7 +27,12 @@ fn fixture() -> Fixture {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let opts = (Kind::Double, Device::Cpu);
     let a = || (Tensor::randn([5, 5], opts) * 0.5).set_requires_grad(true);
-    let net = SearchNetwork::new(&vs.root(), &space, &shape, Alphas { normal: a(), reduce: a() });
+    let net = SearchNetwork::new(
+        &vs.root(),
+        &space,
+        &shape,
+        Alphas { normal: a(), reduce: a(), betas: None, nodes: space.nodes },
+    );
     vs.double();
     let Params { weights, buffers, .. } = Params::of(&vs);
     let x = Tensor::randn([6, 2, 8, 8], opts);

@@ -249,6 +249,8 @@ fn every_subcommand_parses_its_arguments_and_bench_runs() {
         "1",
         "--pytorch",
         "none",
+        "--variants",
+        "channels-last,checkpoint",
         "--device",
         "cpu",
         "--threads",
@@ -256,7 +258,9 @@ fn every_subcommand_parses_its_arguments_and_bench_runs() {
     ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("| forward |") && stdout.contains("| final_train_step |"), "{stdout}");
-    assert!(stdout.contains("darts-rs (channels-last)"), "{stdout}");
+    assert!(stdout.contains("darts-rs (channels-last)") && stdout.contains("darts-rs (checkpoint)"), "{stdout}");
+    let forward = stdout.lines().find(|l| l.starts_with("| forward |")).unwrap();
+    assert_eq!(forward.matches('(').count(), 2, "two measured cells, one per variant: {forward}");
 }
 
 #[test]

@@ -25,19 +25,27 @@ fn default_cifar_supernet_has_the_original_parameter_count() {
 #[test]
 fn parameter_counts_match_the_pytorch_reference_for_other_shapes() {
     let py = darts_python();
-    for (c, layers, classes, in_ch) in [(8usize, 5usize, 10usize, 1usize), (4, 3, 7, 3), (6, 6, 100, 3)] {
-        let space = SearchSpace { channels: c, layers, ..Default::default() };
+    let cases = [
+        (8usize, 5usize, 10usize, 1usize, 1usize),
+        (4, 3, 7, 3, 1),
+        (6, 6, 100, 3, 1),
+        (16, 5, 10, 3, 4),
+        (8, 4, 10, 1, 2),
+    ];
+    for (c, layers, classes, in_ch, k) in cases {
+        let space = SearchSpace { channels: c, layers, partial_channels: k, ..Default::default() };
         let shape = DataShape { channels: in_ch, height: 16, width: 16, classes };
         let (vs, _) = build(&space, &shape);
         let out = std::process::Command::new(&py)
             .args([concat!(env!("CARGO_MANIFEST_DIR"), "/bench/pytorch_darts.py"), "count"])
             .args(["--channels", &c.to_string(), "--layers", &layers.to_string()])
             .args(["--classes", &classes.to_string(), "--in-channels", &in_ch.to_string()])
+            .args(["--partial", &k.to_string()])
             .output()
             .expect("run the PyTorch reference");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let want: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        assert_eq!(count_parameters(&vs), want, "C={c} layers={layers} classes={classes} in={in_ch}");
+        assert_eq!(count_parameters(&vs), want, "C={c} layers={layers} classes={classes} in={in_ch} K={k}");
     }
 }
 
@@ -79,11 +87,123 @@ fn mixed_op_is_the_softmax_weighted_sum_of_its_ops() {
         let _ = a.narrow(1, col, 1).fill_(50.0);
         a.set_requires_grad(true)
     };
-    let net = SearchNetwork::new(&vs.root(), &space, &shape, Alphas { normal: big(0), reduce: big(0) });
+    let net = SearchNetwork::new(
+        &vs.root(),
+        &space,
+        &shape,
+        Alphas { normal: big(0), reduce: big(0), betas: None, nodes: space.nodes },
+    );
     let x = Tensor::randn([4, 2, 8, 8], (Kind::Float, Device::Cpu));
     let logits = net.forward_t(&x, true);
     // Everything into the classifier is ~0, so logits ~ bias.
     let bias = vs.variables()["classifier.bias"].shallow_clone();
     let diff = (logits - bias.unsqueeze(0)).abs().max().double_value(&[]);
     assert!(diff < 1e-6, "{diff}");
+}
+
+/// Writes our supernet (weights, BN statistics, alphas, betas), a batch, and our logits, loss and architecture
+/// gradients; the original code (PC-DARTS' model_search.py where K > 1) loads it all and recomputes them.
+#[test]
+fn supernet_forward_and_architecture_gradients_equal_the_original_code() {
+    let py = darts_python();
+    for (c, nodes, k, edge_norm) in [(4usize, 2usize, 1usize, false), (8, 3, 4, true), (8, 2, 2, true)] {
+        let space = SearchSpace {
+            channels: c,
+            layers: 4,
+            nodes,
+            partial_channels: k,
+            edge_normalization: edge_norm,
+            ..Default::default()
+        };
+        let shape = DataShape { channels: 3, height: 16, width: 16, classes: 10 };
+        let (vs, net) = build(&space, &shape);
+        let x = Tensor::randn([6, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 3, 9, 1, 1, 7]);
+        let arch = net.alphas.tensors();
+        let logits = net.forward_t(&x, true);
+        let loss = logits.cross_entropy_for_logits(&y);
+        let grads = Tensor::run_backward(&[&loss], &arch, false, false);
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        for (n, t) in net.alphas.names().into_iter().zip(&arch) {
+            named.push((n.to_string(), t.detach()));
+        }
+        for (n, g) in net.alphas.names().into_iter().zip(&grads) {
+            named.push((format!("test/grad/{n}"), g.shallow_clone()));
+        }
+        named.push(("test/x".into(), x));
+        named.push(("test/y".into(), y));
+        named.push(("test/logits".into(), logits.detach()));
+        named.push(("test/loss".into(), loss.detach()));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("supernet.safetensors");
+        Tensor::write_safetensors(&named, &file).unwrap();
+        let mut cmd = std::process::Command::new(&py);
+        cmd.args([concat!(env!("CARGO_MANIFEST_DIR"), "/bench/pytorch_darts.py"), "check-supernet"])
+            .args(["--channels", &c.to_string(), "--layers", "4", "--nodes", &nodes.to_string()])
+            .args(["--partial", &k.to_string(), "--in-channels", "3", "--classes", "10", "--weights"])
+            .arg(&file);
+        if edge_norm {
+            cmd.arg("--edge-norm");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let f = |key: &str| r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
+        let case = format!("C={c} nodes={nodes} K={k} edge_norm={edge_norm}: {r}");
+        assert!(f("logits") < 1e-4, "{case}");
+        assert!(f("loss") < 1e-5, "{case}");
+        for n in net.alphas.names() {
+            let scale = f(&format!("grad scale {n}"));
+            assert!(scale > 0.0, "{case}");
+            assert!(f(&format!("grad {n}")) < 1e-6 + 1e-3 * scale, "{n}: {case}");
+        }
+    }
+}
+
+fn all_buffers(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Gradient checkpointing of cells recomputes each cell during backward: the gradients (weights and
+/// architecture) and the BN statistics afterwards must be those of the plain pass.
+#[test]
+fn checkpointed_cells_give_the_plain_gradients_and_statistics() {
+    for (k, edge_norm) in [(1usize, false), (2, true)] {
+        let space = SearchSpace {
+            channels: 4,
+            layers: 5,
+            nodes: 3,
+            partial_channels: k,
+            edge_normalization: edge_norm,
+            ..Default::default()
+        };
+        let shape = DataShape { channels: 1, height: 12, width: 12, classes: 5 };
+        let (vs, mut net) = build(&space, &shape);
+        let x = Tensor::randn([4, 1, 12, 12], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 4, 2, 1]);
+        let mut wrt: Vec<Tensor> = vs.trainable_variables();
+        wrt.extend(net.alphas.tensors().into_iter().map(|t| t.shallow_clone()));
+        let refs: Vec<&Tensor> = wrt.iter().collect();
+        let before: Vec<Tensor> = all_buffers(&vs).iter().map(|(_, t)| t.copy()).collect();
+        let (loss_a, _, plain) = net.loss_grads(&x, &y, &refs);
+        let stats_a: Vec<Tensor> = all_buffers(&vs).iter().map(|(_, t)| t.copy()).collect();
+        tch::no_grad(|| {
+            for ((_, t), b) in all_buffers(&vs).iter().zip(&before) {
+                t.shallow_clone().copy_(b);
+            }
+        });
+        darts::supernet::set_checkpoint_cells(&mut net, &vs, true);
+        let (loss_b, _, ckpt) = net.loss_grads(&x, &y, &refs);
+        assert!(loss_a.allclose(&loss_b, 1e-6, 1e-7, false));
+        for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
+            assert!(a.abs().max().double_value(&[]) > 0.0 || i < wrt.len() - net.alphas.tensors().len(), "no gradient");
+            assert!(a.allclose(b, 1e-4, 1e-6, false), "K={k}: gradient {i} differs by {}", (a - b).abs().max());
+        }
+        for ((n, t), s) in all_buffers(&vs).iter().zip(&stats_a) {
+            assert!(t.allclose(s, 1e-5, 1e-7, false), "{n} after checkpointed pass");
+        }
+        assert!(stats_a.iter().zip(&before).any(|(a, b)| !a.equal(b)), "one forward updates the statistics");
+    }
 }

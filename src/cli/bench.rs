@@ -1,6 +1,6 @@
 //! `darts bench`: our search step against the original PyTorch code, same shapes, same machine, one run.
 use anyhow::{Context, Result};
-use darts::bench::{bench_final, bench_search, BenchRow, STEPS};
+use darts::bench::{bench_final, bench_search, BenchRow, Variant, STEPS, VARIANTS};
 use darts::network::NetworkConfig;
 use darts::space::{DataShape, SearchSpace};
 use std::path::PathBuf;
@@ -48,6 +48,14 @@ pub struct BenchArgs {
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Our configurations, comma-separated: nchw, channels-last, checkpoint (gradient checkpointing of
+    /// cells), pc-darts (partial channels K=4 + edge normalisation; needs --channels divisible by 8),
+    /// pc-darts-checkpoint. "auto": the layouts --layout allows, then checkpoint.
+    #[arg(long, default_value = "auto")]
+    variants: String,
+    /// Internal: measure one variant in this process and print its rows as JSON lines.
+    #[arg(long, hide = true)]
+    one: Option<String>,
 }
 
 fn default_python() -> Option<String> {
@@ -58,16 +66,16 @@ fn default_python() -> Option<String> {
     py.is_file().then(|| py.display().to_string())
 }
 
-/// One reference measurement in its own process (so that each peak RSS is its own and an out-of-memory
-/// kill loses only that row). Returns the row, or why there is none.
-fn reference_row(py: &str, script: &std::path::Path, args: &[String]) -> Result<BenchRow, String> {
+/// One measurement in its own process (so that each peak RSS is its own and an out-of-memory kill loses
+/// only that row): `program args...` prints JSON rows, the last line is taken. Returns the row, or why
+/// there is none.
+fn measured_row(program: &str, args: &[String], implementation: &str) -> Result<BenchRow, String> {
     let omp = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
-    let out = Command::new(py)
-        .arg(script)
+    let out = Command::new(program)
         .args(args)
         .env("OMP_WAIT_POLICY", omp)
         .output()
-        .map_err(|e| format!("could not run {py}: {e}"))?;
+        .map_err(|e| format!("could not run {program}: {e}"))?;
     if !out.status.success() {
         use std::os::unix::process::ExitStatusExt;
         return Err(match out.status.signal() {
@@ -83,7 +91,7 @@ fn reference_row(py: &str, script: &std::path::Path, args: &[String]) -> Result<
     let line = text.lines().last().ok_or("no output")?;
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("unreadable output: {e}"))?;
     Ok(BenchRow {
-        implementation: "pytorch".into(),
+        implementation: implementation.into(),
         name: v["name"].as_str().unwrap_or("").into(),
         min_ms: v["min_ms"].as_f64().unwrap_or(f64::NAN),
         median_ms: v["median_ms"].as_f64().unwrap_or(f64::NAN),
@@ -107,6 +115,40 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     for o in &only {
         anyhow::ensure!(STEPS.contains(o), "--only: unknown measurement '{o}'; choose from {}", STEPS.join(", "));
     }
+    let final_cfg = NetworkConfig { channels: a.final_channels, layers: a.final_layers, ..Default::default() };
+    if let Some(name) = &a.one {
+        let variant =
+            Variant::parse(name, rt.layout.channels_last(device)).with_context(|| format!("unknown variant {name}"))?;
+        let print = |r: &BenchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());
+        bench_search(&space, &shape, a.batch, a.repeats, device, &only, &variant, print);
+        if only.contains(&"final_train_step") && variant.has_final() {
+            print(&bench_final(&genotype, &final_cfg, &shape, a.final_batch, a.repeats, device, variant.channels_last));
+        }
+        return Ok(());
+    }
+    let variants: Vec<Variant> = if a.variants == "auto" {
+        let mut v: Vec<&str> = match rt.layout {
+            darts::Layout::Nchw => vec!["nchw"],
+            darts::Layout::ChannelsLast => vec!["channels-last"],
+            darts::Layout::Auto => vec!["nchw", "channels-last"],
+        };
+        v.push("checkpoint");
+        v.into_iter().filter_map(|n| Variant::parse(n, rt.layout.channels_last(device))).collect()
+    } else {
+        a.variants
+            .split(',')
+            .map(|n| {
+                Variant::parse(n.trim(), rt.layout.channels_last(device)).with_context(|| {
+                    format!("--variants: unknown variant '{}'; choose from {}", n.trim(), VARIANTS.join(", "))
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    for v in &variants {
+        SearchSpace { partial_channels: v.partial_channels, ..space.clone() }
+            .validate()
+            .with_context(|| v.name.clone())?;
+    }
     eprintln!(
         "bench: batch {} x 3x{}x{}, C={}, {} cells; final network {} x {} cells, batch {}; {} threads, device {:?}",
         a.batch, a.size, a.size, a.channels, a.layers, a.final_channels, a.final_layers, a.final_batch, threads, device
@@ -118,7 +160,7 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         )
     };
     let mut rows = Vec::new();
-    let mut failures: Vec<(String, String)> = Vec::new();
+    let mut failures: Vec<(String, String, String)> = Vec::new();
     let python = match a.pytorch.as_deref() {
         Some("none") => None,
         Some(p) => Some(p.to_string()),
@@ -157,32 +199,61 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             };
             args.extend(["--size".into(), a.size.to_string(), "--device".into(), cuda.into()]);
             args.extend(common);
-            match reference_row(&py, &script, &args) {
+            let mut full = vec![script.display().to_string()];
+            full.extend(args);
+            match measured_row(&py, &full, "pytorch") {
                 Ok(r) => {
                     show(&r);
                     rows.push(r);
                 }
                 Err(why) => {
                     eprintln!("  pytorch                    {name:<22} {why}");
-                    failures.push((name.to_string(), why));
+                    failures.push(("pytorch".to_string(), name.to_string(), why));
                 }
             }
         }
         let _ = std::fs::remove_file(&script);
     }
-    for cl in [false, true] {
-        if (cl && rt.layout == darts::Layout::Nchw) || (!cl && rt.layout == darts::Layout::ChannelsLast) {
-            continue;
-        }
-        rows.extend(bench_search(&space, &shape, a.batch, a.repeats, device, &only, cl, show));
-        if only.contains(&"final_train_step") {
-            let cfg = NetworkConfig { channels: a.final_channels, layers: a.final_layers, ..Default::default() };
-            let r = bench_final(&genotype, &cfg, &shape, a.final_batch, a.repeats, device, cl);
-            show(&r);
-            rows.push(r);
+    let exe = std::env::current_exe().context("finding the darts binary")?.display().to_string();
+    for v in &variants {
+        for &name in &only {
+            if name == "final_train_step" && !v.has_final() {
+                continue;
+            }
+            let mut args: Vec<String> =
+                vec!["bench".into(), "--one".into(), v.name.clone(), "--only".into(), name.into()];
+            for (flag, value) in [
+                ("--batch", a.batch.to_string()),
+                ("--size", a.size.to_string()),
+                ("--channels", a.channels.to_string()),
+                ("--layers", a.layers.to_string()),
+                ("--repeats", a.repeats.to_string()),
+                ("--final-genotype", genotype.to_string()),
+                ("--final-channels", a.final_channels.to_string()),
+                ("--final-layers", a.final_layers.to_string()),
+                ("--final-batch", a.final_batch.to_string()),
+                ("--threads", threads.to_string()),
+                ("--device", rt.device.clone()),
+                ("--layout", if v.channels_last { "channels-last" } else { "nchw" }.to_string()),
+            ] {
+                args.extend([flag.to_string(), value]);
+            }
+            match measured_row(&exe, &args, &v.label()) {
+                Ok(r) => {
+                    show(&r);
+                    rows.push(r);
+                }
+                Err(why) => {
+                    eprintln!("  {:<26} {name:<22} {why}", v.label());
+                    failures.push((v.label(), name.to_string(), why));
+                }
+            }
         }
     }
     let mut impls: Vec<String> = vec!["pytorch".into()];
+    for v in &variants {
+        impls.push(v.label());
+    }
     for r in &rows {
         if !impls.contains(&r.implementation) {
             impls.push(r.implementation.clone());
@@ -193,13 +264,12 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     println!("|---|{}---|", "---:|".repeat(impls.len()));
     for name in &only {
         let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == *name);
-        let failed = failures.iter().find(|(n, _)| n == name).map(|(_, w)| w.clone());
+        let failed = |i: &str| failures.iter().find(|(f, n, _)| f == i && n == name).map(|(_, _, w)| w.clone());
         let cells: Vec<String> = impls
             .iter()
             .map(|i| match find(i) {
                 Some(r) => format!("{:.1} ({:.0})", r.median_ms, r.peak_rss_mb),
-                None if i == "pytorch" => failed.clone().unwrap_or_else(|| "-".into()),
-                None => "-".into(),
+                None => failed(i).unwrap_or_else(|| "-".into()),
             })
             .collect();
         let ratios: Vec<String> = match find("pytorch") {
@@ -213,7 +283,9 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         println!("| {name} | {} | {} |", cells.join(" | "), ratios.join(", "));
     }
     if let Some(path) = a.json {
-        let json = serde_json::json!({"rows": rows, "pytorch_failures": failures});
+        let failures: Vec<_> =
+            failures.iter().map(|(i, n, w)| serde_json::json!({"impl": i, "name": n, "why": w})).collect();
+        let json = serde_json::json!({"rows": rows, "failures": failures});
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())

@@ -49,7 +49,11 @@ impl Runtime {
 
     /// Run options for `out_dir` on `device`.
     pub fn options(&self, out_dir: std::path::PathBuf, device: tch::Device) -> darts::run::RunOptions {
-        darts::run::RunOptions { out_dir, device, progress: !self.quiet, stop_after: None, layout: self.layout }
+        darts::run::RunOptions {
+            progress: !self.quiet,
+            layout: self.layout,
+            ..darts::run::RunOptions::new(out_dir, device)
+        }
     }
 }
 

@@ -14,6 +14,8 @@ pub enum Preset {
     Darts,
     /// About 6 minutes on 2 CPU cores: the built-in data (800 images), C=8, 5 cells, 3 epochs, batch 32.
     Quick,
+    /// PC-DARTS: partial channels (K=4), edge normalisation, batch 256, lr 0.1, 15 warm-up epochs.
+    PcDarts,
 }
 
 /// Arguments of `darts search`.
@@ -67,13 +69,26 @@ pub struct SearchArgs {
     /// Fraction of the training set for the weights (the rest trains alpha).
     #[arg(long)]
     train_portion: Option<f64>,
+    /// PC-DARTS partial channel connections: each edge's ops see 1/K of the channels (1 = off).
+    #[arg(long)]
+    partial_channels: Option<usize>,
+    /// PC-DARTS edge normalisation (per-edge weights beta): true or false.
+    #[arg(long)]
+    edge_normalization: Option<bool>,
+    /// Epochs of weight training before alpha starts to learn.
+    #[arg(long)]
+    arch_warmup: Option<usize>,
+    /// Gradient checkpointing of cells: much less memory for about one extra forward pass.
+    #[arg(long)]
+    checkpoint_cells: bool,
     /// Seed: one seed reproduces a run.
     #[arg(long)]
     seed: Option<u64>,
     /// Run directory (config, metrics, checkpoint, genotype); default runs/search-<date>-<time>.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run in this directory from its last checkpoint (other settings come from it).
+    /// Continue the run in this directory from its last checkpoint (other settings come from it, except
+    /// --checkpoint-cells, which changes memory, not results).
     #[arg(long, conflicts_with_all = ["preset", "dataset", "epochs", "out"])]
     resume: Option<PathBuf>,
 }
@@ -82,6 +97,7 @@ fn preset(p: Preset) -> SearchConfig {
     match p {
         Preset::Darts => SearchConfig::default(),
         Preset::Quick => SearchConfig::quick(),
+        Preset::PcDarts => SearchConfig::pc_darts(),
     }
 }
 
@@ -112,6 +128,10 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     set!(arch_lr = a.arch_lr);
     set!(train_portion = a.train_portion);
     set!(seed = a.seed);
+    set!(space.partial_channels = a.partial_channels);
+    set!(space.edge_normalization = a.edge_normalization);
+    set!(arch_warmup_epochs = a.arch_warmup);
+    c.checkpoint_cells |= a.checkpoint_cells;
     if a.data_dir.is_some() {
         c.data_dir = a.data_dir.clone();
     }
@@ -128,6 +148,7 @@ pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
+            opts.checkpoint_cells = a.checkpoint_cells;
             run::resume(&opts)?
         }
         None => run::start(config(&a)?, &opts)?,

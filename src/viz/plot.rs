@@ -53,11 +53,16 @@ pub fn alpha_heatmap(
     ops: &[String],
     edges: &[String],
     kept: &[(usize, usize)],
+    edge_weights: Option<&[f64]>,
 ) -> Result<String> {
     anyhow::ensure!(weights.len() == edges.len(), "{} rows of weights for {} edges", weights.len(), edges.len());
     anyhow::ensure!(weights.iter().all(|r| r.len() == ops.len()), "every row needs one weight per op");
+    if let Some(b) = edge_weights {
+        anyhow::ensure!(b.len() == edges.len(), "{} edge weights for {} edges", b.len(), edges.len());
+    }
     let (left, top, cw, ch) = (110i32, 64i32, 96i32, 24i32);
-    let width = (left + cw * ops.len() as i32 + 20) as u32;
+    let extra = if edge_weights.is_some() { cw + 12 } else { 0 };
+    let width = (left + cw * ops.len() as i32 + extra + 20) as u32;
     let height = (top + ch * edges.len() as i32 + 34) as u32;
     let lo = weights.iter().flatten().fold(f64::MAX, |m, &w| m.min(w));
     let hi = weights.iter().flatten().fold(f64::MIN, |m, &w| m.max(w));
@@ -84,6 +89,23 @@ pub fn alpha_heatmap(
                 let ink = if shade > 0.55 { WHITE } else { BLACK };
                 root.draw(&Text::new(
                     format!("{w:.digits$}"),
+                    (x + cw / 2, y + ch / 2),
+                    text_style(11.0, &ink, HPos::Center),
+                ))
+                .map_err(draw_err)?;
+            }
+        }
+        if let Some(b) = edge_weights {
+            // PC-DARTS' edge weights (softmax of beta within each node), in their own column and scale.
+            let x = left + cw * ops.len() as i32 + 12;
+            root.draw(&Text::new("edge weight β", (x + cw / 2, top - 12), text_style(11.0, &BLACK, HPos::Center)))
+                .map_err(draw_err)?;
+            for (r, &v) in b.iter().enumerate() {
+                let y = top + ch * r as i32;
+                root.draw(&Rectangle::new([(x, y), (x + cw, y + ch)], blues(v).filled())).map_err(draw_err)?;
+                let ink = if v > 0.55 { WHITE } else { BLACK };
+                root.draw(&Text::new(
+                    format!("{v:.3}"),
                     (x + cw / 2, y + ch / 2),
                     text_style(11.0, &ink, HPos::Center),
                 ))
@@ -267,12 +289,14 @@ mod tests {
         let ops: Vec<String> = ["none", "skip_connect", "sep_conv_3x3"].iter().map(|s| s.to_string()).collect();
         let edges = crate::viz::cell::edge_labels(1);
         let w = vec![vec![0.125, 0.5, 0.375], vec![0.25, 0.25, 0.5]];
-        let svg = alpha_heatmap("normal", &w, &ops, &edges, &[(0, 1), (1, 2)]).unwrap();
+        let svg = alpha_heatmap("normal", &w, &ops, &edges, &[(0, 1), (1, 2)], None).unwrap();
         for v in ["0.125", "0.500", "0.375", "0.250"] {
             assert!(svg.contains(v), "{v} missing");
         }
         assert_eq!(svg.matches("fill=\"none\" stroke=\"#FF7F0E\"").count(), 2 * 2, "two frames per kept op");
-        assert!(alpha_heatmap("x", &w[..1], &ops, &edges, &[]).is_err());
+        assert!(alpha_heatmap("x", &w[..1], &ops, &edges, &[], None).is_err());
+        let with_beta = alpha_heatmap("x", &w, &ops, &edges, &[], Some(&[0.625, 0.375])).unwrap();
+        assert!(with_beta.contains("edge weight β") && with_beta.contains("0.625"));
     }
 
     #[test]
