@@ -13,6 +13,7 @@ pub mod network;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod profile;
 pub mod progress;
 pub mod report;
 pub mod run;

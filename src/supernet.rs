@@ -127,6 +127,7 @@ pub fn softmax_rows(t: &Tensor) -> Vec<Vec<f64>> {
 #[derive(Debug)]
 pub struct MixedOp {
     ops: Vec<Op>,
+    kinds: Vec<crate::space::OpKind>,
     partial: i64,
     stride: i64,
 }
@@ -140,7 +141,7 @@ impl MixedOp {
             .iter()
             .enumerate()
             .map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c / partial, stride, false, true, space.activation));
-        MixedOp { ops: ops.collect(), partial, stride }
+        MixedOp { ops: ops.collect(), kinds: space.ops.clone(), partial, stride }
     }
 
     /// `weights` is this edge's row of softmax(alpha).
@@ -168,7 +169,9 @@ impl MixedOp {
             if op.is_zero() {
                 continue;
             }
-            let y = op.forward_t(x, train) * weights.get(k as i64);
+            let kind = self.kinds[k];
+            let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, train));
+            let y = y * weights.get(k as i64);
             out = Some(match out {
                 None => y,
                 Some(acc) => acc + y,
@@ -223,8 +226,8 @@ impl SearchCell {
         edge_weights: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
-        let s0 = self.preprocess0.forward_t(s0, train);
-        let s1 = self.preprocess1.forward_t(s1, train);
+        let s0 = crate::profile::time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train));
+        let s1 = crate::profile::time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train));
         let mut states = vec![s0, s1];
         let mut offset = 0;
         for _ in 0..self.nodes {
@@ -319,7 +322,7 @@ impl SearchNetwork {
         let w_reduce = self.alphas.reduce.softmax(-1, self.alphas.reduce.kind());
         let edge_w = self.alphas.edge_weights();
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
-        let stem = self.stem.forward_t(&x, train);
+        let stem = crate::profile::time("stem", None, 1, &x, || self.stem.forward_t(&x, train));
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for cell in &self.cells {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
@@ -327,8 +330,9 @@ impl SearchNetwork {
             let out = cell.forward_t(&s0, &s1, w, ew, train);
             (s0, s1) = (s1, out);
         }
-        let pooled = s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-        pooled.apply(&self.classifier)
+        crate::profile::time("classifier", None, 1, &s1, || {
+            s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier)
+        })
     }
 
     /// Mean cross-entropy on a batch, in training mode (batch statistics in BN).

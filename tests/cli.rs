@@ -261,6 +261,34 @@ fn every_subcommand_parses_its_arguments_and_bench_runs() {
     assert!(stdout.contains("darts-rs (channels-last)") && stdout.contains("darts-rs (checkpoint)"), "{stdout}");
     let forward = stdout.lines().find(|l| l.starts_with("| forward |")).unwrap();
     assert_eq!(forward.matches('(').count(), 2, "two measured cells, one per variant: {forward}");
+    let (ok, stdout, err) = darts(&[
+        "bench",
+        "--profile",
+        "--batch",
+        "2",
+        "--size",
+        "8",
+        "--channels",
+        "2",
+        "--layers",
+        "3",
+        "--repeats",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    // Every candidate op but none runs on each of the 14 edges of each of the 3 cells.
+    for op in
+        ["max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"]
+    {
+        let row =
+            stdout.lines().find(|l| l.starts_with(&format!("| {op} |"))).unwrap_or_else(|| panic!("{op}: {stdout}"));
+        assert_eq!(row.split('|').nth(2).unwrap().trim(), "42", "{row}");
+    }
+    assert!(!stdout.contains("| none |"), "the zero op is skipped: {stdout}");
 }
 
 #[test]

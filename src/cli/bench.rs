@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// pc-darts-checkpoint. "auto": the layouts --layout allows, then checkpoint.
     #[arg(long, default_value = "auto")]
     variants: String,
+    /// Instead of the comparison: where one forward + backward + SGD step of the supernet spends its time, by
+    /// op type (first variant of --variants; "auto": the device's best layout).
+    #[arg(long)]
+    profile: bool,
     /// Internal: measure one variant in this process and print its rows as JSON lines.
     #[arg(long, hide = true)]
     one: Option<String>,
@@ -148,6 +152,41 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         SearchSpace { partial_channels: v.partial_channels, ..space.clone() }
             .validate()
             .with_context(|| v.name.clone())?;
+    }
+    if a.profile {
+        let v = if a.variants == "auto" {
+            Variant::parse(if rt.layout.channels_last(device) { "channels-last" } else { "nchw" }, false)
+                .context("variant")?
+        } else {
+            variants[0].clone()
+        };
+        eprintln!(
+            "profile of one forward + backward + SGD step: batch {} x 3x{}x{}, C={}, {} cells, {}, {threads} threads",
+            a.batch,
+            a.size,
+            a.size,
+            a.channels,
+            a.layers,
+            v.label()
+        );
+        let (rows, step_ms) = darts::bench::profile_search(&space, &shape, a.batch, a.repeats, device, &v);
+        let num = |v: f64, pct: bool| match (v.is_nan(), pct) {
+            (true, _) => "-".to_string(),
+            (false, true) => format!("{:.1}%", 100.0 * v),
+            (false, false) => format!("{v:.1}"),
+        };
+        println!("| op | calls | forward in the step, ms | forward + backward alone, ms | share of the step |");
+        println!("|---|---:|---:|---:|---:|");
+        for r in &rows {
+            let (f, fb, sh) = (num(r.forward_ms, false), num(r.forward_backward_ms, false), num(r.share, true));
+            println!("| {} | {} | {f} | {fb} | {sh} |", r.name, r.calls);
+        }
+        println!("| whole step | | | {step_ms:.1} | 100% |");
+        if let Some(path) = a.json {
+            let json = serde_json::json!({"variant": v.name, "step_ms": step_ms, "rows": rows});
+            std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+        }
+        return Ok(());
     }
     eprintln!(
         "bench: batch {} x 3x{}x{}, C={}, {} cells; final network {} x {} cells, batch {}; {} threads, device {:?}",
