@@ -118,11 +118,13 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
     say(
         mp.as_ref(),
         format!(
-            "search: {} ({} examples), split {} for weights / {} for alpha, disjoint (checked: no example in both)",
+            "search: {} ({} examples), split {} for weights / {} for alpha, disjoint (checked: no example in \
+             both){}",
             cfg.dataset.name(),
             search.split.train.len() + search.split.val.len(),
             search.split.train.len(),
-            search.split.val.len()
+            search.split.val.len(),
+            if cfg.balanced_split { ", class-balanced" } else { "" }
         ),
     );
     say(
@@ -155,7 +157,8 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
         say(
             mp.as_ref(),
             format!(
-                "epoch {}/{}: lr {:.5} train loss {:.4} acc {:.2}% | alpha-split loss {:.4} acc {:.2}% | {:.1}s\n  genotype {}",
+                "epoch {}/{}: lr {:.5} train loss {:.4} acc {:.2}% | alpha-split loss {:.4} acc {:.2}% | {:.1}s \
+                 (waited {:.1}% for data)\n  genotype {}",
                 stats.epoch + 1,
                 cfg.epochs,
                 stats.lr,
@@ -164,6 +167,7 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
                 stats.val_loss,
                 100.0 * stats.val_acc,
                 stats.seconds,
+                100.0 * stats.data_wait_seconds / stats.seconds.max(1e-9),
                 stats.genotype
             ),
         );
@@ -312,7 +316,8 @@ fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<Tra
         say(
             mp.as_ref(),
             format!(
-                "epoch {}/{}: lr {:.5} drop path {:.3} train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}%{} | {:.1}s",
+                "epoch {}/{}: lr {:.5} drop path {:.3} train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}%{} | {:.1}s \
+                 (waited {:.1}% for data)",
                 stats.epoch + 1,
                 cfg.epochs,
                 stats.lr,
@@ -322,7 +327,8 @@ fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<Tra
                 stats.test_loss,
                 100.0 * stats.test_acc,
                 stats.test_top5.map_or(String::new(), |t5| format!(" top-5 {:.2}%", 100.0 * t5)),
-                stats.seconds
+                stats.seconds,
+                100.0 * stats.data_wait_seconds / stats.seconds.max(1e-9)
             ),
         );
         if let Some(b) = &epoch_bar {

@@ -9,7 +9,7 @@ use crate::params::{copy_checked, read_checkpoint, Params};
 use crate::progress::StepMeter;
 use crate::space::SearchSpace;
 use crate::supernet::{softmax_rows, Alphas, SearchNetwork};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -58,6 +58,9 @@ pub struct SearchConfig {
     /// Epochs at the start during which alpha stays fixed and only the weights train (PC-DARTS: 15).
     #[serde(default)]
     pub arch_warmup_epochs: usize,
+    /// Split the training set class by class, so that both halves keep the class proportions.
+    #[serde(default)]
+    pub balanced_split: bool,
     /// Gradient checkpointing: keep only each cell's output during the forward pass and recompute the cell
     /// during backward. Same gradients, much less memory, about one more forward pass of time.
     #[serde(default)]
@@ -85,6 +88,7 @@ impl Default for SearchConfig {
             order: Order::First,
             seed: 2,
             arch_warmup_epochs: 0,
+            balanced_split: false,
             checkpoint_cells: false,
         }
     }
@@ -193,6 +197,9 @@ pub struct EpochStats {
     pub seconds: f64,
     /// Peak resident memory of the process so far, MiB.
     pub peak_rss_mb: f64,
+    /// Seconds the training loop waited for the data loader this epoch.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
 }
 
 /// A search in progress: data, supernet, both optimisers and the epoch counter.
@@ -238,7 +245,13 @@ impl Search {
         config.validate()?;
         let data = data::load(config.dataset, config.data_dir.as_deref(), true)?.truncated(config.limit);
         config.space.validate_for(&data.shape)?;
-        let split = Split::new(data.len(), config.train_portion, config.seed).map_err(anyhow::Error::msg)?;
+        let split = if config.balanced_split {
+            let labels = Vec::<i64>::try_from(&data.labels).map_err(|e| anyhow::anyhow!("reading the labels: {e}"))?;
+            Split::balanced(&labels, config.train_portion, config.seed)
+        } else {
+            Split::new(data.len(), config.train_portion, config.seed)
+        }
+        .map_err(anyhow::Error::msg)?;
         split.check_disjoint(data.len()).map_err(anyhow::Error::msg)?;
         if split.train.len() < config.batch_size || split.val.len() < 2 {
             bail!(
@@ -312,11 +325,22 @@ impl Search {
             "the last checkpoint (end of epoch {epoch}) is intact; resume with a lower --lr or --arch-lr, or a \
              smaller --grad-clip"
         );
-        for (step, idx) in train_batches.iter().enumerate() {
-            let (xt, yt) = self.data.batch(idx, Some((&augment, &mut rng)), self.device);
-            if epoch >= self.config.arch_warmup_epochs {
+        // Batches (and the alpha step's batches) are made on a loader thread, in the same order and from the
+        // same random stream as they would be here.
+        let (data, device, n) = (self.data.shallow_clone(), self.device, train_batches.len());
+        let alpha_steps = epoch >= self.config.arch_warmup_epochs;
+        let mut batches = data::prefetch::Prefetch::new(n, 3, move |step| {
+            let (xt, yt) = data.batch(&train_batches[step], Some((&augment, &mut rng)), device);
+            let val = alpha_steps.then(|| {
                 let vidx = &val_batches[step % val_batches.len()];
-                let (xv, yv) = self.data.batch(vidx, Some((&augment, &mut rng)), self.device);
+                data.batch(vidx, Some((&augment, &mut rng)), device)
+            });
+            (xt, yt, val)
+        });
+        let mut steps = 0;
+        for (step, item) in batches.by_ref().enumerate() {
+            let (xt, yt, val) = item.map_err(anyhow::Error::msg)?;
+            if let Some((xv, yv)) = val {
                 let p = &self.params;
                 self.architect.step(&self.net, &p.weights, &p.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr);
             }
@@ -326,7 +350,10 @@ impl Search {
             let _ = clip_grad_norm(&mut grads, self.config.grad_clip);
             self.sgd.step(&self.params.weights, &grads);
             meter.record(step, &loss, &logits, &yt, bar, &nan_hint)?;
+            steps += 1;
         }
+        anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
+        let data_wait_seconds = batches.waited().as_secs_f64();
         let (train_loss, train_acc) = meter.means();
         let (val_loss, val_acc) = self.evaluate(&self.split.val.clone());
         self.epoch += 1;
@@ -345,6 +372,7 @@ impl Search {
             genotype: self.genotype().to_string(),
             seconds: start.elapsed().as_secs_f64(),
             peak_rss_mb: peak_rss_mb(),
+            data_wait_seconds,
         })
     }
 
@@ -384,11 +412,9 @@ impl Search {
             named.push((format!("adam/m/{i}"), self.architect.adam.exp_avg[i].shallow_clone()));
             named.push((format!("adam/v/{i}"), self.architect.adam.exp_avg_sq[i].shallow_clone()));
         }
-        let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
-        Tensor::write_safetensors(&named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, dir.join(CHECKPOINT))
-            .with_context(|| format!("replacing the checkpoint in {}", dir.display()))?;
-        Ok(())
+        // Host copies, dense: channels-last kernels (3-channel stems) and CUDA tensors cannot be written as
+        // they are.
+        crate::write_tensors_atomically(&named, &dir.join(CHECKPOINT))
     }
 
     /// Rebuilds the search saved in `dir` and restores its exact state.

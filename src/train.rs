@@ -138,6 +138,9 @@ pub struct TrainStats {
     pub seconds: f64,
     /// Peak RSS, MiB.
     pub peak_rss_mb: f64,
+    /// Seconds the training loop waited for the data loader this epoch.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
 }
 
 /// Test-set results.
@@ -271,10 +274,19 @@ impl Trainer {
         let nan_hint = format!(
             "the last checkpoint (end of epoch {epoch}) is intact; resume with a lower --lr or a smaller --grad-clip"
         );
-        for (step, idx) in batches.iter().enumerate() {
-            let (x, y) = self.train.batch(idx, Some((&augment, &mut rng)), self.device);
+        // Batches are made on a loader thread from `rng`; drop-path masks come from a second stream of it.
+        let mut mask_rng = rng.clone();
+        mask_rng.set_stream(1);
+        let (data, device, n) = (self.train.shallow_clone(), self.device, batches.len());
+        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+        let mut loader = data::prefetch::Prefetch::new(n, 3, move |step| {
+            data.batch(&batches[step], Some((&augment, &mut rng)), device)
+        });
+        let mut steps = 0;
+        for (step, item) in loader.by_ref().enumerate() {
+            let (x, y) = item.map_err(anyhow::Error::msg)?;
             let masks = (self.net.drop_path_prob > 0.0).then(|| {
-                drop_path_masks(self.net.drop_sites(), idx.len(), self.net.drop_path_prob, &mut rng)
+                drop_path_masks(self.net.drop_sites(), sizes[step], self.net.drop_path_prob, &mut mask_rng)
                     .to_device(self.device)
             });
             let (logits, aux) = self.net.forward_masked(&x, true, masks.as_ref());
@@ -284,7 +296,10 @@ impl Trainer {
             self.sgd.step(&self.params.weights, &grads);
             let main_loss = logits.detach().cross_entropy_for_logits(&y);
             meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
+            steps += 1;
         }
+        anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
+        let data_wait_seconds = loader.waited().as_secs_f64();
         let (train_loss, train_acc) = meter.means();
         let test = evaluate(&self.net, &self.test, 256, self.device);
         self.epoch += 1;
@@ -299,6 +314,7 @@ impl Trainer {
             test_top5: test.top5,
             seconds: start.elapsed().as_secs_f64(),
             peak_rss_mb: peak_rss_mb(),
+            data_wait_seconds,
         })
     }
 

@@ -171,3 +171,30 @@ fn pc_darts_with_checkpointed_cells_warms_up_and_resumes_bit_for_bit() {
     let final_search = Search::resume(a.path(), Device::Cpu).unwrap();
     assert!(!final_search.net.alphas.normal.equal(&alpha0), "alpha trains after the warm-up");
 }
+
+/// Colour data (a 3-channel stem, whose channels-last kernel is not dense) checkpoints and resumes, with a
+/// class-balanced split.
+#[test]
+fn a_colour_search_checkpoints_and_resumes_with_a_balanced_split() {
+    let data = tempfile::tempdir().unwrap();
+    for b in 1..=5u8 {
+        let bytes: Vec<u8> = (0..16u8)
+            .flat_map(|i| std::iter::once((b + i) % 10).chain((0..3072).map(move |p| (p as u8) ^ i ^ b)))
+            .collect();
+        std::fs::write(data.path().join(format!("data_batch_{b}.bin")), bytes).unwrap();
+    }
+    std::fs::write(data.path().join("test_batch.bin"), [3u8].iter().chain(&[9u8; 3072]).copied().collect::<Vec<u8>>())
+        .unwrap();
+    let cfg = SearchConfig {
+        dataset: DatasetKind::Cifar10,
+        data_dir: Some(data.path().to_path_buf()),
+        balanced_split: true,
+        limit: None,
+        ..tiny(2)
+    };
+    let out = tempfile::tempdir().unwrap();
+    run::start(cfg, &opts(out.path(), Some(1))).unwrap();
+    assert!(out.path().join("checkpoint.safetensors").is_file());
+    let rest = run::resume(&opts(out.path(), None)).unwrap();
+    assert!(rest.finished);
+}

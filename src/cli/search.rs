@@ -78,6 +78,9 @@ pub struct SearchArgs {
     /// Epochs of weight training before alpha starts to learn.
     #[arg(long)]
     arch_warmup: Option<usize>,
+    /// Split the training set class by class (both halves keep the class proportions).
+    #[arg(long)]
+    balanced_split: bool,
     /// Gradient checkpointing of cells: much less memory for about one extra forward pass.
     #[arg(long)]
     checkpoint_cells: bool,
@@ -132,6 +135,7 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     set!(space.edge_normalization = a.edge_normalization);
     set!(arch_warmup_epochs = a.arch_warmup);
     c.checkpoint_cells |= a.checkpoint_cells;
+    c.balanced_split |= a.balanced_split;
     if a.data_dir.is_some() {
         c.data_dir = a.data_dir.clone();
     }

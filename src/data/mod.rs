@@ -2,6 +2,7 @@
 //! seeded augmentation and batching.
 
 pub mod formats;
+pub mod prefetch;
 
 use crate::space::DataShape;
 use formats::Raw;
@@ -52,6 +53,8 @@ pub enum DatasetKind {
     FashionMnist,
     /// MNIST (IDX files).
     Mnist,
+    /// Kuzushiji-MNIST (IDX files, same layout as MNIST).
+    Kmnist,
     /// CIFAR-10 (binary version).
     Cifar10,
     /// CIFAR-100 (binary version, fine labels).
@@ -65,6 +68,7 @@ impl DatasetKind {
             DatasetKind::Builtin => "builtin",
             DatasetKind::FashionMnist => "fashion-mnist",
             DatasetKind::Mnist => "mnist",
+            DatasetKind::Kmnist => "kmnist",
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
         }
@@ -83,6 +87,7 @@ impl DatasetKind {
         match self {
             DatasetKind::Builtin | DatasetKind::FashionMnist => (vec![0.2860], vec![0.3530]),
             DatasetKind::Mnist => (vec![0.1307], vec![0.3081]),
+            DatasetKind::Kmnist => (vec![0.1918], vec![0.3483]),
             DatasetKind::Cifar10 => (vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616]),
             DatasetKind::Cifar100 => (vec![0.5071, 0.4865, 0.4409], vec![0.2673, 0.2564, 0.2762]),
         }
@@ -93,7 +98,7 @@ impl DatasetKind {
         match self {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment { crop_padding: 4, flip: true, cutout: 0 },
             DatasetKind::Builtin | DatasetKind::FashionMnist => Augment { crop_padding: 2, flip: true, cutout: 0 },
-            DatasetKind::Mnist => Augment { crop_padding: 2, flip: false, cutout: 0 },
+            DatasetKind::Mnist | DatasetKind::Kmnist => Augment { crop_padding: 2, flip: false, cutout: 0 },
         }
     }
 
@@ -103,6 +108,7 @@ impl DatasetKind {
             DatasetKind::Builtin => return dirs,
             DatasetKind::FashionMnist => "fashion-mnist",
             DatasetKind::Mnist => "mnist",
+            DatasetKind::Kmnist => "kmnist",
             DatasetKind::Cifar10 => "cifar-10-batches-bin",
             DatasetKind::Cifar100 => "cifar-100-binary",
         };
@@ -158,6 +164,18 @@ impl Dataset {
         let (mean, std) = kind.mean_std();
         let shape = DataShape { channels: raw.channels, height: raw.height, width: raw.width, classes: kind.classes() };
         Ok(Dataset { kind, images, labels, shape, mean, std })
+    }
+
+    /// Another handle on the same images and labels (no copy), e.g. for a loader thread.
+    pub fn shallow_clone(&self) -> Dataset {
+        Dataset {
+            kind: self.kind,
+            images: self.images.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+            shape: self.shape,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+        }
     }
 
     /// Keeps only the first `n` examples (all when `n` is None or larger than the set).
@@ -325,7 +343,7 @@ pub fn load(kind: DatasetKind, dir: Option<&Path>, train: bool) -> Result<Datase
             };
             formats::idx_pair(i.to_vec(), l.to_vec(), ("builtin images", "builtin labels"), 10)?
         }
-        DatasetKind::FashionMnist | DatasetKind::Mnist => {
+        DatasetKind::FashionMnist | DatasetKind::Mnist | DatasetKind::Kmnist => {
             let d = find_dir(kind, dir, "train-images-idx3-ubyte")?;
             load_idx(kind, &d, prefix)?
         }
@@ -362,6 +380,37 @@ impl Split {
         let val = idx.split_off(cut);
         let split = Split { train: idx, val };
         split.check_disjoint(n)?;
+        Ok(split)
+    }
+
+    /// A class-balanced split: each class's examples (by `labels`) are shuffled with `seed` and cut at
+    /// `portion` of that class, so both halves keep the class proportions (to within one example per class).
+    pub fn balanced(labels: &[i64], portion: f64, seed: u64) -> Result<Split, String> {
+        if !(portion > 0.0 && portion < 1.0) {
+            return Err(format!("train_portion = {portion}: it must lie strictly between 0 and 1"));
+        }
+        let mut by_class: std::collections::BTreeMap<i64, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, &l) in labels.iter().enumerate() {
+            by_class.entry(l).or_default().push(i);
+        }
+        let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0xba1a_2ced);
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for idx in by_class.values_mut() {
+            idx.shuffle(&mut rng);
+            let cut = (portion * idx.len() as f64).round() as usize;
+            val.extend_from_slice(&idx[cut..]);
+            train.extend_from_slice(&idx[..cut]);
+        }
+        if train.is_empty() || val.is_empty() {
+            return Err(format!(
+                "a train_portion of {portion} leaves one side of the split of {} examples empty",
+                labels.len()
+            ));
+        }
+        train.shuffle(&mut rng);
+        val.shuffle(&mut rng);
+        let split = Split { train, val };
+        split.check_disjoint(labels.len())?;
         Ok(split)
     }
 
@@ -472,10 +521,31 @@ mod tests {
     #[test]
     fn missing_data_dir_says_how_to_fix() {
         let e = load(DatasetKind::Mnist, Some(Path::new("/nonexistent/dir")), true).unwrap_err().to_string();
+        let k = load(DatasetKind::Kmnist, Some(Path::new("/nonexistent/dir")), true).unwrap_err().to_string();
+        assert!(k.contains("kmnist") || k.contains("/nonexistent/dir"), "{k}");
         assert!(e.contains("/nonexistent/dir"), "{e}");
         let tmp = std::env::temp_dir().join("darts-empty-data-dir");
         std::fs::create_dir_all(&tmp).unwrap();
         let e = load(DatasetKind::Cifar10, Some(&tmp), true).unwrap_err().to_string();
         assert!(e.contains("data_batch_1.bin"), "{e}");
+    }
+
+    #[test]
+    fn a_balanced_split_keeps_each_class_proportion_and_is_disjoint() {
+        // 3 classes of 100, 30 and 7 examples, interleaved.
+        let mut labels = Vec::new();
+        for (class, n) in [(0i64, 100usize), (1, 30), (2, 7)] {
+            labels.extend(std::iter::repeat_n(class, n));
+        }
+        labels.shuffle(&mut <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1));
+        let s = Split::balanced(&labels, 0.5, 9).unwrap();
+        s.check_disjoint(labels.len()).unwrap();
+        assert_eq!(s.train.len() + s.val.len(), labels.len());
+        for (class, n) in [(0i64, 100usize), (1, 30), (2, 7)] {
+            let t = s.train.iter().filter(|&&i| labels[i] == class).count();
+            assert!((t as f64 - n as f64 / 2.0).abs() <= 1.0, "class {class}: {t} of {n} in the weight split");
+        }
+        assert_eq!(Split::balanced(&labels, 0.5, 9).unwrap().train, s.train, "seeded");
+        assert!(Split::balanced(&labels, 1.0, 9).is_err());
     }
 }
