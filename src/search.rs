@@ -58,6 +58,9 @@ pub struct SearchConfig {
     /// Epochs at the start during which alpha stays fixed and only the weights train (PC-DARTS: 15).
     #[serde(default)]
     pub arch_warmup_epochs: usize,
+    /// Image folders: the square size images are resized to (default 32).
+    #[serde(default)]
+    pub image_size: Option<usize>,
     /// Split the training set class by class, so that both halves keep the class proportions.
     #[serde(default)]
     pub balanced_split: bool,
@@ -89,6 +92,7 @@ impl Default for SearchConfig {
             seed: 2,
             arch_warmup_epochs: 0,
             balanced_split: false,
+            image_size: None,
             checkpoint_cells: false,
         }
     }
@@ -243,7 +247,8 @@ impl Search {
     /// Loads the data, checks the split and builds the supernet and optimisers from `config.seed`.
     pub fn new(config: SearchConfig, device: Device) -> Result<Search> {
         config.validate()?;
-        let data = data::load(config.dataset, config.data_dir.as_deref(), true)?.truncated(config.limit);
+        let data = data::load_with(config.dataset, config.data_dir.as_deref(), true, config.image_size)?
+            .truncated(config.limit);
         config.space.validate_for(&data.shape)?;
         let split = if config.balanced_split {
             let labels = Vec::<i64>::try_from(&data.labels).map_err(|e| anyhow::anyhow!("reading the labels: {e}"))?;

@@ -57,6 +57,9 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     /// Seed.
     pub seed: u64,
+    /// Image folders: the square size images are resized to (default 32).
+    #[serde(default)]
+    pub image_size: Option<usize>,
 }
 
 impl TrainConfig {
@@ -79,6 +82,7 @@ impl TrainConfig {
             drop_path: 0.2,
             cutout: 16,
             label_smoothing: 0.0,
+            image_size: None,
             seed: 0,
         }
     }
@@ -213,8 +217,9 @@ impl Trainer {
     /// Loads the data and builds the network from `config.seed`.
     pub fn new(config: TrainConfig, device: Device) -> Result<Trainer> {
         config.validate()?;
-        let train = data::load(config.dataset, config.data_dir.as_deref(), true)?.truncated(config.limit);
-        let test = data::load(config.dataset, config.data_dir.as_deref(), false)?.truncated(config.limit);
+        let (kind, dir, size) = (config.dataset, config.data_dir.as_deref(), config.image_size);
+        let train = data::load_with(kind, dir, true, size)?.truncated(config.limit);
+        let test = data::load_with(kind, dir, false, size)?.truncated(config.limit);
         let min = config.network.min_image_size();
         if train.shape.height < min || train.shape.width < min {
             bail!(

@@ -368,3 +368,79 @@ fn trained_weights_load_into_the_original_pytorch_model_and_give_the_same_test_r
     assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "test loss: ours {a}, original code {b}");
     assert_eq!(ours["top1"], theirs["top1"]);
 }
+
+#[test]
+fn a_search_and_a_training_run_on_an_image_folder() {
+    let data = tempfile::tempdir().unwrap();
+    for (k, class) in ["cats", "dogs"].iter().enumerate() {
+        for split in ["train", "test"] {
+            let d = data.path().join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..12u32 {
+                let img = image::RgbImage::from_fn(24 + i, 20, |x, y| {
+                    image::Rgb([(x * 9) as u8, (y * 11) as u8, (k * 200) as u8])
+                });
+                img.save(d.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+    let out = tempfile::tempdir().unwrap();
+    let d = data.path().to_str().unwrap();
+    let s = out.path().join("s");
+    let (ok, stdout, err) = darts(&[
+        "search",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        d,
+        "--image-size",
+        "16",
+        "--channels",
+        "4",
+        "--layers",
+        "3",
+        "--nodes",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        s.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("Genotype("), "{stdout}");
+    let t = out.path().join("t");
+    let (ok, _, err) = darts(&[
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        d,
+        "--image-size",
+        "16",
+        "--genotype",
+        s.join("genotype.json").to_str().unwrap(),
+        "--channels",
+        "4",
+        "--layers",
+        "3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        t.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let net: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("network.json")).unwrap()).unwrap();
+    assert_eq!(net["input"], serde_json::json!([3, 16, 16]));
+    assert_eq!(net["classes"], 2);
+}

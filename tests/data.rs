@@ -77,3 +77,69 @@ fn cifar_folders_load_all_batches_and_truncation_names_the_file() {
     let e = load(DatasetKind::Cifar10, Some(dir.path()), true).unwrap_err().to_string();
     assert!(e.contains("data_batch_3.bin") && e.contains("records"), "{e}");
 }
+
+/// Writes `n` images per class into `root/<class>/`: PNGs of varying sizes, grayscale for "a", colour
+/// (JPEG) for "b" and "c", each class with its own brightness.
+fn image_folder(root: &Path, n: u32) {
+    for (k, class) in ["a", "b", "c"].iter().enumerate() {
+        let d = root.join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..n {
+            let (w, h) = (20 + 3 * i, 16 + 5 * i);
+            let v = (40 + 80 * k as u32 + i) as u8;
+            if k == 0 {
+                image::GrayImage::from_pixel(w, h, image::Luma([v])).save(d.join(format!("{i}.png"))).unwrap();
+            } else {
+                let img = image::RgbImage::from_fn(w, h, |x, _| image::Rgb([v, (x * 7) as u8, 255 - v]));
+                img.save(d.join(format!("{i}.jpg"))).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn an_image_folder_loads_resized_with_a_held_out_test_set_and_its_own_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(dir.path(), 10);
+    std::fs::write(dir.path().join("a/notes.txt"), "not an image").unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("DARTS_CACHE", cache.path());
+    let train = darts::data::load_with(DatasetKind::Folder, Some(dir.path()), true, Some(16)).unwrap();
+    let test = darts::data::load_with(DatasetKind::Folder, Some(dir.path()), false, Some(16)).unwrap();
+    // Every fifth file of each class is held out: 8 + 2 per class; colour because b and c are.
+    assert_eq!(train.images.size(), vec![24, 3, 16, 16]);
+    assert_eq!(test.images.size(), vec![6, 3, 16, 16]);
+    assert_eq!(train.shape.classes, 3);
+    let labels = Vec::<i64>::try_from(&train.labels).unwrap();
+    for c in 0..3 {
+        assert_eq!(labels.iter().filter(|&&l| l == c).count(), 8);
+    }
+    assert_ne!(&labels[..3], &[0, 0, 0], "interleaved, so that a limit takes every class");
+    // Class "a" is gray v,v,v: its red channel equals its green channel.
+    let a = (0..24).find(|&i| labels[i] == 0).unwrap() as i64;
+    let img = train.images.get(a);
+    assert!(img.get(0).equal(&img.get(1)));
+    assert_eq!(train.mean.len(), 3);
+    assert!(train.mean.iter().all(|m| *m > 0.0 && *m < 1.0) && train.std.iter().all(|s| *s > 0.0));
+    assert_eq!(test.mean, train.mean, "the test set is normalised with the training statistics");
+    // The decoded set is cached, and the cache gives the same data.
+    assert!(std::fs::read_dir(cache.path().join("folders")).unwrap().count() >= 2);
+    let again = darts::data::load_with(DatasetKind::Folder, Some(dir.path()), true, Some(16)).unwrap();
+    assert!(again.images.equal(&train.images) && again.labels.equal(&train.labels));
+    assert_eq!(again.mean, train.mean);
+}
+
+#[test]
+fn image_folder_problems_name_the_folder_or_file() {
+    let dir = tempfile::tempdir().unwrap();
+    image_folder(dir.path(), 3);
+    std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+    let e = darts::data::load_with(DatasetKind::Folder, Some(dir.path()), true, Some(16)).unwrap_err().to_string();
+    assert!(e.contains("empty") && e.contains("no PNG or JPEG"), "{e}");
+    std::fs::remove_dir(dir.path().join("empty")).unwrap();
+    std::fs::write(dir.path().join("b/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let e = darts::data::load_with(DatasetKind::Folder, Some(dir.path()), true, Some(16)).unwrap_err().to_string();
+    assert!(e.contains("broken.png") && e.contains("unreadable image"), "{e}");
+    let e = load(DatasetKind::Folder, None, true).unwrap_err().to_string();
+    assert!(e.contains("--data-dir"), "{e}");
+}

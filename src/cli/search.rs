@@ -78,6 +78,9 @@ pub struct SearchArgs {
     /// Epochs of weight training before alpha starts to learn.
     #[arg(long)]
     arch_warmup: Option<usize>,
+    /// Image folders (--dataset folder): resize images to this square size (default 32).
+    #[arg(long)]
+    image_size: Option<usize>,
     /// Split the training set class by class (both halves keep the class proportions).
     #[arg(long)]
     balanced_split: bool,
@@ -136,6 +139,9 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     set!(arch_warmup_epochs = a.arch_warmup);
     c.checkpoint_cells |= a.checkpoint_cells;
     c.balanced_split |= a.balanced_split;
+    if a.image_size.is_some() {
+        c.image_size = a.image_size;
+    }
     if a.data_dir.is_some() {
         c.data_dir = a.data_dir.clone();
     }

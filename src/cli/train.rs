@@ -53,6 +53,9 @@ pub struct TrainCommon {
     /// Label smoothing (default 0, or 0.1 with --imagenet).
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// Image folders (--dataset folder): resize images to this square size (default 32).
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// Epochs.
     #[arg(long = "epochs", default_value_t = 600)]
     pub train_epochs: usize,
@@ -97,6 +100,7 @@ impl TrainCommon {
         c.drop_path = self.drop_path;
         c.cutout = self.cutout;
         c.seed = self.train_seed;
+        c.image_size = self.image_size;
         c
     }
 }

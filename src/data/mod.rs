@@ -1,6 +1,7 @@
 //! Datasets: loading (IDX, CIFAR binary, the built-in Fashion-MNIST subset), the disjoint search split,
 //! seeded augmentation and batching.
 
+pub mod folder;
 pub mod formats;
 pub mod prefetch;
 
@@ -59,6 +60,8 @@ pub enum DatasetKind {
     Cifar10,
     /// CIFAR-100 (binary version, fine labels).
     Cifar100,
+    /// An image folder (`--data-dir`): one sub-folder of PNG/JPEG images per class, resized to a square size.
+    Folder,
 }
 
 impl DatasetKind {
@@ -71,6 +74,7 @@ impl DatasetKind {
             DatasetKind::Kmnist => "kmnist",
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
+            DatasetKind::Folder => "folder",
         }
     }
 
@@ -88,6 +92,8 @@ impl DatasetKind {
             DatasetKind::Builtin | DatasetKind::FashionMnist => (vec![0.2860], vec![0.3530]),
             DatasetKind::Mnist => (vec![0.1307], vec![0.3081]),
             DatasetKind::Kmnist => (vec![0.1918], vec![0.3483]),
+            // Computed from the training images when the folder is loaded.
+            DatasetKind::Folder => (vec![0.5], vec![0.25]),
             DatasetKind::Cifar10 => (vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616]),
             DatasetKind::Cifar100 => (vec![0.5071, 0.4865, 0.4409], vec![0.2673, 0.2564, 0.2762]),
         }
@@ -99,13 +105,14 @@ impl DatasetKind {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment { crop_padding: 4, flip: true, cutout: 0 },
             DatasetKind::Builtin | DatasetKind::FashionMnist => Augment { crop_padding: 2, flip: true, cutout: 0 },
             DatasetKind::Mnist | DatasetKind::Kmnist => Augment { crop_padding: 2, flip: false, cutout: 0 },
+            DatasetKind::Folder => Augment { crop_padding: 4, flip: true, cutout: 0 },
         }
     }
 
     fn default_dirs(self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();
         let sub = match self {
-            DatasetKind::Builtin => return dirs,
+            DatasetKind::Builtin | DatasetKind::Folder => return dirs,
             DatasetKind::FashionMnist => "fashion-mnist",
             DatasetKind::Mnist => "mnist",
             DatasetKind::Kmnist => "kmnist",
@@ -327,6 +334,17 @@ fn load_cifar(kind: DatasetKind, dir: &Path, train: bool) -> Result<Raw, DataErr
 
 /// Loads the training (`train = true`) or test split of `kind`, from `dir` or the default places.
 pub fn load(kind: DatasetKind, dir: Option<&Path>, train: bool) -> Result<Dataset, DataError> {
+    load_with(kind, dir, train, None)
+}
+
+/// [`load`], with the square size image folders are resized to (default [`folder::DEFAULT_SIZE`]; other
+/// datasets keep their own size).
+pub fn load_with(
+    kind: DatasetKind,
+    dir: Option<&Path>,
+    train: bool,
+    image_size: Option<usize>,
+) -> Result<Dataset, DataError> {
     let prefix = if train { "train" } else { "t10k" };
     let raw = match kind {
         DatasetKind::Builtin => {
@@ -351,6 +369,16 @@ pub fn load(kind: DatasetKind, dir: Option<&Path>, train: bool) -> Result<Datase
             let probe = if kind == DatasetKind::Cifar10 { "data_batch_1.bin" } else { "train.bin" };
             let d = find_dir(kind, dir, probe)?;
             load_cifar(kind, &d, train)?
+        }
+        DatasetKind::Folder => {
+            let d = dir.ok_or_else(|| {
+                DataError::NotFound(
+                    "the folder dataset needs --data-dir DIR: one sub-folder of PNG/JPEG images per class (and \
+                     optionally train/ and test/ above them)"
+                        .into(),
+                )
+            })?;
+            return folder::load(d, train, image_size.unwrap_or(folder::DEFAULT_SIZE));
         }
     };
     Dataset::from_raw(kind, raw)
