@@ -16,6 +16,9 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    // The tests of this file run in parallel and draw from libtorch's one generator: hold it, so that every
+    // test gets the same fixture.
+    let _rng = darts::torch_rng_lock();
     tch::manual_seed(7);
     // A smooth supernet (GELU, no max pooling): with ReLU or max pooling the gradient has kinks, and a
     // finite difference of it picks up their jumps, which double backward (second derivative 0 between kinks)

@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod data;
 mod genotype;
 mod info;
 mod pipeline;
@@ -47,6 +48,11 @@ impl Runtime {
         darts::device_from_name(&self.device)
     }
 
+    /// Whether progress bars are off.
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+
     /// Run options for `out_dir` on `device`.
     pub fn options(&self, out_dir: std::path::PathBuf, device: tch::Device) -> darts::run::RunOptions {
         darts::run::RunOptions {
@@ -73,6 +79,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Read a genotype (JSON or DARTS Python text), check it, and print it in either format.
     Genotype(genotype::GenotypeArgs),
+    /// Datasets: download the standard ones (checksummed, resumable), list what darts knows.
+    Data(data::DataArgs),
     /// Draw a genotype's cells: a terminal view, and DOT, SVG and PNG files.
     Show(show::ShowArgs),
     /// Write the HTML report (and figures/) of a run directory: search, training or `darts run`.
@@ -91,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a, rt),
         Command::Genotype(a) => genotype::run(a),
         Command::Show(a) => show::run(a),
+        Command::Data(a) => data::run(a, rt),
         Command::Report(a) => report::run(a),
     }
 }

@@ -1,6 +1,7 @@
 //! Datasets: loading (IDX, CIFAR binary, the built-in Fashion-MNIST subset), the disjoint search split,
 //! seeded augmentation and batching.
 
+pub mod download;
 pub mod folder;
 pub mod formats;
 pub mod prefetch;
@@ -362,7 +363,16 @@ pub fn load_with(
             formats::idx_pair(i.to_vec(), l.to_vec(), ("builtin images", "builtin labels"), 10)?
         }
         DatasetKind::FashionMnist | DatasetKind::Mnist | DatasetKind::Kmnist => {
-            let d = find_dir(kind, dir, "train-images-idx3-ubyte")?;
+            let d = match (find_dir(kind, dir, "train-images-idx3-ubyte"), download::source(kind)) {
+                (Ok(d), _) => d,
+                // Not here and no folder given: fetch it (checksummed) into the cache the loader looks in.
+                (Err(_), Some(src)) if dir.is_none() => {
+                    let to = download::default_dir(kind);
+                    eprintln!("{} is not on this machine: downloading it into {}", kind.name(), to.display());
+                    download::fetch(kind.name(), &src, &to, true).map_err(|e| DataError::NotFound(format!("{e:#}")))?
+                }
+                (Err(e), _) => return Err(e),
+            };
             load_idx(kind, &d, prefix)?
         }
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
