@@ -98,6 +98,27 @@ impl Variant {
         format!("darts-rs ({})", self.name)
     }
 
+    /// The supernet of `space` as this variant changes it (partial channels, edge normalisation, layout,
+    /// checkpointing), drawn from seed 0 on `device`: the space, its weights and the network.
+    fn supernet(
+        &self,
+        space: &SearchSpace,
+        shape: &DataShape,
+        device: Device,
+    ) -> (SearchSpace, nn::VarStore, SearchNetwork) {
+        tch::manual_seed(0);
+        let space = SearchSpace {
+            partial_channels: self.partial_channels,
+            edge_normalization: self.edge_normalization,
+            ..space.clone()
+        };
+        let vs = nn::VarStore::new(device);
+        let mut net = SearchNetwork::new(&vs.root(), &space, shape, Alphas::random(&space, device));
+        set_channels_last(&mut net, &vs, self.channels_last);
+        crate::supernet::set_checkpoint_cells(&mut net, &vs, self.checkpoint_cells);
+        (space, vs, net)
+    }
+
     /// Whether the final-network measurement applies (layout variants only).
     pub fn has_final(&self) -> bool {
         !self.checkpoint_cells && self.partial_channels == 1
@@ -117,16 +138,7 @@ pub fn bench_search(
     variant: &Variant,
     mut report: impl FnMut(&BenchRow),
 ) -> Vec<BenchRow> {
-    tch::manual_seed(0);
-    let space = SearchSpace {
-        partial_channels: variant.partial_channels,
-        edge_normalization: variant.edge_normalization,
-        ..space.clone()
-    };
-    let vs = nn::VarStore::new(device);
-    let mut net = SearchNetwork::new(&vs.root(), &space, shape, Alphas::random(&space, device));
-    set_channels_last(&mut net, &vs, variant.channels_last);
-    crate::supernet::set_checkpoint_cells(&mut net, &vs, variant.checkpoint_cells);
+    let (_, vs, net) = variant.supernet(space, shape, device);
     let label = variant.label();
     let Params { weights, buffers, .. } = Params::of(&vs);
     let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
@@ -245,16 +257,7 @@ pub fn profile_search(
 ) -> (Vec<ProfileRow>, f64) {
     use crate::ops::Op;
     use std::collections::BTreeMap;
-    tch::manual_seed(0);
-    let space = SearchSpace {
-        partial_channels: variant.partial_channels,
-        edge_normalization: variant.edge_normalization,
-        ..space.clone()
-    };
-    let vs = nn::VarStore::new(device);
-    let mut net = SearchNetwork::new(&vs.root(), &space, shape, Alphas::random(&space, device));
-    set_channels_last(&mut net, &vs, variant.channels_last);
-    crate::supernet::set_checkpoint_cells(&mut net, &vs, variant.checkpoint_cells);
+    let (space, vs, net) = variant.supernet(space, shape, device);
     let weights = Params::of(&vs).weights;
     let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
     let (c, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
