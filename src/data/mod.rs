@@ -2,11 +2,13 @@
 //! seeded augmentation and batching.
 
 pub mod download;
+mod error;
 pub mod folder;
 pub mod formats;
 pub mod prefetch;
 
 use crate::space::DataShape;
+pub use error::DataError;
 use formats::Raw;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -15,35 +17,6 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// Data problems, each naming the file and saying how to fix it.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    /// A file that should exist does not.
-    #[error("dataset file not found: {file}")]
-    Missing {
-        /// The path looked for.
-        file: String,
-    },
-    /// A file that exists but is not what it should be.
-    #[error("{file}: {problem}")]
-    Corrupt {
-        /// The file.
-        file: String,
-        /// What is wrong with it.
-        problem: String,
-    },
-    /// A file that could not be read.
-    #[error("{file}: {error}")]
-    Io {
-        /// The file.
-        file: String,
-        /// The OS error.
-        error: String,
-    },
-    /// No folder given and none found.
-    #[error("{0}")]
-    NotFound(String),
-}
 
 /// The datasets darts reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
