@@ -431,13 +431,7 @@ impl SearchNetwork {
 /// Turns gradient checkpointing of cells on or off for `net`, whose weights and BN statistics are in `vs`.
 pub fn set_checkpoint_cells(net: &mut SearchNetwork, vs: &nn::VarStore, on: bool) {
     net.checkpoint_cells = on;
-    net.buffers = if on {
-        let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v.into_iter().map(|(_, t)| t).collect()
-    } else {
-        Vec::new()
-    };
+    net.buffers = if on { crate::params::Params::of(vs).buffers } else { Vec::new() };
 }
 
 /// Switches the network's kernels and activations to channels-last (`on`) or contiguous NCHW.
