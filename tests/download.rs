@@ -1,6 +1,7 @@
 //! Downloads against a real HTTP server on 127.0.0.1 that the test starts: a clean transfer, one cut off
 //! half-way (resumed with a Range request), a corrupted one (checksum), and no server at all (offline).
-use darts::data::download::{fetch, sha256_file, RemoteFile, Source};
+use darts::data::download::{fetch, sha256_file, RemoteFile, Source, Unpack};
+use darts::data::{load, DatasetKind};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -92,6 +93,7 @@ fn downloads_verify_resume_and_explain() {
     let src = Source {
         urls: vec![server.base.clone()],
         files: vec![remote("good.gz", &good, scratch.path()), remote("cut.gz", &cut, scratch.path())],
+        unpack: None,
     };
     fetch("test set", &src, &dest, false).unwrap();
     assert_eq!(std::fs::read(dest.join("good.gz")).unwrap(), good);
@@ -107,14 +109,15 @@ fn downloads_verify_resume_and_explain() {
     assert_eq!(server.log.lock().unwrap().len(), log.len());
 
     // A corrupted transfer is caught by the checksum, retried once from scratch, then reported; nothing is kept.
-    let src_bad = Source { urls: vec![server.base.clone()], files: vec![remote("bad.gz", &bad, scratch.path())] };
+    let src_bad =
+        Source { urls: vec![server.base.clone()], files: vec![remote("bad.gz", &bad, scratch.path())], unpack: None };
     let e = format!("{:#}", fetch("test set", &src_bad, &dest, false).unwrap_err());
     assert!(e.contains("bad.gz is corrupt") && e.contains("SHA-256"), "{e}");
     assert!(!dest.join("bad.gz").exists() && !dest.join("bad.gz.part").exists());
 
     // No server: the error says which files to put where.
     let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let src_off = Source { urls: vec![format!("http://{dead}")], files: src.files.clone() };
+    let src_off = Source { urls: vec![format!("http://{dead}")], files: src.files.clone(), unpack: None };
     let offline = scratch.path().join("offline");
     let e = format!("{:#}", fetch("test set", &src_off, &offline, false).unwrap_err());
     assert!(
@@ -125,9 +128,119 @@ fn downloads_verify_resume_and_explain() {
 
 #[test]
 fn the_canonical_sources_are_complete() {
-    for kind in [darts::data::DatasetKind::Mnist, darts::data::DatasetKind::FashionMnist] {
+    for kind in darts::data::download::downloadable() {
         let src = darts::data::download::source(kind).unwrap();
-        assert_eq!(src.files.len(), 4);
-        assert!(src.files.iter().all(|f| f.sha256.len() == 64 && f.size > 1000));
+        let n = if src.unpack.is_some() { 1 } else { 4 };
+        assert_eq!(src.files.len(), n, "{kind:?}");
+        assert!(src.files.iter().all(|f| f.sha256.len() == 64 && f.size > 1000), "{kind:?}");
+        assert!(src.files.iter().all(|f| f.sha256.chars().all(|c| c.is_ascii_hexdigit())), "{kind:?}");
     }
+    let all = darts::data::download::downloadable();
+    for kind in [DatasetKind::Mnist, DatasetKind::FashionMnist, DatasetKind::Kmnist, DatasetKind::Cifar10] {
+        assert!(all.contains(&kind), "{kind:?}");
+    }
+}
+
+/// CIFAR-10 binary records: label byte, then 3x32x32 pixels; record `i` of file `f` has label `(f + i) % 10` and
+/// every pixel equal to `10 * f + i`.
+fn cifar_file(f: u8, records: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..records {
+        out.push((f + i) % 10);
+        out.extend(std::iter::repeat_n(10 * f + i, 3072));
+    }
+    out
+}
+
+/// A `.tar.gz` holding `files` (name, bytes), plus a link and a file outside the top folder that must be ignored.
+fn tar_gz(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (name, bytes) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, bytes.as_slice()).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "cifar-10-batches-bin/link", "/etc/passwd").unwrap();
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn a_cifar_archive_is_fetched_checked_unpacked_and_loads() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut files: Vec<(String, Vec<u8>)> =
+        (1..=5u8).map(|f| (format!("cifar-10-batches-bin/data_batch_{f}.bin"), cifar_file(f, 2))).collect();
+    files.push(("cifar-10-batches-bin/test_batch.bin".into(), cifar_file(7, 3)));
+    files.push(("cifar-10-batches-bin/batches.meta.txt".into(), b"airplane\nautomobile\n".to_vec()));
+    files.push(("readme-outside.txt".into(), b"not part of the dataset".to_vec()));
+    let good = tar_gz(&files);
+    // The same archive without its test batch: checked fine, but not a whole dataset.
+    let partial = tar_gz(&files[..5]);
+    let server = serve(
+        [("cifar-10-binary.tar.gz".to_string(), good.clone()), ("partial.tar.gz".into(), partial.clone())].into(),
+    );
+    let expect: Vec<String> =
+        files[..7].iter().map(|(n, _)| n.trim_start_matches("cifar-10-batches-bin/").into()).collect();
+    let unpack = Some(Unpack { top: "cifar-10-batches-bin".into(), expect });
+
+    let dir = scratch.path().join("cifar-10-batches-bin");
+    let src = Source {
+        urls: vec![server.base.clone()],
+        files: vec![remote("cifar-10-binary.tar.gz", &good, scratch.path())],
+        unpack: unpack.clone(),
+    };
+    fetch("cifar10", &src, &dir, false).unwrap();
+    assert!(!dir.join("cifar-10-binary.tar.gz").exists(), "the archive is removed once unpacked");
+    assert!(
+        !dir.join("link").exists()
+            && !dir.join("readme-outside.txt").exists()
+            && !scratch.path().join("readme-outside.txt").exists()
+    );
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names.len(), 7, "{names:?}");
+
+    let train = load(DatasetKind::Cifar10, Some(&dir), true).unwrap();
+    assert_eq!(train.len(), 10);
+    let labels: Vec<i64> = Vec::try_from(&train.labels).unwrap();
+    assert_eq!(labels, vec![1, 2, 2, 3, 3, 4, 4, 5, 5, 6]);
+    let pixels = Vec::<u8>::try_from(train.images.flatten(0, -1)).unwrap();
+    assert_eq!(pixels[3072 * 3], 21, "third image = file 2, record 1");
+    let test = load(DatasetKind::Cifar10, Some(&dir), false).unwrap();
+    assert_eq!(test.len(), 3);
+
+    // Once there, nothing is fetched again.
+    let before = server.log.lock().unwrap().len();
+    fetch("cifar10", &src, &dir, false).unwrap();
+    assert_eq!(server.log.lock().unwrap().len(), before);
+
+    // An archive that lacks a file the dataset needs: a clear error, and the archive is not kept.
+    let dir2 = scratch.path().join("partial");
+    let src2 = Source {
+        urls: vec![server.base.clone()],
+        files: vec![remote("partial.tar.gz", &partial, scratch.path())],
+        unpack,
+    };
+    let e = format!("{:#}", fetch("cifar10", &src2, &dir2, false).unwrap_err());
+    assert!(e.contains("lacks") && e.contains("test_batch.bin") && e.contains("batches.meta.txt"), "{e}");
+    assert!(!dir2.join("partial.tar.gz").exists());
+}
+
+#[test]
+fn a_corrupt_archive_is_reported_by_name() {
+    let scratch = tempfile::tempdir().unwrap();
+    let archive = scratch.path().join("x.tar.gz");
+    let mut bytes = tar_gz(&[("top/a.bin".into(), payload(100_000, 4))]);
+    let n = bytes.len();
+    bytes.truncate(n / 2);
+    std::fs::write(&archive, &bytes).unwrap();
+    let u = Unpack { top: "top".into(), expect: vec!["a.bin".into()] };
+    let e = format!("{:#}", darts::data::download::unpack(&archive, &u, scratch.path()).unwrap_err());
+    assert!(e.contains("x.tar.gz") && e.contains("not a readable .tar.gz"), "{e}");
+    assert!(!scratch.path().join("a.bin").exists());
 }

@@ -15,7 +15,7 @@ pub struct DataArgs {
 enum DataCommand {
     /// Download a dataset from its canonical location (SHA-256 checked, resumed if interrupted).
     Get {
-        /// mnist or fashion-mnist.
+        /// mnist, fashion-mnist, kmnist, cifar10 or cifar100.
         #[arg(value_enum)]
         name: DatasetKind,
         /// Folder to put the files in (default: where darts looks, ~/.cache/darts/data/<name>).
@@ -46,7 +46,7 @@ pub fn run(a: DataArgs, rt: &super::Runtime) -> Result<()> {
             println!("{}", dir.display());
         }
         DataCommand::List => {
-            for kind in [DatasetKind::Mnist, DatasetKind::FashionMnist] {
+            for kind in download::downloadable() {
                 if let Some(src) = download::source(kind) {
                     let total: u64 = src.files.iter().map(|f| f.size).sum();
                     println!(

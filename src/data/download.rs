@@ -24,16 +24,42 @@ pub struct Source {
     pub urls: Vec<String>,
     /// The files.
     pub files: Vec<RemoteFile>,
+    /// Set when the one file is a `.tar.gz` archive: it is checked, unpacked into the dataset folder and deleted.
+    pub unpack: Option<Unpack>,
+}
+
+/// How a downloaded archive becomes the dataset folder.
+#[derive(Clone, Debug)]
+pub struct Unpack {
+    /// The archive's top-level folder, whose files land directly in the dataset folder.
+    pub top: String,
+    /// The files the dataset needs: present means the dataset is there; missing after unpacking is an error.
+    pub expect: Vec<String>,
 }
 
 fn file(name: &str, sha256: &str, size: u64) -> RemoteFile {
     RemoteFile { name: name.into(), sha256: sha256.into(), size }
 }
 
-/// The canonical source of `kind`, if darts can download it (MNIST and Fashion-MNIST so far).
+fn idx_source(urls: &[&str], files: Vec<RemoteFile>) -> Source {
+    Source { urls: urls.iter().map(|u| u.to_string()).collect(), files, unpack: None }
+}
+
+fn archive_source(url: &str, archive: RemoteFile, top: &str, expect: &[&str]) -> Source {
+    Source {
+        urls: vec![url.into()],
+        files: vec![archive],
+        unpack: Some(Unpack { top: top.into(), expect: expect.iter().map(|e| e.to_string()).collect() }),
+    }
+}
+
+/// The canonical source of `kind`, if darts can download it: MNIST, Fashion-MNIST, KMNIST (IDX files), CIFAR-10
+/// and CIFAR-100 (binary archives). Checksums and sizes are the ones TensorFlow Datasets records and several
+/// other independent projects agree on.
 pub fn source(kind: DatasetKind) -> Option<Source> {
     match kind {
         DatasetKind::Mnist => Some(Source {
+            unpack: None,
             urls: vec![
                 "https://ossci-datasets.s3.amazonaws.com/mnist".into(),
                 "https://storage.googleapis.com/cvdf-datasets/mnist".into(),
@@ -62,6 +88,7 @@ pub fn source(kind: DatasetKind) -> Option<Source> {
             ],
         }),
         DatasetKind::FashionMnist => Some(Source {
+            unpack: None,
             urls: vec!["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com".into()],
             files: vec![
                 file(
@@ -86,17 +113,73 @@ pub fn source(kind: DatasetKind) -> Option<Source> {
                 ),
             ],
         }),
+        DatasetKind::Kmnist => Some(idx_source(
+            &["https://codh.rois.ac.jp/kmnist/dataset/kmnist", "http://codh.rois.ac.jp/kmnist/dataset/kmnist"],
+            vec![
+                file(
+                    "train-images-idx3-ubyte.gz",
+                    "51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4",
+                    18_165_135,
+                ),
+                file(
+                    "train-labels-idx1-ubyte.gz",
+                    "e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17",
+                    29_497,
+                ),
+                file(
+                    "t10k-images-idx3-ubyte.gz",
+                    "edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5",
+                    3_041_136,
+                ),
+                file(
+                    "t10k-labels-idx1-ubyte.gz",
+                    "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c",
+                    5_120,
+                ),
+            ],
+        )),
+        DatasetKind::Cifar10 => Some(archive_source(
+            "https://www.cs.toronto.edu/~kriz",
+            file(
+                "cifar-10-binary.tar.gz",
+                "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+                170_052_171,
+            ),
+            "cifar-10-batches-bin",
+            &[
+                "data_batch_1.bin",
+                "data_batch_2.bin",
+                "data_batch_3.bin",
+                "data_batch_4.bin",
+                "data_batch_5.bin",
+                "test_batch.bin",
+                "batches.meta.txt",
+            ],
+        )),
+        DatasetKind::Cifar100 => Some(archive_source(
+            "https://www.cs.toronto.edu/~kriz",
+            file(
+                "cifar-100-binary.tar.gz",
+                "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec",
+                168_513_733,
+            ),
+            "cifar-100-binary",
+            &["train.bin", "test.bin", "fine_label_names.txt", "coarse_label_names.txt"],
+        )),
         _ => None,
     }
 }
 
-/// Where `darts data get` puts a dataset by default: `$DARTS_DATA/<name>`, else `~/.cache/darts/data/<name>`
-/// (the folders the loader looks in).
+/// Every dataset darts can download.
+pub fn downloadable() -> Vec<DatasetKind> {
+    use DatasetKind::*;
+    [Mnist, FashionMnist, Kmnist, Cifar10, Cifar100].into_iter().filter(|k| source(*k).is_some()).collect()
+}
+
+/// Where `darts data get` puts a dataset by default: `$DARTS_DATA/<folder>`, else `~/.cache/darts/data/<folder>`
+/// (the folders the loader looks in; CIFAR keeps its archive's folder name, e.g. `cifar-10-batches-bin`).
 pub fn default_dir(kind: DatasetKind) -> PathBuf {
-    let sub = match kind {
-        DatasetKind::FashionMnist => "fashion-mnist",
-        other => other.name(),
-    };
+    let sub = kind.folder_name();
     if let Some(d) = std::env::var_os("DARTS_DATA") {
         return PathBuf::from(d).join(sub);
     }
@@ -119,10 +202,16 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Downloads every file of `src` into `dir` (skipping files already there with the right checksum) and
-/// returns `dir`. `progress` shows a bar per file.
+/// Downloads every file of `src` into `dir` (skipping files already there with the right checksum; for an
+/// archive, skipping it when every file it should give is there), unpacks an archive, and returns `dir`.
+/// `progress` shows a bar per file.
 pub fn fetch(name: &str, src: &Source, dir: &Path, progress: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(u) = &src.unpack {
+        if u.expect.iter().all(|e| dir.join(e).is_file()) {
+            return Ok(dir.to_path_buf());
+        }
+    }
     for f in &src.files {
         let dest = dir.join(&f.name);
         if dest.is_file() && sha256_file(&dest)? == f.sha256 {
@@ -151,7 +240,60 @@ pub fn fetch(name: &str, src: &Source, dir: &Path, progress: bool) -> Result<Pat
             );
         }
     }
+    if let Some(u) = &src.unpack {
+        for f in &src.files {
+            let archive = dir.join(&f.name);
+            if let Err(e) = unpack(&archive, u, dir) {
+                // A checked archive that does not unpack is not worth keeping: the next try fetches it again.
+                let _ = std::fs::remove_file(&archive);
+                return Err(e.context(format!(
+                    "unpacking {name}: the archive was deleted, run the command again to fetch it anew"
+                )));
+            }
+            std::fs::remove_file(&archive).with_context(|| format!("removing {}", archive.display()))?;
+        }
+    }
     Ok(dir.to_path_buf())
+}
+
+/// Unpacks the regular files under `u.top/` of the `.tar.gz` `archive` into `dir` (each written to a temporary
+/// name, then renamed into place); paths that would leave `dir`, links and other entries are skipped. Errors name
+/// the archive; missing expected files are an error.
+pub fn unpack(archive: &Path, u: &Unpack, dir: &Path) -> Result<()> {
+    let corrupt =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("{} is not a readable .tar.gz archive ({e})", archive.display());
+    let f = std::fs::File::open(archive).with_context(|| format!("opening {}", archive.display()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
+    let entries = tar.entries().map_err(|e| corrupt(&e))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| corrupt(&e))?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let path = entry.path().map_err(|e| corrupt(&e))?.into_owned();
+        let Ok(rel) = path.strip_prefix(&u.top) else { continue };
+        let safe = rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !safe || rel.as_os_str().is_empty() {
+            continue;
+        }
+        let dest = dir.join(rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let tmp = PathBuf::from(format!("{}.unpacking", dest.display()));
+        let mut out = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            corrupt(&format!("{}: {e}", rel.display()))
+        })?;
+        out.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("moving {} into place", dest.display()))?;
+    }
+    let missing: Vec<&str> = u.expect.iter().filter(|e| !dir.join(e).is_file()).map(|e| e.as_str()).collect();
+    if !missing.is_empty() {
+        bail!("{} unpacked, but {}/ in it lacks {}", archive.display(), u.top, missing.join(", "));
+    }
+    Ok(())
 }
 
 /// One file: resumes `dest.part` with a Range request, retries transfer errors (4 tries), checks the size and

@@ -82,16 +82,21 @@ impl DatasetKind {
         }
     }
 
-    fn default_dirs(self) -> Vec<PathBuf> {
-        let mut dirs = Vec::new();
-        let sub = match self {
-            DatasetKind::Builtin | DatasetKind::Folder => return dirs,
-            DatasetKind::FashionMnist => "fashion-mnist",
-            DatasetKind::Mnist => "mnist",
-            DatasetKind::Kmnist => "kmnist",
+    /// The folder name the dataset's files live in under a data directory (for CIFAR, its archive's folder).
+    pub fn folder_name(self) -> &'static str {
+        match self {
             DatasetKind::Cifar10 => "cifar-10-batches-bin",
             DatasetKind::Cifar100 => "cifar-100-binary",
-        };
+            other => other.name(),
+        }
+    }
+
+    fn default_dirs(self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        if matches!(self, DatasetKind::Builtin | DatasetKind::Folder) {
+            return dirs;
+        }
+        let sub = self.folder_name();
         if let Some(d) = std::env::var_os("DARTS_DATA") {
             dirs.push(PathBuf::from(d).join(sub));
         }
@@ -270,6 +275,20 @@ fn find_dir(kind: DatasetKind, dir: Option<&Path>, probe: &str) -> Result<PathBu
     )))
 }
 
+/// [`find_dir`]; when the data is not on the machine and no folder was given, downloads it (checksummed) into the
+/// cache the loader looks in.
+fn find_or_fetch(kind: DatasetKind, dir: Option<&Path>, probe: &str) -> Result<PathBuf, DataError> {
+    match (find_dir(kind, dir, probe), download::source(kind)) {
+        (Ok(d), _) => Ok(d),
+        (Err(_), Some(src)) if dir.is_none() => {
+            let to = download::default_dir(kind);
+            eprintln!("{} is not on this machine: downloading it into {}", kind.name(), to.display());
+            download::fetch(kind.name(), &src, &to, true).map_err(|e| DataError::NotFound(format!("{e:#}")))
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
 fn load_idx(kind: DatasetKind, dir: &Path, prefix: &str) -> Result<Raw, DataError> {
     let (images, iname) = formats::read_maybe_gz(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let (labels, lname) = formats::read_maybe_gz(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
@@ -335,21 +354,12 @@ pub fn load_with(
             formats::idx_pair(i.to_vec(), l.to_vec(), ("builtin images", "builtin labels"), 10)?
         }
         DatasetKind::FashionMnist | DatasetKind::Mnist | DatasetKind::Kmnist => {
-            let d = match (find_dir(kind, dir, "train-images-idx3-ubyte"), download::source(kind)) {
-                (Ok(d), _) => d,
-                // Not here and no folder given: fetch it (checksummed) into the cache the loader looks in.
-                (Err(_), Some(src)) if dir.is_none() => {
-                    let to = download::default_dir(kind);
-                    eprintln!("{} is not on this machine: downloading it into {}", kind.name(), to.display());
-                    download::fetch(kind.name(), &src, &to, true).map_err(|e| DataError::NotFound(format!("{e:#}")))?
-                }
-                (Err(e), _) => return Err(e),
-            };
+            let d = find_or_fetch(kind, dir, "train-images-idx3-ubyte")?;
             load_idx(kind, &d, prefix)?
         }
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
             let probe = if kind == DatasetKind::Cifar10 { "data_batch_1.bin" } else { "train.bin" };
-            let d = find_dir(kind, dir, probe)?;
+            let d = find_or_fetch(kind, dir, probe)?;
             load_cifar(kind, &d, train)?
         }
         DatasetKind::Folder => {
