@@ -1,8 +1,29 @@
-//! Link so that libtorch_cuda stays a needed library (the same binary then uses CUDA where a GPU is present)
+//! Compiles `csrc/shim.cpp` (autocast with a chosen dtype and the CUDA allocator's statistics, which tch does not
+//! expose) against libtorch's headers, with the same flags as tch's own wrapper.
+//!
+//! Links so that libtorch_cuda stays a needed library (the same binary then uses CUDA where a GPU is present)
 //! and so that libtorch's folder is found at run time without LD_LIBRARY_PATH (a RUNPATH entry, which
 //! LD_LIBRARY_PATH still overrides, e.g. to run on another machine's torch/lib).
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let lib = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(std::path::PathBuf::from);
+    let include = lib.as_ref().and_then(|l| l.parent()).map(|p| p.join("include"));
+    let Some(include) = include.filter(|i| i.join("ATen/autocast_mode.h").is_file()) else {
+        panic!("libtorch's headers (include/ATen/autocast_mode.h next to its lib folder) were not found: run scripts/setup.sh, then . scripts/env.sh");
+    };
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/shim.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false)
+        .compile("darts_shim");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os != "linux" {
         return;

@@ -3,6 +3,7 @@
 //! (`bench/pytorch_darts.py`).
 
 use crate::architect::{Architect, Order};
+use crate::native::{cuda_peak_mb, with_precision, Precision};
 use crate::optim::{clip_grad_norm, Sgd};
 use crate::params::Params;
 use crate::search::peak_rss_mb;
@@ -25,6 +26,10 @@ pub struct BenchRow {
     pub median_ms: f64,
     /// Peak RSS of the process after this measurement, MiB.
     pub peak_rss_mb: f64,
+    /// On CUDA: the caching allocator's peak of memory held by tensors, MiB (each measurement runs in its own
+    /// process, so this is the measurement's own peak; PyTorch's `torch.cuda.max_memory_allocated`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_cuda_mb: Option<f64>,
 }
 
 /// The measurements the bench can take.
@@ -64,12 +69,14 @@ pub struct Variant {
     pub checkpoint_cells: bool,
     /// PC-DARTS partial channels (1 = off).
     pub partial_channels: usize,
+    /// The final network's forward-pass arithmetic (bf16: mixed precision; the search steps are not measured).
+    pub precision: Precision,
     /// PC-DARTS edge normalisation.
     pub edge_normalization: bool,
 }
 
 /// The variants `darts bench --variants` knows.
-pub const VARIANTS: [&str; 5] = ["nchw", "channels-last", "checkpoint", "pc-darts", "pc-darts-checkpoint"];
+pub const VARIANTS: [&str; 6] = ["nchw", "channels-last", "checkpoint", "pc-darts", "pc-darts-checkpoint", "bf16"];
 
 impl Variant {
     /// A variant by name; "checkpoint" and the PC-DARTS ones use channels-last when `best_channels_last`
@@ -82,6 +89,7 @@ impl Variant {
             checkpoint_cells,
             partial_channels,
             edge_normalization: partial_channels > 1,
+            precision: Precision::Fp32,
         };
         Some(match name {
             "nchw" => v(false, false, 1),
@@ -89,6 +97,7 @@ impl Variant {
             "checkpoint" => v(best, true, 1),
             "pc-darts" => v(best, false, 4),
             "pc-darts-checkpoint" => v(best, true, 4),
+            "bf16" => Variant { precision: Precision::Bf16, ..v(best, false, 1) },
             _ => return None,
         })
     }
@@ -122,6 +131,11 @@ impl Variant {
     /// Whether the final-network measurement applies (layout variants only).
     pub fn has_final(&self) -> bool {
         !self.checkpoint_cells && self.partial_channels == 1
+    }
+
+    /// Whether this variant measures the search steps (the search stays float32: bf16 is a final-network option).
+    pub fn has_search(&self) -> bool {
+        self.precision == Precision::Fp32
     }
 }
 
@@ -177,6 +191,7 @@ pub fn bench_search(
             min_ms,
             median_ms,
             peak_rss_mb: peak_rss_mb(),
+            peak_cuda_mb: cuda_peak_mb(device),
         };
         report(&row);
         rows.push(row);
@@ -185,23 +200,21 @@ pub fn bench_search(
 }
 
 /// Times one training step of the final network (forward with auxiliary head and drop path 0.2, backward,
-/// clipping, SGD) for `genotype` at `cfg` on `batch` random images of `shape`.
-#[allow(clippy::too_many_arguments)]
+/// clipping, SGD) for `genotype` at `cfg` on `batch` random images of `shape`, in `variant`'s layout and precision.
 pub fn bench_final(
     genotype: &crate::genotype::Genotype,
     cfg: &crate::network::NetworkConfig,
     shape: &DataShape,
-    batch: i64,
-    repeats: usize,
+    (batch, repeats): (i64, usize),
     device: Device,
-    channels_last: bool,
-) -> BenchRow {
+    variant: &Variant,
+) -> anyhow::Result<BenchRow> {
     use crate::network::{drop_path_masks, loss_with_auxiliary, set_channels_last, Network};
     use rand::SeedableRng;
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let mut net = Network::new(&vs.root(), genotype, cfg, shape);
-    set_channels_last(&mut net, &vs, channels_last);
+    set_channels_last(&mut net, &vs, variant.channels_last);
     net.drop_path_prob = 0.2;
     let weights = Params::of(&vs).weights;
     let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
@@ -209,22 +222,34 @@ pub fn bench_final(
         Tensor::randn([batch, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, device));
     let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    // The step as the trainer runs it: forward and loss in the variant's precision, backward outside autocast.
+    let mut failed = None;
     let (min_ms, median_ms) = time_ms(device, repeats, || {
         let masks = drop_path_masks(net.drop_sites(), batch as usize, 0.2, &mut rng).to_device(device);
-        let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
-        let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, 0.4, 0.0);
-        let mut g = Tensor::run_backward(&[loss], &weights, false, false);
-        let _ = clip_grad_norm(&mut g, 5.0);
-        sgd.step(&weights, &g);
+        let loss = with_precision(device, variant.precision, || {
+            let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
+            loss_with_auxiliary(&logits, aux.as_ref(), &y, 0.4, 0.0)
+        });
+        match loss {
+            Ok(loss) => {
+                let mut g = Tensor::run_backward(&[loss], &weights, false, false);
+                let _ = clip_grad_norm(&mut g, 5.0);
+                sgd.step(&weights, &g);
+            }
+            Err(e) => failed = Some(e),
+        }
     });
-    let label = if channels_last { "darts-rs (channels-last)" } else { "darts-rs (nchw)" };
-    BenchRow {
-        implementation: label.into(),
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(BenchRow {
+        implementation: variant.label(),
         name: "final_train_step".into(),
         min_ms,
         median_ms,
         peak_rss_mb: peak_rss_mb(),
-    }
+        peak_cuda_mb: cuda_peak_mb(device),
+    })
 }
 
 /// One row of the per-op profile of a search step.

@@ -9,6 +9,7 @@ pub mod architect;
 pub mod bench;
 pub mod data;
 pub mod genotype;
+pub mod native;
 pub mod network;
 pub mod ops;
 pub mod optim;

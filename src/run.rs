@@ -339,7 +339,7 @@ fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<Tra
     for b in [&step_bar, &epoch_bar].into_iter().flatten() {
         b.finish_and_clear();
     }
-    let last = t.evaluate();
+    let last = t.evaluate()?;
     write_report(&opts.out_dir);
     Ok(TrainOutcome { epochs: done, finished: t.epoch >= cfg.epochs, last, best_acc: t.best_acc })
 }
@@ -362,7 +362,7 @@ pub fn evaluate_model(
     let map = crate::params::read_tensors(&weights)?;
     t.set_channels_last(layout.channels_last(device));
     t.load_model(&map, &weights)?;
-    Ok(t.evaluate())
+    t.evaluate()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use crate::architect::{Architect, Order};
 use crate::data::{self, Dataset, DatasetKind, Split};
 use crate::genotype::Genotype;
+use crate::native::{cuda_peak_mb, reset_cuda_peak};
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
 use crate::params::{copy_checked, read_checkpoint, Params};
 use crate::progress::StepMeter;
@@ -204,6 +205,9 @@ pub struct EpochStats {
     /// Seconds the training loop waited for the data loader this epoch.
     #[serde(default)]
     pub data_wait_seconds: f64,
+    /// On CUDA: the most memory tensors held at once during the epoch (the caching allocator's peak), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_mb: Option<f64>,
 }
 
 /// A search in progress: data, supernet, both optimisers and the epoch counter.
@@ -317,6 +321,7 @@ impl Search {
     /// evaluates on the alpha split. `bar`, when given, shows the steps.
     pub fn run_epoch(&mut self, bar: Option<&ProgressBar>) -> Result<EpochStats> {
         let start = std::time::Instant::now();
+        reset_cuda_peak(self.device);
         let epoch = self.epoch;
         let lr = cosine_lr(self.config.lr, self.config.lr_min, epoch, self.config.epochs);
         self.sgd.lr = lr;
@@ -378,6 +383,7 @@ impl Search {
             seconds: start.elapsed().as_secs_f64(),
             peak_rss_mb: peak_rss_mb(),
             data_wait_seconds,
+            peak_gpu_mb: cuda_peak_mb(self.device),
         })
     }
 

@@ -2,6 +2,7 @@
 
 use crate::data::{self, Augment, Dataset, DatasetKind};
 use crate::genotype::Genotype;
+use crate::native::{cuda_peak_mb, reset_cuda_peak, with_precision, Precision};
 use crate::network::{
     count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
 };
@@ -60,6 +61,10 @@ pub struct TrainConfig {
     /// Image folders: the square size images are resized to (default 32).
     #[serde(default)]
     pub image_size: Option<usize>,
+    /// Arithmetic of the forward passes: fp32, or bf16 mixed precision (autocast; weights, gradients and SGD stay
+    /// float32). Meant for GPUs with bfloat16 units (NVIDIA Ampere and later); CPUs without them run it slower.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -83,6 +88,7 @@ impl TrainConfig {
             cutout: 16,
             label_smoothing: 0.0,
             image_size: None,
+            precision: Precision::Fp32,
             seed: 0,
         }
     }
@@ -145,6 +151,9 @@ pub struct TrainStats {
     /// Seconds the training loop waited for the data loader this epoch.
     #[serde(default)]
     pub data_wait_seconds: f64,
+    /// On CUDA: the most memory tensors held at once during the epoch (the caching allocator's peak), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_mb: Option<f64>,
 }
 
 /// Test-set results.
@@ -160,15 +169,21 @@ pub struct EvalResult {
     pub examples: usize,
 }
 
-/// Loss, top-1 and top-5 of `net` on `data`, in evaluation mode.
-pub fn evaluate(net: &Network, data: &Dataset, batch: usize, device: Device) -> EvalResult {
+/// Loss, top-1 and top-5 of `net` on `data`, in evaluation mode, the forward passes in `precision`.
+pub fn evaluate(
+    net: &Network,
+    data: &Dataset,
+    batch: usize,
+    device: Device,
+    precision: Precision,
+) -> Result<EvalResult> {
     tch::no_grad(|| {
         let n = data.len();
         let (mut loss, mut top1, mut top5) = (0.0, 0i64, 0i64);
         let idx: Vec<usize> = (0..n).collect();
         for chunk in idx.chunks(batch.max(1)) {
             let (x, y) = data.batch(chunk, None, device);
-            let (logits, _) = net.forward_t(&x, false);
+            let logits = with_precision(device, precision, || net.forward_t(&x, false).0)?.to_kind(Kind::Float);
             loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * chunk.len() as f64;
             top1 += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
             if data.shape.classes > 5 {
@@ -176,12 +191,12 @@ pub fn evaluate(net: &Network, data: &Dataset, batch: usize, device: Device) -> 
                 top5 += top.eq_tensor(&y.unsqueeze(1)).any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
             }
         }
-        EvalResult {
+        Ok(EvalResult {
             loss: loss / n as f64,
             top1: top1 as f64 / n as f64,
             top5: (data.shape.classes > 5).then(|| top5 as f64 / n as f64),
             examples: n,
-        }
+        })
     })
 }
 
@@ -257,6 +272,11 @@ impl Trainer {
         crate::network::network_cost(&self.net, &self.vs, &self.train.shape)
     }
 
+    /// The trainable weights (shallow copies), in a fixed order.
+    pub fn weights(&self) -> Vec<Tensor> {
+        self.params.weights.iter().map(Tensor::shallow_clone).collect()
+    }
+
     /// Training and test set sizes.
     pub fn sizes(&self) -> (usize, usize) {
         (self.train.len(), self.test.len())
@@ -265,6 +285,7 @@ impl Trainer {
     /// One epoch over the full training set, then evaluation on the test set.
     pub fn run_epoch(&mut self, bar: Option<&ProgressBar>) -> Result<TrainStats> {
         let start = std::time::Instant::now();
+        reset_cuda_peak(self.device);
         let cfg = &self.config;
         let epoch = self.epoch;
         let lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
@@ -294,8 +315,13 @@ impl Trainer {
                 drop_path_masks(self.net.drop_sites(), sizes[step], self.net.drop_path_prob, &mut mask_rng)
                     .to_device(self.device)
             });
-            let (logits, aux) = self.net.forward_masked(&x, true, masks.as_ref());
-            let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, cfg.aux_weight, cfg.label_smoothing);
+            // The forward pass and the loss in the configured precision; backward outside the autocast region, as
+            // torch.autocast prescribes (its casts are recorded in the graph, so gradients reach float32 weights).
+            let (logits, loss) = with_precision(self.device, cfg.precision, || {
+                let (logits, aux) = self.net.forward_masked(&x, true, masks.as_ref());
+                let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, cfg.aux_weight, cfg.label_smoothing);
+                (logits.to_kind(Kind::Float), loss)
+            })?;
             let mut grads = Tensor::run_backward(&[&loss], &self.params.weights, false, false);
             let _ = clip_grad_norm(&mut grads, cfg.grad_clip);
             self.sgd.step(&self.params.weights, &grads);
@@ -306,7 +332,7 @@ impl Trainer {
         anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
         let data_wait_seconds = loader.waited().as_secs_f64();
         let (train_loss, train_acc) = meter.means();
-        let test = evaluate(&self.net, &self.test, 256, self.device);
+        let test = evaluate(&self.net, &self.test, 256, self.device, cfg.precision)?;
         self.epoch += 1;
         Ok(TrainStats {
             epoch,
@@ -320,12 +346,13 @@ impl Trainer {
             seconds: start.elapsed().as_secs_f64(),
             peak_rss_mb: peak_rss_mb(),
             data_wait_seconds,
+            peak_gpu_mb: cuda_peak_mb(self.device),
         })
     }
 
     /// Evaluates on the test set.
-    pub fn evaluate(&self) -> EvalResult {
-        evaluate(&self.net, &self.test, 256, self.device)
+    pub fn evaluate(&self) -> Result<EvalResult> {
+        evaluate(&self.net, &self.test, 256, self.device, self.config.precision)
     }
 
     /// Writes the model's weights and BN statistics to `path` atomically. Names follow the original PyTorch

@@ -111,3 +111,31 @@ fn auxiliary_loss_is_added_with_its_weight() {
     let smoothed = loss_with_auxiliary(&logits, None, &y, 0.4, eps).double_value(&[]);
     assert!((smoothed - smooth_hand([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]], [0, 2])).abs() < 1e-5);
 }
+
+#[test]
+fn bf16_mixed_precision_tracks_float32_training_and_keeps_float32_weights() {
+    use darts::native::Precision;
+    let run = |precision: Precision| {
+        let mut c = tiny(2);
+        c.limit = Some(256);
+        c.network.channels = 8;
+        c.precision = precision;
+        let mut t = Trainer::new(c, Device::Cpu).unwrap();
+        let stats: Vec<_> = (0..2).map(|_| t.run_epoch(None).unwrap()).collect();
+        let kinds: Vec<Kind> = t.weights().iter().map(|w| w.kind()).collect();
+        (stats, kinds)
+    };
+    let (f32_stats, _) = run(Precision::Fp32);
+    let (bf_stats, kinds) = run(Precision::Bf16);
+    assert!(kinds.iter().all(|k| *k == Kind::Float), "weights must stay float32 under autocast");
+    for (a, b) in f32_stats.iter().zip(&bf_stats) {
+        eprintln!("epoch {}: fp32 loss {:.5} / bf16 loss {:.5}", a.epoch, a.train_loss, b.train_loss);
+        assert!(b.train_loss.is_finite() && b.test_loss.is_finite());
+        // Same seed, same batches: bf16 rounding moves the losses a little, never far.
+        assert!((a.train_loss - b.train_loss).abs() < 0.05 * a.train_loss, "{} vs {}", a.train_loss, b.train_loss);
+        assert!((a.test_loss - b.test_loss).abs() < 0.1 * a.test_loss, "{} vs {}", a.test_loss, b.test_loss);
+    }
+    // Identical numbers would mean autocast never ran.
+    assert_ne!(f32_stats[0].train_loss, bf_stats[0].train_loss);
+    assert!(bf_stats[1].train_loss < bf_stats[0].train_loss, "bf16 training learns");
+}

@@ -100,6 +100,7 @@ fn measured_row(program: &str, args: &[String], implementation: &str) -> Result<
         min_ms: v["min_ms"].as_f64().unwrap_or(f64::NAN),
         median_ms: v["median_ms"].as_f64().unwrap_or(f64::NAN),
         peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+        peak_cuda_mb: v["peak_cuda_mb"].as_f64(),
     })
 }
 
@@ -124,9 +125,11 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         let variant =
             Variant::parse(name, rt.layout.channels_last(device)).with_context(|| format!("unknown variant {name}"))?;
         let print = |r: &BenchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());
-        bench_search(&space, &shape, a.batch, a.repeats, device, &only, &variant, print);
+        if variant.has_search() {
+            bench_search(&space, &shape, a.batch, a.repeats, device, &only, &variant, print);
+        }
         if only.contains(&"final_train_step") && variant.has_final() {
-            print(&bench_final(&genotype, &final_cfg, &shape, a.final_batch, a.repeats, device, variant.channels_last));
+            print(&bench_final(&genotype, &final_cfg, &shape, (a.final_batch, a.repeats), device, &variant)?);
         }
         return Ok(());
     }
@@ -194,8 +197,13 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     );
     let show = |r: &BenchRow| {
         eprintln!(
-            "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms  peak {:>8.0} MiB",
-            r.implementation, r.name, r.min_ms, r.median_ms, r.peak_rss_mb
+            "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms  peak {:>8.0} MiB{}",
+            r.implementation,
+            r.name,
+            r.min_ms,
+            r.median_ms,
+            r.peak_rss_mb,
+            r.peak_cuda_mb.map_or(String::new(), |g| format!("  GPU peak {g:.0} MiB"))
         )
     };
     let mut rows = Vec::new();
@@ -209,7 +217,14 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
         std::fs::write(&script, REFERENCE).context("writing the reference script")?;
         let cuda = if device.is_cuda() { "cuda" } else { "cpu" };
-        for &name in &only {
+        // PyTorch's final step in bf16 autocast too when a bf16 variant of ours is measured.
+        let bf16 = variants.iter().any(|v| v.precision == darts::native::Precision::Bf16);
+        let mut jobs: Vec<(&str, bool)> = only.iter().map(|n| (*n, false)).collect();
+        if bf16 && only.contains(&"final_train_step") {
+            jobs.push(("final_train_step", true));
+        }
+        for (name, amp) in jobs {
+            let label = if amp { "pytorch (bf16)" } else { "pytorch" };
             let common = ["--repeats".to_string(), a.repeats.to_string(), "--threads".into(), threads.to_string()];
             let mut args: Vec<String> = if name == "final_train_step" {
                 vec![
@@ -222,6 +237,8 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
                     a.final_channels.to_string(),
                     "--layers".into(),
                     a.final_layers.to_string(),
+                    "--amp".into(),
+                    if amp { "bf16" } else { "none" }.into(),
                 ]
             } else {
                 vec![
@@ -240,14 +257,14 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             args.extend(common);
             let mut full = vec![script.display().to_string()];
             full.extend(args);
-            match measured_row(&py, &full, "pytorch") {
+            match measured_row(&py, &full, label) {
                 Ok(r) => {
                     show(&r);
                     rows.push(r);
                 }
                 Err(why) => {
-                    eprintln!("  pytorch                    {name:<22} {why}");
-                    failures.push(("pytorch".to_string(), name.to_string(), why));
+                    eprintln!("  {label:<26} {name:<22} {why}");
+                    failures.push((label.to_string(), name.to_string(), why));
                 }
             }
         }
@@ -256,7 +273,8 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let exe = std::env::current_exe().context("finding the darts binary")?.display().to_string();
     for v in &variants {
         for &name in &only {
-            if name == "final_train_step" && !v.has_final() {
+            let wanted = if name == "final_train_step" { v.has_final() } else { v.has_search() };
+            if !wanted {
                 continue;
             }
             let mut args: Vec<String> =
@@ -290,6 +308,9 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         }
     }
     let mut impls: Vec<String> = vec!["pytorch".into()];
+    if variants.iter().any(|v| v.precision == darts::native::Precision::Bf16) {
+        impls.push("pytorch (bf16)".into());
+    }
     for v in &variants {
         impls.push(v.label());
     }
@@ -298,7 +319,9 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             impls.push(r.implementation.clone());
         }
     }
-    let header: Vec<String> = impls.iter().map(|i| format!("{i} median ms (peak MiB)")).collect();
+    // Peak memory: the CUDA allocator's peak on a GPU, the process's peak RSS on the CPU.
+    let mem = if device.is_cuda() { "GPU peak MiB" } else { "peak RSS MiB" };
+    let header: Vec<String> = impls.iter().map(|i| format!("{i} median ms ({mem})")).collect();
     println!("| step | {} | ratio to PyTorch |", header.join(" | "));
     println!("|---|{}---|", "---:|".repeat(impls.len()));
     for name in &only {
@@ -307,18 +330,20 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         let cells: Vec<String> = impls
             .iter()
             .map(|i| match find(i) {
-                Some(r) => format!("{:.1} ({:.0})", r.median_ms, r.peak_rss_mb),
+                Some(r) => format!("{:.1} ({:.0})", r.median_ms, r.peak_cuda_mb.unwrap_or(r.peak_rss_mb)),
                 None => failed(i).unwrap_or_else(|| "-".into()),
             })
             .collect();
-        let ratios: Vec<String> = match find("pytorch") {
-            Some(t) => impls
-                .iter()
-                .filter(|i| *i != "pytorch")
-                .filter_map(|i| find(i).map(|o| format!("{}: {:.2}", i, o.median_ms / t.median_ms)))
-                .collect(),
-            None => vec![],
-        };
+        // Ours against PyTorch in the same precision.
+        let ratios: Vec<String> = impls
+            .iter()
+            .filter(|i| !i.starts_with("pytorch"))
+            .filter_map(|i| {
+                let reference = if i.contains("(bf16)") { "pytorch (bf16)" } else { "pytorch" };
+                let (o, t) = (find(i)?, find(reference)?);
+                Some(format!("{}: {:.2}", i, o.median_ms / t.median_ms))
+            })
+            .collect();
         println!("| {name} | {} | {} |", cells.join(" | "), ratios.join(", "));
     }
     if let Some(path) = a.json {

@@ -53,6 +53,9 @@ pub struct RunArgs {
     /// Training: cells.
     #[arg(long)]
     train_layers: Option<usize>,
+    /// Training: forward-pass arithmetic, fp32 or bf16 (mixed precision, for GPUs with bfloat16 units).
+    #[arg(long, value_enum, default_value_t = darts::native::Precision::Fp32)]
+    train_precision: darts::native::Precision,
     /// Seed for both stages.
     #[arg(long, default_value_t = 2)]
     seed: u64,
@@ -108,6 +111,7 @@ fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + 
         if let Some(l) = a.train_layers {
             t.network.layers = l;
         }
+        t.precision = a.train_precision;
         t
     };
     (s, Box::new(train))

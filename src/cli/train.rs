@@ -77,6 +77,10 @@ pub struct TrainCommon {
     /// Seed.
     #[arg(long = "seed", default_value_t = 0)]
     pub train_seed: u64,
+    /// Forward-pass arithmetic: fp32, or bf16 mixed precision (autocast: convolutions and matrix products in
+    /// bfloat16, weights, gradients and SGD in float32); for GPUs with bfloat16 units (NVIDIA Ampere and later).
+    #[arg(long, value_enum, default_value_t = darts::native::Precision::Fp32)]
+    pub precision: darts::native::Precision,
 }
 
 impl TrainCommon {
@@ -101,6 +105,7 @@ impl TrainCommon {
         c.cutout = self.cutout;
         c.seed = self.train_seed;
         c.image_size = self.image_size;
+        c.precision = self.precision;
         c
     }
 }
