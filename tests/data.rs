@@ -1,4 +1,4 @@
-//! Dataset folders as users have them: IDX (plain and gzipped) and CIFAR-10/100 binary files.
+//! Dataset folders as users have them: IDX (plain and gzipped), CIFAR-10/100 binary files, SVHN MAT-files.
 use darts::data::{load, DatasetKind};
 use flate2::{write::GzEncoder, Compression};
 use std::io::Write;
@@ -142,4 +142,28 @@ fn image_folder_problems_name_the_folder_or_file() {
     assert!(e.contains("broken.png") && e.contains("unreadable image"), "{e}");
     let e = load(DatasetKind::Folder, None, true).unwrap_err().to_string();
     assert!(e.contains("--data-dir"), "{e}");
+}
+
+/// SVHN MAT-files written by scipy.io.savemat (tests/data/svhn/make.py: compressed training file, uncompressed
+/// test file), read by darts' own parser: every pixel lands where the formula puts it, label 10 becomes 0.
+#[test]
+fn svhn_mat_files_written_by_scipy_load() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/svhn");
+    let train = darts::data::load(DatasetKind::Svhn, Some(&dir), true).unwrap();
+    assert_eq!(Vec::<i64>::try_from(&train.labels).unwrap(), vec![0, 1, 2, 3, 9, 0]);
+    assert_eq!(train.images.size(), vec![6, 3, 32, 32]);
+    let px = Vec::<u8>::try_from(train.images.flatten(0, -1)).unwrap();
+    for n in 0..6 {
+        for ch in 0..3 {
+            for r in 0..32 {
+                for c in 0..32 {
+                    let want = ((7 * n + 3 * ch + 5 * r + c) % 256) as u8;
+                    assert_eq!(px[((n * 3 + ch) * 32 + r) * 32 + c], want, "image {n} channel {ch} ({r}, {c})");
+                }
+            }
+        }
+    }
+    let test = darts::data::load(DatasetKind::Svhn, Some(&dir), false).unwrap();
+    assert_eq!(Vec::<i64>::try_from(&test.labels).unwrap(), vec![5, 6, 7]);
+    assert_eq!((test.shape.channels, test.shape.height, test.shape.classes), (3, 32, 10));
 }

@@ -54,7 +54,7 @@ fn archive_source(url: &str, archive: RemoteFile, top: &str, expect: &[&str]) ->
 }
 
 /// The canonical source of `kind`, if darts can download it: MNIST, Fashion-MNIST, KMNIST (IDX files), CIFAR-10
-/// and CIFAR-100 (binary archives). Checksums and sizes are the ones TensorFlow Datasets records and several
+/// and CIFAR-100 (binary archives), SVHN (MAT-files). Checksums and sizes are the ones TensorFlow Datasets records and several
 /// other independent projects agree on.
 pub fn source(kind: DatasetKind) -> Option<Source> {
     match kind {
@@ -166,6 +166,18 @@ pub fn source(kind: DatasetKind) -> Option<Source> {
             "cifar-100-binary",
             &["train.bin", "test.bin", "fine_label_names.txt", "coarse_label_names.txt"],
         )),
+        // The cropped digits' training and test sets (the 1.3 GB `extra_32x32.mat` is left out).
+        DatasetKind::Svhn => Some(idx_source(
+            &["http://ufldl.stanford.edu/housenumbers"],
+            vec![
+                file(
+                    "train_32x32.mat",
+                    "435e94d69a87fde4fd4d7f3dd208dfc32cb6ae8af2240d066de1df7508d083b8",
+                    182_040_794,
+                ),
+                file("test_32x32.mat", "cdce80dfb2a2c4c6160906d0bd7c68ec5a99d7ca4831afa54f09182025b6a75b", 64_275_384),
+            ],
+        )),
         _ => None,
     }
 }
@@ -173,7 +185,7 @@ pub fn source(kind: DatasetKind) -> Option<Source> {
 /// Every dataset darts can download.
 pub fn downloadable() -> Vec<DatasetKind> {
     use DatasetKind::*;
-    [Mnist, FashionMnist, Kmnist, Cifar10, Cifar100].into_iter().filter(|k| source(*k).is_some()).collect()
+    [Mnist, FashionMnist, Kmnist, Cifar10, Cifar100, Svhn].into_iter().filter(|k| source(*k).is_some()).collect()
 }
 
 /// Where `darts data get` puts a dataset by default: `$DARTS_DATA/<folder>`, else `~/.cache/darts/data/<folder>`

@@ -33,6 +33,8 @@ pub enum DatasetKind {
     Cifar10,
     /// CIFAR-100 (binary version, fine labels).
     Cifar100,
+    /// SVHN, cropped digits (`train_32x32.mat`, `test_32x32.mat`; the digit 0 is label 0).
+    Svhn,
     /// An image folder (`--data-dir`): one sub-folder of PNG/JPEG images per class, resized to a square size.
     Folder,
 }
@@ -47,6 +49,7 @@ impl DatasetKind {
             DatasetKind::Kmnist => "kmnist",
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
+            DatasetKind::Svhn => "svhn",
             DatasetKind::Folder => "folder",
         }
     }
@@ -69,6 +72,7 @@ impl DatasetKind {
             DatasetKind::Folder => (vec![0.5], vec![0.25]),
             DatasetKind::Cifar10 => (vec![0.4914, 0.4822, 0.4465], vec![0.2470, 0.2435, 0.2616]),
             DatasetKind::Cifar100 => (vec![0.5071, 0.4865, 0.4409], vec![0.2673, 0.2564, 0.2762]),
+            DatasetKind::Svhn => (vec![0.4377, 0.4438, 0.4728], vec![0.1980, 0.2010, 0.1970]),
         }
     }
 
@@ -78,6 +82,8 @@ impl DatasetKind {
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment { crop_padding: 4, flip: true, cutout: 0 },
             DatasetKind::Builtin | DatasetKind::FashionMnist => Augment { crop_padding: 2, flip: true, cutout: 0 },
             DatasetKind::Mnist | DatasetKind::Kmnist => Augment { crop_padding: 2, flip: false, cutout: 0 },
+            // Digits: a mirrored 2 or 5 is not the same digit.
+            DatasetKind::Svhn => Augment { crop_padding: 4, flip: false, cutout: 0 },
             DatasetKind::Folder => Augment { crop_padding: 4, flip: true, cutout: 0 },
         }
     }
@@ -361,6 +367,16 @@ pub fn load_with(
             let probe = if kind == DatasetKind::Cifar10 { "data_batch_1.bin" } else { "train.bin" };
             let d = find_or_fetch(kind, dir, probe)?;
             load_cifar(kind, &d, train)?
+        }
+        DatasetKind::Svhn => {
+            let d = find_or_fetch(kind, dir, "train_32x32.mat")?;
+            let path = d.join(if train { "train_32x32.mat" } else { "test_32x32.mat" });
+            if !path.is_file() {
+                return Err(DataError::Missing { file: path.display().to_string() });
+            }
+            let bytes = std::fs::read(&path)
+                .map_err(|e| DataError::Io { file: path.display().to_string(), error: e.to_string() })?;
+            formats::parse_svhn(&bytes, &path.display().to_string())?
         }
         DatasetKind::Folder => {
             let d = dir.ok_or_else(|| {
