@@ -72,12 +72,60 @@ pub fn derive_cell(weights: &[Vec<f64>], space: &SearchSpace) -> Vec<(OpKind, us
     gene
 }
 
+/// [`derive_cell`] keeping at most `max_skip` `skip_connect` edges, as P-DARTS (Chen et al., ICCV 2019) restricts
+/// the normal cell against skip-connection collapse: while the cell has more, the weakest kept `skip_connect` is
+/// struck from its edge and the cell derived again, so that edge takes its next-best op, or gives its place to
+/// another edge of its node if that is now stronger. A space without `skip_connect` derives as usual.
+pub fn derive_cell_limited(weights: &[Vec<f64>], space: &SearchSpace, max_skip: usize) -> Vec<(OpKind, usize)> {
+    let Some(skip) = space.ops.iter().position(|&o| o == OpKind::SkipConnect) else {
+        return derive_cell(weights, space);
+    };
+    // Row of the edge into node i from state j.
+    let row = |i: usize, j: usize| (0..i).map(|k| 2 + k).sum::<usize>() + j;
+    let mut w = weights.to_vec();
+    loop {
+        let gene = derive_cell(&w, space);
+        let count = gene.iter().filter(|(op, _)| *op == OpKind::SkipConnect).count();
+        // Kept skip_connects that can still be struck (an edge whose only real op is skip_connect keeps it).
+        let weakest = gene
+            .iter()
+            .enumerate()
+            .filter(|(_, (op, _))| *op == OpKind::SkipConnect)
+            .map(|(k, &(_, j))| row(k / 2, j))
+            .filter(|&r| w[r][skip].is_finite())
+            .min_by(|&a, &b| w[a][skip].partial_cmp(&w[b][skip]).unwrap_or(std::cmp::Ordering::Equal));
+        match weakest {
+            Some(r) if count > max_skip => w[r][skip] = f64::NEG_INFINITY,
+            _ => return gene,
+        }
+    }
+}
+
+/// The number of `skip_connect` edges in a cell.
+pub fn skip_connects(cell: &[(OpKind, usize)]) -> usize {
+    cell.iter().filter(|(op, _)| *op == OpKind::SkipConnect).count()
+}
+
 impl Genotype {
     /// Derives the genotype from softmax(alpha) of normal and reduction cells.
     pub fn derive(normal: &[Vec<f64>], reduce: &[Vec<f64>], space: &SearchSpace) -> Genotype {
+        Genotype::derive_limited(normal, reduce, space, None)
+    }
+
+    /// [`Genotype::derive`] with at most `max_skip` `skip_connect` edges in the normal cell (P-DARTS's rule, see
+    /// [`derive_cell_limited`]); `None` derives as DARTS does.
+    pub fn derive_limited(
+        normal: &[Vec<f64>],
+        reduce: &[Vec<f64>],
+        space: &SearchSpace,
+        max_skip: Option<usize>,
+    ) -> Genotype {
         let concat: Vec<usize> = (2..2 + space.nodes).collect();
         Genotype {
-            normal: derive_cell(normal, space),
+            normal: match max_skip {
+                Some(m) => derive_cell_limited(normal, space, m),
+                None => derive_cell(normal, space),
+            },
             normal_concat: concat.clone(),
             reduce: derive_cell(reduce, space),
             reduce_concat: concat,
@@ -436,5 +484,45 @@ mod tests {
             cell,
             vec![(OpKind::SkipConnect, 1), (OpKind::SepConv3x3, 0), (OpKind::SkipConnect, 2), (OpKind::SepConv3x3, 1)]
         );
+    }
+
+    #[test]
+    fn the_skip_limit_strikes_the_weakest_kept_skip_and_derives_again() {
+        let space = SearchSpace {
+            ops: vec![OpKind::None, OpKind::SkipConnect, OpKind::SepConv3x3],
+            nodes: 2,
+            ..Default::default()
+        };
+        // Rows: node 0 from states 0, 1; node 1 from states 0, 1, 2. Columns: none, skip, sep.
+        let w = vec![
+            vec![0.1, 0.6, 0.3],
+            vec![0.1, 0.5, 0.4],
+            vec![0.1, 0.7, 0.2],
+            vec![0.1, 0.2, 0.65],
+            vec![0.2, 0.55, 0.25],
+        ];
+        let (skip, sep) = (OpKind::SkipConnect, OpKind::SepConv3x3);
+        // Unrestricted: node 0 keeps skips from 0 and 1; node 1 keeps the skip from 0 (0.7) and the sep from 1.
+        assert_eq!(derive_cell(&w, &space), vec![(skip, 0), (skip, 1), (skip, 0), (sep, 1)]);
+        assert_eq!(derive_cell_limited(&w, &space, 3), derive_cell(&w, &space));
+        // At most 2: the weakest kept skip (0.5, node 0 from 1) goes; that edge keeps its sep (0.4).
+        assert_eq!(derive_cell_limited(&w, &space, 2), vec![(skip, 0), (sep, 1), (skip, 0), (sep, 1)]);
+        // At most 1: next the skip of 0.6 goes; node 0's edges re-rank (sep 0.4 from 1 before sep 0.3 from 0).
+        assert_eq!(derive_cell_limited(&w, &space, 1), vec![(sep, 1), (sep, 0), (skip, 0), (sep, 1)]);
+        // None: striking node 1's skip from 0 (0.7) lets the skip from 2 (0.55) in; it is struck too.
+        assert_eq!(derive_cell_limited(&w, &space, 0), vec![(sep, 1), (sep, 0), (sep, 1), (sep, 2)]);
+        assert_eq!(skip_connects(&derive_cell_limited(&w, &space, 0)), 0);
+        // Only the normal cell is restricted.
+        let g = Genotype::derive_limited(&w, &w, &space, Some(0));
+        assert_eq!(skip_connects(&g.normal), 0);
+        assert_eq!(skip_connects(&g.reduce), 3);
+    }
+
+    #[test]
+    fn an_edge_whose_only_real_op_is_skip_keeps_it() {
+        let space = SearchSpace { ops: vec![OpKind::None, OpKind::SkipConnect], nodes: 1, ..Default::default() };
+        let w = vec![vec![0.2, 0.8], vec![0.4, 0.6]];
+        let g = derive_cell_limited(&w, &space, 0);
+        assert_eq!(g, derive_cell(&w, &space), "nothing else to choose: the limit cannot apply");
     }
 }

@@ -150,8 +150,9 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
     let (epoch_bar, step_bar) = bars(mp.as_ref(), cfg.epochs, search.epoch);
     let mut done = Vec::new();
     let mut ran = 0;
-    while search.epoch < cfg.epochs && opts.stop_after.is_none_or(|n| ran < n) {
+    while search.epoch < cfg.epochs && !search.stopped_early && opts.stop_after.is_none_or(|n| ran < n) {
         let stats = search.run_epoch(step_bar.as_ref())?;
+        let stop = search.check_early_stop();
         search.save_checkpoint(&opts.out_dir)?;
         append_metrics(&opts.out_dir, &stats)?;
         say(
@@ -176,12 +177,35 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
         }
         done.push(stats);
         ran += 1;
+        if stop {
+            say(
+                mp.as_ref(),
+                format!(
+                    "early stop after epoch {}: the normal cell has {} skip connections (--early-stop-skip-connects \
+                     {}), the sign of skip-connection collapse (DARTS+); this epoch's genotype is the result",
+                    search.epoch,
+                    crate::genotype::skip_connects(&search.unrestricted_genotype().normal),
+                    cfg.early_stop_skip_connects.unwrap_or_default()
+                ),
+            );
+        }
     }
     for b in [&step_bar, &epoch_bar].into_iter().flatten() {
         b.finish_and_clear();
     }
     let genotype = search.genotype();
-    let finished = search.epoch >= cfg.epochs;
+    let finished = search.epoch >= cfg.epochs || search.stopped_early;
+    let skips = crate::genotype::skip_connects(&search.unrestricted_genotype().normal);
+    if finished && cfg.max_skip_connects.is_none() && skips >= 3 {
+        say(
+            mp.as_ref(),
+            format!(
+                "warning: the normal cell has {skips} skip connections: DARTS's known skip-connection collapse \
+                 (parameter-free cells train poorly). --max-skip-connects 2 derives at most 2 (P-DARTS), \
+                 --early-stop-skip-connects 2 stops the search when they appear (DARTS+)"
+            ),
+        );
+    }
     if finished {
         write_genotype(&opts.out_dir, &genotype)?;
     }

@@ -69,6 +69,15 @@ pub struct SearchConfig {
     /// during backward. Same gradients, much less memory, about one more forward pass of time.
     #[serde(default)]
     pub checkpoint_cells: bool,
+    /// Against skip-connection collapse (P-DARTS): derive the normal cell with at most this many
+    /// `skip_connect` edges, striking the weakest kept one and deriving again while there are more.
+    #[serde(default)]
+    pub max_skip_connects: Option<usize>,
+    /// Against skip-connection collapse (DARTS+, criterion 1): end the search after the first epoch (past the
+    /// alpha warm-up) whose derived normal cell has at least this many `skip_connect` edges; its genotype is the
+    /// result.
+    #[serde(default)]
+    pub early_stop_skip_connects: Option<usize>,
 }
 
 impl Default for SearchConfig {
@@ -95,6 +104,8 @@ impl Default for SearchConfig {
             balanced_split: false,
             image_size: None,
             checkpoint_cells: false,
+            max_skip_connects: None,
+            early_stop_skip_connects: None,
         }
     }
 }
@@ -164,6 +175,9 @@ impl SearchConfig {
                 self.epochs
             );
         }
+        if let Some(0) = self.early_stop_skip_connects {
+            bail!("early_stop_skip_connects = 0 would stop before the first epoch; DARTS+ uses 2");
+        }
         if let Some(0) = self.limit {
             bail!("limit = 0: use at least a few examples, or leave the limit out");
         }
@@ -227,6 +241,8 @@ pub struct Search {
     pub split: Split,
     /// The next epoch to run (= epochs done).
     pub epoch: usize,
+    /// Set when the early stop against skip-connection collapse ended the search (after epoch `epoch - 1`).
+    pub stopped_early: bool,
 }
 
 /// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
@@ -245,6 +261,8 @@ struct CheckpointMeta {
     epoch: usize,
     adam_steps: i64,
     config: SearchConfig,
+    #[serde(default)]
+    stopped_early: bool,
 }
 
 impl Search {
@@ -288,7 +306,7 @@ impl Search {
         let params = Params::of(&vs);
         let sgd = Sgd::new(&params.weights, config.lr, config.momentum, config.weight_decay);
         let architect = Architect::new(&net, config.order, config.arch_lr, config.arch_betas, config.arch_weight_decay);
-        Ok(Search { config, device, vs, net, params, sgd, architect, data, split, epoch: 0 })
+        Ok(Search { config, device, vs, net, params, sgd, architect, data, split, epoch: 0, stopped_early: false })
     }
 
     /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
@@ -310,7 +328,26 @@ impl Search {
     /// The genotype derived from the current alphas (and betas: PC-DARTS ranks edges by alpha times beta).
     pub fn genotype(&self) -> Genotype {
         let (n, r) = self.net.alphas.derivation_weights();
+        Genotype::derive_limited(&n, &r, &self.config.space, self.config.max_skip_connects)
+    }
+
+    /// The genotype as plain DARTS derives it, without the skip-connect limit.
+    pub fn unrestricted_genotype(&self) -> Genotype {
+        let (n, r) = self.net.alphas.derivation_weights();
         Genotype::derive(&n, &r, &self.config.space)
+    }
+
+    /// Applies the early stop against skip-connection collapse after an epoch: true (and `stopped_early` set)
+    /// when the epochs run are past the alpha warm-up and the unrestricted normal cell has at least
+    /// `early_stop_skip_connects` skip connections.
+    pub fn check_early_stop(&mut self) -> bool {
+        if let Some(n) = self.config.early_stop_skip_connects {
+            let past_warmup = self.epoch > self.config.arch_warmup_epochs;
+            if past_warmup && crate::genotype::skip_connects(&self.unrestricted_genotype().normal) >= n {
+                self.stopped_early = true;
+            }
+        }
+        self.stopped_early
     }
 
     fn epoch_rng(&self, epoch: usize) -> ChaCha8Rng {
@@ -409,6 +446,7 @@ impl Search {
             epoch: self.epoch,
             adam_steps: self.architect.adam.step_count,
             config: self.config.clone(),
+            stopped_early: self.stopped_early,
         };
         let meta = serde_json::to_vec(&meta)?;
         let mut named: Vec<(String, Tensor)> = vec![("meta".into(), Tensor::from_slice(&meta))];
@@ -447,6 +485,7 @@ impl Search {
         }
         s.architect.adam.step_count = meta.adam_steps;
         s.epoch = meta.epoch;
+        s.stopped_early = meta.stopped_early;
         Ok(s)
     }
 }

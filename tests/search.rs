@@ -198,3 +198,39 @@ fn a_colour_search_checkpoints_and_resumes_with_a_balanced_split() {
     let rest = run::resume(&opts(out.path(), None)).unwrap();
     assert!(rest.finished);
 }
+
+#[test]
+fn the_early_stop_ends_a_collapsing_search_and_stays_ended_on_resume() {
+    use darts::space::OpKind;
+    // skip_connect is the only real op: every kept edge is one, so the first epoch ends the search.
+    let space = SearchSpace { ops: vec![OpKind::None, OpKind::SkipConnect], ..tiny(1).space };
+    let cfg = SearchConfig { space, early_stop_skip_connects: Some(2), ..tiny(3) };
+    let dir = tempfile::tempdir().unwrap();
+    let out = run::start(cfg, &opts(dir.path(), None)).unwrap();
+    assert_eq!(out.epochs.len(), 1, "stopped after the first epoch: every kept edge is a skip connection");
+    assert!(out.finished, "an early stop finishes the search");
+    assert!(dir.path().join("genotype.json").exists());
+    let again = run::resume(&opts(dir.path(), None)).unwrap();
+    assert!(again.epochs.is_empty() && again.finished, "a resumed early-stopped search runs no more epochs");
+    assert_eq!(again.genotype, out.genotype);
+}
+
+#[test]
+fn the_early_stop_waits_for_the_alpha_warm_up_and_the_skip_limit_shapes_the_genotype() {
+    use darts::space::OpKind;
+    let cfg = SearchConfig { early_stop_skip_connects: Some(2), max_skip_connects: Some(1), ..tiny(3) };
+    let mut s = Search::new(SearchConfig { arch_warmup_epochs: 1, ..cfg }, Device::Cpu).unwrap();
+    // Alphas that make every normal edge prefer skip_connect.
+    let skip = s.config.space.ops.iter().position(|&o| o == OpKind::SkipConnect).unwrap() as i64;
+    tch::no_grad(|| {
+        let _ = s.net.alphas.normal.fill_(0.0);
+        let _ = s.net.alphas.normal.narrow(1, skip, 1).fill_(3.0);
+    });
+    let unrestricted = s.unrestricted_genotype();
+    assert_eq!(darts::genotype::skip_connects(&unrestricted.normal), 4);
+    assert_eq!(darts::genotype::skip_connects(&s.genotype().normal), 1, "--max-skip-connects 1");
+    s.epoch = 1;
+    assert!(!s.check_early_stop(), "epoch 1 is still the warm-up: alpha has not moved yet");
+    s.epoch = 2;
+    assert!(s.check_early_stop() && s.stopped_early);
+}

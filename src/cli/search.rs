@@ -87,6 +87,14 @@ pub struct SearchArgs {
     /// Gradient checkpointing of cells: much less memory for about one extra forward pass.
     #[arg(long)]
     checkpoint_cells: bool,
+    /// Against skip-connection collapse (P-DARTS): at most M skip_connect edges in the derived normal cell
+    /// (P-DARTS uses 2).
+    #[arg(long, value_name = "M")]
+    max_skip_connects: Option<usize>,
+    /// Against skip-connection collapse (DARTS+): stop the search after the first epoch whose normal cell has
+    /// N or more skip_connect edges (DARTS+ uses 2).
+    #[arg(long, value_name = "N")]
+    early_stop_skip_connects: Option<usize>,
     /// Seed: one seed reproduces a run.
     #[arg(long)]
     seed: Option<u64>,
@@ -139,6 +147,12 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     set!(arch_warmup_epochs = a.arch_warmup);
     c.checkpoint_cells |= a.checkpoint_cells;
     c.balanced_split |= a.balanced_split;
+    if a.max_skip_connects.is_some() {
+        c.max_skip_connects = a.max_skip_connects;
+    }
+    if a.early_stop_skip_connects.is_some() {
+        c.early_stop_skip_connects = a.early_stop_skip_connects;
+    }
     if a.image_size.is_some() {
         c.image_size = a.image_size;
     }
