@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod architect;
+pub mod baseline;
 pub mod bench;
 pub mod data;
 pub mod genotype;

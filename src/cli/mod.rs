@@ -1,6 +1,7 @@
 //! Subcommands, one file each.
 use clap::{Parser, Subcommand};
 
+mod baseline;
 mod bench;
 mod data;
 mod genotype;
@@ -75,6 +76,8 @@ enum Command {
     Run(pipeline::RunArgs),
     /// Parameters and multiply-accumulates of a genotype's network.
     Info(info::InfoArgs),
+    /// Random search or RL (REINFORCE) on the same space: sample cells, train each briefly, keep the best.
+    Baseline(baseline::BaselineArgs),
     /// Time our search step against the original PyTorch code on the same shapes.
     Bench(bench::BenchArgs),
     /// Read a genotype (JSON or DARTS Python text), check it, and print it in either format.
@@ -97,6 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => pipeline::run(a, rt),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a, rt),
+        Command::Baseline(a) => baseline::run(a, rt),
         Command::Genotype(a) => genotype::run(a),
         Command::Show(a) => show::run(a),
         Command::Data(a) => data::run(a, rt),

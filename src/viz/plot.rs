@@ -217,6 +217,11 @@ pub struct Panel {
 
 /// Panels side by side over epochs (learning curves: loss in one, accuracy in another).
 pub fn curves(title: &str, panels: &[Panel]) -> Result<String> {
+    curves_over(title, "epoch", panels)
+}
+
+/// [`curves`] over another x axis (`x_label`).
+pub fn curves_over(title: &str, x_label: &str, panels: &[Panel]) -> Result<String> {
     anyhow::ensure!(!panels.is_empty(), "nothing to plot");
     let (pw, ph) = (440u32, 320u32);
     let width = pw * panels.len() as u32;
@@ -251,7 +256,7 @@ pub fn curves(title: &str, panels: &[Panel]) -> Result<String> {
                 .map_err(draw_err)?;
             chart
                 .configure_mesh()
-                .x_desc("epoch")
+                .x_desc(x_label)
                 .y_desc(panel.y_label.as_str())
                 .x_labels(6)
                 .x_label_formatter(&|v| if v.fract().abs() < 1e-9 { format!("{v:.0}") } else { String::new() })

@@ -1,0 +1,667 @@
+//! The baselines DARTS measures itself against, on DARTS's own space: random search and reinforcement learning.
+//!
+//! Both sample discrete cells (per intermediate node: two distinct inputs and a real op for each, normal and
+//! reduction cell alike, exactly the genotypes DARTS can derive), train each sampled network from scratch for a
+//! short budget on the weight half of the split, and score it by its accuracy on the other, disjoint half. Random
+//! search samples uniformly. The RL baseline (REINFORCE, Williams 1992, as NAS-Bench-201's REINFORCE baseline on
+//! this kind of space) keeps a categorical policy per decision, updated by Adam on
+//! `(reward - moving-average baseline) * grad log p(architecture)` plus an entropy bonus. Every sample is one
+//! JSON line of `samples.jsonl` with its cost in seconds; the policy is saved after every sample, so a run
+//! resumes where it stopped and ends as an uninterrupted one would.
+
+use crate::data::{self, Augment, Dataset, DatasetKind, Split};
+use crate::genotype::Genotype;
+use crate::network::{Network, NetworkConfig};
+use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
+use crate::params::Params;
+use crate::space::{OpKind, SearchSpace};
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+/// How architectures are proposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Uniformly at random.
+    Random,
+    /// REINFORCE on a categorical policy per decision.
+    Rl,
+}
+
+impl Strategy {
+    /// Name as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Random => "random",
+            Strategy::Rl => "rl",
+        }
+    }
+}
+
+/// Everything that determines a baseline search's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineConfig {
+    /// Random or RL.
+    pub strategy: Strategy,
+    /// Which dataset.
+    pub dataset: DatasetKind,
+    /// Where its files are.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Use only the first `limit` training examples.
+    pub limit: Option<usize>,
+    /// Image folders: the square size images are resized to.
+    #[serde(default)]
+    pub image_size: Option<usize>,
+    /// The space: its ops (`none` is never sampled) and intermediate nodes.
+    pub space: SearchSpace,
+    /// Architectures to sample and evaluate.
+    pub samples: usize,
+    /// The network each sample is trained as (no auxiliary head).
+    pub network: NetworkConfig,
+    /// Training epochs per sample.
+    pub epochs: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Initial learning rate (cosine to 0 over `epochs`).
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Gradient norm clip.
+    pub grad_clip: f64,
+    /// Fraction of the training set the samples train on; the rest scores them (as DARTS's split).
+    pub train_portion: f64,
+    /// RL: the policy's Adam learning rate.
+    pub controller_lr: f64,
+    /// RL: decay of the reward's moving average (the REINFORCE baseline).
+    pub baseline_decay: f64,
+    /// RL: weight of the policy's entropy in its objective.
+    pub entropy_weight: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Stop sampling once the samples have taken this many seconds (a search budget equal to another method's
+    /// cost); `samples` stays the upper bound. Results then depend on the machine's speed.
+    #[serde(default)]
+    pub budget_seconds: Option<f64>,
+}
+
+impl BaselineConfig {
+    /// A baseline scoring samples like the quick DARTS preset searches: the built-in subset (800 images, split
+    /// 400/400), the full op set, 4 nodes; each sample a C=8, 5-cell network trained 2 epochs at batch 32.
+    pub fn quick(strategy: Strategy) -> BaselineConfig {
+        BaselineConfig {
+            strategy,
+            dataset: DatasetKind::Builtin,
+            data_dir: None,
+            limit: Some(800),
+            image_size: None,
+            space: SearchSpace::default(),
+            samples: 20,
+            network: NetworkConfig { channels: 8, layers: 5, auxiliary: false, ..Default::default() },
+            epochs: 2,
+            batch_size: 32,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 3e-4,
+            grad_clip: 5.0,
+            train_portion: 0.5,
+            controller_lr: 0.05,
+            baseline_decay: 0.9,
+            entropy_weight: 1e-3,
+            seed: 2,
+            budget_seconds: None,
+        }
+    }
+
+    /// Checks values no baseline can run with.
+    pub fn validate(&self) -> Result<()> {
+        self.space.validate()?;
+        if self.samples == 0 || self.epochs == 0 {
+            bail!("samples and epochs must be at least 1");
+        }
+        if self.batch_size < 2 {
+            bail!("batch size {}: batch normalisation needs at least 2 examples", self.batch_size);
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.controller_lr.is_finite() && self.controller_lr > 0.0) {
+            bail!("lr = {}, controller_lr = {}: both must be positive", self.lr, self.controller_lr);
+        }
+        if !(0.0..1.0).contains(&self.baseline_decay) || self.entropy_weight < 0.0 {
+            bail!("baseline_decay must lie in [0, 1) and entropy_weight must not be negative");
+        }
+        let c = self.network.channels;
+        if c < 2 || !c.is_multiple_of(2) || self.network.layers < 3 {
+            bail!("network {c} channels, {} cells: channels must be even, cells at least 3", self.network.layers);
+        }
+        Ok(())
+    }
+}
+
+/// The decisions that make a genotype: per cell (normal, reduce), per node, the pair of inputs and two ops.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// One row of logits per decision, in the order of [`Policy::decisions`].
+    pub logits: Vec<Vec<f64>>,
+    /// The ops a kept edge may carry (the space's ops without `none`).
+    pub ops: Vec<OpKind>,
+    /// Intermediate nodes per cell.
+    pub nodes: usize,
+}
+
+/// The input pairs (j1 < j2) node `i` may read, in a fixed order.
+pub fn input_pairs(i: usize) -> Vec<(usize, usize)> {
+    let n = 2 + i;
+    (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b))).collect()
+}
+
+fn softmax(row: &[f64]) -> Vec<f64> {
+    let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = row.iter().map(|x| (x - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}
+
+impl Policy {
+    /// The uniform policy (all logits zero) over `space`.
+    pub fn uniform(space: &SearchSpace) -> Policy {
+        let ops: Vec<OpKind> = space.ops.iter().copied().filter(|&o| o != OpKind::None).collect();
+        let mut logits = Vec::new();
+        for _cell in 0..2 {
+            for i in 0..space.nodes {
+                logits.push(vec![0.0; input_pairs(i).len()]);
+                logits.push(vec![0.0; ops.len()]);
+                logits.push(vec![0.0; ops.len()]);
+            }
+        }
+        Policy { logits, ops, nodes: space.nodes }
+    }
+
+    /// Draws one choice per decision.
+    pub fn sample(&self, rng: &mut impl Rng) -> Vec<usize> {
+        self.logits
+            .iter()
+            .map(|row| {
+                let p = softmax(row);
+                let u: f64 = rng.random();
+                let mut acc = 0.0;
+                for (k, pk) in p.iter().enumerate() {
+                    acc += pk;
+                    if u < acc {
+                        return k;
+                    }
+                }
+                p.len() - 1
+            })
+            .collect()
+    }
+
+    /// The genotype of a choice vector.
+    pub fn genotype(&self, choice: &[usize]) -> Genotype {
+        let concat: Vec<usize> = (2..2 + self.nodes).collect();
+        let cell = |c: usize| -> Vec<(OpKind, usize)> {
+            (0..self.nodes)
+                .flat_map(|i| {
+                    let base = 3 * (c * self.nodes + i);
+                    let (j1, j2) = input_pairs(i)[choice[base]];
+                    [(self.ops[choice[base + 1]], j1), (self.ops[choice[base + 2]], j2)]
+                })
+                .collect()
+        };
+        Genotype { normal: cell(0), normal_concat: concat.clone(), reduce: cell(1), reduce_concat: concat }
+    }
+
+    /// log p(choice).
+    pub fn log_prob(&self, choice: &[usize]) -> f64 {
+        self.logits.iter().zip(choice).map(|(row, &k)| softmax(row)[k].ln()).sum()
+    }
+
+    /// The policy's entropy (sum over decisions).
+    pub fn entropy(&self) -> f64 {
+        self.logits.iter().map(|row| -softmax(row).iter().map(|p| p * p.ln()).sum::<f64>()).sum()
+    }
+
+    /// Gradient of `advantage * log p(choice) + entropy_weight * entropy` with respect to the logits: per
+    /// decision `advantage * (onehot - p) - entropy_weight * p * (log p + H_row)`.
+    pub fn objective_gradient(&self, choice: &[usize], advantage: f64, entropy_weight: f64) -> Vec<Vec<f64>> {
+        self.logits
+            .iter()
+            .zip(choice)
+            .map(|(row, &k)| {
+                let p = softmax(row);
+                let h: f64 = -p.iter().map(|q| q * q.ln()).sum::<f64>();
+                p.iter()
+                    .enumerate()
+                    .map(|(j, &pj)| {
+                        let onehot = if j == k { 1.0 } else { 0.0 };
+                        advantage * (onehot - pj) - entropy_weight * pj * (pj.ln() + h)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// Adam ascending the policy objective (PyTorch's update rule, no weight decay), in f64.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyAdam {
+    /// Learning rate.
+    pub lr: f64,
+    /// First moments.
+    pub m: Vec<Vec<f64>>,
+    /// Second moments.
+    pub v: Vec<Vec<f64>>,
+    /// Steps taken.
+    pub t: u64,
+}
+
+impl PolicyAdam {
+    /// Fresh state for `policy`.
+    pub fn new(policy: &Policy, lr: f64) -> PolicyAdam {
+        let zeros: Vec<Vec<f64>> = policy.logits.iter().map(|r| vec![0.0; r.len()]).collect();
+        PolicyAdam { lr, m: zeros.clone(), v: zeros, t: 0 }
+    }
+
+    /// One ascent step along `grad`.
+    pub fn step(&mut self, policy: &mut Policy, grad: &[Vec<f64>]) {
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+        self.t += 1;
+        let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+        for (r, g_row) in grad.iter().enumerate() {
+            for (j, &g) in g_row.iter().enumerate() {
+                self.m[r][j] = b1 * self.m[r][j] + (1.0 - b1) * g;
+                self.v[r][j] = b2 * self.v[r][j] + (1.0 - b2) * g * g;
+                policy.logits[r][j] += self.lr * (self.m[r][j] / c1) / ((self.v[r][j] / c2).sqrt() + eps);
+            }
+        }
+    }
+}
+
+/// One evaluated architecture: a line of `samples.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SampleRecord {
+    /// 0-based sample index.
+    pub index: usize,
+    /// The genotype, in DARTS Python text.
+    pub genotype: String,
+    /// Accuracy on the scoring split after training: the reward.
+    pub val_acc: f64,
+    /// Loss on the scoring split.
+    pub val_loss: f64,
+    /// Parameters of the sampled network.
+    pub parameters: i64,
+    /// Seconds spent on this sample (training and scoring).
+    pub seconds: f64,
+    /// Seconds since the run started, this sample included (interruptions excluded).
+    pub total_seconds: f64,
+    /// RL: the moving-average baseline before this sample's update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<f64>,
+    /// RL: the policy's entropy before this sample's update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<f64>,
+}
+
+/// The state saved after every sample.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct State {
+    config: BaselineConfig,
+    done: usize,
+    policy: Policy,
+    adam: PolicyAdam,
+    baseline: Option<f64>,
+    total_seconds: f64,
+}
+
+/// Trains `genotype`'s network from seed `seed` on `split.train` and scores it on `split.val`: (accuracy, loss,
+/// parameters). A loss that turns NaN scores 0 (an unusable architecture), with the loss reported as NaN.
+pub fn evaluate_genotype(
+    genotype: &Genotype,
+    cfg: &BaselineConfig,
+    data: &Dataset,
+    split: &Split,
+    seed: u64,
+    device: Device,
+    channels_last: bool,
+) -> Result<(f64, f64, i64)> {
+    let (vs, mut net) = {
+        let _rng = crate::torch_rng_lock();
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Network::new(&vs.root(), genotype, &cfg.network, &data.shape);
+        (vs, net)
+    };
+    let mut vs = vs;
+    vs.set_device(device);
+    crate::network::set_channels_last(&mut net, &vs, channels_last);
+    let params = Params::of(&vs);
+    let parameters = crate::network::count_parameters_without_auxiliary(&vs);
+    let mut sgd = Sgd::new(&params.weights, cfg.lr, cfg.momentum, cfg.weight_decay);
+    let augment = Augment { cutout: 0, ..cfg.dataset.default_augment() };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for epoch in 0..cfg.epochs {
+        sgd.lr = cosine_lr(cfg.lr, 0.0, epoch, cfg.epochs);
+        for idx in data::shuffled_batches(&split.train, cfg.batch_size, &mut rng) {
+            if idx.len() < 2 {
+                continue;
+            }
+            let (x, y) = data.batch(&idx, Some((&augment, &mut rng)), device);
+            let (logits, _) = net.forward_t(&x, true);
+            let loss = logits.cross_entropy_for_logits(&y);
+            if !loss.double_value(&[]).is_finite() {
+                return Ok((0.0, f64::NAN, parameters));
+            }
+            let mut grads = Tensor::run_backward(&[&loss], &params.weights, false, false);
+            let _ = clip_grad_norm(&mut grads, cfg.grad_clip);
+            sgd.step(&params.weights, &grads);
+        }
+    }
+    let (mut loss, mut correct) = (0.0, 0i64);
+    tch::no_grad(|| {
+        for idx in split.val.chunks(256) {
+            let (x, y) = data.batch(idx, None, device);
+            let (logits, _) = net.forward_t(&x, false);
+            loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * idx.len() as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        }
+    });
+    let n = split.val.len() as f64;
+    if !loss.is_finite() {
+        return Ok((0.0, f64::NAN, parameters));
+    }
+    Ok((correct as f64 / n, loss / n, parameters))
+}
+
+/// What a baseline run leaves behind.
+#[derive(Debug)]
+pub struct BaselineOutcome {
+    /// Every sample evaluated so far (earlier invocations included).
+    pub samples: Vec<SampleRecord>,
+    /// The best sample's genotype.
+    pub best: Genotype,
+    /// The best sample's score.
+    pub best_acc: f64,
+    /// Whether all samples are done.
+    pub finished: bool,
+    /// The final policy (uniform for random search).
+    pub policy: Policy,
+}
+
+const STATE: &str = "baseline-state.json";
+
+/// Starts a baseline search in `opts.out_dir`.
+pub fn start(config: BaselineConfig, opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
+    config.validate()?;
+    if opts.out_dir.join(STATE).exists() {
+        bail!(
+            "{} already holds a baseline search; continue it with --resume {0}, or choose another --out",
+            opts.out_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    std::fs::write(opts.out_dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    let _ = std::fs::remove_file(opts.out_dir.join("samples.jsonl"));
+    let policy = Policy::uniform(&config.space);
+    let adam = PolicyAdam::new(&policy, config.controller_lr);
+    drive(State { config, done: 0, policy, adam, baseline: None, total_seconds: 0.0 }, opts)
+}
+
+/// Continues the baseline search saved in `opts.out_dir`.
+pub fn resume(opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
+    let path = opts.out_dir.join(STATE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("{} holds no baseline search to resume ({})", opts.out_dir.display(), path.display())
+    })?;
+    let state: State = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    drive(state, opts)
+}
+
+fn read_samples(dir: &Path, done: usize) -> Result<Vec<SampleRecord>> {
+    let text = std::fs::read_to_string(dir.join("samples.jsonl")).unwrap_or_default();
+    let mut v: Vec<SampleRecord> =
+        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    // A line written after the last saved state (interrupted in between) is dropped: that sample runs again.
+    v.truncate(done);
+    Ok(v)
+}
+
+fn drive(mut state: State, opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
+    let cfg = state.config.clone();
+    let data = data::load_with(cfg.dataset, cfg.data_dir.as_deref(), true, cfg.image_size)?.truncated(cfg.limit);
+    let split = Split::new(data.len(), cfg.train_portion, cfg.seed).map_err(anyhow::Error::msg)?;
+    split.check_disjoint(data.len()).map_err(anyhow::Error::msg)?;
+    if split.train.len() < cfg.batch_size || split.val.is_empty() {
+        bail!(
+            "the split leaves {} examples for training and {} for scoring: use more data or a smaller --batch-size",
+            split.train.len(),
+            split.val.len()
+        );
+    }
+    let mut samples = read_samples(&opts.out_dir, state.done)?;
+    // Rewrite the sample file to match the state (drops a line past it).
+    {
+        let mut f = std::fs::File::create(opts.out_dir.join("samples.jsonl"))?;
+        for s in &samples {
+            writeln!(f, "{}", serde_json::to_string(s)?)?;
+        }
+    }
+    if opts.progress {
+        eprintln!(
+            "baseline {}: {} samples, each a {}-channel {}-cell network trained {} epochs on {} examples, scored on \
+             {} others (disjoint)",
+            cfg.strategy.name(),
+            cfg.samples,
+            cfg.network.channels,
+            cfg.network.layers,
+            cfg.epochs,
+            split.train.len(),
+            split.val.len()
+        );
+    }
+    let bar = opts.progress.then(|| {
+        let b = indicatif::ProgressBar::new(cfg.samples as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("sample {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(state.done as u64);
+        b
+    });
+    let channels_last = opts.layout.channels_last(opts.device);
+    let mut ran = 0;
+    let in_budget = |s: &State| cfg.budget_seconds.is_none_or(|b| s.total_seconds < b);
+    while state.done < cfg.samples && in_budget(&state) && opts.stop_after.is_none_or(|n| ran < n) {
+        let index = state.done;
+        let start = std::time::Instant::now();
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        rng.set_stream(index as u64 + 1);
+        let choice = state.policy.sample(&mut rng);
+        let genotype = state.policy.genotype(&choice);
+        let seed = cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(index as u64);
+        let (val_acc, val_loss, parameters) =
+            evaluate_genotype(&genotype, &cfg, &data, &split, seed, opts.device, channels_last)?;
+        let (baseline, entropy) = match cfg.strategy {
+            Strategy::Random => (None, None),
+            Strategy::Rl => {
+                let entropy = state.policy.entropy();
+                let b = state.baseline.unwrap_or(val_acc);
+                let grad = state.policy.objective_gradient(&choice, val_acc - b, cfg.entropy_weight);
+                state.adam.step(&mut state.policy, &grad);
+                state.baseline = Some(cfg.baseline_decay * b + (1.0 - cfg.baseline_decay) * val_acc);
+                (Some(b), Some(entropy))
+            }
+        };
+        let seconds = start.elapsed().as_secs_f64();
+        state.total_seconds += seconds;
+        let rec = SampleRecord {
+            index,
+            genotype: genotype.to_string(),
+            val_acc,
+            val_loss,
+            parameters,
+            seconds,
+            total_seconds: state.total_seconds,
+            baseline,
+            entropy,
+        };
+        state.done += 1;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(opts.out_dir.join("samples.jsonl"))?;
+        writeln!(f, "{}", serde_json::to_string(&rec)?)?;
+        let tmp = opts.out_dir.join(format!("{STATE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_string(&state)?)?;
+        std::fs::rename(&tmp, opts.out_dir.join(STATE))?;
+        let best = samples.iter().map(|s| s.val_acc).fold(val_acc, f64::max);
+        let line = format!(
+            "sample {}/{}: score {:.2}% (best {:.2}%), {} parameters, {:.1}s{}",
+            index + 1,
+            cfg.samples,
+            100.0 * val_acc,
+            100.0 * best,
+            parameters,
+            seconds,
+            entropy.map_or(String::new(), |h| format!(", policy entropy {h:.2}"))
+        );
+        match &bar {
+            Some(b) if !b.is_hidden() => {
+                b.println(line);
+                b.set_position(state.done as u64);
+            }
+            _ if opts.progress => eprintln!("{line}"),
+            _ => {}
+        }
+        samples.push(rec);
+        ran += 1;
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let finished = state.done >= cfg.samples || !in_budget(&state);
+    let best_rec = samples
+        .iter()
+        .max_by(|a, b| a.val_acc.partial_cmp(&b.val_acc).unwrap_or(std::cmp::Ordering::Equal))
+        .context("no sample was evaluated")?;
+    let best = Genotype::parse(&best_rec.genotype)?;
+    let best_acc = best_rec.val_acc;
+    if finished {
+        crate::run::write_genotype(&opts.out_dir, &best)?;
+        if let Err(e) = write_figure(&opts.out_dir, &samples, cfg.strategy) {
+            eprintln!("warning: could not draw the samples' scores ({e:#})");
+        }
+    }
+    Ok(BaselineOutcome { samples, best, best_acc, finished, policy: state.policy })
+}
+
+/// `figures/samples.svg` (and .png): each sample's score and the best so far.
+fn write_figure(dir: &Path, samples: &[SampleRecord], strategy: Strategy) -> Result<()> {
+    use crate::viz::plot::{curves_over, Panel, Series};
+    let mut best = f64::NEG_INFINITY;
+    let best_so_far: Vec<(f64, f64)> = samples
+        .iter()
+        .map(|s| {
+            best = best.max(s.val_acc);
+            ((s.index + 1) as f64, 100.0 * best)
+        })
+        .collect();
+    let score: Vec<(f64, f64)> = samples.iter().map(|s| ((s.index + 1) as f64, 100.0 * s.val_acc)).collect();
+    let panel = Panel {
+        title: "score of each sample (accuracy on the scoring split)".into(),
+        y_label: "accuracy %".into(),
+        series: vec![
+            Series { name: "sample".into(), points: score },
+            Series { name: "best so far".into(), points: best_so_far },
+        ],
+    };
+    let svg = curves_over(&format!("{} search: {} samples", strategy.name(), samples.len()), "sample", &[panel])?;
+    crate::viz::write_svg_png(&dir.join("figures"), "samples", svg)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampled_genotypes_are_valid_and_cover_the_space() {
+        let space = SearchSpace::default();
+        let policy = Policy::uniform(&space);
+        assert_eq!(policy.logits.len(), 2 * 3 * space.nodes);
+        assert!(!policy.ops.contains(&OpKind::None));
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut seen_inputs = std::collections::HashSet::new();
+        let mut seen_ops = std::collections::HashSet::new();
+        for _ in 0..400 {
+            let c = policy.sample(&mut rng);
+            let g = policy.genotype(&c);
+            g.validate().unwrap();
+            for k in (0..g.normal.len()).step_by(2) {
+                assert!(g.normal[k].1 < g.normal[k + 1].1, "two distinct inputs per node");
+            }
+            seen_inputs.extend(g.normal.iter().map(|&(_, j)| j));
+            seen_ops.extend(g.reduce.iter().map(|&(o, _)| o));
+        }
+        assert_eq!(seen_inputs.len(), 2 + space.nodes - 1, "every state but the last node feeds some node");
+        assert_eq!(seen_ops.len(), 7, "every real op is drawn");
+        // The uniform policy's log-probability: a sum of -ln(choices) over decisions.
+        let c = policy.sample(&mut rng);
+        let want: f64 =
+            (0..space.nodes).map(|i| -(input_pairs(i).len() as f64).ln() - 2.0 * (7f64).ln()).sum::<f64>() * 2.0;
+        assert!((policy.log_prob(&c) - want).abs() < 1e-9);
+        assert!((policy.entropy() + want).abs() < 1e-9, "uniform: entropy = -log p of any choice");
+    }
+
+    #[test]
+    fn the_policy_gradient_matches_finite_differences() {
+        let space = SearchSpace { nodes: 2, ..Default::default() };
+        let mut policy = Policy::uniform(&space);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for row in policy.logits.iter_mut() {
+            for x in row.iter_mut() {
+                *x = rng.random_range(-1.0..1.0);
+            }
+        }
+        let choice = policy.sample(&mut rng);
+        let (adv, ew) = (0.7, 0.05);
+        let objective = |p: &Policy| adv * p.log_prob(&choice) + ew * p.entropy();
+        let grad = policy.objective_gradient(&choice, adv, ew);
+        let h = 1e-6;
+        for (r, g_row) in grad.iter().enumerate() {
+            for (j, &g) in g_row.iter().enumerate() {
+                let mut plus = policy.clone();
+                plus.logits[r][j] += h;
+                let mut minus = policy.clone();
+                minus.logits[r][j] -= h;
+                let fd = (objective(&plus) - objective(&minus)) / (2.0 * h);
+                assert!((fd - g).abs() < 1e-6, "decision {r} choice {j}: {fd} vs {g}");
+            }
+        }
+    }
+
+    #[test]
+    fn reinforce_learns_a_rewarded_architecture() {
+        // Reward: the fraction of normal-cell ops that are sep_conv_3x3. REINFORCE with a moving-average baseline
+        // must drive the policy there; random sampling stays at 1/7.
+        let space = SearchSpace { nodes: 2, ..Default::default() };
+        let mut policy = Policy::uniform(&space);
+        let mut adam = PolicyAdam::new(&policy, 0.1);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let reward = |g: &Genotype| {
+            g.normal.iter().filter(|(o, _)| *o == OpKind::SepConv3x3).count() as f64 / g.normal.len() as f64
+        };
+        let mut baseline: Option<f64> = None;
+        for _ in 0..2000 {
+            let c = policy.sample(&mut rng);
+            let r = reward(&policy.genotype(&c));
+            let b = baseline.unwrap_or(r);
+            let g = policy.objective_gradient(&c, r - b, 0.0);
+            adam.step(&mut policy, &g);
+            baseline = Some(0.9 * b + 0.1 * r);
+        }
+        let mean: f64 = (0..200).map(|_| reward(&policy.genotype(&policy.sample(&mut rng)))).sum::<f64>() / 200.0;
+        assert!(mean > 0.9, "after training the policy picks sep_conv_3x3 {mean:.2} of the time");
+    }
+}
