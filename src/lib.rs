@@ -8,6 +8,7 @@
 pub mod architect;
 pub mod baseline;
 pub mod bench;
+pub mod compare;
 pub mod data;
 pub mod genotype;
 pub mod native;

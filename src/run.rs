@@ -213,6 +213,38 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
     Ok(RunOutcome { epochs: done, genotype, finished, alphas: search.net.alphas.softmax() })
 }
 
+/// The search stage of a pipeline in `opts.out_dir`: the genotype of a finished search there, else the search
+/// resumed from its checkpoint, else a new search with `config`. Returns the genotype and whether it is final.
+pub fn search_or_resume(config: SearchConfig, opts: &RunOptions) -> Result<(Genotype, bool)> {
+    let genotype_file = opts.out_dir.join("genotype.json");
+    if genotype_file.is_file() {
+        eprintln!("search already finished in {}", opts.out_dir.display());
+        return Ok((Genotype::from_json(&std::fs::read_to_string(&genotype_file)?)?, true));
+    }
+    let out = if opts.out_dir.join("checkpoint.safetensors").is_file() { resume(opts)? } else { start(config, opts)? };
+    Ok((out.genotype, out.finished))
+}
+
+/// The training stage of a pipeline in `opts.out_dir`: resumed from its checkpoint if there is one (a finished
+/// training returns at once), else a new training with `config`.
+pub fn train_or_resume(config: crate::train::TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
+    if opts.out_dir.join("checkpoint.safetensors").is_file() {
+        resume_training(opts)
+    } else {
+        start_training(config, opts)
+    }
+}
+
+/// Seconds a search or training run directory's epochs took, from its `metrics.jsonl` (all invocations).
+pub fn metrics_seconds(dir: &Path) -> f64 {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["seconds"].as_f64())
+        .sum()
+}
+
 /// Writes `report.html` and `figures/` for the run directory `dir` and says where. A failure is only a
 /// warning: the run's results are saved already, and `darts report DIR` tries again.
 pub fn write_report(dir: &Path) {

@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod baseline;
 mod bench;
+mod compare;
 mod data;
 mod genotype;
 mod info;
@@ -78,6 +79,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Random search or RL (REINFORCE) on the same space: sample cells, train each briefly, keep the best.
     Baseline(baseline::BaselineArgs),
+    /// DARTS against random search and RL: same space, data and time budget; each found cell trained and tested.
+    Compare(compare::CompareArgs),
     /// Time our search step against the original PyTorch code on the same shapes.
     Bench(bench::BenchArgs),
     /// Read a genotype (JSON or DARTS Python text), check it, and print it in either format.
@@ -101,6 +104,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a, rt),
         Command::Baseline(a) => baseline::run(a, rt),
+        Command::Compare(a) => compare::run(a, rt),
         Command::Genotype(a) => genotype::run(a),
         Command::Show(a) => show::run(a),
         Command::Data(a) => data::run(a, rt),

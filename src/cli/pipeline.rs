@@ -124,25 +124,11 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     eprintln!("run directory {}", root.display());
     let opts = |sub: &str| rt.options(root.join(sub), device);
     let t0 = std::time::Instant::now();
-    let search_dir = root.join("search");
-    let genotype_file = search_dir.join("genotype.json");
-    let genotype = if genotype_file.is_file() {
-        eprintln!("search already finished in {}", search_dir.display());
-        Genotype::from_json(&std::fs::read_to_string(&genotype_file)?)?
-    } else if search_dir.join("checkpoint.safetensors").is_file() {
-        run::resume(&opts("search"))?.genotype
-    } else {
-        run::start(search_cfg.clone(), &opts("search"))?.genotype
-    };
+    let (genotype, _) = run::search_or_resume(search_cfg.clone(), &opts("search"))?;
     let search_seconds = t0.elapsed().as_secs_f64();
     eprintln!("derived genotype: {genotype}");
     let t1 = std::time::Instant::now();
-    let train_dir = root.join("train");
-    let out = if train_dir.join("checkpoint.safetensors").is_file() {
-        run::resume_training(&opts("train"))?
-    } else {
-        run::start_training(train_cfg(genotype.clone()), &opts("train"))?
-    };
+    let out = run::train_or_resume(train_cfg(genotype.clone()), &opts("train"))?;
     let summary = serde_json::json!({
         "genotype": genotype.to_string(),
         "search_seconds_this_invocation": search_seconds,
