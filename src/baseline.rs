@@ -404,7 +404,7 @@ pub fn start(config: BaselineConfig, opts: &crate::run::RunOptions) -> Result<Ba
         );
     }
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    std::fs::write(opts.out_dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(opts.out_dir.join("baseline-config.json"), serde_json::to_string_pretty(&config)?)?;
     let _ = std::fs::remove_file(opts.out_dir.join("samples.jsonl"));
     let policy = Policy::uniform(&config.space);
     let adam = PolicyAdam::new(&policy, config.controller_lr);
@@ -549,15 +549,13 @@ fn drive(mut state: State, opts: &crate::run::RunOptions) -> Result<BaselineOutc
     let best_acc = best_rec.val_acc;
     if finished {
         crate::run::write_genotype(&opts.out_dir, &best)?;
-        if let Err(e) = write_figure(&opts.out_dir, &samples, cfg.strategy) {
-            eprintln!("warning: could not draw the samples' scores ({e:#})");
-        }
     }
+    crate::run::write_report(&opts.out_dir);
     Ok(BaselineOutcome { samples, best, best_acc, finished, policy: state.policy })
 }
 
-/// `figures/samples.svg` (and .png): each sample's score and the best so far.
-fn write_figure(dir: &Path, samples: &[SampleRecord], strategy: Strategy) -> Result<()> {
+/// The samples' scores and the best so far, as an SVG chart.
+pub fn samples_figure(samples: &[SampleRecord], strategy: Strategy) -> Result<String> {
     use crate::viz::plot::{curves_over, Panel, Series};
     let mut best = f64::NEG_INFINITY;
     let best_so_far: Vec<(f64, f64)> = samples
@@ -576,9 +574,19 @@ fn write_figure(dir: &Path, samples: &[SampleRecord], strategy: Strategy) -> Res
             Series { name: "best so far".into(), points: best_so_far },
         ],
     };
-    let svg = curves_over(&format!("{} search: {} samples", strategy.name(), samples.len()), "sample", &[panel])?;
-    crate::viz::write_svg_png(&dir.join("figures"), "samples", svg)?;
-    Ok(())
+    curves_over(&format!("{} search: {} samples", strategy.name(), samples.len()), "sample", &[panel])
+}
+
+/// Reads a baseline run directory: its configuration and the samples evaluated so far.
+pub fn load_run(dir: &Path) -> Result<(BaselineConfig, Vec<SampleRecord>)> {
+    let path = dir.join("baseline-config.json");
+    let config: BaselineConfig =
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)
+            .with_context(|| format!("in {}", path.display()))?;
+    let text = std::fs::read_to_string(dir.join("samples.jsonl")).unwrap_or_default();
+    let samples =
+        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<Vec<_>, _>>()?;
+    Ok((config, samples))
 }
 
 #[cfg(test)]

@@ -147,6 +147,7 @@ pub fn compare(cfg: &CompareConfig, root: &Path, base: &RunOptions) -> Result<Co
     let outcome = CompareOutcome { methods, device: format!("{:?}", base.device) };
     std::fs::write(root.join("compare.json"), serde_json::to_string_pretty(&outcome)?)?;
     std::fs::write(root.join("compare.md"), table(&outcome))?;
+    run::write_report(root);
     Ok(outcome)
 }
 

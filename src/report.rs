@@ -1,6 +1,7 @@
-//! The run report: one self-contained HTML page per run directory (search, training, or a `darts run`
-//! pipeline with both), with the configuration, the genotype and its cell diagrams, softmax(alpha) heat maps
-//! and their evolution, learning curves, parameter and MAC counts, timings and the final test accuracy.
+//! The run report: one self-contained HTML page per run directory (search, training, a `darts run` pipeline
+//! with both, a random/RL baseline, or a `darts compare` root), with the configuration, the genotype and its
+//! cell diagrams, softmax(alpha) heat maps and their evolution, learning curves, parameter and MAC counts,
+//! timings and the final test accuracy; a baseline's sample scores; a comparison's table and every method's cell.
 //! Every figure is also written to `figures/` as SVG and PNG (cells also as DOT).
 use crate::genotype::Genotype;
 use crate::network::NetworkCost;
@@ -72,9 +73,14 @@ impl SearchRun {
         Ok(SearchRun { dir: dir.to_path_buf(), config, epochs, genotype })
     }
 
-    /// All epochs done.
+    /// All epochs done, or stopped early (a genotype was written before the last epoch).
     pub fn finished(&self) -> bool {
-        self.epochs.len() >= self.config.epochs
+        self.epochs.len() >= self.config.epochs || self.stopped_early()
+    }
+
+    /// Ended by the early stop against skip-connection collapse.
+    pub fn stopped_early(&self) -> bool {
+        self.epochs.len() < self.config.epochs && self.dir.join("genotype.json").is_file()
     }
 }
 
@@ -94,7 +100,17 @@ impl TrainRun {
     }
 }
 
-/// What a report covers: a search, a training, or both (a `darts run` directory).
+/// A baseline (random search or RL) run directory's contents.
+pub struct BaselineRun {
+    /// `baseline-config.json`.
+    pub config: crate::baseline::BaselineConfig,
+    /// `samples.jsonl`.
+    pub samples: Vec<crate::baseline::SampleRecord>,
+    /// `genotype.json` when it finished.
+    pub genotype: Option<Genotype>,
+}
+
+/// What a report covers: a search, a training, or both (a `darts run` directory); a baseline; a comparison.
 pub struct RunDir {
     /// The directory the report goes into.
     pub dir: PathBuf,
@@ -102,6 +118,10 @@ pub struct RunDir {
     pub search: Option<SearchRun>,
     /// The training, if any.
     pub train: Option<TrainRun>,
+    /// The baseline search, if any.
+    pub baseline: Option<BaselineRun>,
+    /// The comparison (`compare.json`), if any.
+    pub comparison: Option<crate::compare::CompareOutcome>,
 }
 
 impl RunDir {
@@ -111,8 +131,16 @@ impl RunDir {
         if !dir.is_dir() {
             bail!("{} is not a directory", dir.display());
         }
-        let (mut search, mut train) = (None, None);
-        if dir.join("config.json").is_file() {
+        let (mut search, mut train, mut baseline, mut comparison) = (None, None, None, None);
+        if dir.join("compare.json").is_file() {
+            comparison = Some(read_json(&dir.join("compare.json"))?);
+        } else if dir.join("baseline-config.json").is_file() {
+            let (config, samples) = crate::baseline::load_run(dir)?;
+            let file = dir.join("genotype.json");
+            let genotype =
+                if file.is_file() { Some(Genotype::from_json(&std::fs::read_to_string(&file)?)?) } else { None };
+            baseline = Some(BaselineRun { config, samples, genotype });
+        } else if dir.join("config.json").is_file() {
             search = Some(SearchRun::load(dir)?);
         } else if dir.join("train-config.json").is_file() {
             train = Some(TrainRun::load(dir)?);
@@ -124,19 +152,24 @@ impl RunDir {
                 train = Some(TrainRun::load(&dir.join("train"))?);
             }
         }
-        if search.is_none() && train.is_none() {
+        if search.is_none() && train.is_none() && baseline.is_none() && comparison.is_none() {
             bail!(
                 "{} is not a darts run directory: it has no config.json (search), train-config.json (training), \
-                 nor search/ or train/ folders with them (darts run)",
+                 baseline-config.json (baseline), compare.json (comparison), nor search/ or train/ folders with them \
+                 (darts run)",
                 dir.display()
             );
         }
-        Ok(RunDir { dir: dir.to_path_buf(), search, train })
+        Ok(RunDir { dir: dir.to_path_buf(), search, train, baseline, comparison })
     }
 
-    /// The genotype the report shows: the trained one, else the searched one.
+    /// The genotype the report shows: the trained one, else the searched one, else the baseline's best.
     pub fn genotype(&self) -> Option<&Genotype> {
-        self.train.as_ref().map(|t| &t.config.genotype).or(self.search.as_ref().and_then(|s| s.genotype.as_ref()))
+        self.train
+            .as_ref()
+            .map(|t| &t.config.genotype)
+            .or(self.search.as_ref().and_then(|s| s.genotype.as_ref()))
+            .or(self.baseline.as_ref().and_then(|b| b.genotype.as_ref()))
     }
 }
 
@@ -352,6 +385,33 @@ pub fn write_report(dir: &Path) -> Result<PathBuf> {
     if let Some(t) = &run.train {
         train_figures(t, &mut figs)?;
     }
+    if let Some(b) = &run.baseline {
+        if !b.samples.is_empty() {
+            figs.push(Figure {
+                stem: "samples".into(),
+                caption: "Each sampled cell's score (accuracy on the scoring split after its short training) and the \
+                          best so far."
+                    .into(),
+                svg: crate::baseline::samples_figure(&b.samples, b.config.strategy)?,
+                dot: false,
+            });
+        }
+    }
+    if let Some(c) = &run.comparison {
+        for m in &c.methods {
+            let g = Genotype::parse(&m.genotype)?;
+            let prefix = format!("cell-{}-", m.method);
+            let [normal, reduce] = write_cell_figures(&fig_dir, &g, &prefix)?;
+            for (kind, svg) in CellKind::both().into_iter().zip([normal, reduce]) {
+                figs.push(Figure {
+                    stem: format!("{prefix}{}", kind.name()),
+                    caption: format!("{}: the {} cell it found.", m.method, kind.name()),
+                    svg,
+                    dot: true,
+                });
+            }
+        }
+    }
     for f in &figs {
         if !f.dot {
             write_svg_png(&fig_dir, &f.stem, f.svg.clone())?;
@@ -380,7 +440,13 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
     h.push_str("<h2>Summary</h2>\n<table>\n");
     if let Some(s) = &run.search {
         let secs: f64 = s.epochs.iter().map(|e| e.seconds).sum();
-        let status = if s.finished() {
+        let status = if s.stopped_early() {
+            format!(
+                "stopped early after {} of {} epochs: skip connections took over the normal cell (DARTS+ criterion)",
+                s.epochs.len(),
+                s.config.epochs
+            )
+        } else if s.finished() {
             format!("finished, {} epochs", s.config.epochs)
         } else {
             format!("{} of {} epochs (resume it to finish)", s.epochs.len(), s.config.epochs)
@@ -422,6 +488,12 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
         if s.config.checkpoint_cells {
             extras.push("gradient checkpointing of cells".to_string());
         }
+        if let Some(m) = s.config.max_skip_connects {
+            extras.push(format!("at most {m} skip connections in the normal cell (P-DARTS)"));
+        }
+        if let Some(n) = s.config.early_stop_skip_connects {
+            extras.push(format!("early stop at {n} skip connections in the normal cell (DARTS+)"));
+        }
         if !extras.is_empty() {
             row(&mut h, "search options", &escape(&extras.join(", ")));
         }
@@ -434,6 +506,10 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             row(&mut h, "alpha-split accuracy (last epoch)", &pct(last.val_acc));
             let peak = s.epochs.iter().map(|e| e.peak_rss_mb).fold(0.0, f64::max);
             row(&mut h, "search peak memory (RSS)", &format!("{peak:.0} MiB"));
+            let gpu = s.epochs.iter().filter_map(|e| e.peak_gpu_mb).fold(f64::NAN, f64::max);
+            if gpu.is_finite() {
+                row(&mut h, "search peak GPU memory (tensors)", &format!("{gpu:.0} MiB"));
+            }
         }
     }
     if let Some(t) = &run.train {
@@ -485,9 +561,71 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             row(&mut h, "test accuracy (last epoch)", &format!("<b>top-1 {}</b>{top5}", pct(last.test_acc)));
             let best = t.epochs.iter().map(|e| e.test_acc).fold(0.0, f64::max);
             row(&mut h, "best test top-1", &pct(best));
+            let gpu = t.epochs.iter().filter_map(|e| e.peak_gpu_mb).fold(f64::NAN, f64::max);
+            if gpu.is_finite() {
+                row(&mut h, "training peak GPU memory (tensors)", &format!("{gpu:.0} MiB"));
+            }
+        }
+        if t.config.precision != crate::native::Precision::Fp32 {
+            row(&mut h, "precision", "bf16 mixed precision (autocast; float32 weights, gradients and SGD)");
+        }
+    }
+    if let Some(b) = &run.baseline {
+        let c = &b.config;
+        let done = b.samples.len();
+        let secs = b.samples.last().map_or(0.0, |x| x.total_seconds);
+        let status = match (b.genotype.is_some(), c.budget_seconds) {
+            (true, Some(budget)) if done < c.samples => format!("finished: {done} samples in the {budget:.0} s budget"),
+            (true, _) => format!("finished, {done} samples"),
+            (false, _) => format!("{done} of {} samples (resume it to finish)", c.samples),
+        };
+        row(&mut h, &format!("{} search", c.strategy.name()), &escape(&status));
+        row(
+            &mut h,
+            "each sample",
+            &escape(&format!(
+                "a {}-channel {}-cell network trained {} epochs (batch {}, lr {}) on {}, scored on the disjoint rest",
+                c.network.channels,
+                c.network.layers,
+                c.epochs,
+                c.batch_size,
+                c.lr,
+                c.dataset.name()
+            )),
+        );
+        if let Some(best) = b.samples.iter().map(|x| x.val_acc).reduce(f64::max) {
+            row(&mut h, "best score", &format!("<b>{}</b>", pct(best)));
+        }
+        if done > 0 {
+            row(
+                &mut h,
+                "search time",
+                &escape(&format!("{} ({} per sample)", duration(secs), duration(secs / done as f64))),
+            );
         }
     }
     h.push_str("</table>\n");
+    if let Some(c) = &run.comparison {
+        h.push_str(
+            "<h2>DARTS against random search and RL</h2>\n<table><tr><th>method</th><th>search time</th>\
+             <th>architectures trained</th><th>final-network parameters</th><th>test top-1</th>\
+             <th>training time</th></tr>\n",
+        );
+        for m in &c.methods {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td class=num>{}</td><td class=num>{}</td><td class=num>{}</td>\
+                 <td class=num><b>{}</b></td><td class=num>{}</td></tr>",
+                escape(&m.method),
+                duration(m.search_seconds),
+                m.architectures_trained,
+                m.parameters,
+                pct(m.test_top1),
+                duration(m.train_seconds)
+            );
+        }
+        let _ = writeln!(h, "</table>\n<p>Device: {}. Each method's folder has its own report.</p>", escape(&c.device));
+    }
     if let Some(g) = run.genotype() {
         let _ = writeln!(h, "<h2>Genotype</h2>\n<pre>{}</pre>", escape(&g.to_string()));
         let terminal: String = CellKind::both().iter().map(|k| crate::viz::cell::cell_text(g, *k)).collect();
@@ -567,6 +705,31 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             h,
             "<h2>Training configuration</h2>\n<details><summary>train-config.json</summary><pre>{}</pre></details>",
             escape(&serde_json::to_string_pretty(&t.config)?)
+        );
+    }
+    if let Some(b) = &run.baseline {
+        h.push_str(
+            "<h2>Samples</h2>\n<table><tr><th>sample</th><th>score</th><th>scoring-split loss</th>\
+             <th>parameters</th><th>seconds</th><th>genotype</th></tr>\n",
+        );
+        for x in &b.samples {
+            let _ = writeln!(
+                h,
+                "<tr><td class=num>{}</td><td class=num>{}</td><td class=num>{:.4}</td><td class=num>{}</td>\
+                 <td class=num>{:.1}</td><td><small>{}</small></td></tr>",
+                x.index + 1,
+                pct(x.val_acc),
+                x.val_loss,
+                x.parameters,
+                x.seconds,
+                escape(&x.genotype)
+            );
+        }
+        h.push_str("</table>\n");
+        let _ = writeln!(
+            h,
+            "<h2>Baseline configuration</h2>\n<details><summary>baseline-config.json</summary><pre>{}</pre></details>",
+            escape(&serde_json::to_string_pretty(&b.config)?)
         );
     }
     let _ = writeln!(h, "<p><small>written by darts {}</small></p>\n</body></html>", env!("CARGO_PKG_VERSION"));

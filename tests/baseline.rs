@@ -45,7 +45,10 @@ fn an_rl_run_resumed_midway_ends_as_an_uninterrupted_one() {
     assert_eq!(full.best_acc, best);
     let written = std::fs::read_to_string(a.path().join("genotype.txt")).unwrap();
     assert_eq!(written.trim(), full.best.to_string());
-    assert!(a.path().join("figures/samples.svg").exists());
+    assert!(a.path().join("figures/samples.svg").exists() && a.path().join("figures/samples.png").exists());
+    let html = std::fs::read_to_string(a.path().join("report.html")).unwrap();
+    assert!(html.contains("rl search") && html.contains("best score") && html.contains("<h2>Samples</h2>"));
+    assert_eq!(html.matches("<img ").count(), 3, "both cells and the samples chart");
     let lines = std::fs::read_to_string(a.path().join("samples.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 3);
     assert!(full.samples.iter().all(|s| s.baseline.is_some() && s.entropy.is_some() && s.seconds > 0.0));
