@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// How architectures are proposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -361,20 +361,11 @@ pub fn evaluate_genotype(
             sgd.step(&params.weights, &grads);
         }
     }
-    let (mut loss, mut correct) = (0.0, 0i64);
-    tch::no_grad(|| {
-        for idx in split.val.chunks(256) {
-            let (x, y) = data.batch(idx, None, device);
-            let (logits, _) = net.forward_t(&x, false);
-            loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * idx.len() as f64;
-            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-        }
-    });
-    let n = split.val.len() as f64;
+    let (loss, acc) = crate::train::score_indices(data, &split.val, 256, device, |x| net.forward_t(x, false).0);
     if !loss.is_finite() {
         return Ok((0.0, f64::NAN, parameters));
     }
-    Ok((correct as f64 / n, loss / n, parameters))
+    Ok((acc, loss, parameters))
 }
 
 /// What a baseline run leaves behind.
@@ -421,10 +412,19 @@ pub fn resume(opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
     drive(state, opts)
 }
 
+/// The lines of `dir/samples.jsonl` (none if there is no such file).
+fn parse_samples(dir: &Path) -> Result<Vec<SampleRecord>> {
+    let path = dir.join("samples.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("in {}", path.display()))
+}
+
 fn read_samples(dir: &Path, done: usize) -> Result<Vec<SampleRecord>> {
-    let text = std::fs::read_to_string(dir.join("samples.jsonl")).unwrap_or_default();
-    let mut v: Vec<SampleRecord> =
-        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let mut v = parse_samples(dir)?;
     // A line written after the last saved state (interrupted in between) is dropped: that sample runs again.
     v.truncate(done);
     Ok(v)
@@ -583,10 +583,7 @@ pub fn load_run(dir: &Path) -> Result<(BaselineConfig, Vec<SampleRecord>)> {
     let config: BaselineConfig =
         serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)
             .with_context(|| format!("in {}", path.display()))?;
-    let text = std::fs::read_to_string(dir.join("samples.jsonl")).unwrap_or_default();
-    let samples =
-        text.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<Vec<_>, _>>()?;
-    Ok((config, samples))
+    Ok((config, parse_samples(dir)?))
 }
 
 #[cfg(test)]

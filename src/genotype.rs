@@ -80,8 +80,6 @@ pub fn derive_cell_limited(weights: &[Vec<f64>], space: &SearchSpace, max_skip: 
     let Some(skip) = space.ops.iter().position(|&o| o == OpKind::SkipConnect) else {
         return derive_cell(weights, space);
     };
-    // Row of the edge into node i from state j.
-    let row = |i: usize, j: usize| (0..i).map(|k| 2 + k).sum::<usize>() + j;
     let mut w = weights.to_vec();
     loop {
         let gene = derive_cell(&w, space);
@@ -91,7 +89,7 @@ pub fn derive_cell_limited(weights: &[Vec<f64>], space: &SearchSpace, max_skip: 
             .iter()
             .enumerate()
             .filter(|(_, (op, _))| *op == OpKind::SkipConnect)
-            .map(|(k, &(_, j))| row(k / 2, j))
+            .map(|(k, &(_, j))| edge_row(k / 2, j))
             .filter(|&r| w[r][skip].is_finite())
             .min_by(|&a, &b| w[a][skip].partial_cmp(&w[b][skip]).unwrap_or(std::cmp::Ordering::Equal));
         match weakest {
@@ -99,6 +97,12 @@ pub fn derive_cell_limited(weights: &[Vec<f64>], space: &SearchSpace, max_skip: 
             _ => return gene,
         }
     }
+}
+
+/// The row of alpha (and of the softmax weights) that belongs to the edge into intermediate node `node` from state
+/// `input`: node i's edges follow those of nodes 0..i, which have 2, 3, ... inputs.
+pub fn edge_row(node: usize, input: usize) -> usize {
+    (0..node).map(|k| 2 + k).sum::<usize>() + input
 }
 
 /// The number of `skip_connect` edges in a cell.

@@ -203,11 +203,7 @@ pub fn write_cell_figures(dir: &Path, g: &Genotype, prefix: &str) -> Result<[Str
 fn kept_cells(cell: &[(crate::space::OpKind, usize)], ops: &[crate::space::OpKind]) -> Vec<(usize, usize)> {
     cell.iter()
         .enumerate()
-        .filter_map(|(k, (op, j))| {
-            let node = k / 2;
-            let row = (0..node).map(|i| i + 2).sum::<usize>() + j;
-            ops.iter().position(|o| o == op).map(|c| (row, c))
-        })
+        .filter_map(|(k, (op, j))| ops.iter().position(|o| o == op).map(|c| (crate::genotype::edge_row(k / 2, *j), c)))
         .collect()
 }
 

@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// Everything that determines a search's result (runtime choices such as threads or device are apart).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -426,17 +426,8 @@ impl Search {
 
     /// Loss and accuracy on `indices` in evaluation mode (BN running statistics), without gradients.
     pub fn evaluate(&self, indices: &[usize]) -> (f64, f64) {
-        tch::no_grad(|| {
-            let mut loss = 0.0;
-            let mut correct = 0i64;
-            for idx in indices.chunks(self.config.batch_size.max(256)) {
-                let (x, y) = self.data.batch(idx, None, self.device);
-                let logits = self.net.forward_t(&x, false);
-                loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * idx.len() as f64;
-                correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-            }
-            (loss / indices.len() as f64, correct as f64 / indices.len() as f64)
-        })
+        let chunk = self.config.batch_size.max(256);
+        crate::train::score_indices(&self.data, indices, chunk, self.device, |x| self.net.forward_t(x, false))
     }
 
     /// Writes weights, BN statistics, alphas, both optimisers' state and the epoch to `dir/checkpoint.safetensors`

@@ -169,6 +169,27 @@ pub struct EvalResult {
     pub examples: usize,
 }
 
+/// Mean cross-entropy and accuracy of `forward` (called in evaluation mode by the caller's choice, without
+/// gradients) on the examples `indices` of `data`, `chunk` at a time.
+pub fn score_indices(
+    data: &Dataset,
+    indices: &[usize],
+    chunk: usize,
+    device: Device,
+    forward: impl Fn(&Tensor) -> Tensor,
+) -> (f64, f64) {
+    tch::no_grad(|| {
+        let (mut loss, mut correct) = (0.0, 0i64);
+        for idx in indices.chunks(chunk.max(1)) {
+            let (x, y) = data.batch(idx, None, device);
+            let logits = forward(&x);
+            loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * idx.len() as f64;
+            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+        }
+        (loss / indices.len() as f64, correct as f64 / indices.len() as f64)
+    })
+}
+
 /// Loss, top-1 and top-5 of `net` on `data`, in evaluation mode, the forward passes in `precision`.
 pub fn evaluate(
     net: &Network,
