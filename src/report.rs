@@ -433,7 +433,11 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
         t = escape(&title),
         dir = escape(&run.dir.display().to_string())
     );
-    h.push_str("<h2>Summary</h2>\n<table>\n");
+    // A comparison's root has no run of its own: its table below is the summary.
+    let has_summary = run.search.is_some() || run.train.is_some() || run.baseline.is_some();
+    if has_summary {
+        h.push_str("<h2>Summary</h2>\n<table>\n");
+    }
     if let Some(s) = &run.search {
         let secs: f64 = s.epochs.iter().map(|e| e.seconds).sum();
         let status = if s.stopped_early() {
@@ -600,7 +604,9 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             );
         }
     }
-    h.push_str("</table>\n");
+    if has_summary {
+        h.push_str("</table>\n");
+    }
     if let Some(c) = &run.comparison {
         h.push_str(
             "<h2>DARTS against random search and RL</h2>\n<table><tr><th>method</th><th>search time</th>\
