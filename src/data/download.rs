@@ -238,7 +238,11 @@ pub fn fetch(name: &str, src: &Source, dir: &Path, progress: bool) -> Result<Pat
                     done = true;
                     break;
                 }
-                Err(e) => errors.push(format!("{url}: {e:#}")),
+                Err(e) => {
+                    // ureq's transport errors already begin with the URL.
+                    let msg = format!("{e:#}");
+                    errors.push(if msg.starts_with(&url) { msg } else { format!("{url}: {msg}") });
+                }
             }
         }
         if !done {
