@@ -388,13 +388,7 @@ const STATE: &str = "baseline-state.json";
 /// Starts a baseline search in `opts.out_dir`.
 pub fn start(config: BaselineConfig, opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
     config.validate()?;
-    if opts.out_dir.join(STATE).exists() {
-        bail!(
-            "{} already holds a baseline search; continue it with --resume {0}, or choose another --out",
-            opts.out_dir.display()
-        );
-    }
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    crate::run::new_run_dir(opts, "baseline search", STATE)?;
     std::fs::write(opts.out_dir.join("baseline-config.json"), serde_json::to_string_pretty(&config)?)?;
     let _ = std::fs::remove_file(opts.out_dir.join("samples.jsonl"));
     let policy = Policy::uniform(&config.space);

@@ -53,6 +53,9 @@ pub struct RunOutcome {
     pub alphas: (Vec<Vec<f64>>, Vec<Vec<f64>>),
 }
 
+/// The checkpoint file of search and training runs.
+const CHECKPOINT: &str = "checkpoint.safetensors";
+
 /// A fresh run directory name under `runs/`: `runs/<kind>-YYYYMMDD-HHMMSS` (UTC).
 pub fn default_dir(kind: &str) -> PathBuf {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
@@ -79,9 +82,10 @@ fn say(progress: Option<&MultiProgress>, line: String) {
     }
 }
 
-/// Creates `opts.out_dir` for a new `kind`, refusing a directory that already holds a run.
-fn new_run_dir(opts: &RunOptions, kind: &str) -> Result<()> {
-    if opts.out_dir.join("checkpoint.safetensors").exists() {
+/// Creates `opts.out_dir` for a new `kind`, refusing a directory that already holds one (its `marker` file, the
+/// state a resume reads, is there).
+pub(crate) fn new_run_dir(opts: &RunOptions, kind: &str, marker: &str) -> Result<()> {
+    if opts.out_dir.join(marker).exists() {
         bail!(
             "{} already holds a {kind}; continue it with --resume {0}, or choose another --out",
             opts.out_dir.display()
@@ -92,7 +96,7 @@ fn new_run_dir(opts: &RunOptions, kind: &str) -> Result<()> {
 
 /// Starts a new search in `opts.out_dir` (which must not hold one already).
 pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
-    new_run_dir(opts, "search")?;
+    new_run_dir(opts, "search", CHECKPOINT)?;
     let mut search = Search::new(config, opts.device)?;
     search.set_channels_last(opts.layout.channels_last(opts.device));
     std::fs::write(opts.out_dir.join("config.json"), serde_json::to_string_pretty(&search.config)?)?;
@@ -221,14 +225,14 @@ pub fn search_or_resume(config: SearchConfig, opts: &RunOptions) -> Result<(Geno
         eprintln!("search already finished in {}", opts.out_dir.display());
         return Ok((Genotype::from_json(&std::fs::read_to_string(&genotype_file)?)?, true));
     }
-    let out = if opts.out_dir.join("checkpoint.safetensors").is_file() { resume(opts)? } else { start(config, opts)? };
+    let out = if opts.out_dir.join(CHECKPOINT).is_file() { resume(opts)? } else { start(config, opts)? };
     Ok((out.genotype, out.finished))
 }
 
 /// The training stage of a pipeline in `opts.out_dir`: resumed from its checkpoint if there is one (a finished
 /// training returns at once), else a new training with `config`.
 pub fn train_or_resume(config: crate::train::TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
-    if opts.out_dir.join("checkpoint.safetensors").is_file() {
+    if opts.out_dir.join(CHECKPOINT).is_file() {
         resume_training(opts)
     } else {
         start_training(config, opts)
@@ -279,7 +283,7 @@ pub struct TrainOutcome {
 /// Starts training in `opts.out_dir`: `train-config.json`, `genotype.json/.txt`, `metrics.jsonl`, a checkpoint
 /// per epoch, `model-last.safetensors` and `model-best.safetensors` (best test accuracy).
 pub fn start_training(config: crate::train::TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
-    new_run_dir(opts, "run")?;
+    new_run_dir(opts, "run", CHECKPOINT)?;
     let mut trainer = crate::train::Trainer::new(config, opts.device)?;
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
     std::fs::write(opts.out_dir.join("train-config.json"), serde_json::to_string_pretty(&trainer.config)?)?;
