@@ -23,6 +23,17 @@ bool device_type(int device, c10::DeviceType* out) {
   }
   return true;
 }
+
+// Runs `f`, turning a C++ exception into -1 with its message kept for darts_last_error.
+template <class F>
+int guarded(F f) {
+  try {
+    return f();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return -1;
+  }
+}
 }  // namespace
 
 extern "C" {
@@ -33,7 +44,7 @@ const char* darts_last_error() { return last_error.c_str(); }
 // Enters an autocast region on device type `device` (0 CPU, 1 CUDA) computing in `dtype` (0 bfloat16, 1 float16).
 // Writes the previous state to `prev_enabled` and `prev_dtype` for darts_autocast_exit. Returns 0, or -1 on error.
 int darts_autocast_enter(int device, int dtype, int* prev_enabled, int* prev_dtype) {
-  try {
+  return guarded([&] {
     c10::DeviceType t;
     if (!device_type(device, &t)) return -1;
     const c10::ScalarType want = dtype == 0 ? c10::ScalarType::BFloat16 : c10::ScalarType::Half;
@@ -43,45 +54,36 @@ int darts_autocast_enter(int device, int dtype, int* prev_enabled, int* prev_dty
     at::autocast::set_autocast_dtype(t, want);
     at::autocast::increment_nesting();
     return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Leaves the region entered by darts_autocast_enter, restoring the previous state; the cast-weight cache is
 // cleared when the outermost region ends (as torch.autocast does).
 int darts_autocast_exit(int device, int prev_enabled, int prev_dtype) {
-  try {
+  return guarded([&] {
     c10::DeviceType t;
     if (!device_type(device, &t)) return -1;
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
     at::autocast::set_autocast_enabled(t, prev_enabled != 0);
     at::autocast::set_autocast_dtype(t, prev_dtype == 0 ? c10::ScalarType::BFloat16 : c10::ScalarType::Half);
     return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Whether autocast is on for device type `device` on this thread (1/0), -1 on error.
 int darts_autocast_enabled(int device) {
-  try {
+  return guarded([&] {
     c10::DeviceType t;
     if (!device_type(device, &t)) return -1;
     return at::autocast::is_autocast_enabled(t) ? 1 : 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // The CUDA caching allocator's statistics for GPU `index` (all pools): bytes allocated now and at peak, bytes
 // reserved from the driver now and at peak. Returns 0, or -1 (no CUDA allocator, bad index: see darts_last_error).
 int darts_cuda_memory(int index, int64_t* allocated, int64_t* peak_allocated, int64_t* reserved,
                       int64_t* peak_reserved) {
-  try {
+  return guarded([&] {
     auto* alloc = c10::getDeviceAllocator(c10::DeviceType::CUDA);
     const auto stats = alloc->getDeviceStats(static_cast<c10::DeviceIndex>(index));
     const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
@@ -90,20 +92,14 @@ int darts_cuda_memory(int index, int64_t* allocated, int64_t* peak_allocated, in
     *reserved = stats.reserved_bytes[all].current;
     *peak_reserved = stats.reserved_bytes[all].peak;
     return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 
 // Resets the peaks of darts_cuda_memory to the current values. Returns 0, or -1.
 int darts_cuda_reset_peak(int index) {
-  try {
+  return guarded([&] {
     c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(static_cast<c10::DeviceIndex>(index));
     return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return -1;
-  }
+  });
 }
 }
