@@ -494,6 +494,9 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
         if let Some(n) = s.config.early_stop_skip_connects {
             extras.push(format!("early stop at {n} skip connections in the normal cell (DARTS+)"));
         }
+        if s.config.skip_dropout > 0.0 {
+            extras.push(format!("dropout {} on skip connections, decaying to 0 (P-DARTS)", s.config.skip_dropout));
+        }
         if !extras.is_empty() {
             row(&mut h, "search options", &escape(&extras.join(", ")));
         }

@@ -206,7 +206,8 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
             format!(
                 "warning: the normal cell has {skips} skip connections: DARTS's known skip-connection collapse \
                  (parameter-free cells train poorly). --max-skip-connects 2 derives at most 2 (P-DARTS), \
-                 --early-stop-skip-connects 2 stops the search when they appear (DARTS+)"
+                 --early-stop-skip-connects 2 stops the search when they appear (DARTS+), --skip-dropout 0.4 \
+                 handicaps skip connections while the weights train (P-DARTS)"
             ),
         );
     }

@@ -12,7 +12,7 @@ use crate::space::SearchSpace;
 use crate::supernet::{softmax_rows, Alphas, SearchNetwork};
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -78,6 +78,11 @@ pub struct SearchConfig {
     /// result.
     #[serde(default)]
     pub early_stop_skip_connects: Option<usize>,
+    /// Against skip-connection collapse (P-DARTS): dropout on the identity op's output during the search, at
+    /// this rate in the first epoch and decaying linearly to 0 (epoch e of E: `rate * (E - e - 1) / E`, as
+    /// P-DARTS). 0: off.
+    #[serde(default)]
+    pub skip_dropout: f64,
 }
 
 impl Default for SearchConfig {
@@ -106,6 +111,7 @@ impl Default for SearchConfig {
             checkpoint_cells: false,
             max_skip_connects: None,
             early_stop_skip_connects: None,
+            skip_dropout: 0.0,
         }
     }
 }
@@ -137,6 +143,13 @@ impl SearchConfig {
             arch_warmup_epochs: 15,
             ..Default::default()
         }
+    }
+
+    /// The skip dropout rate in `epoch` (0-based): P-DARTS's linear decay from [`SearchConfig::skip_dropout`]
+    /// in the first epoch to 0 in the last.
+    pub fn skip_dropout_at(&self, epoch: usize) -> f64 {
+        let e = self.epochs as f64;
+        self.skip_dropout * (e - epoch as f64 - 1.0).max(0.0) / e
     }
 
     /// Checks values that no search can run with.
@@ -174,6 +187,9 @@ impl SearchConfig {
                 self.arch_warmup_epochs,
                 self.epochs
             );
+        }
+        if !(0.0..1.0).contains(&self.skip_dropout) {
+            bail!("skip_dropout = {}: a dropout rate lies in [0, 1) (P-DARTS uses 0.1 to 0.7)", self.skip_dropout);
         }
         if let Some(0) = self.early_stop_skip_connects {
             bail!("early_stop_skip_connects = 0 would stop before the first epoch; DARTS+ uses 2");
@@ -222,6 +238,9 @@ pub struct EpochStats {
     /// On CUDA: the most memory tensors held at once during the epoch (the caching allocator's peak), MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_gpu_mb: Option<f64>,
+    /// The skip dropout rate of this epoch, when the search uses skip dropout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_dropout: Option<f64>,
 }
 
 /// A search in progress: data, supernet, both optimisers and the epoch counter.
@@ -363,6 +382,11 @@ impl Search {
         let lr = cosine_lr(self.config.lr, self.config.lr_min, epoch, self.config.epochs);
         self.sgd.lr = lr;
         let mut rng = self.epoch_rng(epoch);
+        self.net.skip_dropout = self.config.skip_dropout_at(epoch);
+        // The dropout masks' stream starts afresh each epoch, so a resumed search draws the same masks.
+        let mut masks = self.epoch_rng(epoch);
+        masks.set_stream(1);
+        self.net.set_dropout_stream(masks.next_u64());
         let bs = self.config.batch_size;
         let train_batches = data::shuffled_batches(&self.split.train, bs, &mut rng);
         let val_batches = data::shuffled_batches(&self.split.val, bs, &mut rng);
@@ -421,6 +445,7 @@ impl Search {
             peak_rss_mb: peak_rss_mb(),
             data_wait_seconds,
             peak_gpu_mb: cuda_peak_mb(self.device),
+            skip_dropout: (self.config.skip_dropout > 0.0).then_some(self.net.skip_dropout),
         })
     }
 

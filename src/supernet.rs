@@ -144,10 +144,11 @@ impl MixedOp {
         MixedOp { ops: ops.collect(), kinds: space.ops.clone(), partial, stride }
     }
 
-    /// `weights` is this edge's row of softmax(alpha).
-    pub fn forward_t(&self, x: &Tensor, weights: &Tensor, train: bool) -> Tensor {
+    /// `weights` is this edge's row of softmax(alpha). `skip_dropout` (training mode only) is the dropout
+    /// rate applied to the identity op's output (P-DARTS); 0 leaves it alone.
+    pub fn forward_t(&self, x: &Tensor, weights: &Tensor, train: bool, skip_dropout: f64) -> Tensor {
         if self.partial == 1 {
-            return self.mix(x, weights, train);
+            return self.mix(x, weights, train, skip_dropout);
         }
         let c = x.size()[1];
         // A channel slice of a channels-last tensor is dense in neither layout, and the shuffle's reshape
@@ -156,13 +157,13 @@ impl MixedOp {
         let dense = |t: Tensor| if nhwc { crate::channels_last(&t) } else { t.contiguous() };
         let seen = dense(x.narrow(1, 0, c / self.partial));
         let bypass = x.narrow(1, c / self.partial, c - c / self.partial);
-        let mixed = self.mix(&seen, weights, train);
+        let mixed = self.mix(&seen, weights, train, skip_dropout);
         // ceil_mode: odd sizes give the ops' ceil(h/2) too (the original code fails on odd sizes).
         let bypass = if self.stride == 2 { bypass.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], true) } else { bypass };
         dense(channel_shuffle(&Tensor::cat(&[mixed, bypass], 1), self.partial))
     }
 
-    fn mix(&self, x: &Tensor, weights: &Tensor, train: bool) -> Tensor {
+    fn mix(&self, x: &Tensor, weights: &Tensor, train: bool, skip_dropout: f64) -> Tensor {
         let mut out: Option<Tensor> = None;
         for (k, op) in self.ops.iter().enumerate() {
             // The zero op adds nothing to the sum and nothing to any gradient: skip its work.
@@ -171,6 +172,8 @@ impl MixedOp {
             }
             let kind = self.kinds[k];
             let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, train));
+            // P-DARTS: dropout after the parameter-free identity, so that it cannot win by training fastest.
+            let y = if train && skip_dropout > 0.0 && op.is_identity() { y.dropout(skip_dropout, true) } else { y };
             let y = y * weights.get(k as i64);
             out = Some(match out {
                 None => y,
@@ -217,7 +220,7 @@ impl SearchCell {
     }
 
     /// `weights` = softmax(alpha) for this cell type, `[edges, ops]`; `edge_weights` (edge normalisation)
-    /// the per-node softmax of beta, `[edges]`.
+    /// the per-node softmax of beta, `[edges]`; `skip_dropout` as in [`MixedOp::forward_t`].
     pub fn forward_t(
         &self,
         s0: &Tensor,
@@ -225,6 +228,7 @@ impl SearchCell {
         weights: &Tensor,
         edge_weights: Option<&Tensor>,
         train: bool,
+        skip_dropout: f64,
     ) -> Tensor {
         let s0 = crate::profile::time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train));
         let s1 = crate::profile::time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train));
@@ -234,7 +238,7 @@ impl SearchCell {
             let mut sum: Option<Tensor> = None;
             for (j, h) in states.iter().enumerate() {
                 let e = (offset + j) as i64;
-                let y = self.edges[offset + j].forward_t(h, &weights.get(e), train);
+                let y = self.edges[offset + j].forward_t(h, &weights.get(e), train, skip_dropout);
                 let y = match edge_weights {
                     Some(b) => y * b.get(e),
                     None => y,
@@ -267,6 +271,13 @@ pub struct SearchNetwork {
     pub channels_last: bool,
     /// Gradient checkpointing of cells (see [`SearchNetwork::loss_grads`]); set by [`set_checkpoint_cells`].
     pub checkpoint_cells: bool,
+    /// P-DARTS's dropout rate on the identity op's output in training mode (0: off). The masks come from
+    /// libtorch's generator, seeded for each cell (holding [`crate::torch_rng_lock`]) from
+    /// [`SearchNetwork::set_dropout_stream`]'s counter, one value per training-mode pass: masks depend only on
+    /// the stream and the number of passes before, whatever other threads draw, and a checkpointed cell's
+    /// recomputation draws the masks of its first pass.
+    pub skip_dropout: f64,
+    dropout_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
     buffers: Vec<Tensor>,
 }
@@ -312,6 +323,8 @@ impl SearchNetwork {
             alphas,
             channels_last: false,
             checkpoint_cells: false,
+            skip_dropout: 0.0,
+            dropout_stream: std::sync::atomic::AtomicU64::new(0),
             buffers: Vec::new(),
         }
     }
@@ -324,10 +337,13 @@ impl SearchNetwork {
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         let stem = crate::profile::time("stem", None, 1, &x, || self.stem.forward_t(&x, train));
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
-        for cell in &self.cells {
+        let (rate, seeds) = self.dropout_seeds(train);
+        for (i, cell) in self.cells.iter().enumerate() {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
             let ew = edge_w.as_ref().map(|(n, r)| if cell.reduction { r } else { n });
-            let out = cell.forward_t(&s0, &s1, w, ew, train);
+            let rng = seed_cell(seeds, i);
+            let out = cell.forward_t(&s0, &s1, w, ew, train, rate);
+            drop(rng);
             (s0, s1) = (s1, out);
         }
         crate::profile::time("classifier", None, 1, &s1, || {
@@ -338,6 +354,26 @@ impl SearchNetwork {
     /// Mean cross-entropy on a batch, in training mode (batch statistics in BN).
     pub fn loss(&self, x: &Tensor, y: &Tensor) -> Tensor {
         self.forward_t(x, true).cross_entropy_for_logits(y)
+    }
+
+    /// Restarts the skip dropout masks' stream at `seed` (a search does at every epoch, so that a resumed
+    /// search draws the masks the uninterrupted one did).
+    pub fn set_dropout_stream(&self, seed: u64) {
+        self.dropout_stream.store(seed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The skip dropout rate of a pass in this mode and, when it is on, the base of its cells' seeds.
+    fn dropout_seeds(&self, train: bool) -> (f64, Option<i64>) {
+        if !(train && self.skip_dropout > 0.0) {
+            return (0.0, None);
+        }
+        let n = self.dropout_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // splitmix64's finaliser: consecutive passes get unrelated seeds; the low 16 bits number the cells.
+        let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (self.skip_dropout, Some(((z >> 17) << 16) as i64))
     }
 
     /// softmax(alpha) and the edge weights for one cell type, built afresh (each checkpointed segment has
@@ -363,13 +399,16 @@ impl SearchNetwork {
         }
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         // Forward without a graph: the cell boundaries are all that is kept.
+        let (rate, seeds) = self.dropout_seeds(true);
         let states = tch::no_grad(|| {
             let stem = self.stem.forward_t(&x, true);
             let mut states = vec![stem.shallow_clone(), stem];
-            for cell in &self.cells {
+            for (i, cell) in self.cells.iter().enumerate() {
                 let (w, ew) = self.cell_weights(cell.reduction);
                 let n = states.len();
-                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, ew.as_ref(), true);
+                let rng = seed_cell(seeds, i);
+                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, ew.as_ref(), true, rate);
+                drop(rng);
                 states.push(out);
             }
             states
@@ -409,7 +448,9 @@ impl SearchNetwork {
             let g_out = upstream[i + 2].take().expect("every cell output feeds a later cell or the head");
             let (a, b) = (leaf(&states[i]), leaf(&states[i + 1]));
             let (w, ew) = self.cell_weights(cell.reduction);
-            let out = cell.forward_t(&a, &b, &w, ew.as_ref(), true);
+            let rng = seed_cell(seeds, i);
+            let out = cell.forward_t(&a, &b, &w, ew.as_ref(), true, rate);
+            drop(rng);
             let g = backward((out * g_out).sum(Kind::Float), &[&a, &b]);
             add(&mut upstream[i], &g[0]);
             add(&mut upstream[i + 1], &g[1]);
@@ -426,6 +467,16 @@ impl SearchNetwork {
         let grads = acc.into_iter().zip(wrt).map(|(g, t)| g.unwrap_or_else(|| t.zeros_like())).collect();
         (loss.detach(), logits.detach(), grads)
     }
+}
+
+/// Seeds libtorch's generators for cell `i`'s dropout masks and holds them until the guard is dropped
+/// (nothing when skip dropout is off).
+fn seed_cell(seeds: Option<i64>, i: usize) -> Option<std::sync::MutexGuard<'static, ()>> {
+    seeds.map(|base| {
+        let guard = crate::torch_rng_lock();
+        tch::manual_seed(base + i as i64);
+        guard
+    })
 }
 
 /// Turns gradient checkpointing of cells on or off for `net`, whose weights and BN statistics are in `vs`.
@@ -448,6 +499,7 @@ pub fn count_parameters(vs: &nn::VarStore) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::space::OpKind;
 
     #[test]
     fn channel_shuffle_interleaves_the_groups() {
@@ -455,6 +507,30 @@ mod tests {
         let y = Vec::<f32>::try_from(channel_shuffle(&x, 4).flatten(0, -1)).unwrap();
         // groups of 2: [0 1][2 3][4 5][6 7] -> first of each group, then second of each group.
         assert_eq!(y, vec![0., 2., 4., 6., 1., 3., 5., 7.]);
+    }
+
+    /// P-DARTS's skip dropout: in training mode the identity's term is dropped element by element (zero, or
+    /// scaled by 1/(1-p)), in evaluation mode and at rate 0 it is the plain weighted identity, and a reducing
+    /// edge's skip_connect (a convolution, FactorizedReduce) is left alone.
+    #[test]
+    fn skip_dropout_drops_the_identity_term_only_in_training() {
+        let space = SearchSpace { ops: vec![OpKind::None, OpKind::SkipConnect], ..Default::default() };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let op = MixedOp::new(&vs.root(), &space, 4, 1);
+        let x = Tensor::rand([2, 4, 5, 5], (Kind::Float, Device::Cpu)) + 1.0;
+        let w = Tensor::from_slice(&[0.3f32, 0.7]);
+        let plain = &x * 0.7;
+        assert!(op.forward_t(&x, &w, true, 0.0).allclose(&plain, 1e-6, 1e-6, false));
+        assert!(op.forward_t(&x, &w, false, 0.5).allclose(&plain, 1e-6, 1e-6, false));
+        let y = op.forward_t(&x, &w, true, 0.5);
+        let dropped = y.eq(0.0);
+        let kept = (&y - &plain * 2.0).abs().le(1e-5);
+        assert!(dropped.logical_or(&kept).all().int64_value(&[]) == 1, "every element is dropped or scaled by 2");
+        let frac = dropped.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        assert!((0.35..0.65).contains(&frac), "{frac} of 200 elements dropped at p = 0.5");
+        let reducing = MixedOp::new(&(vs.root() / "r"), &space, 4, 2);
+        let (a, b) = (reducing.forward_t(&x, &w, true, 0.9), reducing.forward_t(&x, &w, true, 0.0));
+        assert!(a.allclose(&b, 1e-6, 1e-6, false), "FactorizedReduce is not dropped");
     }
 
     #[test]

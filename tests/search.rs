@@ -172,6 +172,37 @@ fn pc_darts_with_checkpointed_cells_warms_up_and_resumes_bit_for_bit() {
     assert!(!final_search.net.alphas.normal.equal(&alpha0), "alpha trains after the warm-up");
 }
 
+/// P-DARTS's skip dropout: the rate decays linearly to 0 in the metrics, the masks come back on resume (bit
+/// for bit), the dropout changes the search, and impossible rates are refused.
+#[test]
+fn skip_dropout_decays_resumes_bit_for_bit_and_changes_the_search() {
+    let cfg = || SearchConfig { skip_dropout: 0.6, ..tiny(3) };
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(run::start(cfg(), &opts(a.path(), None)).unwrap().finished);
+    run::start(cfg(), &opts(b.path(), Some(1))).unwrap();
+    run::resume(&opts(b.path(), None)).unwrap();
+    run::start(tiny(3), &opts(c.path(), None)).unwrap();
+    let (ta, tb, tc) = (checkpoint_tensors(a.path()), checkpoint_tensors(b.path()), checkpoint_tensors(c.path()));
+    for ((na, xa), (_, xb)) in ta.iter().zip(&tb) {
+        assert!(xa.equal(xb), "{na} differs after resume");
+    }
+    assert!(ta.iter().zip(&tc).any(|((_, xa), (_, xc))| !xa.equal(xc)), "skip dropout changed nothing");
+    let rates: Vec<f64> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["skip_dropout"].as_f64().unwrap())
+        .collect();
+    // 0.6 * (3 - e - 1) / 3
+    assert_eq!(rates.len(), 3);
+    for (r, want) in rates.iter().zip([0.4, 0.2, 0.0]) {
+        assert!((r - want).abs() < 1e-12, "{rates:?}");
+    }
+    for bad in [1.0, -0.1, f64::NAN] {
+        let e = SearchConfig { skip_dropout: bad, ..tiny(3) }.validate().unwrap_err().to_string();
+        assert!(e.contains("skip_dropout") && e.contains("[0, 1)"), "{e}");
+    }
+}
+
 /// Colour data (a 3-channel stem, whose channels-last kernel is not dense) checkpoints and resumes, with a
 /// class-balanced split.
 #[test]

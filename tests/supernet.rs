@@ -170,7 +170,7 @@ fn all_buffers(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 /// architecture) and the BN statistics afterwards must be those of the plain pass.
 #[test]
 fn checkpointed_cells_give_the_plain_gradients_and_statistics() {
-    for (k, edge_norm) in [(1usize, false), (2, true)] {
+    for (k, edge_norm, skip_dropout) in [(1usize, false, 0.0), (2, true, 0.0), (1, false, 0.5)] {
         let space = SearchSpace {
             channels: 4,
             layers: 5,
@@ -187,14 +187,29 @@ fn checkpointed_cells_give_the_plain_gradients_and_statistics() {
         wrt.extend(net.alphas.tensors().into_iter().map(|t| t.shallow_clone()));
         let refs: Vec<&Tensor> = wrt.iter().collect();
         let before: Vec<Tensor> = all_buffers(&vs).iter().map(|(_, t)| t.copy()).collect();
+        let restore = || {
+            tch::no_grad(|| {
+                for ((_, t), b) in all_buffers(&vs).iter().zip(&before) {
+                    t.shallow_clone().copy_(b);
+                }
+            })
+        };
+        if skip_dropout > 0.0 {
+            // The dropout is on: the same pass without it has another loss.
+            let (undropped, _, _) = net.loss_grads(&x, &y, &refs);
+            restore();
+            net.skip_dropout = skip_dropout;
+            net.set_dropout_stream(5);
+            let (dropped, _, _) = net.loss_grads(&x, &y, &refs);
+            restore();
+            assert!(!undropped.allclose(&dropped, 1e-4, 1e-6, false), "skip dropout changes nothing");
+        }
+        net.set_dropout_stream(7);
         let (loss_a, _, plain) = net.loss_grads(&x, &y, &refs);
         let stats_a: Vec<Tensor> = all_buffers(&vs).iter().map(|(_, t)| t.copy()).collect();
-        tch::no_grad(|| {
-            for ((_, t), b) in all_buffers(&vs).iter().zip(&before) {
-                t.shallow_clone().copy_(b);
-            }
-        });
+        restore();
         darts::supernet::set_checkpoint_cells(&mut net, &vs, true);
+        net.set_dropout_stream(7);
         let (loss_b, _, ckpt) = net.loss_grads(&x, &y, &refs);
         assert!(loss_a.allclose(&loss_b, 1e-6, 1e-7, false));
         for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {

@@ -95,6 +95,10 @@ pub struct SearchArgs {
     /// N or more skip_connect edges (DARTS+ uses 2).
     #[arg(long, value_name = "N")]
     early_stop_skip_connects: Option<usize>,
+    /// Against skip-connection collapse (P-DARTS): dropout on skip_connect's output during the search, at this
+    /// rate in the first epoch, decaying linearly to 0 (P-DARTS uses 0.1 to 0.7; 0 = off).
+    #[arg(long, value_name = "RATE")]
+    skip_dropout: Option<f64>,
     /// Seed: one seed reproduces a run.
     #[arg(long)]
     seed: Option<u64>,
@@ -145,6 +149,7 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     set!(space.partial_channels = a.partial_channels);
     set!(space.edge_normalization = a.edge_normalization);
     set!(arch_warmup_epochs = a.arch_warmup);
+    set!(skip_dropout = a.skip_dropout);
     c.checkpoint_cells |= a.checkpoint_cells;
     c.balanced_split |= a.balanced_split;
     if a.max_skip_connects.is_some() {
