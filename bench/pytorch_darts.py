@@ -111,12 +111,16 @@ def channel_shuffle(x, groups):
 
 
 class MixedOp(nn.Module):
-    """DARTS' MixedOp; with k > 1 PC-DARTS' (partial channels: ops on C // k channels, channel shuffle)."""
+    """DARTS' MixedOp; with k > 1 PC-DARTS' (partial channels: ops on C // k channels, channel shuffle); with
+    aux_skip DARTS-' (Meituan-AutoML/DARTS- model_search.py: + beta * auxiliary_op(x))."""
 
-    def __init__(self, C, stride, k=1):
+    def __init__(self, C, stride, k=1, aux_skip=None):
         super().__init__()
         self._ops = nn.ModuleList()
         self.k = k
+        self.aux_skip = aux_skip
+        if aux_skip is not None:
+            self.auxiliary_op = FactorizedReduce(C, C, affine=False) if stride == 2 else Identity()
         self.mp = nn.MaxPool2d(2, 2)
         for primitive in PRIMITIVES:
             op = OPS[primitive](C // k, stride, False)
@@ -125,6 +129,12 @@ class MixedOp(nn.Module):
             self._ops.append(op)
 
     def forward(self, x, weights):
+        res = self._relaxed(x, weights)
+        if self.aux_skip is not None:
+            res = res + self.auxiliary_op(x) * self.aux_skip
+        return res
+
+    def _relaxed(self, x, weights):
         if self.k == 1:
             return sum(w * op(x) for w, op in zip(weights, self._ops))
         dim_2 = x.shape[1]
@@ -139,7 +149,7 @@ class MixedOp(nn.Module):
 
 
 class Cell(nn.Module):
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, k=1):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, k=1, aux_skip=None):
         super().__init__()
         self.reduction = reduction
         if reduction_prev:
@@ -153,7 +163,7 @@ class Cell(nn.Module):
         for i in range(self._steps):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
-                self._ops.append(MixedOp(C, stride, k))
+                self._ops.append(MixedOp(C, stride, k, aux_skip))
 
     def forward(self, s0, s1, weights, weights2=None):
         s0 = self.preprocess0(s0)
@@ -173,7 +183,7 @@ class Cell(nn.Module):
 
 class Network(nn.Module):
     def __init__(self, C, num_classes, layers, steps=4, multiplier=4, stem_multiplier=3, in_channels=3, k=1,
-                 edge_norm=False):
+                 edge_norm=False, aux_skip=None):
         super().__init__()
         self._C, self._num_classes, self._layers = C, num_classes, layers
         self.edge_norm = edge_norm
@@ -189,7 +199,7 @@ class Network(nn.Module):
                 reduction = True
             else:
                 reduction = False
-            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, k)
+            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, k, aux_skip)
             reduction_prev = reduction
             self.cells += [cell]
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -458,7 +468,8 @@ def bench_final(args):
 
 
 def count(args):
-    model = Network(args.channels, args.classes, args.layers, in_channels=args.in_channels, k=args.partial)
+    model = Network(args.channels, args.classes, args.layers, in_channels=args.in_channels, k=args.partial,
+                    aux_skip=args.aux_skip)
     print(sum(p.numel() for p in model.parameters()))
 
 
@@ -467,7 +478,7 @@ def check_supernet(args):
     logits, loss and architecture gradients) into this reference and prints the largest differences."""
     t = read_safetensors(args.weights)
     model = Network(args.channels, args.classes, args.layers, steps=args.nodes, multiplier=args.nodes,
-                    in_channels=args.in_channels, k=args.partial, edge_norm=args.edge_norm)
+                    in_channels=args.in_channels, k=args.partial, edge_norm=args.edge_norm, aux_skip=args.aux_skip)
     state = {k: v for k, v in t.items() if "/" not in k}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
@@ -629,6 +640,7 @@ if __name__ == "__main__":
     ap.add_argument("--amp", choices=["none", "bf16"], default="none")
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--edge-norm", action="store_true")
+    ap.add_argument("--aux-skip", type=float, default=None, help="DARTS-' auxiliary skip connection, this weight")
     ap.add_argument("--weights", default="")
     ap.add_argument("--images", default="")
     ap.add_argument("--labels", default="")

@@ -1,8 +1,14 @@
 // The few libtorch calls tch does not expose: autocast with a chosen device type and dtype (tch's autocast only
-// switches CUDA's on, in float16), and the CUDA caching allocator's statistics (peak bytes allocated/reserved).
+// switches CUDA's on, in float16), the CUDA caching allocator's statistics (peak bytes allocated/reserved), and
+// random masks drawn from a private generator with a given seed (tch only offers the global generator).
 // Every function catches C++ exceptions: nothing unwinds into Rust.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/CachingDeviceAllocator.h>
+
+#include <mutex>
 
 #include <cstdint>
 #include <cstring>
@@ -99,6 +105,27 @@ int darts_cuda_memory(int index, int64_t* allocated, int64_t* peak_allocated, in
 int darts_cuda_reset_peak(int index) {
   return guarded([&] {
     c10::getDeviceAllocator(c10::DeviceType::CUDA)->resetPeakStats(static_cast<c10::DeviceIndex>(index));
+    return 0;
+  });
+}
+
+// A tensor shaped, laid out and placed like `*like`, of 1s with probability `keep` and 0s otherwise, drawn from a
+// fresh generator of `like`'s device seeded with `seed` (the global generators are neither read nor advanced).
+// Writes a new tensor (owned by the caller, as tch's own functions return them) to `*out`. Returns 0, or -1.
+int darts_bernoulli_mask(const at::Tensor* like, double keep, uint64_t seed, at::Tensor** out) {
+  return guarded([&] {
+    at::Generator gen = like->is_cuda() ? at::detail::getCUDAHooks().getNewGenerator(like->device().index())
+                                        : at::detail::createCPUGenerator(seed);
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_current_seed(seed);
+    }
+    at::Tensor mask = at::empty_like(*like, like->options().requires_grad(false));
+    {
+      at::NoGradGuard no_grad;
+      mask.bernoulli_(keep, gen);
+    }
+    *out = new at::Tensor(std::move(mask));
     return 0;
   });
 }

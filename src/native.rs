@@ -1,9 +1,10 @@
 //! The libtorch calls tch does not expose, through the small C++ shim in `csrc/shim.cpp`: autocast (mixed
-//! precision) with a chosen device type and dtype, and the CUDA caching allocator's memory statistics.
+//! precision) with a chosen device type and dtype, the CUDA caching allocator's memory statistics, and random
+//! masks from a privately seeded generator.
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::ffi::{c_char, c_int, CStr};
-use tch::Device;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use tch::{Device, Tensor};
 
 extern "C" {
     fn darts_last_error() -> *const c_char;
@@ -18,6 +19,25 @@ extern "C" {
         peak_reserved: *mut i64,
     ) -> c_int;
     fn darts_cuda_reset_peak(index: c_int) -> c_int;
+    // Tensors are tch's `C_tensor` pointers (libtorch's `at::Tensor*`), passed untyped.
+    fn darts_bernoulli_mask(like: *const c_void, keep: f64, seed: u64, out: *mut *mut c_void) -> c_int;
+}
+
+/// A tensor shaped, laid out and placed like `like`, of 1s with probability `keep` and 0s otherwise (libtorch's
+/// `bernoulli_`), drawn from a private generator seeded with `seed`: the same seed gives the same mask on the
+/// same device, whatever other threads draw, and libtorch's global generators are left alone.
+pub fn bernoulli_mask(like: &Tensor, keep: f64, seed: u64) -> Result<Tensor> {
+    if !(0.0..=1.0).contains(&keep) {
+        bail!("keep probability {keep} outside [0, 1]");
+    }
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `like` is a live tensor (tch's C_tensor is libtorch's at::Tensor*); the shim only reads it, writes a
+    // newly allocated tensor to `out` on success and catches every C++ exception.
+    if unsafe { darts_bernoulli_mask(like.as_ptr().cast(), keep, seed, &mut out) } != 0 || out.is_null() {
+        bail!("could not draw a dropout mask on {:?}: {}", like.device(), last_error());
+    }
+    // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
+    Ok(unsafe { Tensor::from_ptr(out.cast()) })
 }
 
 fn last_error() -> String {
@@ -146,7 +166,32 @@ pub fn reset_cuda_peak(device: Device) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Kind, Tensor};
+    use tch::Kind;
+
+    /// A seeded mask: the same seed gives the same mask, another seed another; about `keep` of it is 1, the
+    /// rest 0; it has the input's shape and memory layout; libtorch's global generator is not advanced.
+    #[test]
+    fn bernoulli_masks_follow_their_seed_and_leave_the_global_generator_alone() {
+        let like = crate::channels_last(&Tensor::zeros([4, 8, 16, 16], (Kind::Float, Device::Cpu)));
+        let (a, b, c) = {
+            let _rng = crate::torch_rng_lock();
+            tch::manual_seed(9);
+            let want = Tensor::randn([5], (Kind::Float, Device::Cpu));
+            tch::manual_seed(9);
+            let a = bernoulli_mask(&like, 0.7, 42).unwrap();
+            let b = bernoulli_mask(&like, 0.7, 42).unwrap();
+            let c = bernoulli_mask(&like, 0.7, 43).unwrap();
+            assert!(Tensor::randn([5], (Kind::Float, Device::Cpu)).equal(&want), "the global generator moved");
+            (a, b, c)
+        };
+        assert!(a.equal(&b) && !a.equal(&c));
+        assert_eq!((a.size(), a.stride()), (like.size(), like.stride()));
+        assert!(!a.requires_grad());
+        let ones = a.eq(1.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        let zeros = a.eq(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        assert!((ones - 0.7).abs() < 0.02 && (ones + zeros - 1.0).abs() < 1e-9, "{ones} ones, {zeros} zeros");
+        assert!(bernoulli_mask(&like, 1.5, 1).unwrap_err().to_string().contains("outside [0, 1]"));
+    }
 
     #[test]
     fn bf16_autocast_runs_convolutions_in_bfloat16_and_restores_the_previous_state() {

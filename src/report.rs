@@ -494,6 +494,9 @@ fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
         if let Some(n) = s.config.early_stop_skip_connects {
             extras.push(format!("early stop at {n} skip connections in the normal cell (DARTS+)"));
         }
+        if s.config.space.auxiliary_skip {
+            extras.push("auxiliary skip connections, weight decaying from 1 (DARTS-)".to_string());
+        }
         if s.config.skip_dropout > 0.0 {
             extras.push(format!("dropout {} on skip connections, decaying to 0 (P-DARTS)", s.config.skip_dropout));
         }

@@ -152,6 +152,13 @@ impl SearchConfig {
         self.skip_dropout * (e - epoch as f64 - 1.0).max(0.0) / e
     }
 
+    /// The weight of DARTS-'s auxiliary skip connections in `epoch` (0-based): DARTS-'s linear decay,
+    /// `(E - e) / E`, from 1 in the first epoch to 1/E in the last.
+    pub fn aux_skip_at(&self, epoch: usize) -> f64 {
+        let e = self.epochs as f64;
+        (e - epoch as f64).max(0.0) / e
+    }
+
     /// Checks values that no search can run with.
     pub fn validate(&self) -> Result<()> {
         self.space.validate()?;
@@ -241,6 +248,9 @@ pub struct EpochStats {
     /// The skip dropout rate of this epoch, when the search uses skip dropout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skip_dropout: Option<f64>,
+    /// The weight of the auxiliary skip connections this epoch, when the space has them (DARTS-).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_skip: Option<f64>,
 }
 
 /// A search in progress: data, supernet, both optimisers and the epoch counter.
@@ -383,6 +393,7 @@ impl Search {
         self.sgd.lr = lr;
         let mut rng = self.epoch_rng(epoch);
         self.net.skip_dropout = self.config.skip_dropout_at(epoch);
+        self.net.aux_skip = self.config.aux_skip_at(epoch);
         // The dropout masks' stream starts afresh each epoch, so a resumed search draws the same masks.
         let mut masks = self.epoch_rng(epoch);
         masks.set_stream(1);
@@ -446,6 +457,7 @@ impl Search {
             data_wait_seconds,
             peak_gpu_mb: cuda_peak_mb(self.device),
             skip_dropout: (self.config.skip_dropout > 0.0).then_some(self.net.skip_dropout),
+            aux_skip: self.config.space.auxiliary_skip.then_some(self.net.aux_skip),
         })
     }
 

@@ -176,6 +176,10 @@ pub struct SearchSpace {
     /// PC-DARTS edge normalisation: a second set of architecture weights (beta), one per edge, softmax over
     /// each node's incoming edges, weighting the edges' sum and the ranking of edges at derivation.
     pub edge_normalization: bool,
+    /// DARTS- (Chu et al., ICLR 2021): an auxiliary skip connection on every edge, added to the relaxed ops
+    /// with a weight that a search decays linearly from 1 (identity, or FactorizedReduce with its own weights
+    /// on a reducing edge). It carries the gradient that otherwise makes skip_connect's alpha win.
+    pub auxiliary_skip: bool,
 }
 
 impl Default for SearchSpace {
@@ -189,6 +193,7 @@ impl Default for SearchSpace {
             activation: Activation::Relu,
             partial_channels: 1,
             edge_normalization: false,
+            auxiliary_skip: false,
         }
     }
 }
@@ -331,6 +336,15 @@ mod tests {
         assert_eq!(s.ops.len(), 3);
         assert_eq!(s.nodes, 3);
         assert_eq!(s.layers, 8);
+        assert!(!s.auxiliary_skip);
+        // The README's example.
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let start = readme.find("```toml\n").expect("a TOML example") + 8;
+        let end = start + readme[start..].find("```").unwrap();
+        let example = SearchSpace::from_toml(&readme[start..end]).unwrap();
+        assert_eq!(example, SearchSpace::default());
+        let aux = SearchSpace::from_toml("auxiliary_skip = true").unwrap();
+        assert!(aux.auxiliary_skip && aux.validate().is_ok());
         assert!(SearchSpace::from_toml("nodez = 3").is_err());
         assert!(SearchSpace::from_toml("ops = ['conv_9x9']").unwrap_err().to_string().contains("conv_9x9"));
     }

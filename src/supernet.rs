@@ -4,7 +4,7 @@
 //! `VarStore`, the alphas are two plain leaf tensors, so each optimiser sees only its own parameters.
 
 use crate::ops::{Op, Preprocess, ReluConvBn, Stem};
-use crate::space::{DataShape, SearchSpace};
+use crate::space::{DataShape, OpKind, SearchSpace};
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
@@ -121,15 +121,50 @@ pub fn softmax_rows(t: &Tensor) -> Vec<Vec<f64>> {
     (0..r).map(|i| (0..c).map(|j| s.double_value(&[i, j])).collect()).collect()
 }
 
+/// How a forward pass treats the supernet's edges.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pass {
+    /// Training mode (batch statistics in BN, dropout on).
+    pub train: bool,
+    /// P-DARTS: the dropout rate on the identity op's output (training mode only; 0: off).
+    pub skip_dropout: f64,
+    /// DARTS-: the weight of the auxiliary skip connection added to every edge (where the space has one).
+    pub aux_skip: f64,
+    /// The seed of the dropout masks; each cell and each edge in it derive their own ([`Pass::derive`]).
+    pub seed: u64,
+}
+
+impl Pass {
+    /// A pass without dropout and with the auxiliary skip at full weight: training (`true`) or evaluation mode.
+    pub fn plain(train: bool) -> Pass {
+        Pass { train, skip_dropout: 0.0, aux_skip: 1.0, seed: 0 }
+    }
+
+    /// The same pass for part `k` (a cell, an edge): its own seed, unrelated to its neighbours'.
+    pub fn derive(self, k: usize) -> Pass {
+        Pass { seed: splitmix64(self.seed ^ splitmix64(k as u64)), ..self }
+    }
+}
+
+/// splitmix64's output function: consecutive inputs give unrelated outputs.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// A continuous relaxation of one edge: sum over ops of softmax(alpha)_op * op(x). With partial channels
 /// (K > 1, PC-DARTS) the ops see the first C/K channels only; the others bypass them (max-pooled 2x2 on a
-/// reducing edge) and the two parts are concatenated and channel-shuffled.
+/// reducing edge) and the two parts are concatenated and channel-shuffled. With DARTS-'s auxiliary skip
+/// connection, `aux_skip * skip(x)` is added to the result (identity, or FactorizedReduce on a reducing edge).
 #[derive(Debug)]
 pub struct MixedOp {
     ops: Vec<Op>,
     kinds: Vec<crate::space::OpKind>,
     partial: i64,
     stride: i64,
+    aux: Option<Op>,
 }
 
 impl MixedOp {
@@ -141,14 +176,29 @@ impl MixedOp {
             .iter()
             .enumerate()
             .map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c / partial, stride, false, true, space.activation));
-        MixedOp { ops: ops.collect(), kinds: space.ops.clone(), partial, stride }
+        // DARTS- names it `auxiliary_op`: FactorizedReduce(C, C, affine=False) on a reducing edge, else Identity.
+        let aux = space
+            .auxiliary_skip
+            .then(|| Op::new(&(p / "auxiliary_op"), OpKind::SkipConnect, c, stride, false, true, space.activation));
+        MixedOp { ops: ops.collect(), kinds: space.ops.clone(), partial, stride, aux }
     }
 
-    /// `weights` is this edge's row of softmax(alpha). `skip_dropout` (training mode only) is the dropout
-    /// rate applied to the identity op's output (P-DARTS); 0 leaves it alone.
-    pub fn forward_t(&self, x: &Tensor, weights: &Tensor, train: bool, skip_dropout: f64) -> Tensor {
+    /// `weights` is this edge's row of softmax(alpha).
+    pub fn forward_t(&self, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
+        let y = self.relaxed(x, weights, pass);
+        match &self.aux {
+            Some(aux) => {
+                let skip =
+                    crate::profile::time("auxiliary_skip", None, self.stride, x, || aux.forward_t(x, pass.train));
+                y + skip * pass.aux_skip
+            }
+            None => y,
+        }
+    }
+
+    fn relaxed(&self, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
         if self.partial == 1 {
-            return self.mix(x, weights, train, skip_dropout);
+            return self.mix(x, weights, pass);
         }
         let c = x.size()[1];
         // A channel slice of a channels-last tensor is dense in neither layout, and the shuffle's reshape
@@ -157,13 +207,13 @@ impl MixedOp {
         let dense = |t: Tensor| if nhwc { crate::channels_last(&t) } else { t.contiguous() };
         let seen = dense(x.narrow(1, 0, c / self.partial));
         let bypass = x.narrow(1, c / self.partial, c - c / self.partial);
-        let mixed = self.mix(&seen, weights, train, skip_dropout);
+        let mixed = self.mix(&seen, weights, pass);
         // ceil_mode: odd sizes give the ops' ceil(h/2) too (the original code fails on odd sizes).
         let bypass = if self.stride == 2 { bypass.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], true) } else { bypass };
         dense(channel_shuffle(&Tensor::cat(&[mixed, bypass], 1), self.partial))
     }
 
-    fn mix(&self, x: &Tensor, weights: &Tensor, train: bool, skip_dropout: f64) -> Tensor {
+    fn mix(&self, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
         let mut out: Option<Tensor> = None;
         for (k, op) in self.ops.iter().enumerate() {
             // The zero op adds nothing to the sum and nothing to any gradient: skip its work.
@@ -171,9 +221,16 @@ impl MixedOp {
                 continue;
             }
             let kind = self.kinds[k];
-            let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, train));
+            let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, pass.train));
             // P-DARTS: dropout after the parameter-free identity, so that it cannot win by training fastest.
-            let y = if train && skip_dropout > 0.0 && op.is_identity() { y.dropout(skip_dropout, true) } else { y };
+            let y = if pass.train && pass.skip_dropout > 0.0 && op.is_identity() {
+                // As `Tensor::dropout`, with the mask from this edge's own seed.
+                let keep = 1.0 - pass.skip_dropout;
+                let mask = crate::native::bernoulli_mask(&y, keep, pass.seed).unwrap_or_else(|e| panic!("{e:#}"));
+                y * (mask / keep)
+            } else {
+                y
+            };
             let y = y * weights.get(k as i64);
             out = Some(match out {
                 None => y,
@@ -220,16 +277,16 @@ impl SearchCell {
     }
 
     /// `weights` = softmax(alpha) for this cell type, `[edges, ops]`; `edge_weights` (edge normalisation)
-    /// the per-node softmax of beta, `[edges]`; `skip_dropout` as in [`MixedOp::forward_t`].
+    /// the per-node softmax of beta, `[edges]`.
     pub fn forward_t(
         &self,
         s0: &Tensor,
         s1: &Tensor,
         weights: &Tensor,
         edge_weights: Option<&Tensor>,
-        train: bool,
-        skip_dropout: f64,
+        pass: Pass,
     ) -> Tensor {
+        let train = pass.train;
         let s0 = crate::profile::time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train));
         let s1 = crate::profile::time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train));
         let mut states = vec![s0, s1];
@@ -238,7 +295,7 @@ impl SearchCell {
             let mut sum: Option<Tensor> = None;
             for (j, h) in states.iter().enumerate() {
                 let e = (offset + j) as i64;
-                let y = self.edges[offset + j].forward_t(h, &weights.get(e), train, skip_dropout);
+                let y = self.edges[offset + j].forward_t(h, &weights.get(e), pass.derive(offset + j));
                 let y = match edge_weights {
                     Some(b) => y * b.get(e),
                     None => y,
@@ -271,12 +328,14 @@ pub struct SearchNetwork {
     pub channels_last: bool,
     /// Gradient checkpointing of cells (see [`SearchNetwork::loss_grads`]); set by [`set_checkpoint_cells`].
     pub checkpoint_cells: bool,
-    /// P-DARTS's dropout rate on the identity op's output in training mode (0: off). The masks come from
-    /// libtorch's generator, seeded for each cell (holding [`crate::torch_rng_lock`]) from
-    /// [`SearchNetwork::set_dropout_stream`]'s counter, one value per training-mode pass: masks depend only on
-    /// the stream and the number of passes before, whatever other threads draw, and a checkpointed cell's
-    /// recomputation draws the masks of its first pass.
+    /// P-DARTS's dropout rate on the identity op's output in training mode (0: off). Each edge's mask comes
+    /// from a private generator whose seed derives from the pass's ([`SearchNetwork::set_dropout_stream`]'s
+    /// counter, one value per training-mode pass), the cell and the edge: masks depend only on the stream and
+    /// the number of passes before, whatever other threads draw, and a checkpointed cell's recomputation draws
+    /// the masks of its first pass.
     pub skip_dropout: f64,
+    /// DARTS-: the weight of the auxiliary skip connections (where the space has them); a search decays it.
+    pub aux_skip: f64,
     dropout_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
     buffers: Vec<Tensor>,
@@ -324,6 +383,7 @@ impl SearchNetwork {
             channels_last: false,
             checkpoint_cells: false,
             skip_dropout: 0.0,
+            aux_skip: 1.0,
             dropout_stream: std::sync::atomic::AtomicU64::new(0),
             buffers: Vec::new(),
         }
@@ -337,13 +397,11 @@ impl SearchNetwork {
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         let stem = crate::profile::time("stem", None, 1, &x, || self.stem.forward_t(&x, train));
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
-        let (rate, seeds) = self.dropout_seeds(train);
+        let pass = self.pass(train);
         for (i, cell) in self.cells.iter().enumerate() {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
             let ew = edge_w.as_ref().map(|(n, r)| if cell.reduction { r } else { n });
-            let rng = seed_cell(seeds, i);
-            let out = cell.forward_t(&s0, &s1, w, ew, train, rate);
-            drop(rng);
+            let out = cell.forward_t(&s0, &s1, w, ew, pass.derive(i));
             (s0, s1) = (s1, out);
         }
         crate::profile::time("classifier", None, 1, &s1, || {
@@ -362,18 +420,14 @@ impl SearchNetwork {
         self.dropout_stream.store(seed, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The skip dropout rate of a pass in this mode and, when it is on, the base of its cells' seeds.
-    fn dropout_seeds(&self, train: bool) -> (f64, Option<i64>) {
+    /// A pass in this mode; one that drops skip connections out takes the next seed of the stream.
+    fn pass(&self, train: bool) -> Pass {
+        let pass = Pass { train, skip_dropout: self.skip_dropout, aux_skip: self.aux_skip, seed: 0 };
         if !(train && self.skip_dropout > 0.0) {
-            return (0.0, None);
+            return Pass { skip_dropout: 0.0, ..pass };
         }
         let n = self.dropout_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // splitmix64's finaliser: consecutive passes get unrelated seeds; the low 16 bits number the cells.
-        let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (self.skip_dropout, Some(((z >> 17) << 16) as i64))
+        Pass { seed: splitmix64(n), ..pass }
     }
 
     /// softmax(alpha) and the edge weights for one cell type, built afresh (each checkpointed segment has
@@ -399,16 +453,14 @@ impl SearchNetwork {
         }
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         // Forward without a graph: the cell boundaries are all that is kept.
-        let (rate, seeds) = self.dropout_seeds(true);
+        let pass = self.pass(true);
         let states = tch::no_grad(|| {
             let stem = self.stem.forward_t(&x, true);
             let mut states = vec![stem.shallow_clone(), stem];
             for (i, cell) in self.cells.iter().enumerate() {
                 let (w, ew) = self.cell_weights(cell.reduction);
                 let n = states.len();
-                let rng = seed_cell(seeds, i);
-                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, ew.as_ref(), true, rate);
-                drop(rng);
+                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, ew.as_ref(), pass.derive(i));
                 states.push(out);
             }
             states
@@ -448,9 +500,7 @@ impl SearchNetwork {
             let g_out = upstream[i + 2].take().expect("every cell output feeds a later cell or the head");
             let (a, b) = (leaf(&states[i]), leaf(&states[i + 1]));
             let (w, ew) = self.cell_weights(cell.reduction);
-            let rng = seed_cell(seeds, i);
-            let out = cell.forward_t(&a, &b, &w, ew.as_ref(), true, rate);
-            drop(rng);
+            let out = cell.forward_t(&a, &b, &w, ew.as_ref(), pass.derive(i));
             let g = backward((out * g_out).sum(Kind::Float), &[&a, &b]);
             add(&mut upstream[i], &g[0]);
             add(&mut upstream[i + 1], &g[1]);
@@ -467,16 +517,6 @@ impl SearchNetwork {
         let grads = acc.into_iter().zip(wrt).map(|(g, t)| g.unwrap_or_else(|| t.zeros_like())).collect();
         (loss.detach(), logits.detach(), grads)
     }
-}
-
-/// Seeds libtorch's generators for cell `i`'s dropout masks and holds them until the guard is dropped
-/// (nothing when skip dropout is off).
-fn seed_cell(seeds: Option<i64>, i: usize) -> Option<std::sync::MutexGuard<'static, ()>> {
-    seeds.map(|base| {
-        let guard = crate::torch_rng_lock();
-        tch::manual_seed(base + i as i64);
-        guard
-    })
 }
 
 /// Turns gradient checkpointing of cells on or off for `net`, whose weights and BN statistics are in `vs`.
@@ -499,7 +539,6 @@ pub fn count_parameters(vs: &nn::VarStore) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::space::OpKind;
 
     #[test]
     fn channel_shuffle_interleaves_the_groups() {
@@ -520,17 +559,44 @@ mod tests {
         let x = Tensor::rand([2, 4, 5, 5], (Kind::Float, Device::Cpu)) + 1.0;
         let w = Tensor::from_slice(&[0.3f32, 0.7]);
         let plain = &x * 0.7;
-        assert!(op.forward_t(&x, &w, true, 0.0).allclose(&plain, 1e-6, 1e-6, false));
-        assert!(op.forward_t(&x, &w, false, 0.5).allclose(&plain, 1e-6, 1e-6, false));
-        let y = op.forward_t(&x, &w, true, 0.5);
+        let pass = |train, skip_dropout| Pass { train, skip_dropout, aux_skip: 1.0, seed: 3 };
+        assert!(op.forward_t(&x, &w, pass(true, 0.0)).allclose(&plain, 1e-6, 1e-6, false));
+        assert!(op.forward_t(&x, &w, pass(false, 0.5)).allclose(&plain, 1e-6, 1e-6, false));
+        let y = op.forward_t(&x, &w, pass(true, 0.5));
         let dropped = y.eq(0.0);
         let kept = (&y - &plain * 2.0).abs().le(1e-5);
         assert!(dropped.logical_or(&kept).all().int64_value(&[]) == 1, "every element is dropped or scaled by 2");
         let frac = dropped.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
         assert!((0.35..0.65).contains(&frac), "{frac} of 200 elements dropped at p = 0.5");
         let reducing = MixedOp::new(&(vs.root() / "r"), &space, 4, 2);
-        let (a, b) = (reducing.forward_t(&x, &w, true, 0.9), reducing.forward_t(&x, &w, true, 0.0));
+        let (a, b) = (reducing.forward_t(&x, &w, pass(true, 0.9)), reducing.forward_t(&x, &w, pass(true, 0.0)));
         assert!(a.allclose(&b, 1e-6, 1e-6, false), "FactorizedReduce is not dropped");
+    }
+
+    /// DARTS-'s auxiliary skip connection adds `aux_skip * x` to a plain edge and `aux_skip *
+    /// FactorizedReduce(x)` (its own weights, not the skip_connect op's) to a reducing one; without it in the
+    /// space the edge is the plain relaxation whatever the weight.
+    #[test]
+    fn the_auxiliary_skip_adds_the_weighted_skip_connection() {
+        let ops = vec![OpKind::None, OpKind::SkipConnect, OpKind::SepConv3x3];
+        let with = SearchSpace { ops: ops.clone(), auxiliary_skip: true, ..Default::default() };
+        let without = SearchSpace { ops, ..Default::default() };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let x = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu));
+        let w = Tensor::from_slice(&[0.2f32, 0.5, 0.3]);
+        let eval = |aux_skip| Pass { train: false, skip_dropout: 0.0, aux_skip, seed: 0 };
+        let plain = MixedOp::new(&(vs.root() / "plain"), &with, 4, 1);
+        let (a, b) = (plain.forward_t(&x, &w, eval(0.75)), plain.forward_t(&x, &w, eval(0.0)));
+        assert!((a - b).allclose(&(&x * 0.75), 1e-5, 1e-6, false));
+        let reducing = MixedOp::new(&(vs.root() / "red"), &with, 4, 2);
+        let (a, b) = (reducing.forward_t(&x, &w, eval(0.4)), reducing.forward_t(&x, &w, eval(0.0)));
+        let aux = reducing.aux.as_ref().unwrap().forward_t(&x, false);
+        assert_eq!(aux.size(), vec![2, 4, 3, 3]);
+        assert!((a - b).allclose(&(aux * 0.4), 1e-5, 1e-6, false));
+        let names: Vec<String> = vs.variables().into_keys().filter(|n| n.starts_with("red.auxiliary_op")).collect();
+        assert!(names.iter().any(|n| n == "red.auxiliary_op.conv_1.weight"), "{names:?}");
+        let none = MixedOp::new(&(vs.root() / "none"), &without, 4, 1);
+        assert!(none.forward_t(&x, &w, eval(0.75)).equal(&none.forward_t(&x, &w, eval(0.0))));
     }
 
     #[test]

@@ -203,6 +203,33 @@ fn skip_dropout_decays_resumes_bit_for_bit_and_changes_the_search() {
     }
 }
 
+/// DARTS-'s auxiliary skip: its weight decays linearly, (E - e) / E, in the metrics; its FactorizedReduce
+/// weights are checkpointed and a resumed search ends bit for bit where the uninterrupted one does.
+#[test]
+fn the_auxiliary_skip_decays_and_resumes_bit_for_bit() {
+    let cfg = || {
+        let mut c = tiny(2);
+        c.space.auxiliary_skip = true;
+        c
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(run::start(cfg(), &opts(a.path(), None)).unwrap().finished);
+    run::start(cfg(), &opts(b.path(), Some(1))).unwrap();
+    run::resume(&opts(b.path(), None)).unwrap();
+    let (ta, tb) = (checkpoint_tensors(a.path()), checkpoint_tensors(b.path()));
+    assert!(ta.iter().any(|(n, _)| n.contains("auxiliary_op.conv_1")), "no auxiliary FactorizedReduce saved");
+    assert_eq!(ta.len(), tb.len());
+    for ((na, xa), (_, xb)) in ta.iter().zip(&tb) {
+        assert!(xa.equal(xb), "{na} differs after resume");
+    }
+    let weights: Vec<f64> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["aux_skip"].as_f64().unwrap())
+        .collect();
+    assert_eq!(weights, vec![1.0, 0.5]);
+}
+
 /// Colour data (a 3-channel stem, whose channels-last kernel is not dense) checkpoints and resumes, with a
 /// class-balanced split.
 #[test]

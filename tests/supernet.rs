@@ -19,6 +19,10 @@ fn default_cifar_supernet_has_the_original_parameter_count() {
     assert_eq!(net.alphas.reduce.size(), vec![14, 8]);
     // alpha is not among the weights.
     assert!(vs.trainable_variables().iter().all(|t| t.size() != vec![14, 8]));
+    // DARTS-'s auxiliary skip adds a FactorizedReduce(C, C) without affine BN (two 1x1 convolutions C -> C/2:
+    // C^2 weights) on each of a reduction cell's 8 reducing edges; the reduction cells have C = 32 and 64.
+    let (vs, _) = build(&SearchSpace { auxiliary_skip: true, ..Default::default() }, &shape);
+    assert_eq!(count_parameters(&vs), 1_930_618 + 8 * 32 * 32 + 8 * 64 * 64);
 }
 
 /// Our count agrees with the PyTorch reference (the original model_search.py) for other shapes too.
@@ -26,14 +30,15 @@ fn default_cifar_supernet_has_the_original_parameter_count() {
 fn parameter_counts_match_the_pytorch_reference_for_other_shapes() {
     let py = darts_python();
     let cases = [
-        (8usize, 5usize, 10usize, 1usize, 1usize),
-        (4, 3, 7, 3, 1),
-        (6, 6, 100, 3, 1),
-        (16, 5, 10, 3, 4),
-        (8, 4, 10, 1, 2),
+        (8usize, 5usize, 10usize, 1usize, 1usize, false),
+        (4, 3, 7, 3, 1, false),
+        (6, 6, 100, 3, 1, false),
+        (16, 5, 10, 3, 4, false),
+        (8, 4, 10, 1, 2, false),
+        (6, 5, 10, 3, 1, true),
     ];
-    for (c, layers, classes, in_ch, k) in cases {
-        let space = SearchSpace { channels: c, layers, partial_channels: k, ..Default::default() };
+    for (c, layers, classes, in_ch, k, aux) in cases {
+        let space = SearchSpace { channels: c, layers, partial_channels: k, auxiliary_skip: aux, ..Default::default() };
         let shape = DataShape { channels: in_ch, height: 16, width: 16, classes };
         let (vs, _) = build(&space, &shape);
         let out = std::process::Command::new(&py)
@@ -41,11 +46,12 @@ fn parameter_counts_match_the_pytorch_reference_for_other_shapes() {
             .args(["--channels", &c.to_string(), "--layers", &layers.to_string()])
             .args(["--classes", &classes.to_string(), "--in-channels", &in_ch.to_string()])
             .args(["--partial", &k.to_string()])
+            .args(if aux { &["--aux-skip", "1"][..] } else { &[] })
             .output()
             .expect("run the PyTorch reference");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let want: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        assert_eq!(count_parameters(&vs), want, "C={c} layers={layers} classes={classes} in={in_ch} K={k}");
+        assert_eq!(count_parameters(&vs), want, "C={c} layers={layers} classes={classes} in={in_ch} K={k} aux={aux}");
     }
 }
 
@@ -106,17 +112,25 @@ fn mixed_op_is_the_softmax_weighted_sum_of_its_ops() {
 #[test]
 fn supernet_forward_and_architecture_gradients_equal_the_original_code() {
     let py = darts_python();
-    for (c, nodes, k, edge_norm) in [(4usize, 2usize, 1usize, false), (8, 3, 4, true), (8, 2, 2, true)] {
+    let cases = [
+        (4usize, 2usize, 1usize, false, None),
+        (8, 3, 4, true, None),
+        (8, 2, 2, true, None),
+        (4, 3, 1, false, Some(0.6)),
+    ];
+    for (c, nodes, k, edge_norm, aux_skip) in cases {
         let space = SearchSpace {
             channels: c,
             layers: 4,
             nodes,
             partial_channels: k,
             edge_normalization: edge_norm,
+            auxiliary_skip: aux_skip.is_some(),
             ..Default::default()
         };
         let shape = DataShape { channels: 3, height: 16, width: 16, classes: 10 };
-        let (vs, net) = build(&space, &shape);
+        let (vs, mut net) = build(&space, &shape);
+        net.aux_skip = aux_skip.unwrap_or(1.0);
         let x = Tensor::randn([6, 3, 16, 16], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[0i64, 3, 9, 1, 1, 7]);
         let arch = net.alphas.tensors();
@@ -145,11 +159,14 @@ fn supernet_forward_and_architecture_gradients_equal_the_original_code() {
         if edge_norm {
             cmd.arg("--edge-norm");
         }
+        if let Some(w) = aux_skip {
+            cmd.args(["--aux-skip", &w.to_string()]);
+        }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let f = |key: &str| r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
-        let case = format!("C={c} nodes={nodes} K={k} edge_norm={edge_norm}: {r}");
+        let case = format!("C={c} nodes={nodes} K={k} edge_norm={edge_norm} aux_skip={aux_skip:?}: {r}");
         assert!(f("logits") < 1e-4, "{case}");
         assert!(f("loss") < 1e-5, "{case}");
         for n in net.alphas.names() {

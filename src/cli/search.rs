@@ -36,7 +36,8 @@ pub struct SearchArgs {
     /// Use only the first N training examples.
     #[arg(long)]
     limit: Option<usize>,
-    /// Search space as a TOML file (ops, nodes, layers, channels, stem_multiplier); flags below override it.
+    /// Search space as a TOML file (ops, nodes, layers, channels, stem_multiplier, activation, partial_channels,
+    /// edge_normalization, auxiliary_skip); flags below override it.
     #[arg(long)]
     space: Option<PathBuf>,
     /// Candidate ops, comma-separated (e.g. none,max_pool_3x3,skip_connect,sep_conv_3x3).
@@ -99,6 +100,10 @@ pub struct SearchArgs {
     /// rate in the first epoch, decaying linearly to 0 (P-DARTS uses 0.1 to 0.7; 0 = off).
     #[arg(long, value_name = "RATE")]
     skip_dropout: Option<f64>,
+    /// Against skip-connection collapse (DARTS-): an auxiliary skip connection on every edge, its weight
+    /// decaying linearly from 1 to 0 over the search.
+    #[arg(long)]
+    auxiliary_skip: bool,
     /// Seed: one seed reproduces a run.
     #[arg(long)]
     seed: Option<u64>,
@@ -151,6 +156,7 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     set!(arch_warmup_epochs = a.arch_warmup);
     set!(skip_dropout = a.skip_dropout);
     c.checkpoint_cells |= a.checkpoint_cells;
+    c.space.auxiliary_skip |= a.auxiliary_skip;
     c.balanced_split |= a.balanced_split;
     if a.max_skip_connects.is_some() {
         c.max_skip_connects = a.max_skip_connects;
