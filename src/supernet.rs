@@ -135,11 +135,6 @@ pub struct Pass {
 }
 
 impl Pass {
-    /// A pass without dropout and with the auxiliary skip at full weight: training (`true`) or evaluation mode.
-    pub fn plain(train: bool) -> Pass {
-        Pass { train, skip_dropout: 0.0, aux_skip: 1.0, seed: 0 }
-    }
-
     /// The same pass for part `k` (a cell, an edge): its own seed, unrelated to its neighbours'.
     pub fn derive(self, k: usize) -> Pass {
         Pass { seed: splitmix64(self.seed ^ splitmix64(k as u64)), ..self }
@@ -161,7 +156,7 @@ fn splitmix64(x: u64) -> u64 {
 #[derive(Debug)]
 pub struct MixedOp {
     ops: Vec<Op>,
-    kinds: Vec<crate::space::OpKind>,
+    kinds: Vec<OpKind>,
     partial: i64,
     stride: i64,
     aux: Option<Op>,
