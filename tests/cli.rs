@@ -43,6 +43,7 @@ fn impossible_settings_are_refused_with_a_reason() {
         (vec!["--train-portion", "1.5"], "train_portion"),
         (vec!["--dataset", "cifar10", "--data-dir", "/nonexistent"], "/nonexistent"),
         (vec!["--device", "tpu"], "unknown device"),
+        (vec!["--skip-dropout", "1"], "skip_dropout"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut a = vec!["search", "--quiet", "--out", dir.path().to_str().unwrap()];
@@ -74,6 +75,10 @@ fn a_small_search_writes_its_artefacts_and_resume_of_a_finished_run_is_harmless(
         "1",
         "--batch-size",
         "16",
+        "--skip-dropout",
+        "0.2",
+        "--max-skip-connects",
+        "1",
         "--device",
         "cpu",
         "--quiet",
@@ -90,6 +95,8 @@ fn a_small_search_writes_its_artefacts_and_resume_of_a_finished_run_is_harmless(
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(config["space"]["channels"], 4);
+    assert_eq!((config["skip_dropout"].as_f64(), config["max_skip_connects"].as_u64()), (Some(0.2), Some(1)));
+    assert!(saved.normal.iter().filter(|(op, _)| op.name() == "skip_connect").count() <= 1);
     let (ok, stdout2, err) = darts(&["search", "--quiet", "--resume", out]);
     assert!(ok, "{err}");
     assert_eq!(stdout2, stdout);
@@ -119,6 +126,7 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
         "4",
         "--train-layers",
         "3",
+        "--auxiliary-skip",
         "--device",
         "cpu",
         "--quiet",
@@ -127,6 +135,9 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     ];
     let (ok, stdout, err) = darts(&args);
     assert!(ok, "{err}");
+    let search_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("search/config.json")).unwrap()).unwrap();
+    assert_eq!(search_config["space"]["auxiliary_skip"], true);
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["finished"], true);
     let top1 = summary["test"]["top1"].as_f64().unwrap();

@@ -56,6 +56,8 @@ pub struct RunArgs {
     /// Training: forward-pass arithmetic, fp32 or bf16 (mixed precision, for GPUs with bfloat16 units).
     #[arg(long, value_enum, default_value_t = darts::native::Precision::Fp32)]
     train_precision: darts::native::Precision,
+    #[command(flatten)]
+    collapse: super::search::CollapseArgs,
     /// Seed for both stages.
     #[arg(long, default_value_t = 2)]
     seed: u64,
@@ -88,6 +90,7 @@ fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + 
     if let Some(n) = a.search_nodes {
         s.space.nodes = n;
     }
+    a.collapse.apply(&mut s);
     s.seed = a.seed;
     let dataset = s.dataset;
     let train = move |g: Genotype| {
@@ -120,6 +123,7 @@ fn configs(a: &RunArgs) -> (SearchConfig, Box<dyn Fn(Genotype) -> TrainConfig + 
 pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
     let (search_cfg, train_cfg) = configs(&a);
+    search_cfg.validate()?;
     let root = a.out.clone().unwrap_or_else(|| run::default_dir("run"));
     eprintln!("run directory {}", root.display());
     let opts = |sub: &str| rt.options(root.join(sub), device);

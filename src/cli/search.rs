@@ -88,6 +88,23 @@ pub struct SearchArgs {
     /// Gradient checkpointing of cells: much less memory for about one extra forward pass.
     #[arg(long)]
     checkpoint_cells: bool,
+    #[command(flatten)]
+    collapse: CollapseArgs,
+    /// Seed: one seed reproduces a run.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run directory (config, metrics, checkpoint, genotype); default runs/search-<date>-<time>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint (other settings come from it, except
+    /// --checkpoint-cells, which changes memory, not results).
+    #[arg(long, conflicts_with_all = ["preset", "dataset", "epochs", "out"])]
+    resume: Option<PathBuf>,
+}
+
+/// The remedies against skip-connection collapse (`darts search` and `darts run`).
+#[derive(clap::Args, Debug)]
+pub struct CollapseArgs {
     /// Against skip-connection collapse (P-DARTS): at most M skip_connect edges in the derived normal cell
     /// (P-DARTS uses 2).
     #[arg(long, value_name = "M")]
@@ -101,19 +118,25 @@ pub struct SearchArgs {
     #[arg(long, value_name = "RATE")]
     skip_dropout: Option<f64>,
     /// Against skip-connection collapse (DARTS-): an auxiliary skip connection on every edge, its weight
-    /// decaying linearly from 1 to 0 over the search.
+    /// decaying linearly from 1 over the search.
     #[arg(long)]
     auxiliary_skip: bool,
-    /// Seed: one seed reproduces a run.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Run directory (config, metrics, checkpoint, genotype); default runs/search-<date>-<time>.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue the run in this directory from its last checkpoint (other settings come from it, except
-    /// --checkpoint-cells, which changes memory, not results).
-    #[arg(long, conflicts_with_all = ["preset", "dataset", "epochs", "out"])]
-    resume: Option<PathBuf>,
+}
+
+impl CollapseArgs {
+    /// Sets the remedies given on the command line in `c`.
+    pub fn apply(&self, c: &mut SearchConfig) {
+        if self.max_skip_connects.is_some() {
+            c.max_skip_connects = self.max_skip_connects;
+        }
+        if self.early_stop_skip_connects.is_some() {
+            c.early_stop_skip_connects = self.early_stop_skip_connects;
+        }
+        if let Some(r) = self.skip_dropout {
+            c.skip_dropout = r;
+        }
+        c.space.auxiliary_skip |= self.auxiliary_skip;
+    }
 }
 
 fn preset(p: Preset) -> SearchConfig {
@@ -154,16 +177,9 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     set!(space.partial_channels = a.partial_channels);
     set!(space.edge_normalization = a.edge_normalization);
     set!(arch_warmup_epochs = a.arch_warmup);
-    set!(skip_dropout = a.skip_dropout);
     c.checkpoint_cells |= a.checkpoint_cells;
-    c.space.auxiliary_skip |= a.auxiliary_skip;
     c.balanced_split |= a.balanced_split;
-    if a.max_skip_connects.is_some() {
-        c.max_skip_connects = a.max_skip_connects;
-    }
-    if a.early_stop_skip_connects.is_some() {
-        c.early_stop_skip_connects = a.early_stop_skip_connects;
-    }
+    a.collapse.apply(&mut c);
     if a.image_size.is_some() {
         c.image_size = a.image_size;
     }
