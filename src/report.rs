@@ -276,7 +276,75 @@ fn search_figures(s: &SearchRun, figs: &mut Vec<Figure>) -> Result<()> {
         svg,
         dot: false,
     });
+    if let Some(fig) = skip_figure(s)? {
+        figs.push(fig);
+    }
     Ok(())
+}
+
+/// The skip-connection collapse monitor: skip_connect edges in each epoch's derived cells, skip_connect's mean
+/// weight over the edges, and the remedies' schedules (None when the op set has no skip_connect).
+fn skip_figure(s: &SearchRun) -> Result<Option<Figure>> {
+    use crate::space::OpKind;
+    let Some(col) = s.config.space.ops.iter().position(|&o| o == OpKind::SkipConnect) else { return Ok(None) };
+    let x = |e: &EpochStats| (e.epoch + 1) as f64;
+    let mut counts = [Vec::new(), Vec::new()];
+    for e in &s.epochs {
+        let g = Genotype::parse(&e.genotype)?;
+        counts[0].push((x(e), crate::genotype::skip_connects(&g.normal) as f64));
+        counts[1].push((x(e), crate::genotype::skip_connects(&g.reduce) as f64));
+    }
+    let mean_weight = |rows: &Vec<Vec<f64>>| rows.iter().map(|r| r[col]).sum::<f64>() / rows.len().max(1) as f64;
+    let weights = |name: &str, f: &dyn Fn(&EpochStats) -> &Vec<Vec<f64>>| Series {
+        name: name.to_string(),
+        points: s.epochs.iter().map(|e| (x(e), mean_weight(f(e)))).collect(),
+    };
+    let [normal, reduce] = counts;
+    let mut panels = vec![
+        Panel {
+            title: "skip_connect edges in the derived cell".into(),
+            y_label: "edges".into(),
+            series: vec![
+                Series { name: "normal".into(), points: normal },
+                Series { name: "reduce".into(), points: reduce },
+            ],
+        },
+        Panel {
+            title: "skip_connect's mean softmax(alpha)".into(),
+            y_label: "weight".into(),
+            series: vec![
+                weights("normal", &|e| &e.alpha_normal),
+                weights("reduce", &|e| &e.alpha_reduce),
+                Series {
+                    name: format!("uniform (1/{})", s.config.space.ops.len()),
+                    points: s.epochs.iter().map(|e| (x(e), 1.0 / s.config.space.ops.len() as f64)).collect(),
+                },
+            ],
+        },
+    ];
+    let schedule = |name: &str, f: &dyn Fn(&EpochStats) -> Option<f64>| Series {
+        name: name.to_string(),
+        points: s.epochs.iter().filter_map(|e| f(e).map(|v| (x(e), v))).collect(),
+    };
+    let remedies: Vec<Series> = [
+        schedule("skip dropout rate (P-DARTS)", &|e| e.skip_dropout),
+        schedule("auxiliary skip weight (DARTS-)", &|e| e.aux_skip),
+    ]
+    .into_iter()
+    .filter(|r| !r.points.is_empty())
+    .collect();
+    if !remedies.is_empty() {
+        panels.push(Panel { title: "remedies".into(), y_label: "rate / weight".into(), series: remedies });
+    }
+    Ok(Some(Figure {
+        stem: "skip-connections".into(),
+        caption: "Skip-connection collapse monitor: DARTS's failure shows as skip_connect taking over the normal \
+                  cell (3 or more of its edges) while its weight grows. Remedies: --max-skip-connects, \
+                  --early-stop-skip-connects, --skip-dropout, --auxiliary-skip."
+            .into(),
+        svg: curves("skip connections", &panels)?,
+        dot: false,
+    }))
 }
 
 fn train_figures(t: &TrainRun, figs: &mut Vec<Figure>) -> Result<()> {

@@ -149,15 +149,22 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     for report in ["report.html", "search/report.html", "train/report.html"] {
         assert!(dir.path().join(report).is_file(), "{report} missing: {err}");
     }
-    for fig in ["cell-normal", "cell-reduce", "alpha-normal", "alpha-evolution-reduce", "search-curves", "train-curves"]
-    {
+    for fig in [
+        "cell-normal",
+        "cell-reduce",
+        "alpha-normal",
+        "alpha-evolution-reduce",
+        "search-curves",
+        "skip-connections",
+        "train-curves",
+    ] {
         let png = std::fs::read(dir.path().join(format!("figures/{fig}.png"))).unwrap();
         assert_eq!(&png[1..4], b"PNG", "{fig}.png");
     }
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
     assert!(html.contains(&format!("{:.2}%", 100.0 * top1)), "the report shows the final test accuracy");
     assert!(html.contains("multiply-accumulates") && html.contains(searched.trim()), "counts and genotype");
-    opens_in_a_browser(&dir.path().join("report.html"), 8);
+    opens_in_a_browser(&dir.path().join("report.html"), 9);
     let (ok, stdout2, err) = darts(&args);
     assert!(ok, "{err}");
     assert!(err.contains("search already finished"), "{err}");
