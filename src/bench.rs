@@ -102,7 +102,7 @@ impl Variant {
         })
     }
 
-    /// The column label: "darts-rs (<name>)".
+    /// The column label: `darts-rs (<name>)`.
     pub fn label(&self) -> String {
         format!("darts-rs ({})", self.name)
     }
