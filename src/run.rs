@@ -207,7 +207,8 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
                 "warning: the normal cell has {skips} skip connections: DARTS's known skip-connection collapse \
                  (parameter-free cells train poorly). --max-skip-connects 2 derives at most 2 (P-DARTS), \
                  --early-stop-skip-connects 2 stops the search when they appear (DARTS+), --skip-dropout 0.4 \
-                 handicaps skip connections while the weights train (P-DARTS)"
+                 handicaps skip connections while the weights train (P-DARTS), --auxiliary-skip gives every edge a \
+                 decaying skip connection so that alpha need not (DARTS-)"
             ),
         );
     }
