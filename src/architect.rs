@@ -53,7 +53,8 @@ pub fn global_norm(ts: &[Tensor]) -> Tensor {
 
 /// The finite-difference approximation of `grad^2_{alpha,w} L_train(w, alpha) · v` used by DARTS:
 /// `[grad_alpha L(w + R v) - grad_alpha L(w - R v)] / (2R)` with `R = r / ||v||`. The weights are restored
-/// exactly afterwards.
+/// exactly afterwards. With skip dropout both evaluations draw the same masks (the next of the network's
+/// dropout stream), so that the difference is the loss's and not the masks'.
 pub fn finite_difference_hvp(
     net: &SearchNetwork,
     weights: &[Tensor],
@@ -71,8 +72,10 @@ pub fn finite_difference_hvp(
             }
         })
     };
+    let masks = net.dropout_stream();
     shift(1.0);
     let gp = alpha_grads(net, x, y);
+    net.set_dropout_stream(masks);
     shift(-1.0);
     let gn = alpha_grads(net, x, y);
     restore(weights, &saved);
@@ -110,6 +113,7 @@ impl Architect {
             Order::First => alpha_grads(net, x_val, y_val),
             Order::Second => {
                 // w' = w - eta (momentum * buf + grad_w L_train + wd * w)
+                let train_masks = net.dropout_stream();
                 let w_refs: Vec<&Tensor> = weights.iter().collect();
                 let (_, _, g) = net.loss_grads(x_train, y_train, &w_refs);
                 let theta = snapshot(weights);
@@ -128,7 +132,12 @@ impl Architect {
                 restore(weights, &theta);
                 restore(buffers, &stats);
                 let (dalpha, v) = grads.split_at(n_arch);
+                // With skip dropout, the Hessian term differentiates the same L_train (the same masks) that the
+                // unrolled step descended; the stream then goes on after the validation pass's masks.
+                let after = net.dropout_stream();
+                net.set_dropout_stream(train_masks);
                 let implicit = finite_difference_hvp(net, weights, v, x_train, y_train, self.hvp_r);
+                net.set_dropout_stream(after);
                 dalpha.iter().zip(&implicit).map(|(d, h)| d - h * eta).collect()
             }
         }

@@ -409,6 +409,11 @@ impl SearchNetwork {
         self.forward_t(x, true).cross_entropy_for_logits(y)
     }
 
+    /// The skip dropout masks' stream position: the next training-mode pass draws its masks from it.
+    pub fn dropout_stream(&self) -> u64 {
+        self.dropout_stream.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Restarts the skip dropout masks' stream at `seed` (a search does at every epoch, so that a resumed
     /// search draws the masks the uninterrupted one did).
     pub fn set_dropout_stream(&self, seed: u64) {
