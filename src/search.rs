@@ -253,6 +253,16 @@ pub struct EpochStats {
     pub aux_skip: Option<f64>,
 }
 
+impl EpochStats {
+    /// The genotype derived from this epoch's architecture weights, with at most `max_skip` skip connections in
+    /// the normal cell (`None`: as DARTS derives).
+    pub fn derive(&self, space: &SearchSpace, max_skip: Option<usize>) -> Genotype {
+        let betas = self.beta_normal.clone().zip(self.beta_reduce.clone());
+        let (n, r) = crate::supernet::derivation_weights(self.alpha_normal.clone(), self.alpha_reduce.clone(), betas);
+        Genotype::derive_limited(&n, &r, space, max_skip)
+    }
+}
+
 /// A search in progress: data, supernet, both optimisers and the epoch counter.
 pub struct Search {
     /// Its configuration.

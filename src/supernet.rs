@@ -82,16 +82,26 @@ impl Alphas {
     /// The weights derivation ranks by: softmax(alpha), each row scaled by its edge weight when there are
     /// betas (as PC-DARTS' `genotype()`): (normal, reduce).
     pub fn derivation_weights(&self) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-        let (mut n, mut r) = self.softmax();
-        if let Some((bn, br)) = self.edge_weights_vec() {
-            for (rows, w) in [(&mut n, bn), (&mut r, br)] {
-                for (row, w) in rows.iter_mut().zip(w) {
-                    row.iter_mut().for_each(|v| *v *= w);
-                }
+        let (n, r) = self.softmax();
+        derivation_weights(n, r, self.edge_weights_vec())
+    }
+}
+
+/// The weights derivation ranks, from softmax(alpha) of both cell types (a row per edge) and, with edge
+/// normalisation, each edge's weight (normal, reduce): every row scaled by its edge's weight.
+pub fn derivation_weights(
+    mut normal: Vec<Vec<f64>>,
+    mut reduce: Vec<Vec<f64>>,
+    edge_weights: Option<(Vec<f64>, Vec<f64>)>,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    if let Some((bn, br)) = edge_weights {
+        for (rows, w) in [(&mut normal, bn), (&mut reduce, br)] {
+            for (row, w) in rows.iter_mut().zip(w) {
+                row.iter_mut().for_each(|v| *v *= w);
             }
         }
-        (n, r)
     }
+    (normal, reduce)
 }
 
 /// Softmax of a per-edge vector within each node's incoming edges (node i has 2 + i).

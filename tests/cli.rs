@@ -100,6 +100,24 @@ fn a_small_search_writes_its_artefacts_and_resume_of_a_finished_run_is_harmless(
     let (ok, stdout2, err) = darts(&["search", "--quiet", "--resume", out]);
     assert!(ok, "{err}");
     assert_eq!(stdout2, stdout);
+    // Derived again from the metrics' architecture weights: the same cell under the run's own limit; none
+    // with a limit of 0; an epoch the run does not have is refused.
+    let (ok, again, err) = darts(&["genotype", out]);
+    assert!(ok, "{err}");
+    assert_eq!(again, stdout);
+    let (ok, strict, err) = darts(&["genotype", out, "--max-skip-connects", "0", "--epoch", "1"]);
+    assert!(ok && err.contains("after epoch 1 of 1"), "{err}");
+    assert_eq!(
+        Genotype::from_python(strict.trim())
+            .unwrap()
+            .normal
+            .iter()
+            .filter(|(op, _)| op.name() == "skip_connect")
+            .count(),
+        0
+    );
+    let (ok, _, err) = darts(&["genotype", out, "--epoch", "2"]);
+    assert!(!ok && err.contains("epochs 1 to 1"), "{err}");
 }
 
 #[test]
