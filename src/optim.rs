@@ -23,10 +23,15 @@ impl Sgd {
         Sgd { lr, momentum, weight_decay, buffers }
     }
 
-    /// One step: `buf = momentum * buf + (g + wd * p)`, `p -= lr * buf`.
+    /// One step: `buf = momentum * buf + (g + wd * p)`, `p -= lr * buf`. A parameter whose gradient is undefined
+    /// (the loss did not reach it: GDAS's unsampled ops) is left alone, momentum and decay included, as
+    /// PyTorch's SGD skips parameters whose `.grad` is None.
     pub fn step(&mut self, params: &[Tensor], grads: &[Tensor]) {
         tch::no_grad(|| {
             for ((p, g), buf) in params.iter().zip(grads).zip(self.buffers.iter_mut()) {
+                if !g.defined() {
+                    continue;
+                }
                 let d = g + p * self.weight_decay;
                 let _ = buf.g_mul_scalar_(self.momentum).g_add_(&d);
                 let mut p = p.shallow_clone();
@@ -62,7 +67,7 @@ impl Adam {
         Adam { lr, betas, eps: 1e-8, weight_decay, step_count: 0, exp_avg: z(), exp_avg_sq: z() }
     }
 
-    /// One step with the given gradients.
+    /// One step with the given gradients (a parameter with an undefined gradient is left alone).
     pub fn step(&mut self, params: &[&Tensor], grads: &[Tensor]) {
         self.step_count += 1;
         let (b1, b2) = self.betas;
@@ -70,6 +75,9 @@ impl Adam {
         let bc2 = 1.0 - b2.powi(self.step_count as i32);
         tch::no_grad(|| {
             for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+                if !g.defined() {
+                    continue;
+                }
                 let g = g + *p * self.weight_decay;
                 let m = &mut self.exp_avg[i];
                 let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
@@ -85,13 +93,15 @@ impl Adam {
 
 /// Scales `grads` in place so that their global L2 norm is at most `max_norm` (PyTorch
 /// `clip_grad_norm_`: coefficient `max_norm / (norm + 1e-6)` clamped to 1), with no host round trip.
-/// Returns the norm before clipping as a 0-d tensor.
+/// Returns the norm before clipping as a 0-d tensor. Undefined gradients (parameters the loss did not reach)
+/// are left out, as PyTorch leaves out parameters whose `.grad` is None.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Tensor {
-    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm().to_kind(Kind::Float)).collect();
-    let total = Tensor::stack(&norms, 0).norm();
+    let norms: Vec<Tensor> = grads.iter().filter(|g| g.defined()).map(|g| g.norm().to_kind(Kind::Float)).collect();
+    let Some(first) = norms.first() else { return Tensor::zeros([], (Kind::Float, tch::Device::Cpu)) };
+    let total = if norms.len() == 1 { first.shallow_clone() } else { Tensor::stack(&norms, 0).norm() };
     let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
     tch::no_grad(|| {
-        for g in grads.iter_mut() {
+        for g in grads.iter_mut().filter(|g| g.defined()) {
             let _ = g.g_mul_(&coef);
         }
     });

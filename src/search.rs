@@ -83,6 +83,25 @@ pub struct SearchConfig {
     /// P-DARTS). 0: off.
     #[serde(default)]
     pub skip_dropout: f64,
+    /// GDAS (Dong & Yang, CVPR 2019) instead of DARTS's weighted sum: every edge runs one op per step, sampled
+    /// by Gumbel-softmax from alpha (straight-through gradient), with the temperature annealed linearly.
+    #[serde(default)]
+    pub gdas: Option<Gdas>,
+}
+
+/// GDAS's temperature schedule: `tau_max - (tau_max - tau_min) * e / (E - 1)` in epoch e of E.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gdas {
+    /// The temperature in the first epoch (GDAS: 10).
+    pub tau_max: f64,
+    /// The temperature in the last epoch (GDAS: 0.1).
+    pub tau_min: f64,
+}
+
+impl Default for Gdas {
+    fn default() -> Self {
+        Gdas { tau_max: 10.0, tau_min: 0.1 }
+    }
 }
 
 impl Default for SearchConfig {
@@ -112,6 +131,7 @@ impl Default for SearchConfig {
             max_skip_connects: None,
             early_stop_skip_connects: None,
             skip_dropout: 0.0,
+            gdas: None,
         }
     }
 }
@@ -159,6 +179,14 @@ impl SearchConfig {
         (e - epoch as f64).max(0.0) / e
     }
 
+    /// GDAS's temperature in `epoch` (0-based); None without GDAS.
+    pub fn gdas_tau_at(&self, epoch: usize) -> Option<f64> {
+        self.gdas.map(|g| {
+            let span = self.epochs.saturating_sub(1).max(1) as f64;
+            g.tau_max - (g.tau_max - g.tau_min) * (epoch as f64 / span).min(1.0)
+        })
+    }
+
     /// Checks values that no search can run with.
     pub fn validate(&self) -> Result<()> {
         self.space.validate()?;
@@ -197,6 +225,19 @@ impl SearchConfig {
         }
         if !(0.0..1.0).contains(&self.skip_dropout) {
             bail!("skip_dropout = {}: a dropout rate lies in [0, 1) (P-DARTS uses 0.1 to 0.7)", self.skip_dropout);
+        }
+        if self.gdas.is_some() && self.order == Order::Second {
+            bail!("GDAS with --order second: GDAS is first order (a sampled step leaves most weights without a gradient for the unrolled step); use --order first");
+        }
+        if let Some(g) = self.gdas {
+            if !(g.tau_min.is_finite() && g.tau_min > 0.0 && g.tau_max.is_finite() && g.tau_max >= g.tau_min) {
+                bail!(
+                    "GDAS temperatures tau_max = {}, tau_min = {}: they must be finite, positive, tau_max >= tau_min \
+                     (GDAS anneals 10 -> 0.1)",
+                    g.tau_max,
+                    g.tau_min
+                );
+            }
         }
         if let Some(0) = self.early_stop_skip_connects {
             bail!("early_stop_skip_connects = 0 would stop before the first epoch; DARTS+ uses 2");
@@ -251,6 +292,9 @@ pub struct EpochStats {
     /// The weight of the auxiliary skip connections this epoch, when the space has them (DARTS-).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aux_skip: Option<f64>,
+    /// GDAS: this epoch's Gumbel-softmax temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdas_tau: Option<f64>,
 }
 
 impl EpochStats {
@@ -404,7 +448,9 @@ impl Search {
         let mut rng = self.epoch_rng(epoch);
         self.net.skip_dropout = self.config.skip_dropout_at(epoch);
         self.net.aux_skip = self.config.aux_skip_at(epoch);
-        // The dropout masks' stream starts afresh each epoch, so a resumed search draws the same masks.
+        self.net.gdas_tau = self.config.gdas_tau_at(epoch);
+        // The stream of dropout masks and GDAS samples starts afresh each epoch, so a resumed search draws the
+        // same ones.
         let mut masks = self.epoch_rng(epoch);
         masks.set_stream(1);
         self.net.set_dropout_stream(masks.next_u64());
@@ -468,6 +514,7 @@ impl Search {
             peak_gpu_mb: cuda_peak_mb(self.device),
             skip_dropout: (self.config.skip_dropout > 0.0).then_some(self.net.skip_dropout),
             aux_skip: self.config.space.auxiliary_skip.then_some(self.net.aux_skip),
+            gdas_tau: self.net.gdas_tau,
         })
     }
 

@@ -131,6 +131,50 @@ pub fn softmax_rows(t: &Tensor) -> Vec<Vec<f64>> {
     (0..r).map(|i| (0..c).map(|j| s.double_value(&[i, j])).collect()).collect()
 }
 
+/// One cell type's architecture weights for a forward pass.
+#[derive(Debug)]
+pub struct CellWeights {
+    /// softmax(alpha) (DARTS), or GDAS's hard one-hot weights with the softmax's gradient, `[edges, ops]`.
+    pub ops: Tensor,
+    /// Edge normalisation: the per-node softmax of beta, `[edges]`.
+    pub edges: Option<Tensor>,
+    /// GDAS: the op each edge runs (the others only pass their weight's gradient).
+    pub choices: Option<Vec<usize>>,
+}
+
+/// GDAS's sample for one cell type (Dong & Yang, CVPR 2019): per edge, the op maximising
+/// `(log_softmax(alpha) + g) / tau` with Gumbel noise `g` drawn from `seed` (no noise without a seed: the
+/// strongest op), and hard weights `one_hot - p.detach() + p` with `p = softmax((log_softmax(alpha) + g) / tau)`:
+/// one-hot forward, the softmax's gradient backward. The noise is drawn on the CPU from the seed, so the sample
+/// is the same on every device.
+pub fn gumbel_hard(alpha: &Tensor, tau: f64, seed: Option<u64>) -> (Tensor, Vec<usize>) {
+    use rand::{Rng, SeedableRng};
+    let (rows, cols) = (alpha.size()[0], alpha.size()[1]);
+    let noise: Vec<f32> = match seed {
+        Some(seed) => {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            // u in (0, 1): -ln(-ln u) is finite (GDAS redraws when its noise is infinite).
+            (0..rows * cols)
+                .map(|_| {
+                    let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+                    -(-u.ln()).ln() as f32
+                })
+                .collect()
+        }
+        None => vec![0.0; (rows * cols) as usize],
+    };
+    let g = Tensor::from_slice(&noise).reshape([rows, cols]).to_kind(alpha.kind()).to_device(alpha.device());
+    let probs = ((alpha.log_softmax(-1, alpha.kind()) + g) / tau).softmax(-1, alpha.kind());
+    let index = probs.argmax(-1, false);
+    let choices: Vec<usize> = Vec::<i64>::try_from(index.to_device(Device::Cpu))
+        .expect("argmax indices")
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let one_hot = probs.zeros_like().scatter_value(-1, &index.unsqueeze(-1), 1.0);
+    (one_hot - probs.detach() + probs, choices)
+}
+
 /// How a forward pass treats the supernet's edges.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pass {
@@ -188,9 +232,10 @@ impl MixedOp {
         MixedOp { ops: ops.collect(), kinds: space.ops.clone(), partial, stride, aux }
     }
 
-    /// `weights` is this edge's row of softmax(alpha).
-    pub fn forward_t(&self, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
-        let y = self.relaxed(x, weights, pass);
+    /// `weights` is this edge's row of softmax(alpha); with `choice` (GDAS) its row of hard weights, and only
+    /// that op runs: `w[k] * op_k(x) + sum of the other w[j]` (they are 0 forward, and carry their gradient).
+    pub fn forward_t(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+        let y = self.relaxed(x, weights, pass, choice);
         match &self.aux {
             Some(aux) => {
                 let skip =
@@ -201,9 +246,9 @@ impl MixedOp {
         }
     }
 
-    fn relaxed(&self, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
+    fn relaxed(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
         if self.partial == 1 {
-            return self.mix(x, weights, pass);
+            return self.mix(x, weights, pass, choice);
         }
         let c = x.size()[1];
         // A channel slice of a channels-last tensor is dense in neither layout, and the shuffle's reshape
@@ -212,37 +257,46 @@ impl MixedOp {
         let dense = |t: Tensor| if nhwc { crate::channels_last(&t) } else { t.contiguous() };
         let seen = dense(x.narrow(1, 0, c / self.partial));
         let bypass = x.narrow(1, c / self.partial, c - c / self.partial);
-        let mixed = self.mix(&seen, weights, pass);
+        let mixed = self.mix(&seen, weights, pass, choice);
         // ceil_mode: odd sizes give the ops' ceil(h/2) too (the original code fails on odd sizes).
         let bypass = if self.stride == 2 { bypass.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], true) } else { bypass };
         dense(channel_shuffle(&Tensor::cat(&[mixed, bypass], 1), self.partial))
     }
 
-    fn mix(&self, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
+    fn mix(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+        if let Some(k) = choice {
+            let rest = weights.sum(weights.kind()) - weights.get(k as i64);
+            return self.weighted_op(k, x, weights, pass) + rest;
+        }
         let mut out: Option<Tensor> = None;
         for (k, op) in self.ops.iter().enumerate() {
             // The zero op adds nothing to the sum and nothing to any gradient: skip its work.
             if op.is_zero() {
                 continue;
             }
-            let kind = self.kinds[k];
-            let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, pass.train));
-            // P-DARTS: dropout after the parameter-free identity, so that it cannot win by training fastest.
-            let y = if pass.train && pass.skip_dropout > 0.0 && op.is_identity() {
-                // As `Tensor::dropout`, with the mask from this edge's own seed.
-                let keep = 1.0 - pass.skip_dropout;
-                let mask = crate::native::bernoulli_mask(&y, keep, pass.seed).unwrap_or_else(|e| panic!("{e:#}"));
-                y * (mask / keep)
-            } else {
-                y
-            };
-            let y = y * weights.get(k as i64);
+            let y = self.weighted_op(k, x, weights, pass);
             out = Some(match out {
                 None => y,
                 Some(acc) => acc + y,
             });
         }
         out.expect("the op set has an op besides none (validated)")
+    }
+
+    /// `weights[k] * op_k(x)`, with the skip dropout on the identity.
+    fn weighted_op(&self, k: usize, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
+        let (op, kind) = (&self.ops[k], self.kinds[k]);
+        let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, pass.train));
+        // P-DARTS: dropout after the parameter-free identity, so that it cannot win by training fastest.
+        let y = if pass.train && pass.skip_dropout > 0.0 && op.is_identity() {
+            // As `Tensor::dropout`, with the mask from this edge's own seed.
+            let keep = 1.0 - pass.skip_dropout;
+            let mask = crate::native::bernoulli_mask(&y, keep, pass.seed).unwrap_or_else(|e| panic!("{e:#}"));
+            y * (mask / keep)
+        } else {
+            y
+        };
+        y * weights.get(k as i64)
     }
 }
 
@@ -281,16 +335,8 @@ impl SearchCell {
         SearchCell { reduction, preprocess0, preprocess1, edges, nodes: space.nodes }
     }
 
-    /// `weights` = softmax(alpha) for this cell type, `[edges, ops]`; `edge_weights` (edge normalisation)
-    /// the per-node softmax of beta, `[edges]`.
-    pub fn forward_t(
-        &self,
-        s0: &Tensor,
-        s1: &Tensor,
-        weights: &Tensor,
-        edge_weights: Option<&Tensor>,
-        pass: Pass,
-    ) -> Tensor {
+    /// `weights`: this cell type's architecture weights for the pass.
+    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, weights: &CellWeights, pass: Pass) -> Tensor {
         let train = pass.train;
         let s0 = crate::profile::time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train));
         let s1 = crate::profile::time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train));
@@ -300,8 +346,9 @@ impl SearchCell {
             let mut sum: Option<Tensor> = None;
             for (j, h) in states.iter().enumerate() {
                 let e = (offset + j) as i64;
-                let y = self.edges[offset + j].forward_t(h, &weights.get(e), pass.derive(offset + j));
-                let y = match edge_weights {
+                let choice = weights.choices.as_ref().map(|c| c[offset + j]);
+                let y = self.edges[offset + j].forward_t(h, &weights.ops.get(e), pass.derive(offset + j), choice);
+                let y = match &weights.edges {
                     Some(b) => y * b.get(e),
                     None => y,
                 };
@@ -341,6 +388,8 @@ pub struct SearchNetwork {
     pub skip_dropout: f64,
     /// DARTS-: the weight of the auxiliary skip connections (where the space has them); a search decays it.
     pub aux_skip: f64,
+    /// GDAS: the Gumbel-softmax temperature; `Some` makes every edge run one sampled op (see [`gumbel_hard`]).
+    pub gdas_tau: Option<f64>,
     dropout_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
     buffers: Vec<Tensor>,
@@ -389,6 +438,7 @@ impl SearchNetwork {
             checkpoint_cells: false,
             skip_dropout: 0.0,
             aux_skip: 1.0,
+            gdas_tau: None,
             dropout_stream: std::sync::atomic::AtomicU64::new(0),
             buffers: Vec::new(),
         }
@@ -396,17 +446,14 @@ impl SearchNetwork {
 
     /// Logits for a batch `[n, c, h, w]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let w_normal = self.alphas.normal.softmax(-1, self.alphas.normal.kind());
-        let w_reduce = self.alphas.reduce.softmax(-1, self.alphas.reduce.kind());
-        let edge_w = self.alphas.edge_weights();
+        let pass = self.pass(train);
+        let (w_normal, w_reduce) = (self.cell_weights(false, pass), self.cell_weights(true, pass));
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         let stem = crate::profile::time("stem", None, 1, &x, || self.stem.forward_t(&x, train));
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
-        let pass = self.pass(train);
         for (i, cell) in self.cells.iter().enumerate() {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
-            let ew = edge_w.as_ref().map(|(n, r)| if cell.reduction { r } else { n });
-            let out = cell.forward_t(&s0, &s1, w, ew, pass.derive(i));
+            let out = cell.forward_t(&s0, &s1, w, pass.derive(i));
             (s0, s1) = (s1, out);
         }
         crate::profile::time("classifier", None, 1, &s1, || {
@@ -430,26 +477,39 @@ impl SearchNetwork {
         self.dropout_stream.store(seed, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A pass in this mode; one that drops skip connections out takes the next seed of the stream.
+    /// A pass in this mode; a training pass that draws (skip dropout masks, GDAS samples) takes the next seed of
+    /// the stream.
     fn pass(&self, train: bool) -> Pass {
         let pass = Pass { train, skip_dropout: self.skip_dropout, aux_skip: self.aux_skip, seed: 0 };
-        if !(train && self.skip_dropout > 0.0) {
+        if !train {
             return Pass { skip_dropout: 0.0, ..pass };
+        }
+        if self.skip_dropout == 0.0 && self.gdas_tau.is_none() {
+            return pass;
         }
         let n = self.dropout_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Pass { seed: splitmix64(n), ..pass }
     }
 
-    /// softmax(alpha) and the edge weights for one cell type, built afresh (each checkpointed segment has
-    /// its own graph back to the leaves).
-    fn cell_weights(&self, reduction: bool) -> (Tensor, Option<Tensor>) {
+    /// One cell type's weights for `pass`, built afresh (each checkpointed segment has its own graph back to the
+    /// leaves): softmax(alpha), or with GDAS the pass's sample (the same for every cell of the type, and again
+    /// when a checkpointed cell is recomputed; the strongest ops in evaluation mode).
+    fn cell_weights(&self, reduction: bool, pass: Pass) -> CellWeights {
         let a = if reduction { &self.alphas.reduce } else { &self.alphas.normal };
-        let ew = self.alphas.betas.as_ref().map(|(n, r)| node_softmax(if reduction { r } else { n }, self.space.nodes));
-        (a.softmax(-1, a.kind()), ew)
+        let edges =
+            self.alphas.betas.as_ref().map(|(n, r)| node_softmax(if reduction { r } else { n }, self.space.nodes));
+        match self.gdas_tau {
+            Some(tau) => {
+                let seed = pass.train.then(|| pass.derive(usize::MAX - reduction as usize).seed);
+                let (ops, choices) = gumbel_hard(a, tau, seed);
+                CellWeights { ops, edges, choices: Some(choices) }
+            }
+            None => CellWeights { ops: a.softmax(-1, a.kind()), edges, choices: None },
+        }
     }
 
     /// The training-mode loss on (x, y), its logits (both detached) and its gradients with respect to `wrt`
-    /// (weights and/or architecture tensors). With [`SearchNetwork::checkpoint_cells`] the forward pass keeps
+    /// (weights and/or architecture tensors; undefined for a tensor the loss does not reach). With [`SearchNetwork::checkpoint_cells`] the forward pass keeps
     /// only each cell's output; backward then walks the cells from last to first, recomputing each cell's
     /// forward from its saved inputs and back-propagating through it alone, so that at most one cell's
     /// activations are alive at a time. The BN running statistics end as after one forward pass, and the
@@ -468,9 +528,9 @@ impl SearchNetwork {
             let stem = self.stem.forward_t(&x, true);
             let mut states = vec![stem.shallow_clone(), stem];
             for (i, cell) in self.cells.iter().enumerate() {
-                let (w, ew) = self.cell_weights(cell.reduction);
+                let w = self.cell_weights(cell.reduction, pass);
                 let n = states.len();
-                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, ew.as_ref(), pass.derive(i));
+                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, pass.derive(i));
                 states.push(out);
             }
             states
@@ -509,8 +569,8 @@ impl SearchNetwork {
         for (i, cell) in self.cells.iter().enumerate().rev() {
             let g_out = upstream[i + 2].take().expect("every cell output feeds a later cell or the head");
             let (a, b) = (leaf(&states[i]), leaf(&states[i + 1]));
-            let (w, ew) = self.cell_weights(cell.reduction);
-            let out = cell.forward_t(&a, &b, &w, ew.as_ref(), pass.derive(i));
+            let w = self.cell_weights(cell.reduction, pass);
+            let out = cell.forward_t(&a, &b, &w, pass.derive(i));
             let g = backward((out * g_out).sum(Kind::Float), &[&a, &b]);
             add(&mut upstream[i], &g[0]);
             add(&mut upstream[i + 1], &g[1]);
@@ -524,7 +584,8 @@ impl SearchNetwork {
                 b.shallow_clone().copy_(s);
             }
         });
-        let grads = acc.into_iter().zip(wrt).map(|(g, t)| g.unwrap_or_else(|| t.zeros_like())).collect();
+        // Never reached (GDAS's unsampled ops): undefined, as from the plain pass.
+        let grads = acc.into_iter().map(|g| g.unwrap_or_else(Tensor::new)).collect();
         (loss.detach(), logits.detach(), grads)
     }
 }
@@ -570,16 +631,17 @@ mod tests {
         let w = Tensor::from_slice(&[0.3f32, 0.7]);
         let plain = &x * 0.7;
         let pass = |train, skip_dropout| Pass { train, skip_dropout, aux_skip: 1.0, seed: 3 };
-        assert!(op.forward_t(&x, &w, pass(true, 0.0)).allclose(&plain, 1e-6, 1e-6, false));
-        assert!(op.forward_t(&x, &w, pass(false, 0.5)).allclose(&plain, 1e-6, 1e-6, false));
-        let y = op.forward_t(&x, &w, pass(true, 0.5));
+        assert!(op.forward_t(&x, &w, pass(true, 0.0), None).allclose(&plain, 1e-6, 1e-6, false));
+        assert!(op.forward_t(&x, &w, pass(false, 0.5), None).allclose(&plain, 1e-6, 1e-6, false));
+        let y = op.forward_t(&x, &w, pass(true, 0.5), None);
         let dropped = y.eq(0.0);
         let kept = (&y - &plain * 2.0).abs().le(1e-5);
         assert!(dropped.logical_or(&kept).all().int64_value(&[]) == 1, "every element is dropped or scaled by 2");
         let frac = dropped.to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
         assert!((0.35..0.65).contains(&frac), "{frac} of 200 elements dropped at p = 0.5");
         let reducing = MixedOp::new(&(vs.root() / "r"), &space, 4, 2);
-        let (a, b) = (reducing.forward_t(&x, &w, pass(true, 0.9)), reducing.forward_t(&x, &w, pass(true, 0.0)));
+        let (a, b) =
+            (reducing.forward_t(&x, &w, pass(true, 0.9), None), reducing.forward_t(&x, &w, pass(true, 0.0), None));
         assert!(a.allclose(&b, 1e-6, 1e-6, false), "FactorizedReduce is not dropped");
     }
 
@@ -596,17 +658,83 @@ mod tests {
         let w = Tensor::from_slice(&[0.2f32, 0.5, 0.3]);
         let eval = |aux_skip| Pass { train: false, skip_dropout: 0.0, aux_skip, seed: 0 };
         let plain = MixedOp::new(&(vs.root() / "plain"), &with, 4, 1);
-        let (a, b) = (plain.forward_t(&x, &w, eval(0.75)), plain.forward_t(&x, &w, eval(0.0)));
+        let (a, b) = (plain.forward_t(&x, &w, eval(0.75), None), plain.forward_t(&x, &w, eval(0.0), None));
         assert!((a - b).allclose(&(&x * 0.75), 1e-5, 1e-6, false));
         let reducing = MixedOp::new(&(vs.root() / "red"), &with, 4, 2);
-        let (a, b) = (reducing.forward_t(&x, &w, eval(0.4)), reducing.forward_t(&x, &w, eval(0.0)));
+        let (a, b) = (reducing.forward_t(&x, &w, eval(0.4), None), reducing.forward_t(&x, &w, eval(0.0), None));
         let aux = reducing.aux.as_ref().unwrap().forward_t(&x, false);
         assert_eq!(aux.size(), vec![2, 4, 3, 3]);
         assert!((a - b).allclose(&(aux * 0.4), 1e-5, 1e-6, false));
         let names: Vec<String> = vs.variables().into_keys().filter(|n| n.starts_with("red.auxiliary_op")).collect();
         assert!(names.iter().any(|n| n == "red.auxiliary_op.conv_1.weight"), "{names:?}");
         let none = MixedOp::new(&(vs.root() / "none"), &without, 4, 1);
-        assert!(none.forward_t(&x, &w, eval(0.75)).equal(&none.forward_t(&x, &w, eval(0.0))));
+        assert!(none.forward_t(&x, &w, eval(0.75), None).equal(&none.forward_t(&x, &w, eval(0.0), None)));
+    }
+
+    /// GDAS's sample: one-hot rows forward, the op of each row's 1 is the choice, the gradient is the tempered
+    /// softmax's (straight-through; checked without noise, where that softmax is known), one seed gives one
+    /// sample, and at temperature 1 the Gumbel-max choices follow softmax(alpha) (2,000 draws).
+    #[test]
+    fn gumbel_samples_are_one_hot_straight_through_and_follow_softmax_alpha() {
+        let alpha = Tensor::from_slice(&[0.5f32, -0.3, 1.2, 0.0, 0.2, -1.0, 0.4, 0.9]).reshape([2, 4]);
+        let (hard, choices) = gumbel_hard(&alpha, 1.0, Some(3));
+        assert_eq!(hard.size(), vec![2, 4]);
+        for (r, &c) in choices.iter().enumerate() {
+            for j in 0..4i64 {
+                let want = if j as usize == c { 1.0 } else { 0.0 };
+                assert!((hard.double_value(&[r as i64, j]) - want).abs() < 1e-6, "row {r}: {hard}");
+            }
+        }
+        assert_eq!(gumbel_hard(&alpha, 1.0, Some(3)).1, choices);
+        assert!((4..40).any(|seed| gumbel_hard(&alpha, 1.0, Some(seed)).1 != choices), "the seed changes nothing");
+        // Without noise: the strongest op, and the gradient of softmax(log_softmax(alpha) / tau).
+        let a = alpha.copy().set_requires_grad(true);
+        let tau = 0.7;
+        let (hard, choices) = gumbel_hard(&a, tau, None);
+        assert_eq!(choices, vec![2, 3]);
+        let c = Tensor::from_slice(&[0.3f32, -1.0, 2.0, 0.5, 1.5, 0.1, -0.7, 0.2]).reshape([2, 4]);
+        let g = Tensor::run_backward(&[(&hard * &c).sum(Kind::Float)], &[&a], false, false);
+        let soft = (a.log_softmax(-1, Kind::Float) / tau).softmax(-1, Kind::Float);
+        let want = Tensor::run_backward(&[(soft * &c).sum(Kind::Float)], &[&a], false, false);
+        assert!(g[0].allclose(&want[0], 1e-5, 1e-6, false), "{} vs {}", g[0], want[0]);
+        // Gumbel-max: P(choice = k) = softmax(alpha)_k.
+        let p = softmax_rows(&alpha);
+        let mut counts = [[0usize; 4]; 2];
+        let n = 2000;
+        for seed in 0..n {
+            for (r, &k) in gumbel_hard(&alpha, 1.0, Some(1000 + seed)).1.iter().enumerate() {
+                counts[r][k] += 1;
+            }
+        }
+        for r in 0..2 {
+            for k in 0..4 {
+                let f = counts[r][k] as f64 / n as f64;
+                assert!((f - p[r][k]).abs() < 0.035, "row {r} op {k}: drawn {f}, softmax {}", p[r][k]);
+            }
+        }
+    }
+
+    /// A GDAS edge runs only its chosen op: the output is that op's, and the gradient reaches every weight of
+    /// the row (`sum(op_k(x) * r)` for the chosen one, `sum(r)` for the others, by hand).
+    #[test]
+    fn a_gdas_edge_runs_the_chosen_op_and_passes_every_weight_its_gradient() {
+        let ops = vec![OpKind::None, OpKind::AvgPool3x3, OpKind::SkipConnect, OpKind::SepConv3x3];
+        let space = SearchSpace { ops, ..Default::default() };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let edge = MixedOp::new(&vs.root(), &space, 4, 1);
+        let x = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu));
+        let r = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu));
+        let pass = Pass { train: false, skip_dropout: 0.0, aux_skip: 1.0, seed: 0 };
+        let w = Tensor::from_slice(&[0.0f32, 0.0, 0.0, 1.0]).set_requires_grad(true);
+        let y = edge.forward_t(&x, &w, pass, Some(3));
+        let alone = edge.ops[3].forward_t(&x, false);
+        assert!(y.allclose(&alone, 1e-6, 1e-6, false));
+        let g = Tensor::run_backward(&[(&y * &r).sum(Kind::Float)], &[&w], false, false);
+        let others = r.sum(Kind::Float).double_value(&[]);
+        let chosen = (alone * &r).sum(Kind::Float).double_value(&[]);
+        for (k, want) in [(0, others), (1, others), (2, others), (3, chosen)] {
+            assert!((g[0].double_value(&[k]) - want).abs() < 1e-3, "weight {k}: {} vs {want}", g[0]);
+        }
     }
 
     #[test]

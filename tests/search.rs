@@ -230,6 +230,39 @@ fn the_auxiliary_skip_decays_and_resumes_bit_for_bit() {
     assert_eq!(weights, vec![1.0, 0.5]);
 }
 
+/// GDAS: the temperature anneals linearly from tau_max to tau_min; the samples come back on resume (bit for
+/// bit); alpha learns; second order is refused.
+#[test]
+fn a_gdas_search_anneals_resumes_bit_for_bit_and_moves_alpha() {
+    let cfg = || SearchConfig { gdas: Some(darts::search::Gdas { tau_max: 4.0, tau_min: 1.0 }), ..tiny(3) };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let alpha0 = Search::new(cfg(), Device::Cpu).unwrap().net.alphas.normal.detach().copy();
+    assert!(run::start(cfg(), &opts(a.path(), None)).unwrap().finished);
+    run::start(cfg(), &opts(b.path(), Some(2))).unwrap();
+    run::resume(&opts(b.path(), None)).unwrap();
+    let (ta, tb) = (checkpoint_tensors(a.path()), checkpoint_tensors(b.path()));
+    for ((na, xa), (_, xb)) in ta.iter().zip(&tb) {
+        assert!(xa.equal(xb), "{na} differs after resume");
+    }
+    let taus: Vec<f64> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["gdas_tau"].as_f64().unwrap())
+        .collect();
+    for (t, want) in taus.iter().zip([4.0, 2.5, 1.0]) {
+        assert!((t - want).abs() < 1e-12, "{taus:?}");
+    }
+    let alpha = Search::resume(a.path(), Device::Cpu).unwrap().net.alphas.normal.detach();
+    assert!((alpha - alpha0).abs().max().double_value(&[]) > 1e-4, "alpha did not learn");
+    let e = SearchConfig { order: Order::Second, ..cfg() }.validate().unwrap_err().to_string();
+    assert!(e.contains("GDAS") && e.contains("--order first"), "{e}");
+    let e = SearchConfig { gdas: Some(darts::search::Gdas { tau_max: 1.0, tau_min: 0.0 }), ..tiny(3) }
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tau_min"), "{e}");
+}
+
 /// Colour data (a 3-channel stem, whose channels-last kernel is not dense) checkpoints and resumes, with a
 /// class-balanced split.
 #[test]

@@ -90,6 +90,16 @@ pub struct SearchArgs {
     checkpoint_cells: bool,
     #[command(flatten)]
     collapse: CollapseArgs,
+    /// GDAS instead of DARTS's weighted sum: each edge runs one op per step, sampled by Gumbel-softmax from alpha
+    /// (about |ops| times less work and memory per edge).
+    #[arg(long)]
+    gdas: bool,
+    /// GDAS: the Gumbel-softmax temperature in the first epoch, annealed linearly to --tau-min (default 10).
+    #[arg(long, requires = "gdas")]
+    tau_max: Option<f64>,
+    /// GDAS: the temperature in the last epoch (default 0.1).
+    #[arg(long, requires = "gdas")]
+    tau_min: Option<f64>,
     /// Seed: one seed reproduces a run.
     #[arg(long)]
     seed: Option<u64>,
@@ -180,6 +190,12 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
     c.checkpoint_cells |= a.checkpoint_cells;
     c.balanced_split |= a.balanced_split;
     a.collapse.apply(&mut c);
+    if a.gdas {
+        let mut g = c.gdas.unwrap_or_default();
+        g.tau_max = a.tau_max.unwrap_or(g.tau_max);
+        g.tau_min = a.tau_min.unwrap_or(g.tau_min);
+        c.gdas = Some(g);
+    }
     if a.image_size.is_some() {
         c.image_size = a.image_size;
     }

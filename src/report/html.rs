@@ -122,6 +122,9 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
         if let Some(n) = s.config.early_stop_skip_connects {
             extras.push(format!("early stop at {n} skip connections in the normal cell (DARTS+)"));
         }
+        if let Some(g) = s.config.gdas {
+            extras.push(format!("GDAS: one Gumbel-sampled op per edge, temperature {} -> {}", g.tau_max, g.tau_min));
+        }
         if s.config.space.auxiliary_skip {
             extras.push("auxiliary skip connections, weight decaying from 1 (DARTS-)".to_string());
         }
