@@ -58,7 +58,7 @@ pub fn time_ms(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64
     (ts[0], ts[ts.len() / 2])
 }
 
-/// One configuration of ours to measure: memory layout, gradient checkpointing, PC-DARTS.
+/// One configuration of ours to measure: memory layout, gradient checkpointing, PC-DARTS, GDAS.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Variant {
     /// The name on the command line and in the table.
@@ -73,10 +73,13 @@ pub struct Variant {
     pub precision: Precision,
     /// PC-DARTS edge normalisation.
     pub edge_normalization: bool,
+    /// GDAS (one sampled op per edge) at this temperature.
+    pub gdas_tau: Option<f64>,
 }
 
 /// The variants `darts bench --variants` knows.
-pub const VARIANTS: [&str; 6] = ["nchw", "channels-last", "checkpoint", "pc-darts", "pc-darts-checkpoint", "bf16"];
+pub const VARIANTS: [&str; 7] =
+    ["nchw", "channels-last", "checkpoint", "pc-darts", "pc-darts-checkpoint", "bf16", "gdas"];
 
 impl Variant {
     /// A variant by name; "checkpoint" and the PC-DARTS ones use channels-last when `best_channels_last`
@@ -90,6 +93,7 @@ impl Variant {
             partial_channels,
             edge_normalization: partial_channels > 1,
             precision: Precision::Fp32,
+            gdas_tau: None,
         };
         Some(match name {
             "nchw" => v(false, false, 1),
@@ -98,6 +102,7 @@ impl Variant {
             "pc-darts" => v(best, false, 4),
             "pc-darts-checkpoint" => v(best, true, 4),
             "bf16" => Variant { precision: Precision::Bf16, ..v(best, false, 1) },
+            "gdas" => Variant { gdas_tau: Some(1.0), ..v(best, false, 1) },
             _ => return None,
         })
     }
@@ -125,12 +130,18 @@ impl Variant {
         let mut net = SearchNetwork::new(&vs.root(), &space, shape, Alphas::random(&space, device));
         set_channels_last(&mut net, &vs, self.channels_last);
         crate::supernet::set_checkpoint_cells(&mut net, &vs, self.checkpoint_cells);
+        net.gdas_tau = self.gdas_tau;
         (space, vs, net)
     }
 
     /// Whether the final-network measurement applies (layout variants only).
     pub fn has_final(&self) -> bool {
-        !self.checkpoint_cells && self.partial_channels == 1
+        !self.checkpoint_cells && self.partial_channels == 1 && self.gdas_tau.is_none()
+    }
+
+    /// Whether this variant measures step `name` (GDAS is first order only).
+    pub fn has_step(&self, name: &str) -> bool {
+        !(self.gdas_tau.is_some() && name == "second_order_step")
     }
 
     /// Whether this variant measures the search steps (the search stays float32: bf16 is a final-network option).
@@ -163,7 +174,7 @@ pub fn bench_search(
     let xv = Tensor::randn([batch, c, h, w], opts);
     let yv = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
     let mut rows = Vec::new();
-    for &name in only {
+    for &name in only.iter().filter(|n| variant.has_step(n)) {
         let weight_step = |sgd: &mut Sgd| {
             let w: Vec<&Tensor> = weights.iter().collect();
             let (_, _, mut g) = net.loss_grads(&x, &y, &w);

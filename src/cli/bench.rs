@@ -273,7 +273,7 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let exe = std::env::current_exe().context("finding the darts binary")?.display().to_string();
     for v in &variants {
         for &name in &only {
-            let wanted = if name == "final_train_step" { v.has_final() } else { v.has_search() };
+            let wanted = if name == "final_train_step" { v.has_final() } else { v.has_search() && v.has_step(name) };
             if !wanted {
                 continue;
             }
