@@ -28,6 +28,34 @@ fn checkpoint_tensors(dir: &std::path::Path) -> Vec<(String, Tensor)> {
     v
 }
 
+/// Runs `cfg()` uninterrupted and stopped after `stop_after` epochs then resumed, asserts that both end with
+/// the same checkpoint bit for bit, and returns the uninterrupted run's directory and checkpoint.
+fn resumes_bit_for_bit(
+    cfg: impl Fn() -> SearchConfig,
+    stop_after: usize,
+) -> (tempfile::TempDir, Vec<(String, Tensor)>) {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(run::start(cfg(), &opts(a.path(), None)).unwrap().finished);
+    assert!(!run::start(cfg(), &opts(b.path(), Some(stop_after))).unwrap().finished);
+    assert!(run::resume(&opts(b.path(), None)).unwrap().finished);
+    let (ta, tb) = (checkpoint_tensors(a.path()), checkpoint_tensors(b.path()));
+    assert_eq!(ta.len(), tb.len());
+    for ((na, xa), (nb, xb)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(xa.equal(xb), "{na} differs after resume");
+    }
+    (a, ta)
+}
+
+/// One number per epoch from a run's `metrics.jsonl`.
+fn metric(dir: &std::path::Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64().unwrap())
+        .collect()
+}
+
 #[test]
 fn a_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does() {
     let a = tempfile::tempdir().unwrap();
@@ -176,22 +204,12 @@ fn pc_darts_with_checkpointed_cells_warms_up_and_resumes_bit_for_bit() {
 /// for bit), the dropout changes the search, and impossible rates are refused.
 #[test]
 fn skip_dropout_decays_resumes_bit_for_bit_and_changes_the_search() {
-    let cfg = || SearchConfig { skip_dropout: 0.6, ..tiny(3) };
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    assert!(run::start(cfg(), &opts(a.path(), None)).unwrap().finished);
-    run::start(cfg(), &opts(b.path(), Some(1))).unwrap();
-    run::resume(&opts(b.path(), None)).unwrap();
+    let (a, ta) = resumes_bit_for_bit(|| SearchConfig { skip_dropout: 0.6, ..tiny(3) }, 1);
+    let c = tempfile::tempdir().unwrap();
     run::start(tiny(3), &opts(c.path(), None)).unwrap();
-    let (ta, tb, tc) = (checkpoint_tensors(a.path()), checkpoint_tensors(b.path()), checkpoint_tensors(c.path()));
-    for ((na, xa), (_, xb)) in ta.iter().zip(&tb) {
-        assert!(xa.equal(xb), "{na} differs after resume");
-    }
+    let tc = checkpoint_tensors(c.path());
     assert!(ta.iter().zip(&tc).any(|((_, xa), (_, xc))| !xa.equal(xc)), "skip dropout changed nothing");
-    let rates: Vec<f64> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["skip_dropout"].as_f64().unwrap())
-        .collect();
+    let rates = metric(a.path(), "skip_dropout");
     // 0.6 * (3 - e - 1) / 3
     assert_eq!(rates.len(), 3);
     for (r, want) in rates.iter().zip([0.4, 0.2, 0.0]) {
@@ -212,22 +230,9 @@ fn the_auxiliary_skip_decays_and_resumes_bit_for_bit() {
         c.space.auxiliary_skip = true;
         c
     };
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    assert!(run::start(cfg(), &opts(a.path(), None)).unwrap().finished);
-    run::start(cfg(), &opts(b.path(), Some(1))).unwrap();
-    run::resume(&opts(b.path(), None)).unwrap();
-    let (ta, tb) = (checkpoint_tensors(a.path()), checkpoint_tensors(b.path()));
+    let (a, ta) = resumes_bit_for_bit(cfg, 1);
     assert!(ta.iter().any(|(n, _)| n.contains("auxiliary_op.conv_1")), "no auxiliary FactorizedReduce saved");
-    assert_eq!(ta.len(), tb.len());
-    for ((na, xa), (_, xb)) in ta.iter().zip(&tb) {
-        assert!(xa.equal(xb), "{na} differs after resume");
-    }
-    let weights: Vec<f64> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["aux_skip"].as_f64().unwrap())
-        .collect();
-    assert_eq!(weights, vec![1.0, 0.5]);
+    assert_eq!(metric(a.path(), "aux_skip"), vec![1.0, 0.5]);
 }
 
 /// GDAS: the temperature anneals linearly from tau_max to tau_min; the samples come back on resume (bit for
@@ -235,20 +240,9 @@ fn the_auxiliary_skip_decays_and_resumes_bit_for_bit() {
 #[test]
 fn a_gdas_search_anneals_resumes_bit_for_bit_and_moves_alpha() {
     let cfg = || SearchConfig { gdas: Some(darts::search::Gdas { tau_max: 4.0, tau_min: 1.0 }), ..tiny(3) };
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let alpha0 = Search::new(cfg(), Device::Cpu).unwrap().net.alphas.normal.detach().copy();
-    assert!(run::start(cfg(), &opts(a.path(), None)).unwrap().finished);
-    run::start(cfg(), &opts(b.path(), Some(2))).unwrap();
-    run::resume(&opts(b.path(), None)).unwrap();
-    let (ta, tb) = (checkpoint_tensors(a.path()), checkpoint_tensors(b.path()));
-    for ((na, xa), (_, xb)) in ta.iter().zip(&tb) {
-        assert!(xa.equal(xb), "{na} differs after resume");
-    }
-    let taus: Vec<f64> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["gdas_tau"].as_f64().unwrap())
-        .collect();
+    let (a, _) = resumes_bit_for_bit(cfg, 2);
+    let taus = metric(a.path(), "gdas_tau");
     for (t, want) in taus.iter().zip([4.0, 2.5, 1.0]) {
         assert!((t - want).abs() < 1e-12, "{taus:?}");
     }
