@@ -72,10 +72,10 @@ pub fn finite_difference_hvp(
             }
         })
     };
-    let masks = net.dropout_stream();
+    let masks = net.sample_stream();
     shift(1.0);
     let gp = alpha_grads(net, x, y);
-    net.set_dropout_stream(masks);
+    net.set_sample_stream(masks);
     shift(-1.0);
     let gn = alpha_grads(net, x, y);
     restore(weights, &saved);
@@ -113,7 +113,7 @@ impl Architect {
             Order::First => alpha_grads(net, x_val, y_val),
             Order::Second => {
                 // w' = w - eta (momentum * buf + grad_w L_train + wd * w)
-                let train_masks = net.dropout_stream();
+                let train_masks = net.sample_stream();
                 let w_refs: Vec<&Tensor> = weights.iter().collect();
                 let (_, _, g) = net.loss_grads(x_train, y_train, &w_refs);
                 let theta = snapshot(weights);
@@ -134,10 +134,10 @@ impl Architect {
                 let (dalpha, v) = grads.split_at(n_arch);
                 // With skip dropout, the Hessian term differentiates the same L_train (the same masks) that the
                 // unrolled step descended; the stream then goes on after the validation pass's masks.
-                let after = net.dropout_stream();
-                net.set_dropout_stream(train_masks);
+                let after = net.sample_stream();
+                net.set_sample_stream(train_masks);
                 let implicit = finite_difference_hvp(net, weights, v, x_train, y_train, self.hvp_r);
-                net.set_dropout_stream(after);
+                net.set_sample_stream(after);
                 dalpha.iter().zip(&implicit).map(|(d, h)| d - h * eta).collect()
             }
         }

@@ -453,7 +453,7 @@ impl Search {
         // same ones.
         let mut masks = self.epoch_rng(epoch);
         masks.set_stream(1);
-        self.net.set_dropout_stream(masks.next_u64());
+        self.net.set_sample_stream(masks.next_u64());
         let bs = self.config.batch_size;
         let train_batches = data::shuffled_batches(&self.split.train, bs, &mut rng);
         let val_batches = data::shuffled_batches(&self.split.val, bs, &mut rng);

@@ -184,7 +184,8 @@ pub struct Pass {
     pub skip_dropout: f64,
     /// DARTS-: the weight of the auxiliary skip connection added to every edge (where the space has one).
     pub aux_skip: f64,
-    /// The seed of the dropout masks; each cell and each edge in it derive their own ([`Pass::derive`]).
+    /// The seed of the pass's random draws (skip dropout masks, GDAS samples); each cell and each edge in it
+    /// derive their own ([`Pass::derive`]).
     pub seed: u64,
 }
 
@@ -381,16 +382,16 @@ pub struct SearchNetwork {
     /// Gradient checkpointing of cells (see [`SearchNetwork::loss_grads`]); set by [`set_checkpoint_cells`].
     pub checkpoint_cells: bool,
     /// P-DARTS's dropout rate on the identity op's output in training mode (0: off). Each edge's mask comes
-    /// from a private generator whose seed derives from the pass's ([`SearchNetwork::set_dropout_stream`]'s
-    /// counter, one value per training-mode pass), the cell and the edge: masks depend only on the stream and
-    /// the number of passes before, whatever other threads draw, and a checkpointed cell's recomputation draws
-    /// the masks of its first pass.
+    /// from a private generator whose seed derives from the pass's ([`SearchNetwork::set_sample_stream`]'s
+    /// counter, one value per training-mode pass that draws), the cell and the edge: masks depend only on the
+    /// stream and the number of passes before, whatever other threads draw, and a checkpointed cell's
+    /// recomputation draws the masks of its first pass. GDAS's samples come from the same seeds.
     pub skip_dropout: f64,
     /// DARTS-: the weight of the auxiliary skip connections (where the space has them); a search decays it.
     pub aux_skip: f64,
     /// GDAS: the Gumbel-softmax temperature; `Some` makes every edge run one sampled op (see [`gumbel_hard`]).
     pub gdas_tau: Option<f64>,
-    dropout_stream: std::sync::atomic::AtomicU64,
+    sample_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
     buffers: Vec<Tensor>,
 }
@@ -439,7 +440,7 @@ impl SearchNetwork {
             skip_dropout: 0.0,
             aux_skip: 1.0,
             gdas_tau: None,
-            dropout_stream: std::sync::atomic::AtomicU64::new(0),
+            sample_stream: std::sync::atomic::AtomicU64::new(0),
             buffers: Vec::new(),
         }
     }
@@ -466,15 +467,16 @@ impl SearchNetwork {
         self.forward_t(x, true).cross_entropy_for_logits(y)
     }
 
-    /// The skip dropout masks' stream position: the next training-mode pass draws its masks from it.
-    pub fn dropout_stream(&self) -> u64 {
-        self.dropout_stream.load(std::sync::atomic::Ordering::Relaxed)
+    /// The position of the stream of seeds for training passes' random draws (skip dropout, GDAS): the next such
+    /// pass takes this one.
+    pub fn sample_stream(&self) -> u64 {
+        self.sample_stream.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Restarts the skip dropout masks' stream at `seed` (a search does at every epoch, so that a resumed
-    /// search draws the masks the uninterrupted one did).
-    pub fn set_dropout_stream(&self, seed: u64) {
-        self.dropout_stream.store(seed, std::sync::atomic::Ordering::Relaxed);
+    /// Restarts the stream of seeds at `seed` (a search does at every epoch, so that a resumed search draws the
+    /// masks and samples the uninterrupted one did).
+    pub fn set_sample_stream(&self, seed: u64) {
+        self.sample_stream.store(seed, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A pass in this mode; a training pass that draws (skip dropout masks, GDAS samples) takes the next seed of
@@ -487,7 +489,7 @@ impl SearchNetwork {
         if self.skip_dropout == 0.0 && self.gdas_tau.is_none() {
             return pass;
         }
-        let n = self.dropout_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.sample_stream.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Pass { seed: splitmix64(n), ..pass }
     }
 
@@ -509,10 +511,10 @@ impl SearchNetwork {
     }
 
     /// The training-mode loss on (x, y), its logits (both detached) and its gradients with respect to `wrt`
-    /// (weights and/or architecture tensors; undefined for a tensor the loss does not reach). With [`SearchNetwork::checkpoint_cells`] the forward pass keeps
-    /// only each cell's output; backward then walks the cells from last to first, recomputing each cell's
-    /// forward from its saved inputs and back-propagating through it alone, so that at most one cell's
-    /// activations are alive at a time. The BN running statistics end as after one forward pass, and the
+    /// (weights and/or architecture tensors; undefined for a tensor the loss does not reach). With
+    /// [`SearchNetwork::checkpoint_cells`] the forward pass keeps only each cell's output; backward then walks
+    /// the cells from last to first, recomputing each cell's forward from its saved inputs and back-propagating
+    /// through it alone, so that at most one cell's activations are alive at a time. The BN running statistics end as after one forward pass, and the
     /// gradients are those of the plain pass (a test compares them).
     pub fn loss_grads(&self, x: &Tensor, y: &Tensor, wrt: &[&Tensor]) -> (Tensor, Tensor, Vec<Tensor>) {
         if !self.checkpoint_cells {

@@ -76,11 +76,11 @@ fn finite_difference_hvp_under_skip_dropout_differentiates_one_set_of_masks() {
     let v: Vec<Tensor> = f.weights.iter().map(|w| w.randn_like()).collect();
     let plain = exact_hvp(&f.net, &f.weights, &v, &f.x, &f.y);
     f.net.skip_dropout = 0.3;
-    f.net.set_dropout_stream(11);
+    f.net.set_sample_stream(11);
     let exact = exact_hvp(&f.net, &f.weights, &v, &f.x, &f.y);
-    f.net.set_dropout_stream(11);
+    f.net.set_sample_stream(11);
     let fd = finite_difference_hvp(&f.net, &f.weights, &v, &f.x, &f.y, 0.01);
-    assert_eq!(f.net.dropout_stream(), 12, "one set of masks taken from the stream");
+    assert_eq!(f.net.sample_stream(), 12, "one set of masks taken from the stream");
     let err = rel_err(&fd, &exact);
     assert!(err < 1e-3, "relative error {err}");
     assert!(rel_err(&exact, &plain) > 100.0 * err, "the masks change the product");
@@ -91,7 +91,7 @@ fn second_order_hypergradient_is_val_gradient_at_unrolled_weights_minus_eta_hvp(
     for skip_dropout in [0.0, 0.3] {
         let mut f = fixture();
         f.net.skip_dropout = skip_dropout;
-        f.net.set_dropout_stream(20);
+        f.net.set_sample_stream(20);
         let sgd = Sgd::new(&f.weights, 0.1, 0.9, 3e-4);
         let arch = Architect::new(&f.net, Order::Second, 3e-4, (0.5, 0.999), 1e-3);
         let (xv, yv) = (f.x.flip([3]), f.y.shallow_clone());
@@ -99,12 +99,12 @@ fn second_order_hypergradient_is_val_gradient_at_unrolled_weights_minus_eta_hvp(
         let stats_before: Vec<Tensor> = f.buffers.iter().map(|t| t.copy()).collect();
         let h = arch.hypergradient(&f.net, &f.weights, &f.buffers, &sgd, (&f.x, &f.y), (&xv, &yv), eta);
         if skip_dropout > 0.0 {
-            assert_eq!(f.net.dropout_stream(), 22, "the training batch's masks, then the validation batch's");
+            assert_eq!(f.net.sample_stream(), 22, "the training batch's masks, then the validation batch's");
         }
 
         // Independent assembly: w' by hand, grads at w', exact HVP by double backward (with skip dropout: the
         // training batch's masks for the unrolled step and the Hessian, the next ones for the validation batch).
-        f.net.set_dropout_stream(20);
+        f.net.set_sample_stream(20);
         let loss = f.net.loss(&f.x, &f.y);
         let g = Tensor::run_backward(&[loss], &f.weights, false, false);
         let theta: Vec<Tensor> = f.weights.iter().map(|w| w.detach().copy()).collect();
@@ -113,7 +113,7 @@ fn second_order_hypergradient_is_val_gradient_at_unrolled_weights_minus_eta_hvp(
                 w.shallow_clone().copy_(&(t - (gi + t * 3e-4) * eta));
             }
         });
-        f.net.set_dropout_stream(21);
+        f.net.set_sample_stream(21);
         let lv = f.net.loss(&xv, &yv);
         let mut inputs: Vec<&Tensor> = f.net.alphas.tensors().to_vec();
         inputs.extend(f.weights.iter());
@@ -123,7 +123,7 @@ fn second_order_hypergradient_is_val_gradient_at_unrolled_weights_minus_eta_hvp(
                 w.shallow_clone().copy_(t);
             }
         });
-        f.net.set_dropout_stream(20);
+        f.net.set_sample_stream(20);
         let exact = exact_hvp(&f.net, &f.weights, &grads[2..], &f.x, &f.y);
         let want: Vec<Tensor> = grads[..2].iter().zip(&exact).map(|(d, e)| d - e * eta).collect();
         let err = rel_err(&h, &want);

@@ -218,17 +218,17 @@ fn checkpointed_cells_give_the_plain_gradients_and_statistics() {
             let (undropped, _, _) = net.loss_grads(&x, &y, &refs);
             restore();
             net.skip_dropout = skip_dropout;
-            net.set_dropout_stream(5);
+            net.set_sample_stream(5);
             let (dropped, _, _) = net.loss_grads(&x, &y, &refs);
             restore();
             assert!(!undropped.allclose(&dropped, 1e-4, 1e-6, false), "skip dropout changes nothing");
         }
-        net.set_dropout_stream(7);
+        net.set_sample_stream(7);
         let (loss_a, _, plain) = net.loss_grads(&x, &y, &refs);
         let stats_a: Vec<Tensor> = all_buffers(&vs).iter().map(|(_, t)| t.copy()).collect();
         restore();
         darts::supernet::set_checkpoint_cells(&mut net, &vs, true);
-        net.set_dropout_stream(7);
+        net.set_sample_stream(7);
         let (loss_b, _, ckpt) = net.loss_grads(&x, &y, &refs);
         assert!(loss_a.allclose(&loss_b, 1e-6, 1e-7, false));
         let n_arch = net.alphas.tensors().len();
