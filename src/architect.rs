@@ -54,7 +54,7 @@ pub fn global_norm(ts: &[Tensor]) -> Tensor {
 /// The finite-difference approximation of `grad^2_{alpha,w} L_train(w, alpha) · v` used by DARTS:
 /// `[grad_alpha L(w + R v) - grad_alpha L(w - R v)] / (2R)` with `R = r / ||v||`. The weights are restored
 /// exactly afterwards. With skip dropout both evaluations draw the same masks (the next of the network's
-/// dropout stream), so that the difference is the loss's and not the masks'.
+/// stream of seeds), so that the difference is the loss's and not the masks'.
 pub fn finite_difference_hvp(
     net: &SearchNetwork,
     weights: &[Tensor],
