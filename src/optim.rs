@@ -141,6 +141,26 @@ mod tests {
         assert!((p.double_value(&[0]) - (p1[0] - 0.1 * buf2)).abs() < 1e-12);
     }
 
+    /// A parameter without a gradient (undefined: the loss did not reach it) keeps its value and momentum, and
+    /// clipping measures and scales the others only (PyTorch with `.grad` None): hand-computed.
+    #[test]
+    fn parameters_without_a_gradient_are_left_alone() {
+        let (p, q) = (t(&[1.0, -2.0]), t(&[3.0]));
+        let mut opt = Sgd::new(&[p.shallow_clone(), q.shallow_clone()], 0.1, 0.9, 0.01);
+        opt.buffers[1] = t(&[0.5]);
+        let mut grads = vec![t(&[3.0, 4.0]), Tensor::new()];
+        let norm = clip_grad_norm(&mut grads, 1.0);
+        assert!((norm.double_value(&[]) - 5.0).abs() < 1e-6 && !grads[1].defined());
+        assert!((grads[0].double_value(&[0]) - 0.6).abs() < 1e-6);
+        opt.step(&[p.shallow_clone(), q.shallow_clone()], &grads);
+        assert_eq!((q.double_value(&[0]), opt.buffers[1].double_value(&[0])), (3.0, 0.5));
+        assert!((p.double_value(&[0]) - (1.0 - 0.1 * (0.6 + 0.01))).abs() < 1e-6);
+        let mut adam = Adam::new(&[&q], 0.1, (0.9, 0.999), 0.0);
+        adam.step(&[&q], &[Tensor::new()]);
+        assert_eq!(q.double_value(&[0]), 3.0);
+        assert_eq!(clip_grad_norm(&mut [Tensor::new()], 1.0).double_value(&[]), 0.0);
+    }
+
     #[test]
     fn adam_matches_hand_computed_steps() {
         let p = t(&[1.0]);
