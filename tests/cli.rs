@@ -44,6 +44,9 @@ fn impossible_settings_are_refused_with_a_reason() {
         (vec!["--dataset", "cifar10", "--data-dir", "/nonexistent"], "/nonexistent"),
         (vec!["--device", "tpu"], "unknown device"),
         (vec!["--skip-dropout", "1"], "skip_dropout"),
+        (vec!["--gdas", "--tau-min", "0"], "tau_min"),
+        (vec!["--gdas", "--order", "second"], "GDAS is first order"),
+        (vec!["--tau-max", "5"], "--gdas"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut a = vec!["search", "--quiet", "--out", dir.path().to_str().unwrap()];
