@@ -137,7 +137,7 @@ impl Default for SearchConfig {
 }
 
 impl SearchConfig {
-    /// A real but small search that takes about 6 minutes on 2 CPU cores: the built-in Fashion-MNIST subset
+    /// A real but small search that takes 4.5 to 6.5 minutes on 2 CPU cores: the built-in Fashion-MNIST subset
     /// (800 images, split 400/400), C=8, 5 cells, 4 nodes, the full DARTS op set, batch 32, 3 epochs.
     pub fn quick() -> SearchConfig {
         SearchConfig {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 pub enum Preset {
     /// The paper's CIFAR-10 search: C=16, 8 cells, 4 nodes, 50 epochs, batch 64.
     Darts,
-    /// About 6 minutes on 2 CPU cores: the built-in data (800 images), C=8, 5 cells, 3 epochs, batch 32.
+    /// 4.5 to 6.5 minutes on 2 CPU cores: the built-in data (800 images), C=8, 5 cells, 3 epochs, batch 32.
     Quick,
     /// PC-DARTS: partial channels (K=4), edge normalisation, batch 256, lr 0.1, 15 warm-up epochs.
     PcDarts,
