@@ -501,6 +501,35 @@ def check_supernet(args):
     print(json.dumps(out))
 
 
+def check_architect(a):
+    """Loads a supernet, its SGD momentum buffers, a training and a validation batch written by darts' test,
+    runs this file's Architect (the original architect.py's unrolled step, with the momentum term) and prints
+    the largest differences from darts' second-order hypergradient."""
+    t = read_safetensors(a.weights)
+    model = Network(a.channels, a.classes, a.layers, steps=a.nodes, multiplier=a.nodes, in_channels=a.in_channels)
+    state = {k: v for k, v in t.items() if "/" not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(m.endswith("num_batches_tracked") for m in missing), missing
+    arch = model.arch_parameters()
+    names = ["alpha/normal", "alpha/reduce"]
+    with torch.no_grad():
+        for p, n in zip(arch, names):
+            p.copy_(t[n])
+    model.train()
+    w_opt = torch.optim.SGD(model.parameters(), a.eta, momentum=a.momentum, weight_decay=a.weight_decay)
+    for name, p in model.named_parameters():
+        w_opt.state[p]["momentum_buffer"] = t["sgd/" + name].clone()
+    architect = Architect(model, momentum=a.momentum, wd=a.weight_decay)
+    architect._backward_step_unrolled(t["test/xt"], t["test/yt"].long(), t["test/xv"], t["test/yv"].long(), a.eta,
+                                      w_opt)
+    out = {}
+    for n, p in zip(names, arch):
+        out["grad " + n] = (p.grad - t["test/h/" + n]).abs().max().item()
+        out["grad scale " + n] = p.grad.abs().max().item()
+    print(json.dumps(out))
+
+
 def peak_rss_mb():
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve from the parent process.
     with open("/proc/self/status") as f:
@@ -622,7 +651,7 @@ def check_weights(a):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["count", "bench", "count-final", "bench-final", "check-weights",
-                                    "check-supernet"])
+                                    "check-supernet", "check-architect"])
     ap.add_argument("--genotype", default="")
     ap.add_argument("--imagenet", action="store_true")
     ap.add_argument("--channels", type=int, default=16)
@@ -647,6 +676,9 @@ if __name__ == "__main__":
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--mean", type=float, default=0.2860)
     ap.add_argument("--std", type=float, default=0.3530)
+    ap.add_argument("--eta", type=float, default=0.025, help="check-architect: the weights' learning rate")
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--weight-decay", type=float, default=3e-4)
     a = ap.parse_args()
     {"count": count, "bench": bench, "count-final": count_final, "bench-final": bench_final,
-     "check-weights": check_weights, "check-supernet": check_supernet}[a.cmd](a)
+     "check-weights": check_weights, "check-supernet": check_supernet, "check-architect": check_architect}[a.cmd](a)

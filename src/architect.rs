@@ -25,6 +25,8 @@ pub struct Architect {
     pub order: Order,
     /// The finite-difference step is `hvp_r / ||v||` (0.01 in DARTS).
     pub hvp_r: f64,
+    /// Second order: the weights' learning rate the last unrolled step used (what the metrics report).
+    pub last_eta: Option<f64>,
 }
 
 /// A copy of tensors' values, to restore them exactly later.
@@ -93,7 +95,12 @@ pub fn exact_hvp(net: &SearchNetwork, weights: &[Tensor], v: &[Tensor], x: &Tens
 impl Architect {
     /// Adam(lr, betas, weight decay) over the network's alphas.
     pub fn new(net: &SearchNetwork, order: Order, lr: f64, betas: (f64, f64), weight_decay: f64) -> Architect {
-        Architect { adam: Adam::new(&net.alphas.tensors(), lr, betas, weight_decay), order, hvp_r: 0.01 }
+        Architect {
+            adam: Adam::new(&net.alphas.tensors(), lr, betas, weight_decay),
+            order,
+            hvp_r: 0.01,
+            last_eta: None,
+        }
     }
 
     /// The hypergradient for (alpha_normal, alpha_reduce) at the current weights. `eta` is the weights'
@@ -156,6 +163,9 @@ impl Architect {
         eta: f64,
     ) {
         let grads = self.hypergradient(net, weights, buffers, sgd, train, val, eta);
+        if self.order == Order::Second {
+            self.last_eta = Some(eta);
+        }
         self.adam.step(&net.alphas.tensors(), &grads);
     }
 }

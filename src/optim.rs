@@ -108,6 +108,54 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Tensor {
     total
 }
 
+/// A learning-rate schedule over epochs. Epoch `e` (0-based) runs at the value the original scripts use for it:
+/// they call `scheduler.step()` at the start of each epoch under PyTorch 0.3, so the first epoch runs at the
+/// initial rate (under PyTorch >= 1.1 the same scripts run one epoch late; darts follows the scripts as their
+/// authors ran them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// Cosine annealing from the initial rate to the final one (`CosineAnnealingLR`; DARTS's CIFAR training).
+    #[default]
+    Cosine,
+    /// `StepLR`: the rate times `gamma` every `period` epochs (DARTS's ImageNet training: 0.97 every epoch).
+    Step {
+        /// Factor per period.
+        gamma: f64,
+        /// Epochs per period.
+        period: usize,
+    },
+    /// PC-DARTS's ImageNet `adjust_lr`: linear decay to 0, with a smaller slope over the last 5 epochs.
+    PcDartsLinear,
+}
+
+impl LrSchedule {
+    /// The rate in `epoch` of `epochs`, from `base` (and `min`, the cosine's final rate), before any warm-up.
+    pub fn at(self, base: f64, min: f64, epoch: usize, epochs: usize) -> f64 {
+        match self {
+            LrSchedule::Cosine => cosine_lr(base, min, epoch, epochs),
+            LrSchedule::Step { gamma, period } => base * gamma.powi((epoch / period.max(1)) as i32),
+            LrSchedule::PcDartsLinear => {
+                let (e, n) = (epoch as f64, epochs as f64);
+                if n - e > 5.0 {
+                    base * (n - 5.0 - e) / (n - 5.0)
+                } else {
+                    base * (n - e) / ((n - 5.0) * 5.0)
+                }
+            }
+        }
+    }
+}
+
+/// PC-DARTS's learning-rate warm-up: epoch `e < warmup` runs at `(e + 1) / warmup` of the scheduled rate.
+pub fn warmup_factor(epoch: usize, warmup: usize) -> f64 {
+    if epoch < warmup {
+        (epoch + 1) as f64 / warmup as f64
+    } else {
+        1.0
+    }
+}
+
 /// Cosine annealing (PyTorch `CosineAnnealingLR`): the learning rate for `epoch` of `epochs`.
 pub fn cosine_lr(base: f64, min: f64, epoch: usize, epochs: usize) -> f64 {
     if epochs == 0 {
@@ -192,6 +240,28 @@ mod tests {
         let mut small = vec![Tensor::from_slice(&[0.1f32, 0.2]).to_device(Device::Cpu)];
         let _ = clip_grad_norm(&mut small, 5.0);
         assert!((small[0].double_value(&[1]) - 0.2).abs() < 1e-7);
+    }
+
+    /// The schedules against the original scripts' rules, written out by hand: DARTS's `train_imagenet.py`
+    /// (StepLR(1, 0.97), stepped before each epoch under PyTorch 0.3: epoch e at 0.1 * 0.97^e) and PC-DARTS's
+    /// `adjust_lr` with 250 epochs and lr 0.5 (epoch 0: 0.5 * 245/245; epoch 244: 0.5 * 1/245; epoch 245, the
+    /// first of the last five: 0.5 * 5/(245*5); epoch 249: 0.5 * 1/1225), and its warm-up ((e+1)/5 below 5).
+    #[test]
+    fn step_and_linear_schedules_follow_the_original_scripts() {
+        let step = LrSchedule::Step { gamma: 0.97, period: 1 };
+        assert_eq!(step.at(0.1, 0.0, 0, 250), 0.1);
+        assert!((step.at(0.1, 0.0, 1, 250) - 0.097).abs() < 1e-15);
+        assert!((step.at(0.1, 0.0, 2, 250) - 0.09409).abs() < 1e-15);
+        assert!((step.at(0.1, 0.0, 249, 250) - 0.1 * 0.97f64.powi(249)).abs() < 1e-15);
+        let every3 = LrSchedule::Step { gamma: 0.5, period: 3 };
+        assert_eq!([0, 2, 3, 5, 6].map(|e| every3.at(1.0, 0.0, e, 10)), [1.0, 1.0, 0.5, 0.5, 0.25]);
+        let lin = LrSchedule::PcDartsLinear;
+        assert_eq!(lin.at(0.5, 0.0, 0, 250), 0.5);
+        assert!((lin.at(0.5, 0.0, 244, 250) - 0.5 / 245.0).abs() < 1e-15);
+        assert!((lin.at(0.5, 0.0, 245, 250) - 0.5 * 5.0 / 1225.0).abs() < 1e-15);
+        assert!((lin.at(0.5, 0.0, 249, 250) - 0.5 / 1225.0).abs() < 1e-15);
+        assert_eq!([0, 1, 4, 5].map(|e| warmup_factor(e, 5)), [0.2, 0.4, 1.0, 1.0]);
+        assert_eq!(warmup_factor(0, 0), 1.0);
     }
 
     #[test]

@@ -214,6 +214,26 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
     }
     if finished {
         write_genotype(&opts.out_dir, &genotype)?;
+        let metrics = std::fs::read_to_string(opts.out_dir.join("metrics.jsonl")).unwrap_or_default();
+        let epochs: Vec<EpochStats> = metrics.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if let Some(d) = crate::search::decision(&cfg.space, &epochs) {
+            say(
+                mp.as_ref(),
+                format!(
+                    "how decided the cell is (a choice is within noise when its margin over the runner-up is not \
+                     larger than the weights moved in the last epoch):\n  normal: {}\n  reduce: {}{}",
+                    d.normal.summary(),
+                    d.reduce.summary(),
+                    if d.settled() {
+                        String::new()
+                    } else {
+                        "\n  choices within noise could flip with more epochs: search longer (--epochs) or compare \
+                         seeds (--seed) before trusting them"
+                            .to_string()
+                    }
+                ),
+            );
+        }
     }
     write_report(&opts.out_dir);
     Ok(RunOutcome { epochs: done, genotype, finished, alphas: search.net.alphas.softmax() })
@@ -223,6 +243,9 @@ fn drive(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
 /// resumed from its checkpoint, else a new search with `config`. Returns the genotype and whether it is final.
 pub fn search_or_resume(config: SearchConfig, opts: &RunOptions) -> Result<(Genotype, bool)> {
     let genotype_file = opts.out_dir.join("genotype.json");
+    if opts.out_dir.join(CHECKPOINT).is_file() {
+        same_settings(&opts.out_dir.join("config.json"), &config, "search")?;
+    }
     if genotype_file.is_file() {
         eprintln!("search already finished in {}", opts.out_dir.display());
         return Ok((Genotype::from_json(&std::fs::read_to_string(&genotype_file)?)?, true));
@@ -231,10 +254,38 @@ pub fn search_or_resume(config: SearchConfig, opts: &RunOptions) -> Result<(Geno
     Ok((out.genotype, out.finished))
 }
 
+/// Refuses to continue the run whose settings are in `file` with other settings than `new`, naming each
+/// setting that differs (gradient checkpointing aside: it changes memory, not results).
+pub fn same_settings<T: serde::Serialize>(file: &Path, new: &T, stage: &str) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let old: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is malformed", file.display()))?;
+    let new = serde_json::to_value(new)?;
+    let mut diffs = Vec::new();
+    if let (Some(o), Some(n)) = (old.as_object(), new.as_object()) {
+        for (key, nv) in n {
+            let ov = o.get(key).unwrap_or(&serde_json::Value::Null);
+            if key != "checkpoint_cells" && ov != nv {
+                diffs.push(format!("{key}: {ov} in the run, {nv} now"));
+            }
+        }
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "{} holds a {stage} with other settings, and a run's settings are fixed:\n  {}\nRun the command that \
+             started it to continue it, or choose another --out for a new run",
+            file.parent().map_or(file, |p| p).display(),
+            diffs.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
 /// The training stage of a pipeline in `opts.out_dir`: resumed from its checkpoint if there is one (a finished
 /// training returns at once), else a new training with `config`.
 pub fn train_or_resume(config: crate::train::TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
     if opts.out_dir.join(CHECKPOINT).is_file() {
+        same_settings(&opts.out_dir.join("train-config.json"), &config, "training")?;
         resume_training(opts)
     } else {
         start_training(config, opts)
@@ -276,14 +327,15 @@ pub struct TrainOutcome {
     pub epochs: Vec<crate::train::TrainStats>,
     /// Whether all configured epochs are done.
     pub finished: bool,
-    /// Test-set results of the last weights.
+    /// Test-set results of the last weights (what darts reports, as the original does).
     pub last: crate::train::EvalResult,
-    /// Best test accuracy over the epochs.
-    pub best_acc: f64,
+    /// With a validation split: the epoch `model-best` holds, chosen on validation accuracy.
+    pub best: Option<crate::train::Best>,
 }
 
 /// Starts training in `opts.out_dir`: `train-config.json`, `genotype.json/.txt`, `metrics.jsonl`, a checkpoint
-/// per epoch, `model-last.safetensors` and `model-best.safetensors` (best test accuracy).
+/// per epoch, `model-last.safetensors`, and with a validation split `model-best.safetensors` (the epoch of best
+/// validation accuracy; the test set is never used to choose).
 pub fn start_training(config: crate::train::TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
     new_run_dir(opts, "run", CHECKPOINT)?;
     let mut trainer = crate::train::Trainer::new(config, opts.device)?;
@@ -349,12 +401,14 @@ fn append_metrics<T: serde::Serialize>(dir: &Path, stats: &T) -> Result<()> {
 fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<TrainOutcome> {
     let cfg = t.config.clone();
     let mp = opts.progress.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
-    let (n_train, n_test) = t.sizes();
+    let (n_train, n_valid, n_test) = t.sizes();
+    let valid =
+        if n_valid > 0 { format!(" / {n_valid} held-out validation (chooses model-best)") } else { String::new() };
     say(
         mp.as_ref(),
         format!(
-            "train: {} ({n_train} training / {n_test} test examples), C={}, {} cells, auxiliary {}, {} parameters \
-             (auxiliary head excluded), device {:?}\n  genotype {}",
+            "train: {} ({n_train} training{valid} / {n_test} test examples), C={}, {} cells, auxiliary {}, {} \
+             parameters (auxiliary head excluded), device {:?}\n  genotype {}",
             cfg.dataset.name(),
             cfg.network.channels,
             cfg.network.layers,
@@ -369,23 +423,26 @@ fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<Tra
     while t.epoch < cfg.epochs && opts.stop_after.is_none_or(|n| done.len() < n) {
         let stats = t.run_epoch(step_bar.as_ref())?;
         t.save_weights(&opts.out_dir.join("model-last.safetensors"))?;
-        if stats.test_acc > t.best_acc || !opts.out_dir.join("model-best.safetensors").exists() {
-            t.best_acc = t.best_acc.max(stats.test_acc);
-            t.save_weights(&opts.out_dir.join("model-best.safetensors"))?;
+        if let Some(acc) = stats.valid_acc {
+            if t.best.is_none_or(|b| acc > b.valid_acc) {
+                t.save_weights(&opts.out_dir.join("model-best.safetensors"))?;
+                t.best = Some(crate::train::Best { epoch: stats.epoch, valid_acc: acc });
+            }
         }
         t.save_checkpoint(&opts.out_dir)?;
         append_metrics(&opts.out_dir, &stats)?;
         say(
             mp.as_ref(),
             format!(
-                "epoch {}/{}: lr {:.5} drop path {:.3} train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}%{} | {:.1}s \
-                 (waited {:.1}% for data)",
+                "epoch {}/{}: lr {:.5} drop path {:.3} train loss {:.4} acc {:.2}%{} | test loss {:.4} acc {:.2}%{} | \
+                 {:.1}s (waited {:.1}% for data)",
                 stats.epoch + 1,
                 cfg.epochs,
                 stats.lr,
                 stats.drop_path,
                 stats.train_loss,
                 100.0 * stats.train_acc,
+                stats.valid_acc.map_or(String::new(), |v| format!(" | validation acc {:.2}%", 100.0 * v)),
                 stats.test_loss,
                 100.0 * stats.test_acc,
                 stats.test_top5.map_or(String::new(), |t5| format!(" top-5 {:.2}%", 100.0 * t5)),
@@ -403,14 +460,23 @@ fn drive_training(mut t: crate::train::Trainer, opts: &RunOptions) -> Result<Tra
     }
     let last = t.evaluate()?;
     write_report(&opts.out_dir);
-    Ok(TrainOutcome { epochs: done, finished: t.epoch >= cfg.epochs, last, best_acc: t.best_acc })
+    Ok(TrainOutcome { epochs: done, finished: t.epoch >= cfg.epochs, last, best: t.best })
 }
 
-/// Loads a trained model from a training run directory (`which` = "best" or "last") and evaluates it on
-/// the test set.
+/// Which trained weights of a training run directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// The weights after the last epoch run (what the original reports).
+    #[default]
+    Last,
+    /// The epoch of best accuracy on the held-out validation split (runs with `--valid-portion` only).
+    Best,
+}
+
+/// Loads a trained model from a training run directory and evaluates it on the test set.
 pub fn evaluate_model(
     dir: &Path,
-    which: &str,
+    which: Which,
     device: Device,
     layout: crate::Layout,
 ) -> Result<crate::train::EvalResult> {
@@ -419,8 +485,20 @@ pub fn evaluate_model(
         .with_context(|| format!("{} is not a training run directory (no train-config.json)", dir.display()))?;
     let cfg: crate::train::TrainConfig =
         serde_json::from_str(&text).with_context(|| format!("{} is malformed", cfg_path.display()))?;
+    if which == Which::Best && cfg.valid_portion <= 0.0 {
+        bail!(
+            "{} has no validation split, so there is no best model to evaluate: a best model is chosen on a \
+             held-out part of the training set (darts train --valid-portion 0.1), never on the test set (the \
+             model-best.safetensors of earlier darts versions was chosen on the test set). Use --which last",
+            dir.display()
+        );
+    }
     let mut t = crate::train::Trainer::new(cfg, device)?;
-    let weights = dir.join(format!("model-{which}.safetensors"));
+    let name = match which {
+        Which::Last => "last",
+        Which::Best => "best",
+    };
+    let weights = dir.join(format!("model-{name}.safetensors"));
     let map = crate::params::read_tensors(&weights)?;
     t.set_channels_last(layout.channels_last(device));
     t.load_model(&map, &weights)?;

@@ -78,9 +78,9 @@ pub struct SearchConfig {
     /// result.
     #[serde(default)]
     pub early_stop_skip_connects: Option<usize>,
-    /// Against skip-connection collapse (P-DARTS): dropout on the identity op's output during the search, at
-    /// this rate in the first epoch and decaying linearly to 0 (epoch e of E: `rate * (E - e - 1) / E`, as
-    /// P-DARTS). 0: off.
+    /// Against skip-connection collapse (P-DARTS): dropout on the identity op's output during the search at this
+    /// rate, decaying as P-DARTS's `train_search.py`: `rate * (E - e - 1) / E` in the weight-only warm-up epochs
+    /// (`arch_warmup_epochs`), `rate * exp(-0.2 * (e - warmup))` after them. 0: off.
     #[serde(default)]
     pub skip_dropout: f64,
     /// GDAS (Dong & Yang, CVPR 2019) instead of DARTS's weighted sum: every edge runs one op per step, sampled
@@ -138,7 +138,10 @@ impl Default for SearchConfig {
 
 impl SearchConfig {
     /// A real but small search that takes 4.5 to 6.5 minutes on 2 CPU cores: the built-in Fashion-MNIST subset
-    /// (800 images, split 400/400), C=8, 5 cells, 4 nodes, the full DARTS op set, batch 32, 3 epochs.
+    /// (800 images, split 400/400), C=8, 5 cells, 4 nodes, the full DARTS op set, batch 32, 3 epochs. Its 39 alpha
+    /// steps are 1/500 of DARTS's (50 epochs of 391); at DARTS's 3e-4 they move softmax(alpha) less than 1% from
+    /// uniform, so alpha's learning rate is scaled up 100x to 3e-2 (Adam moves each alpha by about its learning
+    /// rate per step) and the cell it derives is decided by the data rather than by the initial noise.
     pub fn quick() -> SearchConfig {
         SearchConfig {
             dataset: DatasetKind::Builtin,
@@ -146,6 +149,7 @@ impl SearchConfig {
             space: SearchSpace { channels: 8, layers: 5, ..Default::default() },
             epochs: 3,
             batch_size: 32,
+            arch_lr: 3e-2,
             ..Default::default()
         }
     }
@@ -165,11 +169,16 @@ impl SearchConfig {
         }
     }
 
-    /// The skip dropout rate in `epoch` (0-based): P-DARTS's linear decay from [`SearchConfig::skip_dropout`]
-    /// in the first epoch to 0 in the last.
+    /// The skip dropout rate in `epoch` (0-based), as P-DARTS's `train_search.py` sets it: during the
+    /// weight-only warm-up linearly, `p * (E - e - 1) / E`; once alpha learns exponentially from `p` again,
+    /// `p * exp(-0.2 * (e - warmup))`, so that the dropout is strongest while alpha starts to learn.
     pub fn skip_dropout_at(&self, epoch: usize) -> f64 {
-        let e = self.epochs as f64;
-        self.skip_dropout * (e - epoch as f64 - 1.0).max(0.0) / e
+        let (e, n, warmup) = (epoch as f64, self.epochs as f64, self.arch_warmup_epochs);
+        if epoch < warmup {
+            self.skip_dropout * (n - e - 1.0).max(0.0) / n
+        } else {
+            self.skip_dropout * (-0.2 * (e - warmup as f64)).exp()
+        }
     }
 
     /// The weight of DARTS-'s auxiliary skip connections in `epoch` (0-based): DARTS-'s linear decay,
@@ -295,6 +304,10 @@ pub struct EpochStats {
     /// GDAS: this epoch's Gumbel-softmax temperature.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gdas_tau: Option<f64>,
+    /// Second order: the weights' learning rate of this epoch's unrolled steps (the original passes the epoch's
+    /// `lr` to `architect.step`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrolled_lr: Option<f64>,
 }
 
 impl EpochStats {
@@ -305,6 +318,34 @@ impl EpochStats {
         let (n, r) = crate::supernet::derivation_weights(self.alpha_normal.clone(), self.alpha_reduce.clone(), betas);
         Genotype::derive_limited(&n, &r, space, max_skip)
     }
+}
+
+/// The derivation weights before any alpha step (alpha and beta start near 0, so softmax is uniform): what the
+/// first epoch's movement is measured from.
+pub fn initial_derivation_weights(space: &SearchSpace) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let k = space.ops.len() as f64;
+    let rows: Vec<Vec<f64>> = (0..space.nodes)
+        .flat_map(|i| {
+            let edge = if space.edge_normalization { 1.0 / (2 + i) as f64 } else { 1.0 };
+            (0..2 + i).map(move |_| vec![edge / k; space.ops.len()])
+        })
+        .collect();
+    (rows.clone(), rows)
+}
+
+/// How decided the cell derived after the last of `epochs` (a search's metrics, in order) is: its choices'
+/// margins against the movement over that epoch. None before the first epoch.
+pub fn decision(space: &SearchSpace, epochs: &[EpochStats]) -> Option<crate::decision::Decision> {
+    let last = epochs.last()?;
+    let rows = |e: &EpochStats| {
+        let betas = e.beta_normal.clone().zip(e.beta_reduce.clone());
+        crate::supernet::derivation_weights(e.alpha_normal.clone(), e.alpha_reduce.clone(), betas)
+    };
+    let before = match epochs.len() {
+        1 => initial_derivation_weights(space),
+        n => rows(&epochs[n - 2]),
+    };
+    Some(crate::decision::Decision::of(&rows(last), &before, space))
 }
 
 /// A search in progress: data, supernet, both optimisers and the epoch counter.
@@ -460,8 +501,8 @@ impl Search {
         let augment = self.config.dataset.default_augment();
         let mut meter = StepMeter::new(self.device, train_batches.len(), bar);
         let nan_hint = format!(
-            "the last checkpoint (end of epoch {epoch}) is intact; resume with a lower --lr or --arch-lr, or a \
-             smaller --grad-clip"
+            "the last checkpoint (end of epoch {epoch}) is intact, but a run's settings are fixed: start a new run \
+             (another --out) with a lower --lr or --arch-lr, or a smaller --grad-clip"
         );
         // Batches (and the alpha step's batches) are made on a loader thread, in the same order and from the
         // same random stream as they would be here.
@@ -476,6 +517,7 @@ impl Search {
             (xt, yt, val)
         });
         let mut steps = 0;
+        self.architect.last_eta = None;
         for (step, item) in batches.by_ref().enumerate() {
             let (xt, yt, val) = item.map_err(anyhow::Error::msg)?;
             if let Some((xv, yv)) = val {
@@ -515,6 +557,7 @@ impl Search {
             skip_dropout: (self.config.skip_dropout > 0.0).then_some(self.net.skip_dropout),
             aux_skip: self.config.space.auxiliary_skip.then_some(self.net.aux_skip),
             gdas_tau: self.net.gdas_tau,
+            unrolled_lr: self.architect.last_eta,
         })
     }
 

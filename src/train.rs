@@ -1,14 +1,16 @@
 //! Training a derived network from scratch (the original `train.py`) and evaluating it on the test set.
 
+use crate::data::Split;
 use crate::data::{self, Augment, Dataset, DatasetKind};
 use crate::genotype::Genotype;
 use crate::native::{cuda_peak_mb, reset_cuda_peak, with_precision, Precision};
 use crate::network::{
     count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
 };
-use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
+use crate::optim::{clip_grad_norm, warmup_factor, LrSchedule, Sgd};
 use crate::params::{read_checkpoint, Params};
 use crate::progress::StepMeter;
+use crate::recipe::Recipe;
 use crate::search::peak_rss_mb;
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
@@ -41,6 +43,12 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Final learning rate of the cosine schedule.
     pub lr_min: f64,
+    /// How the learning rate changes over the epochs (cosine for CIFAR, StepLR for DARTS's ImageNet).
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Epochs of linear learning-rate warm-up, `(e + 1) / warmup` of the scheduled rate (PC-DARTS's ImageNet: 5).
+    #[serde(default)]
+    pub warmup_epochs: usize,
     /// SGD momentum.
     pub momentum: f64,
     /// Weight decay.
@@ -58,6 +66,13 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     /// Seed.
     pub seed: u64,
+    /// Fraction of the training set held out as a validation split that chooses `model-best` (0: none, as the
+    /// original, which reports the last epoch). The test set is evaluated, never selected on.
+    #[serde(default)]
+    pub valid_portion: f64,
+    /// The published recipe these settings started from (values given on the command line override it).
+    #[serde(default)]
+    pub recipe: Option<Recipe>,
     /// Image folders: the square size images are resized to (default 32).
     #[serde(default)]
     pub image_size: Option<usize>,
@@ -80,6 +95,8 @@ impl TrainConfig {
             batch_size: 96,
             lr: 0.025,
             lr_min: 0.0,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_epochs: 0,
             momentum: 0.9,
             weight_decay: 3e-4,
             grad_clip: 5.0,
@@ -90,12 +107,29 @@ impl TrainConfig {
             image_size: None,
             precision: Precision::Fp32,
             seed: 0,
+            valid_portion: 0.0,
+            recipe: Some(Recipe::DartsCifar),
         }
+    }
+
+    /// The learning rate of `epoch` (0-based): the schedule's value for that epoch, times the warm-up factor.
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        self.lr_schedule.at(self.lr, self.lr_min, epoch, self.epochs) * warmup_factor(epoch, self.warmup_epochs)
+    }
+
+    /// The drop-path probability of `epoch`: the original's linear ramp `drop_path * e / E`.
+    pub fn drop_path_at(&self, epoch: usize) -> f64 {
+        self.drop_path * epoch as f64 / self.epochs as f64
     }
 
     /// Checks values no training can run with.
     pub fn validate(&self) -> Result<()> {
         self.genotype.validate()?;
+        self.validate_settings()
+    }
+
+    /// Checks every value but the genotype (so that `darts run` can check its training before searching).
+    pub fn validate_settings(&self) -> Result<()> {
         if self.epochs == 0 {
             bail!("epochs = 0: training needs at least one epoch");
         }
@@ -113,6 +147,42 @@ impl TrainConfig {
         }
         if self.cutout < 0 || self.aux_weight < 0.0 {
             bail!("cutout and aux_weight must not be negative");
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
+            bail!("grad_clip = {}: it must be a positive number (the original clips at 5)", self.grad_clip);
+        }
+        if !(0.0..1.0).contains(&self.momentum) || self.weight_decay.is_nan() || self.weight_decay < 0.0 {
+            bail!(
+                "momentum = {}, weight_decay = {}: momentum lies in [0, 1), decay is not negative",
+                self.momentum,
+                self.weight_decay
+            );
+        }
+        if !(0.0..1.0).contains(&self.valid_portion) {
+            bail!(
+                "valid_portion = {}: the held-out validation fraction lies in [0, 1) (0: none; 0.1 holds out a tenth)",
+                self.valid_portion
+            );
+        }
+        if self.warmup_epochs >= self.epochs {
+            bail!(
+                "warmup_epochs = {} with {} epochs: the warm-up must end before training does",
+                self.warmup_epochs,
+                self.epochs
+            );
+        }
+        match self.lr_schedule {
+            LrSchedule::Step { gamma, period } if !(gamma > 0.0 && gamma <= 1.0) || period == 0 => bail!(
+                "step schedule gamma = {gamma}, period = {period}: gamma lies in (0, 1] and the period is at least 1 \
+                 epoch (DARTS's ImageNet: 0.97 every epoch)"
+            ),
+            LrSchedule::PcDartsLinear if self.epochs <= 5 => {
+                bail!("PC-DARTS's linear schedule needs more than 5 epochs (its last 5 have their own slope)")
+            }
+            LrSchedule::Cosine if !(self.lr_min >= 0.0 && self.lr_min <= self.lr) => {
+                bail!("lr_min = {}: it must lie between 0 and lr = {}", self.lr_min, self.lr)
+            }
+            _ => {}
         }
         let c = self.network.channels;
         if c < 2 || !c.is_multiple_of(2) {
@@ -138,6 +208,12 @@ pub struct TrainStats {
     pub train_loss: f64,
     /// Training accuracy.
     pub train_acc: f64,
+    /// Loss on the held-out validation split (with `valid_portion` > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_loss: Option<f64>,
+    /// Accuracy on the validation split: what chooses `model-best`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_acc: Option<f64>,
     /// Test loss.
     pub test_loss: f64,
     /// Test top-1 accuracy.
@@ -234,10 +310,23 @@ pub struct Trainer {
     sgd: Sgd,
     train: Dataset,
     test: Dataset,
+    /// The training examples the weights learn on (all of them without a validation split).
+    train_indices: Vec<usize>,
+    /// The held-out validation examples (empty without a validation split).
+    valid_indices: Vec<usize>,
     /// Next epoch to run.
     pub epoch: usize,
-    /// Best test accuracy so far.
-    pub best_acc: f64,
+    /// The best epoch so far on the validation split (None without one): what `model-best` holds.
+    pub best: Option<Best>,
+}
+
+/// The model `model-best` holds: chosen on the held-out validation split, never on the test set.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    /// 0-based epoch after which the weights were saved.
+    pub epoch: usize,
+    /// Its validation accuracy.
+    pub valid_acc: f64,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -245,7 +334,9 @@ const CHECKPOINT: &str = "checkpoint.safetensors";
 #[derive(Serialize, Deserialize)]
 struct Meta {
     epoch: usize,
-    best_acc: f64,
+    // Checkpoints before the validation split held `best_acc` (a test accuracy); it is ignored.
+    #[serde(default)]
+    best: Option<Best>,
     config: TrainConfig,
 }
 
@@ -275,7 +366,35 @@ impl Trainer {
         vs.set_device(device);
         let params = Params::of(&vs);
         let sgd = Sgd::new(&params.weights, config.lr, config.momentum, config.weight_decay);
-        Ok(Trainer { config, device, vs, net, params, sgd, train, test, epoch: 0, best_acc: 0.0 })
+        let (train_indices, valid_indices) = if config.valid_portion > 0.0 {
+            let split = Split::new(train.len(), 1.0 - config.valid_portion, config.seed)
+                .map_err(|e| anyhow::anyhow!("--valid-portion {}: {e}", config.valid_portion))?;
+            if split.train.len() < config.batch_size {
+                bail!(
+                    "holding out {} of {} training examples for validation leaves fewer than one batch of {}",
+                    split.val.len(),
+                    train.len(),
+                    config.batch_size
+                );
+            }
+            (split.train, split.val)
+        } else {
+            ((0..train.len()).collect(), Vec::new())
+        };
+        Ok(Trainer {
+            config,
+            device,
+            vs,
+            net,
+            params,
+            sgd,
+            train,
+            test,
+            train_indices,
+            valid_indices,
+            epoch: 0,
+            best: None,
+        })
     }
 
     /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
@@ -298,9 +417,9 @@ impl Trainer {
         self.params.weights.iter().map(Tensor::shallow_clone).collect()
     }
 
-    /// Training and test set sizes.
-    pub fn sizes(&self) -> (usize, usize) {
-        (self.train.len(), self.test.len())
+    /// Sizes of the training split the weights learn on, the held-out validation split and the test set.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.train_indices.len(), self.valid_indices.len(), self.test.len())
     }
 
     /// One epoch over the full training set, then evaluation on the test set.
@@ -309,17 +428,17 @@ impl Trainer {
         reset_cuda_peak(self.device);
         let cfg = &self.config;
         let epoch = self.epoch;
-        let lr = cosine_lr(cfg.lr, cfg.lr_min, epoch, cfg.epochs);
+        let lr = cfg.lr_at(epoch);
         self.sgd.lr = lr;
-        self.net.drop_path_prob = cfg.drop_path * epoch as f64 / cfg.epochs as f64;
+        self.net.drop_path_prob = cfg.drop_path_at(epoch);
         let mut rng =
             ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(epoch as u64));
-        let all: Vec<usize> = (0..self.train.len()).collect();
-        let batches = data::shuffled_batches(&all, cfg.batch_size, &mut rng);
+        let batches = data::shuffled_batches(&self.train_indices, cfg.batch_size, &mut rng);
         let augment = Augment { cutout: cfg.cutout, ..cfg.dataset.default_augment() };
         let mut meter = StepMeter::new(self.device, batches.len(), bar);
         let nan_hint = format!(
-            "the last checkpoint (end of epoch {epoch}) is intact; resume with a lower --lr or a smaller --grad-clip"
+            "the last checkpoint (end of epoch {epoch}) is intact, but a run's settings are fixed: start a new run \
+             (another --out) with a lower --lr or a smaller --grad-clip"
         );
         // Batches are made on a loader thread from `rng`; drop-path masks come from a second stream of it.
         let mut mask_rng = rng.clone();
@@ -353,6 +472,10 @@ impl Trainer {
         anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
         let data_wait_seconds = loader.waited().as_secs_f64();
         let (train_loss, train_acc) = meter.means();
+        let valid = (!self.valid_indices.is_empty()).then(|| {
+            let net = &self.net;
+            score_indices(&self.train, &self.valid_indices, 256, self.device, |x| net.forward_t(x, false).0)
+        });
         let test = evaluate(&self.net, &self.test, 256, self.device, cfg.precision)?;
         self.epoch += 1;
         Ok(TrainStats {
@@ -361,6 +484,8 @@ impl Trainer {
             drop_path: self.net.drop_path_prob,
             train_loss,
             train_acc,
+            valid_loss: valid.map(|v| v.0),
+            valid_acc: valid.map(|v| v.1),
             test_loss: test.loss,
             test_acc: test.top1,
             test_top5: test.top5,
@@ -381,7 +506,7 @@ impl Trainer {
     /// that `load_state_dict(strict=True)` of the original model accepts the file.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
         let mut named = self.params.named();
-        let batches = (self.epoch * self.train.len().div_ceil(self.config.batch_size.max(1))) as f64;
+        let batches = (self.epoch * self.train_indices.len().div_ceil(self.config.batch_size.max(1))) as f64;
         let tracked: Vec<(String, Tensor)> = named
             .iter()
             .filter_map(|(n, _)| n.strip_suffix(".running_mean"))
@@ -391,10 +516,9 @@ impl Trainer {
         crate::write_tensors_atomically(&named, path)
     }
 
-    /// Writes the training state (model, optimiser, epoch, best accuracy) to `dir/checkpoint.safetensors`.
+    /// Writes the training state (model, optimiser, epoch, best epoch) to `dir/checkpoint.safetensors`.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let meta =
-            serde_json::to_vec(&Meta { epoch: self.epoch, best_acc: self.best_acc, config: self.config.clone() })?;
+        let meta = serde_json::to_vec(&Meta { epoch: self.epoch, best: self.best, config: self.config.clone() })?;
         let mut named = self.params.named();
         named.push(("meta".into(), Tensor::from_slice(&meta)));
         let sgd = self.params.names.iter().zip(&self.sgd.buffers);
@@ -409,7 +533,7 @@ impl Trainer {
         t.params.load(&map, &path)?;
         t.params.load_per_weight(&map, "sgd/", &t.sgd.buffers, &path)?;
         t.epoch = meta.epoch;
-        t.best_acc = meta.best_acc;
+        t.best = meta.best;
         Ok(t)
     }
 

@@ -58,16 +58,26 @@ pub fn resolve(arg: &str) -> anyhow::Result<Genotype> {
     if let Some(g) = get(arg) {
         return Ok(g);
     }
-    let path = std::path::Path::new(arg);
+    let mut path = std::path::PathBuf::from(arg);
+    if path.is_dir() {
+        // A run directory: a search's genotype, or the one a training or `darts run` trained.
+        let found = ["genotype.json", "train/genotype.json", "search/genotype.json"].iter().map(|f| path.join(f));
+        path = found.into_iter().find(|p| p.is_file()).with_context(|| {
+            format!("{arg} is a directory without a genotype.json (a search that has not finished yet?)")
+        })?;
+    }
     if path.is_file() {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {arg}"))?;
-        return Genotype::parse(text.trim()).with_context(|| format!("in {arg}"));
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        return Genotype::parse(text.trim()).with_context(|| format!("in {}", path.display()));
     }
     let t = arg.trim_start();
     if t.starts_with("Genotype") || t.starts_with('{') {
         return Ok(Genotype::parse(arg.trim())?);
     }
-    anyhow::bail!("'{arg}' is neither a zoo name ({}), a file, nor a genotype text", names().join(", "))
+    anyhow::bail!(
+        "'{arg}' is neither a zoo name ({}), a file, a run directory, nor a genotype text",
+        names().join(", ")
+    )
 }
 
 #[cfg(test)]

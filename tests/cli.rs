@@ -47,6 +47,8 @@ fn impossible_settings_are_refused_with_a_reason() {
         (vec!["--gdas", "--tau-min", "0"], "tau_min"),
         (vec!["--gdas", "--order", "second"], "GDAS is first order"),
         (vec!["--tau-max", "5"], "--gdas"),
+        (vec!["--grad-clip", "0"], "grad_clip"),
+        (vec!["--weight-decay=-1"], "weight decay"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let mut a = vec!["search", "--quiet", "--out", dir.path().to_str().unwrap()];
@@ -137,16 +139,24 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
         "4",
         "--search-layers",
         "3",
-        "--search-nodes",
+        "--nodes",
         "2",
         "--search-epochs",
         "1",
+        "--search-batch-size",
+        "16",
+        "--order",
+        "second",
         "--train-epochs",
         "1",
         "--train-channels",
         "4",
         "--train-layers",
         "3",
+        "--train-batch-size",
+        "16",
+        "--valid-portion",
+        "0.25",
         "--auxiliary-skip",
         "--device",
         "cpu",
@@ -159,6 +169,8 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     let search_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("search/config.json")).unwrap()).unwrap();
     assert_eq!(search_config["space"]["auxiliary_skip"], true);
+    assert_eq!((search_config["order"].as_str(), search_config["batch_size"].as_u64()), (Some("second"), Some(16)));
+    assert!(err.contains("how decided the cell is") && err.contains("kept ops"), "{err}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["finished"], true);
     let top1 = summary["test"]["top1"].as_f64().unwrap();
@@ -167,6 +179,10 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     let trained = std::fs::read_to_string(dir.path().join("train/genotype.txt")).unwrap();
     assert_eq!(searched, trained, "the trained network is the searched genotype");
     assert!(dir.path().join("train/model-best.safetensors").is_file());
+    assert_eq!(summary["best_on_validation"]["epoch"], 0, "{summary}");
+    let train_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("train/train-config.json")).unwrap()).unwrap();
+    assert_eq!((train_config["valid_portion"].as_f64(), train_config["batch_size"].as_u64()), (Some(0.25), Some(16)));
     for report in ["report.html", "search/report.html", "train/report.html"] {
         assert!(dir.path().join(report).is_file(), "{report} missing: {err}");
     }
@@ -191,6 +207,21 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     assert!(err.contains("search already finished"), "{err}");
     let again: serde_json::Value = serde_json::from_str(stdout2.trim()).unwrap();
     assert_eq!(again["test"]["top1"], summary["test"]["top1"]);
+    // The same directory with other settings is refused, naming what differs.
+    let mut other = args.to_vec();
+    let i = other.iter().position(|a| *a == "--search-epochs").unwrap();
+    other[i + 1] = "2";
+    let (ok, _, err) = darts(&other);
+    assert!(!ok && err.contains("epochs: 1 in the run, 2 now"), "{err}");
+    // A bad training setting fails before the search starts.
+    let fresh = tempfile::tempdir().unwrap();
+    let mut bad = args.to_vec();
+    let i = bad.iter().position(|a| *a == "--out").unwrap();
+    bad[i + 1] = fresh.path().to_str().unwrap();
+    bad.extend(["--train-lr=-1"]);
+    let (ok, _, err) = darts(&bad);
+    assert!(!ok && err.contains("training settings") && err.contains("lr = -1"), "{err}");
+    assert!(!fresh.path().join("search").exists(), "the search started before the training settings were checked");
     let (ok, stdout3, err) = darts(&["eval", "--model", &format!("{out}/train"), "--which", "last", "--device", "cpu"]);
     assert!(ok, "{err}");
     let eval: serde_json::Value = serde_json::from_str(stdout3.trim()).unwrap();
@@ -261,7 +292,9 @@ fn info_prints_the_published_darts_v2_size() {
 
 #[test]
 fn every_subcommand_parses_its_arguments_and_bench_runs() {
-    for cmd in ["search", "train", "eval", "run", "info", "bench", "genotype", "show", "report"] {
+    for cmd in
+        ["search", "train", "eval", "run", "info", "bench", "genotype", "show", "report", "baseline", "compare", "data"]
+    {
         let (ok, stdout, err) = darts(&[cmd, "--help"]);
         assert!(ok, "{cmd} --help: {err}");
         assert!(stdout.contains("--device") && stdout.contains("--threads"), "{cmd}: {stdout}");
@@ -482,4 +515,85 @@ fn a_search_and_a_training_run_on_an_image_folder() {
         serde_json::from_str(&std::fs::read_to_string(t.join("network.json")).unwrap()).unwrap();
     assert_eq!(net["input"], serde_json::json!([3, 16, 16]));
     assert_eq!(net["classes"], 2);
+}
+
+/// A run's settings are fixed: `--resume` with a flag that would change them is refused, naming the flag.
+#[test]
+fn resume_refuses_settings_that_would_change_the_run() {
+    for (cmd, flag, value) in [
+        ("search", "--lr", "0.1"),
+        ("search", "--arch-lr", "0.1"),
+        ("search", "--order", "second"),
+        ("search", "--epochs", "9"),
+        ("search", "--skip-dropout", "0.3"),
+        ("search", "--limit", "9"),
+        ("train", "--lr", "0.1"),
+        ("train", "--valid-portion", "0.1"),
+        ("train", "--recipe", "darts-imagenet"),
+        ("train", "--epochs", "9"),
+        ("baseline", "--samples", "9"),
+    ] {
+        let (ok, _, err) = darts(&[cmd, "--resume", "some/run", flag, value]);
+        assert!(!ok && err.contains("cannot be used with") && err.contains(flag), "{cmd} {flag}: {err}");
+    }
+    // Gradient checkpointing changes memory, not results: allowed (here the run is missing, which is said).
+    let (ok, _, err) = darts(&["search", "--resume", "no/such/run", "--checkpoint-cells"]);
+    assert!(!ok && !err.contains("cannot be used with") && err.contains("no/such/run"), "{err}");
+}
+
+/// `darts train` with a schedule from the command line: StepLR (gamma 0.5 every epoch) gives 0.025, 0.0125 in
+/// the metrics, and train-config.json records the recipe and the schedule.
+#[test]
+fn train_takes_recipes_and_schedules_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (ok, _, err) = darts(&[
+        "train",
+        "--genotype",
+        "DARTS_V2",
+        "--limit",
+        "64",
+        "--channels",
+        "4",
+        "--layers",
+        "3",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr-schedule",
+        "step",
+        "--lr-gamma",
+        "0.5",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out,
+    ]);
+    assert!(ok, "{err}");
+    let lrs: Vec<f64> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(lrs, vec![0.025, 0.0125]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("train-config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["recipe"], "darts-cifar");
+    assert_eq!(cfg["lr_schedule"], serde_json::json!({"kind": "step", "gamma": 0.5, "period": 1}));
+    assert!(!dir.path().join("model-best.safetensors").exists(), "no validation split, no best model");
+    let (ok, _, err) = darts(&["eval", "--model", out, "--which", "best", "--device", "cpu"]);
+    assert!(!ok && err.contains("no validation split"), "{err}");
+    for (args, want) in [
+        (vec!["--lr-gamma", "0.5"], "--lr-schedule step"),
+        (vec!["--imagenet", "--recipe", "darts-cifar"], "cannot be used with"),
+        (vec!["--valid-portion", "1"], "valid_portion"),
+        (vec!["--lr-schedule", "step", "--lr-gamma", "2"], "gamma"),
+    ] {
+        let mut a = vec!["train", "--genotype", "DARTS_V2", "--quiet", "--out", out];
+        a.extend(args.iter());
+        let (ok, _, err) = darts(&a);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
 }

@@ -111,8 +111,27 @@ fn the_split_is_disjoint_and_alpha_moves_by_gradient() {
     let before = s.net.alphas.normal.detach().copy();
     s.run_epoch(None).unwrap();
     let moved = (s.net.alphas.normal.detach() - before).abs().max().double_value(&[]);
-    // 3 Adam steps of lr 3e-4 move each alpha by at most ~9e-4, and by something.
+    // 3 Adam steps of lr 3e-4 move each alpha by at most ~9e-4, and by something. (That the step descends the
+    // validation loss is tests/architect.rs's a_first_order_alpha_step_descends_the_validation_loss.)
     assert!(moved > 1e-5 && moved < 1.5e-3, "{moved}");
+}
+
+/// The weights' learning rate per epoch, as the original train_search.py under PyTorch 0.3 (scheduler.step()
+/// before each epoch: epoch e runs at the cosine value for e): 0.001 + 0.024 (1 + cos(pi e / 3)) / 2 =
+/// 0.025, 0.019, 0.007; and the second-order unrolled step uses the same epoch's rate (architect.step(...,
+/// lr, ...) in the original).
+#[test]
+fn the_learning_rate_of_each_epoch_and_of_the_unrolled_step_follow_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SearchConfig { order: Order::Second, limit: Some(48), ..tiny(3) };
+    run::start(cfg, &opts(dir.path(), None)).unwrap();
+    let want = [0.025, 0.019, 0.007];
+    for (key, got) in [("lr", metric(dir.path(), "lr")), ("unrolled_lr", metric(dir.path(), "unrolled_lr"))] {
+        assert_eq!(got.len(), 3);
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-15, "{key}: {got:?}");
+        }
+    }
 }
 
 #[test]
@@ -200,20 +219,27 @@ fn pc_darts_with_checkpointed_cells_warms_up_and_resumes_bit_for_bit() {
     assert!(!final_search.net.alphas.normal.equal(&alpha0), "alpha trains after the warm-up");
 }
 
-/// P-DARTS's skip dropout: the rate decays linearly to 0 in the metrics, the masks come back on resume (bit
-/// for bit), the dropout changes the search, and impossible rates are refused.
+/// P-DARTS's skip dropout: the rate follows P-DARTS's train_search.py in the metrics, the masks come back on
+/// resume (bit for bit), the dropout changes the search, and impossible rates are refused.
 #[test]
 fn skip_dropout_decays_resumes_bit_for_bit_and_changes_the_search() {
-    let (a, ta) = resumes_bit_for_bit(|| SearchConfig { skip_dropout: 0.6, ..tiny(3) }, 1);
+    let cfg = || SearchConfig { skip_dropout: 0.6, arch_warmup_epochs: 1, ..tiny(3) };
+    let (a, ta) = resumes_bit_for_bit(cfg, 1);
     let c = tempfile::tempdir().unwrap();
-    run::start(tiny(3), &opts(c.path(), None)).unwrap();
+    run::start(SearchConfig { skip_dropout: 0.0, ..cfg() }, &opts(c.path(), None)).unwrap();
     let tc = checkpoint_tensors(c.path());
     assert!(ta.iter().zip(&tc).any(|((_, xa), (_, xc))| !xa.equal(xc)), "skip dropout changed nothing");
     let rates = metric(a.path(), "skip_dropout");
-    // 0.6 * (3 - e - 1) / 3
+    // P-DARTS: `p * (epochs - epoch - 1) / epochs` while epoch < eps_no_arch (here 1), then
+    // `p * np.exp(-(epoch - eps_no_arch) * 0.2)`: 0.6 * 2/3, 0.6 * exp(0), 0.6 * exp(-0.2).
     assert_eq!(rates.len(), 3);
-    for (r, want) in rates.iter().zip([0.4, 0.2, 0.0]) {
+    for (r, want) in rates.iter().zip([0.4, 0.6, 0.49123845184678905]) {
         assert!((r - want).abs() < 1e-12, "{rates:?}");
+    }
+    // P-DARTS's own setting: 25 epochs per stage, 10 without alpha, rate 0.4 (its second stage).
+    let p = SearchConfig { skip_dropout: 0.4, arch_warmup_epochs: 10, epochs: 25, ..tiny(25) };
+    for (e, want) in [(0, 0.384), (9, 0.24), (10, 0.4), (11, 0.3274923012311928), (24, 0.024324025050087184)] {
+        assert!((p.skip_dropout_at(e) - want).abs() < 1e-12, "epoch {e}: {}", p.skip_dropout_at(e));
     }
     for bad in [1.0, -0.1, f64::NAN] {
         let e = SearchConfig { skip_dropout: bad, ..tiny(3) }.validate().unwrap_err().to_string();

@@ -39,7 +39,65 @@ fn darts_v2_trained_briefly_on_fashion_mnist_beats_chance_widely() {
     // 10 balanced classes: chance is 10%.
     assert!(last.test_acc > 0.5, "test accuracy {}", last.test_acc);
     assert!(last.test_top5.unwrap() > last.test_acc);
-    assert!(last.drop_path > 0.0 && last.drop_path < 0.2);
+    // The original train.py: `model.drop_path_prob = args.drop_path_prob * epoch / args.epochs` (0, 0.2/3,
+    // 0.4/3), and the cosine schedule stepped before each epoch (PyTorch 0.3): epoch e at
+    // 0.025 * (1 + cos(pi e / 3)) / 2 = 0.025, 0.01875, 0.00625.
+    for (s, (dp, lr)) in stats.iter().zip([(0.0, 0.025), (0.2 / 3.0, 0.01875), (0.4 / 3.0, 0.00625)]) {
+        assert!(
+            (s.drop_path - dp).abs() < 1e-15 && (s.lr - lr).abs() < 1e-15,
+            "epoch {}: {} {}",
+            s.epoch,
+            s.drop_path,
+            s.lr
+        );
+        assert!(s.valid_acc.is_none(), "no validation split unless asked for");
+    }
+}
+
+/// A held-out validation split chooses model-best: its examples are not trained on, model-best holds the
+/// weights of the epoch of best validation accuracy (the same run stopped after that epoch has them as its
+/// last weights), and without a split there is no model-best and `eval --which best` says why.
+#[test]
+fn model_best_is_chosen_on_a_held_out_validation_split_never_on_the_test_set() {
+    let cfg = || TrainConfig { valid_portion: 0.25, ..tiny(3) };
+    let t = Trainer::new(cfg(), Device::Cpu).unwrap();
+    assert_eq!(t.sizes(), (96, 32, 128), "128 training examples: 96 learn, 32 validate");
+    let a = tempfile::tempdir().unwrap();
+    let out = run::start_training(cfg(), &opts(a.path(), None)).unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(a.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let valid: Vec<f64> = lines.iter().map(|l| l["valid_acc"].as_f64().unwrap()).collect();
+    // The first epoch of the highest validation accuracy (later ties do not replace it).
+    let best = valid.iter().enumerate().fold(0, |b, (i, &v)| if v > valid[b] { i } else { b });
+    let chosen = out.best.expect("a validation split gives a best model");
+    assert_eq!((chosen.epoch, chosen.valid_acc), (best, valid[best]));
+    let b = tempfile::tempdir().unwrap();
+    run::start_training(cfg(), &opts(b.path(), Some(best + 1))).unwrap();
+    let read = |p: std::path::PathBuf| {
+        let mut v = Tensor::read_safetensors(p).unwrap();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let (kept, then) = (read(a.path().join("model-best.safetensors")), read(b.path().join("model-last.safetensors")));
+    assert_eq!(kept.len(), then.len());
+    for ((n, x), (_, y)) in kept.iter().zip(&then) {
+        assert!(x.equal(y), "model-best's {n} is not epoch {best}'s");
+    }
+    let r = run::evaluate_model(a.path(), run::Which::Best, Device::Cpu, darts::Layout::Auto).unwrap();
+    assert_eq!(r.examples, 128, "the best model is tested on the whole test set");
+    // Without a validation split: no model-best, and asking for it explains.
+    let c = tempfile::tempdir().unwrap();
+    let plain = run::start_training(tiny(1), &opts(c.path(), None)).unwrap();
+    assert!(plain.best.is_none() && !c.path().join("model-best.safetensors").exists());
+    let e = run::evaluate_model(c.path(), run::Which::Best, Device::Cpu, darts::Layout::Auto).unwrap_err().to_string();
+    assert!(e.contains("no validation split") && e.contains("--valid-portion") && e.contains("--which last"), "{e}");
+    for bad in [1.0, -0.1, f64::NAN] {
+        let e = TrainConfig { valid_portion: bad, ..tiny(1) }.validate().unwrap_err().to_string();
+        assert!(e.contains("valid_portion"), "{e}");
+    }
 }
 
 #[test]
@@ -68,7 +126,7 @@ fn training_resumes_bit_for_bit_and_saved_weights_reload_with_checks() {
     assert!(names.contains(&"auxiliary_head.classifier.weight"));
     assert!(names.contains(&"stem.1.running_mean"));
     // Reloading gives the same test result as the run reported.
-    let again = run::evaluate_model(a.path(), "last", Device::Cpu, darts::Layout::Auto).unwrap();
+    let again = run::evaluate_model(a.path(), run::Which::Last, Device::Cpu, darts::Layout::Auto).unwrap();
     assert_eq!(again.top1, full.last.top1);
     assert!((again.loss - full.last.loss).abs() < 1e-9);
     // A different genotype in the config: the weights no longer fit, and the error lists what differs.
@@ -76,7 +134,7 @@ fn training_resumes_bit_for_bit_and_saved_weights_reload_with_checks() {
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["genotype"] = serde_json::from_str(&zoo::get("DARTS_V1").unwrap().to_json()).unwrap();
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    let e = run::evaluate_model(a.path(), "last", Device::Cpu, darts::Layout::Auto).unwrap_err().to_string();
+    let e = run::evaluate_model(a.path(), run::Which::Last, Device::Cpu, darts::Layout::Auto).unwrap_err().to_string();
     assert!(e.contains("does not match") && e.contains("differences"), "{e}");
 }
 

@@ -57,8 +57,15 @@ pub struct BaselineArgs {
     /// Run directory; default runs/baseline-<strategy>-<date>-<time>.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the baseline search in this directory.
-    #[arg(long, conflicts_with_all = ["strategy", "out"])]
+    /// Continue the baseline search in this directory (its settings are fixed: flags that would change them are
+    /// refused).
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "strategy", "out", "samples", "budget_seconds", "epochs", "channels", "layers", "nodes", "ops",
+            "batch_size", "dataset", "data_dir", "limit", "controller_lr", "seed"
+        ]
+    )]
     resume: Option<PathBuf>,
 }
 

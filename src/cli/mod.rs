@@ -1,6 +1,7 @@
 //! Subcommands, one file each.
 use clap::{Parser, Subcommand};
 
+mod args;
 mod baseline;
 mod bench;
 mod compare;
@@ -74,7 +75,7 @@ enum Command {
     /// Evaluate a trained model on the test set.
     Eval(train::EvalArgs),
     /// Search, derive, train from scratch and evaluate, in one run directory.
-    Run(pipeline::RunArgs),
+    Run(Box<pipeline::RunArgs>),
     /// Parameters and multiply-accumulates of a genotype's network.
     Info(info::InfoArgs),
     /// Random search or RL (REINFORCE) on the same space: sample cells, train each briefly, keep the best.
@@ -100,7 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Search(a) => search::run(a, rt),
         Command::Train(a) => train::run(a, rt),
         Command::Eval(a) => train::eval(a, rt),
-        Command::Run(a) => pipeline::run(a, rt),
+        Command::Run(a) => pipeline::run(*a, rt),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a, rt),
         Command::Baseline(a) => baseline::run(a, rt),

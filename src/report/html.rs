@@ -129,7 +129,10 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             extras.push("auxiliary skip connections, weight decaying from 1 (DARTS-)".to_string());
         }
         if s.config.skip_dropout > 0.0 {
-            extras.push(format!("dropout {} on skip connections, decaying to 0 (P-DARTS)", s.config.skip_dropout));
+            extras.push(format!(
+                "dropout {} on skip connections, decaying linearly in the warm-up and exponentially after it (P-DARTS)",
+                s.config.skip_dropout
+            ));
         }
         if !extras.is_empty() {
             row(&mut h, "search options", &escape(&extras.join(", ")));
@@ -141,6 +144,10 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
                 &escape(&format!("{} ({} per epoch)", duration(secs), duration(secs / s.epochs.len() as f64))),
             );
             row(&mut h, "alpha-split accuracy (last epoch)", &pct(last.val_acc));
+            if let Some(d) = crate::search::decision(&s.config.space, &s.epochs) {
+                let line = format!("normal: {}; reduce: {}", d.normal.summary(), d.reduce.summary());
+                row(&mut h, "how decided the cell is", &escape(&line));
+            }
             let peak = s.epochs.iter().map(|e| e.peak_rss_mb).fold(0.0, f64::max);
             row(&mut h, "search peak memory (RSS)", &format!("{peak:.0} MiB"));
             let gpu = s.epochs.iter().filter_map(|e| e.peak_gpu_mb).fold(f64::NAN, f64::max);
@@ -196,8 +203,24 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             );
             let top5 = last.test_top5.map_or(String::new(), |v| format!(", top-5 {}", pct(v)));
             row(&mut h, "test accuracy (last epoch)", &format!("<b>top-1 {}</b>{top5}", pct(last.test_acc)));
-            let best = t.epochs.iter().map(|e| e.test_acc).fold(0.0, f64::max);
-            row(&mut h, "best test top-1", &pct(best));
+            // The test set is reported, never used to choose: a best epoch exists only on a validation split.
+            let best = t.epochs.iter().filter_map(|e| e.valid_acc.map(|v| (e.epoch, v)));
+            if let Some((epoch, acc)) = best.fold(None, |b: Option<(usize, f64)>, x| match b {
+                Some(b) if b.1 >= x.1 => Some(b),
+                _ => Some(x),
+            }) {
+                row(
+                    &mut h,
+                    "model-best (chosen on the validation split)",
+                    &format!(
+                        "epoch {}, validation top-1 {} ({:.0}% of the training set held out; darts eval --which best \
+                         tests it)",
+                        epoch + 1,
+                        pct(acc),
+                        100.0 * t.config.valid_portion
+                    ),
+                );
+            }
             let gpu = t.epochs.iter().filter_map(|e| e.peak_gpu_mb).fold(f64::NAN, f64::max);
             if gpu.is_finite() {
                 row(&mut h, "training peak GPU memory (tensors)", &format!("{gpu:.0} MiB"));
@@ -309,6 +332,9 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             );
         }
         h.push_str("</table>\n");
+        if let Some(d) = crate::search::decision(&s.config.space, &s.epochs) {
+            decision_table(&mut h, &d);
+        }
         let _ = writeln!(
             h,
             "<h2>Search configuration</h2>\n<details><summary>config.json</summary><pre>{}</pre></details>",
@@ -318,20 +344,21 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
     if let Some(t) = &run.train {
         h.push_str(
             "<h2>Final training, epoch by epoch</h2>\n<table><tr><th>epoch</th><th>lr</th><th>drop path</th>\
-                    <th>train loss</th><th>train acc</th><th>test loss</th><th>test top-1</th><th>test top-5</th>\
-                    <th>seconds</th><th>peak MiB</th></tr>\n",
+                    <th>train loss</th><th>train acc</th><th>validation top-1</th><th>test loss</th>\
+                    <th>test top-1</th><th>test top-5</th><th>seconds</th><th>peak MiB</th></tr>\n",
         );
         for e in &t.epochs {
             let _ = writeln!(
                 h,
                 "<tr><td class=num>{}</td><td class=num>{:.5}</td><td class=num>{:.3}</td><td class=num>{:.4}</td>\
-                 <td class=num>{}</td><td class=num>{:.4}</td><td class=num>{}</td><td class=num>{}</td>\
-                 <td class=num>{:.1}</td><td class=num>{:.0}</td></tr>",
+                 <td class=num>{}</td><td class=num>{}</td><td class=num>{:.4}</td><td class=num>{}</td>\
+                 <td class=num>{}</td><td class=num>{:.1}</td><td class=num>{:.0}</td></tr>",
                 e.epoch + 1,
                 e.lr,
                 e.drop_path,
                 e.train_loss,
                 pct(e.train_acc),
+                e.valid_acc.map_or("-".into(), pct),
                 e.test_loss,
                 pct(e.test_acc),
                 e.test_top5.map_or("-".into(), pct),
@@ -373,4 +400,46 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
     }
     let _ = writeln!(h, "<p><small>written by darts {}</small></p>\n</body></html>", env!("CARGO_PKG_VERSION"));
     Ok(h)
+}
+
+/// Every choice of the derived cells with its margin and the last epoch's movement.
+fn decision_table(h: &mut String, d: &crate::decision::Decision) {
+    h.push_str(
+        "<h2>How decided the cell is</h2>\n<p>Each choice of the derived cells: the margin of the kept op (or edge) \
+         over the runner-up, in softmax(alpha) weight, against how far those weights moved in the last epoch. A \
+         margin not larger than that movement is <b>within noise</b>: one more epoch could flip it.</p>\n\
+         <table><tr><th>cell</th><th>node</th><th>choice</th><th>kept</th><th>runner-up</th><th>margin</th>\
+         <th>moved last epoch</th><th></th></tr>\n",
+    );
+    for (name, c) in [("normal", &d.normal), ("reduce", &d.reduce)] {
+        let flag = |m: f64, moved: f64| if m <= moved { "<b>within noise</b>" } else { "" };
+        for o in &c.ops {
+            let _ = writeln!(
+                h,
+                "<tr><td>{name}</td><td class=num>{}</td><td>op on edge from {}</td><td>{}</td><td>{}</td>\
+                 <td class=num>{:.4}</td><td class=num>{:.4}</td><td>{}</td></tr>",
+                o.node,
+                o.input,
+                o.op.name(),
+                o.runner_up.name(),
+                o.margin,
+                o.moved,
+                flag(o.margin, o.moved)
+            );
+        }
+        for e in &c.edges {
+            let _ = writeln!(
+                h,
+                "<tr><td>{name}</td><td class=num>{}</td><td>second edge</td><td>from {}</td><td>from {}</td>\
+                 <td class=num>{:.4}</td><td class=num>{:.4}</td><td>{}</td></tr>",
+                e.node,
+                e.kept,
+                e.dropped,
+                e.margin,
+                e.moved,
+                flag(e.margin, e.moved)
+            );
+        }
+    }
+    h.push_str("</table>\n");
 }

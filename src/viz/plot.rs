@@ -138,6 +138,16 @@ fn legend(area: &DrawingArea<SVGBackend, Shift>, names: &[String]) -> Result<()>
     Ok(())
 }
 
+/// Decimals for axis labels spaced about `(hi - lo) / labels` apart: enough that neighbouring labels differ
+/// (alpha's weights after a short search span a few thousandths), no more.
+pub fn label_decimals(lo: f64, hi: f64, labels: usize) -> usize {
+    let step = (hi - lo).abs() / labels.max(1) as f64;
+    if !(step.is_finite() && step > 0.0) {
+        return 3;
+    }
+    (-step.log10()).ceil().clamp(0.0, 8.0) as usize
+}
+
 /// Small multiples, one per edge: each op's softmax(alpha) weight over the search's epochs.
 /// `per_epoch[e][edge][op]`.
 pub fn alpha_evolution(title: &str, per_epoch: &[Vec<Vec<f64>>], ops: &[String], edges: &[String]) -> Result<String> {
@@ -153,6 +163,7 @@ pub fn alpha_evolution(title: &str, per_epoch: &[Vec<Vec<f64>>], ops: &[String],
     let hi = per_epoch.iter().flatten().flatten().fold(f64::MIN, |m, &v| m.max(v));
     let pad = ((hi - lo) * 0.08).max(1e-4);
     let (y_min, y_max) = ((lo - pad).max(0.0), (hi + pad).min(1.0));
+    let decimals = label_decimals(y_min, y_max, 4);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
@@ -176,7 +187,7 @@ pub fn alpha_evolution(title: &str, per_epoch: &[Vec<Vec<f64>>], ops: &[String],
                 .y_labels(4)
                 .label_style(("sans-serif", 9))
                 .x_label_formatter(&|v| format!("{v:.0}"))
-                .y_label_formatter(&|v| format!("{v:.3}"))
+                .y_label_formatter(&|v| format!("{v:.decimals$}"))
                 .light_line_style(WHITE)
                 .draw()
                 .map_err(draw_err)?;
@@ -317,5 +328,27 @@ mod tests {
         let epochs = vec![vec![vec![0.5, 0.5]; 2], vec![vec![0.4, 0.6]; 2]];
         let svg = alpha_evolution("evolution", &epochs, &ops, &crate::viz::cell::edge_labels(1)).unwrap();
         assert!(svg.contains("c_{k-2} → 0") && svg.contains("c_{k-1} → 0"));
+    }
+
+    /// A short search moves alpha's weights by thousandths (0.1242 to 0.1262): the y labels must still differ.
+    #[test]
+    fn evolution_labels_of_a_narrow_range_are_distinct() {
+        assert_eq!(
+            (label_decimals(0.1240, 0.1264, 4), label_decimals(0.0, 1.0, 4), label_decimals(0.2, 0.2, 4)),
+            (4, 1, 3)
+        );
+        let ops: Vec<String> = vec!["a".into(), "b".into()];
+        let epochs = vec![vec![vec![0.1242, 0.1250]; 2], vec![vec![0.1262, 0.1249]; 2]];
+        let svg = alpha_evolution("evolution", &epochs, &ops, &crate::viz::cell::edge_labels(1)).unwrap();
+        let mut labels: Vec<&str> = svg
+            .split('>')
+            .filter_map(|t| t.split('<').next().map(str::trim))
+            .filter(|t| t.starts_with("0.12") || t.starts_with("0.13"))
+            .collect();
+        let all = labels.len();
+        labels.sort();
+        labels.dedup();
+        assert!(labels.len() >= 3, "{labels:?}");
+        assert_eq!(all, 2 * labels.len(), "each of the two panels shows each label once: {labels:?}");
     }
 }
