@@ -530,6 +530,53 @@ def check_architect(a):
     print(json.dumps(out))
 
 
+def check_final_train(a):
+    """The final network in training mode, as the original train.py runs it: drop path (its Bernoulli masks
+    replaced by the ones darts drew, fed in the order the original's cells call drop_path), the auxiliary head
+    and the loss `criterion(logits) + auxiliary_weight * criterion(logits_aux)` (label smoothing as
+    train_imagenet.py's CrossEntropyLabelSmooth). Prints the largest differences from darts' logits, loss,
+    weight gradients and BN statistics after the pass."""
+    global drop_path
+    t = read_safetensors(a.weights)
+    model = EvalNetwork(a.channels, a.classes, a.layers, True, parse_genotype(a.genotype), in_channels=a.in_channels)
+    state = {k: v for k, v in t.items() if "/" not in k}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(m.endswith("num_batches_tracked") for m in missing), missing
+    rows = iter(t["test/masks"])
+    used = [0]
+
+    def fed(x, drop_prob):
+        if drop_prob > 0.:
+            keep_prob = 1. - drop_prob
+            used[0] += 1
+            x = x.div(keep_prob) * next(rows).view(-1, 1, 1, 1)
+        return x
+
+    drop_path = fed
+    model.train()
+    model.drop_path_prob = a.drop_prob
+    x, y = t["test/x"], t["test/y"].long()
+    logits, logits_aux = model(x)
+    if a.label_smoothing > 0:
+        criterion = lambda l: (-((1 - a.label_smoothing) * F.one_hot(y, a.classes) + a.label_smoothing / a.classes)
+                               * F.log_softmax(l, 1)).mean(0).sum()
+    else:
+        criterion = lambda l: F.cross_entropy(l, y)
+    loss = criterion(logits) + a.aux_weight * criterion(logits_aux)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    grad_diff = max((g - t["test/grad/" + n]).abs().max().item() for n, g in zip(params, grads))
+    grad_scale = max(g.abs().max().item() for g in grads)
+    stats = {k: v for k, v in model.state_dict().items() if "running" in k}
+    print(json.dumps({"logits": (logits - t["test/logits"]).abs().max().item(),
+                      "aux": (logits_aux - t["test/aux"]).abs().max().item(),
+                      "loss": abs(loss.item() - t["test/loss"].item()), "loss_value": loss.item(),
+                      "grad": grad_diff, "grad scale": grad_scale, "masks used": used[0],
+                      "masks given": int(t["test/masks"].shape[0]),
+                      "stats": max((v - t["test/stats/" + k]).abs().max().item() for k, v in stats.items())}))
+
+
 def peak_rss_mb():
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across execve from the parent process.
     with open("/proc/self/status") as f:
@@ -651,7 +698,7 @@ def check_weights(a):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("cmd", choices=["count", "bench", "count-final", "bench-final", "check-weights",
-                                    "check-supernet", "check-architect"])
+                                    "check-supernet", "check-architect", "check-final-train"])
     ap.add_argument("--genotype", default="")
     ap.add_argument("--imagenet", action="store_true")
     ap.add_argument("--channels", type=int, default=16)
@@ -676,9 +723,13 @@ if __name__ == "__main__":
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--mean", type=float, default=0.2860)
     ap.add_argument("--std", type=float, default=0.3530)
+    ap.add_argument("--drop-prob", type=float, default=0.0, help="check-final-train: drop path probability")
+    ap.add_argument("--aux-weight", type=float, default=0.4)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--eta", type=float, default=0.025, help="check-architect: the weights' learning rate")
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--weight-decay", type=float, default=3e-4)
     a = ap.parse_args()
     {"count": count, "bench": bench, "count-final": count_final, "bench-final": bench_final,
-     "check-weights": check_weights, "check-supernet": check_supernet, "check-architect": check_architect}[a.cmd](a)
+     "check-weights": check_weights, "check-supernet": check_supernet, "check-architect": check_architect,
+     "check-final-train": check_final_train}[a.cmd](a)

@@ -168,5 +168,10 @@ pub fn table(o: &CompareOutcome) -> String {
             m.train_seconds
         ));
     }
+    s.push_str(
+        "\nWhich split chose what: DARTS's cell by alpha on the training set's alpha half; the baselines' cells by \
+         their scores on a split of the training set; test top-1 is each cell's last training epoch on the test set, \
+         which chose nothing.\n",
+    );
     s
 }

@@ -1,5 +1,7 @@
 //! The final network from a genotype against the original model.py's published sizes.
-use darts::network::{count_parameters_without_auxiliary, drop_path, drop_path_masks, Network, NetworkConfig};
+use darts::network::{
+    count_parameters_without_auxiliary, drop_path, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
+};
 use darts::space::DataShape;
 use darts::zoo;
 use rand::SeedableRng;
@@ -68,4 +70,78 @@ fn drop_path_zeroes_whole_examples_at_the_right_rate_and_keeps_the_mean() {
     let kept_value = y.max().double_value(&[]);
     assert!((kept_value - 1.25).abs() < 1e-6);
     assert!((y.mean(Kind::Double).double_value(&[]) - 1.0).abs() < 0.02);
+}
+
+/// The Python of darts' own set-up (scripts/setup.sh), which has torch.
+fn darts_python() -> String {
+    let cache =
+        std::env::var("DARTS_CACHE").unwrap_or_else(|_| format!("{}/.cache/darts", std::env::var("HOME").unwrap()));
+    let py = format!("{cache}/venv/bin/python");
+    assert!(std::path::Path::new(&py).is_file(), "{py} missing: run scripts/setup.sh first");
+    py
+}
+
+/// The final network as it trains, against the original model.py and train.py (bench/pytorch_darts.py): drop
+/// path with the same masks, the auxiliary head, the loss with its weight (and label smoothing as the
+/// original's CrossEntropyLabelSmooth), every weight's gradient and the BN statistics after the pass.
+#[test]
+fn the_training_pass_equals_the_original_with_drop_path_and_auxiliary_head() {
+    let py = darts_python();
+    let genotype = zoo::get("DARTS_V2").unwrap();
+    let shape = DataShape { channels: 3, height: 32, width: 32, classes: 10 };
+    let cfg = NetworkConfig { channels: 4, layers: 5, ..Default::default() };
+    for (drop_prob, label_smoothing) in [(0.3, 0.0), (0.2, 0.1)] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut net = Network::new(&vs.root(), &genotype, &cfg, &shape);
+        net.drop_path_prob = drop_prob;
+        let x = Tensor::randn([6, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 3, 9, 1, 1, 7]);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let masks = drop_path_masks(net.drop_sites(), 6, drop_prob, &mut rng);
+        assert!(masks.sum(Kind::Float).double_value(&[]) < (6 * net.drop_sites()) as f64, "some paths dropped");
+        let mut named: Vec<(String, Tensor)> =
+            vs.variables().into_iter().map(|(n, t)| (n, t.detach().copy())).collect();
+        let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
+        let aux = aux.expect("the auxiliary head runs in training");
+        let loss = loss_with_auxiliary(&logits, Some(&aux), &y, 0.4, label_smoothing);
+        let weights: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let refs: Vec<&Tensor> = weights.iter().map(|(_, t)| t).collect();
+        let grads = Tensor::run_backward(&[&loss], &refs, false, false);
+        for ((n, _), g) in weights.iter().zip(&grads) {
+            named.push((format!("test/grad/{n}"), g.shallow_clone()));
+        }
+        for (n, t) in vs.variables() {
+            if n.contains("running") {
+                named.push((format!("test/stats/{n}"), t.copy()));
+            }
+        }
+        named.extend([
+            ("test/x".to_string(), x),
+            ("test/y".to_string(), y),
+            ("test/masks".to_string(), masks),
+            ("test/logits".to_string(), logits.detach()),
+            ("test/aux".to_string(), aux.detach()),
+            ("test/loss".to_string(), loss.detach()),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("final.safetensors");
+        Tensor::write_safetensors(&named, &file).unwrap();
+        let out = std::process::Command::new(&py)
+            .args([concat!(env!("CARGO_MANIFEST_DIR"), "/bench/pytorch_darts.py"), "check-final-train"])
+            .args(["--channels", "4", "--layers", "5", "--classes", "10", "--in-channels", "3"])
+            .args(["--genotype", &genotype.to_string(), "--drop-prob", &drop_prob.to_string()])
+            .args(["--aux-weight", "0.4", "--label-smoothing", &label_smoothing.to_string(), "--weights"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let f = |key: &str| r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
+        let case = format!("drop path {drop_prob}, label smoothing {label_smoothing}: {r}");
+        assert_eq!(f("masks used"), f("masks given"), "every mask used, in order: {case}");
+        assert!(f("logits") < 1e-4 && f("aux") < 1e-4, "{case}");
+        assert!(f("loss") < 1e-5, "{case}");
+        assert!(f("grad") < 1e-6 + 1e-3 * f("grad scale"), "{case}");
+        assert!(f("stats") < 1e-5, "{case}");
+    }
 }
