@@ -6,7 +6,7 @@ use crate::architect::{Architect, Order};
 use crate::native::{cuda_peak_mb, with_precision, Precision};
 use crate::optim::{clip_grad_norm, Sgd};
 use crate::params::Params;
-use crate::search::peak_rss_mb;
+use crate::progress::peak_rss_mb;
 use crate::space::{DataShape, SearchSpace};
 use crate::supernet::{set_channels_last, Alphas, SearchNetwork};
 use serde::Serialize;

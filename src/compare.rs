@@ -10,6 +10,7 @@
 use crate::baseline::{self, BaselineConfig, Strategy};
 use crate::genotype::Genotype;
 use crate::run::{self, RunOptions};
+use crate::rundir::{self, CompareOutcome, MethodResult};
 use crate::search::SearchConfig;
 use crate::train::TrainConfig;
 use anyhow::Result;
@@ -52,34 +53,6 @@ impl CompareConfig {
     }
 }
 
-/// One method's line of the table.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MethodResult {
-    /// darts, random or rl.
-    pub method: String,
-    /// Seconds the search took.
-    pub search_seconds: f64,
-    /// Architectures trained during the search (DARTS: one supernet).
-    pub architectures_trained: usize,
-    /// The found cell, in DARTS Python text.
-    pub genotype: String,
-    /// Parameters of the final network (auxiliary head excluded).
-    pub parameters: i64,
-    /// Test top-1 after the final training.
-    pub test_top1: f64,
-    /// Seconds the final training took.
-    pub train_seconds: f64,
-}
-
-/// The comparison's results, also written as `compare.json` and `compare.md`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CompareOutcome {
-    /// One line per method: darts, random, rl.
-    pub methods: Vec<MethodResult>,
-    /// The device.
-    pub device: String,
-}
-
 fn train_and_test(
     name: &str,
     genotype: &Genotype,
@@ -91,24 +64,31 @@ fn train_and_test(
     let train = TrainConfig { genotype: genotype.clone(), ..cfg.train.clone() };
     let out = run::train_or_resume(train, &opts)?;
     let parameters = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(opts.out_dir.join("network.json")).unwrap_or_default(),
+        &std::fs::read_to_string(opts.out_dir.join(rundir::NETWORK)).unwrap_or_default(),
     )
     .ok()
     .and_then(|v| v["parameters"].as_i64())
     .unwrap_or(0);
-    Ok((parameters, out.last.top1, run::metrics_seconds(&opts.out_dir)))
+    Ok((parameters, out.last.top1, rundir::metrics_seconds(&opts.out_dir)))
+}
+
+/// The run directories of a comparison's stages in `root` that exist: the searches, then the trainings.
+pub fn stage_dirs(root: &Path) -> Vec<std::path::PathBuf> {
+    let names = ["darts", "random", "rl"];
+    let stages = names.iter().map(|n| n.to_string()).chain(names.iter().map(|n| format!("train-{n}")));
+    stages.map(|s| root.join(s)).filter(|d| d.is_dir()).collect()
 }
 
 /// Runs (or continues) the comparison in `root`.
 pub fn compare(cfg: &CompareConfig, root: &Path, base: &RunOptions) -> Result<CompareOutcome> {
     std::fs::create_dir_all(root)?;
-    std::fs::write(root.join("compare-config.json"), serde_json::to_string_pretty(cfg)?)?;
+    rundir::write_json(&root.join(rundir::COMPARE_CONFIG), cfg)?;
     let sub = |name: &str| RunOptions { out_dir: root.join(name), ..base.clone() };
     let mut methods = Vec::new();
 
     eprintln!("== DARTS search");
     let (genotype, _) = run::search_or_resume(cfg.search.clone(), &sub("darts"))?;
-    let darts_seconds = run::metrics_seconds(&root.join("darts"));
+    let darts_seconds = rundir::metrics_seconds(&root.join("darts"));
     let (parameters, test_top1, train_seconds) = train_and_test("darts", &genotype, cfg, root, base)?;
     methods.push(MethodResult {
         method: "darts".into(),
@@ -128,7 +108,7 @@ pub fn compare(cfg: &CompareConfig, root: &Path, base: &RunOptions) -> Result<Co
             b.budget_seconds = Some(darts_seconds);
         }
         let opts = sub(name);
-        let out = if opts.out_dir.join("baseline-state.json").is_file() {
+        let out = if opts.out_dir.join(rundir::BASELINE_STATE).is_file() {
             baseline::resume(&opts)?
         } else {
             baseline::start(b, &opts)?
@@ -145,9 +125,8 @@ pub fn compare(cfg: &CompareConfig, root: &Path, base: &RunOptions) -> Result<Co
         });
     }
     let outcome = CompareOutcome { methods, device: format!("{:?}", base.device) };
-    std::fs::write(root.join("compare.json"), serde_json::to_string_pretty(&outcome)?)?;
-    std::fs::write(root.join("compare.md"), table(&outcome))?;
-    run::write_report(root);
+    rundir::write_json(&root.join(rundir::COMPARE), &outcome)?;
+    rundir::write_atomically(&root.join(rundir::COMPARE_TABLE), table(&outcome).as_bytes())?;
     Ok(outcome)
 }
 

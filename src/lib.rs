@@ -11,6 +11,8 @@ pub mod bench;
 pub mod compare;
 pub mod data;
 pub mod decision;
+pub mod driver;
+pub mod evaluate;
 pub mod genotype;
 pub mod native;
 pub mod network;
@@ -22,6 +24,7 @@ pub mod progress;
 pub mod recipe;
 pub mod report;
 pub mod run;
+pub mod rundir;
 pub mod search;
 pub mod space;
 pub mod supernet;
@@ -34,20 +37,6 @@ pub mod zoo;
 pub fn torch_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Writes named tensors to a safetensors file atomically (a temporary file renamed over `path`), as
-/// contiguous CPU tensors whatever their device or memory layout.
-pub fn write_tensors_atomically(named: &[(String, tch::Tensor)], path: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let host: Vec<(String, tch::Tensor)> =
-        named.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    tch::Tensor::write_safetensors(&host, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -127,3 +127,17 @@ pub fn read_checkpoint<M: serde::de::DeserializeOwned>(
     let meta = serde_json::from_slice(&bytes).with_context(|| format!("{}: unreadable metadata", path.display()))?;
     Ok((path, map, meta))
 }
+
+/// Writes named tensors to a safetensors file atomically (a temporary file renamed over `path`), as
+/// contiguous CPU tensors whatever their device or memory layout.
+pub fn write_tensors_atomically(named: &[(String, tch::Tensor)], path: &Path) -> Result<()> {
+    use anyhow::Context;
+    let host: Vec<(String, tch::Tensor)> =
+        named.iter().map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu).contiguous())).collect();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    tch::Tensor::write_safetensors(&host, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}

@@ -8,6 +8,7 @@ use crate::native::{cuda_peak_mb, reset_cuda_peak};
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
 use crate::params::{copy_checked, read_checkpoint, Params};
 use crate::progress::StepMeter;
+use crate::rundir::EpochStats;
 use crate::space::SearchSpace;
 use crate::supernet::{softmax_rows, Alphas, SearchNetwork};
 use anyhow::{bail, Result};
@@ -258,96 +259,6 @@ impl SearchConfig {
     }
 }
 
-/// Per-epoch results.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EpochStats {
-    /// 0-based epoch.
-    pub epoch: usize,
-    /// Weights' learning rate this epoch.
-    pub lr: f64,
-    /// Mean training loss (weight split, training mode).
-    pub train_loss: f64,
-    /// Training accuracy.
-    pub train_acc: f64,
-    /// Loss on the alpha split (evaluation mode).
-    pub val_loss: f64,
-    /// Accuracy on the alpha split.
-    pub val_acc: f64,
-    /// softmax(alpha_normal) per edge.
-    pub alpha_normal: Vec<Vec<f64>>,
-    /// softmax(alpha_reduce) per edge.
-    pub alpha_reduce: Vec<Vec<f64>>,
-    /// Edge normalisation only: each normal-cell edge's weight (softmax of beta over its node's edges).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub beta_normal: Option<Vec<f64>>,
-    /// Edge normalisation only: each reduction-cell edge's weight.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub beta_reduce: Option<Vec<f64>>,
-    /// The genotype derived at the end of the epoch, in DARTS Python text.
-    pub genotype: String,
-    /// Wall-clock seconds of the epoch.
-    pub seconds: f64,
-    /// Peak resident memory of the process so far, MiB.
-    pub peak_rss_mb: f64,
-    /// Seconds the training loop waited for the data loader this epoch.
-    #[serde(default)]
-    pub data_wait_seconds: f64,
-    /// On CUDA: the most memory tensors held at once during the epoch (the caching allocator's peak), MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peak_gpu_mb: Option<f64>,
-    /// The skip dropout rate of this epoch, when the search uses skip dropout.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub skip_dropout: Option<f64>,
-    /// The weight of the auxiliary skip connections this epoch, when the space has them (DARTS-).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aux_skip: Option<f64>,
-    /// GDAS: this epoch's Gumbel-softmax temperature.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gdas_tau: Option<f64>,
-    /// Second order: the weights' learning rate of this epoch's unrolled steps (the original passes the epoch's
-    /// `lr` to `architect.step`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unrolled_lr: Option<f64>,
-}
-
-impl EpochStats {
-    /// The genotype derived from this epoch's architecture weights, with at most `max_skip` skip connections in
-    /// the normal cell (`None`: as DARTS derives).
-    pub fn derive(&self, space: &SearchSpace, max_skip: Option<usize>) -> Genotype {
-        let betas = self.beta_normal.clone().zip(self.beta_reduce.clone());
-        let (n, r) = crate::supernet::derivation_weights(self.alpha_normal.clone(), self.alpha_reduce.clone(), betas);
-        Genotype::derive_limited(&n, &r, space, max_skip)
-    }
-}
-
-/// The derivation weights before any alpha step (alpha and beta start near 0, so softmax is uniform): what the
-/// first epoch's movement is measured from.
-pub fn initial_derivation_weights(space: &SearchSpace) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-    let k = space.ops.len() as f64;
-    let rows: Vec<Vec<f64>> = (0..space.nodes)
-        .flat_map(|i| {
-            let edge = if space.edge_normalization { 1.0 / (2 + i) as f64 } else { 1.0 };
-            (0..2 + i).map(move |_| vec![edge / k; space.ops.len()])
-        })
-        .collect();
-    (rows.clone(), rows)
-}
-
-/// How decided the cell derived after the last of `epochs` (a search's metrics, in order) is: its choices'
-/// margins against the movement over that epoch. None before the first epoch.
-pub fn decision(space: &SearchSpace, epochs: &[EpochStats]) -> Option<crate::decision::Decision> {
-    let last = epochs.last()?;
-    let rows = |e: &EpochStats| {
-        let betas = e.beta_normal.clone().zip(e.beta_reduce.clone());
-        crate::supernet::derivation_weights(e.alpha_normal.clone(), e.alpha_reduce.clone(), betas)
-    };
-    let before = match epochs.len() {
-        1 => initial_derivation_weights(space),
-        n => rows(&epochs[n - 2]),
-    };
-    Some(crate::decision::Decision::of(&rows(last), &before, space))
-}
-
 /// A search in progress: data, supernet, both optimisers and the epoch counter.
 pub struct Search {
     /// Its configuration.
@@ -367,15 +278,6 @@ pub struct Search {
     pub epoch: usize,
     /// Set when the early stop against skip-connection collapse ended the search (after epoch `epoch - 1`).
     pub stopped_early: bool,
-}
-
-/// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -551,7 +453,7 @@ impl Search {
             beta_reduce: betas.map(|b| b.1),
             genotype: self.genotype().to_string(),
             seconds: start.elapsed().as_secs_f64(),
-            peak_rss_mb: peak_rss_mb(),
+            peak_rss_mb: crate::progress::peak_rss_mb(),
             data_wait_seconds,
             peak_gpu_mb: cuda_peak_mb(self.device),
             skip_dropout: (self.config.skip_dropout > 0.0).then_some(self.net.skip_dropout),
@@ -564,7 +466,7 @@ impl Search {
     /// Loss and accuracy on `indices` in evaluation mode (BN running statistics), without gradients.
     pub fn evaluate(&self, indices: &[usize]) -> (f64, f64) {
         let chunk = self.config.batch_size.max(256);
-        crate::train::score_indices(&self.data, indices, chunk, self.device, |x| self.net.forward_t(x, false))
+        crate::evaluate::score_indices(&self.data, indices, chunk, self.device, |x| self.net.forward_t(x, false))
     }
 
     /// Writes weights, BN statistics, alphas, both optimisers' state and the epoch to `dir/checkpoint.safetensors`
@@ -591,7 +493,7 @@ impl Search {
         }
         // Host copies, dense: channels-last kernels (3-channel stems) and CUDA tensors cannot be written as
         // they are.
-        crate::write_tensors_atomically(&named, &dir.join(CHECKPOINT))
+        crate::rundir::write_tensors_atomically(&named, &dir.join(CHECKPOINT))
     }
 
     /// Rebuilds the search saved in `dir` and restores its exact state.

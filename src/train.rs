@@ -2,6 +2,7 @@
 
 use crate::data::Split;
 use crate::data::{self, Augment, Dataset, DatasetKind};
+use crate::evaluate::{evaluate, score_indices, EvalResult};
 use crate::genotype::Genotype;
 use crate::native::{cuda_peak_mb, reset_cuda_peak, with_precision, Precision};
 use crate::network::{
@@ -9,9 +10,10 @@ use crate::network::{
 };
 use crate::optim::{clip_grad_norm, warmup_factor, LrSchedule, Sgd};
 use crate::params::{read_checkpoint, Params};
+use crate::progress::peak_rss_mb;
 use crate::progress::StepMeter;
 use crate::recipe::Recipe;
-use crate::search::peak_rss_mb;
+use crate::rundir::{Best, TrainStats};
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
@@ -83,32 +85,38 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The DARTS CIFAR-10 evaluation settings for `genotype`.
+    /// The DARTS CIFAR-10 evaluation settings for `genotype` (the recipe darts-cifar).
     pub fn darts(genotype: Genotype) -> TrainConfig {
+        TrainConfig::from_recipe(Recipe::DartsCifar, genotype)
+    }
+
+    /// The published `recipe` for `genotype`, on the built-in data with seed 0 until they are set.
+    pub fn from_recipe(recipe: Recipe, genotype: Genotype) -> TrainConfig {
+        let h = recipe.hyper();
         TrainConfig {
             dataset: DatasetKind::Builtin,
             data_dir: None,
             limit: None,
             genotype,
-            network: NetworkConfig::default(),
-            epochs: 600,
-            batch_size: 96,
-            lr: 0.025,
-            lr_min: 0.0,
-            lr_schedule: LrSchedule::Cosine,
-            warmup_epochs: 0,
-            momentum: 0.9,
-            weight_decay: 3e-4,
-            grad_clip: 5.0,
-            aux_weight: 0.4,
-            drop_path: 0.2,
-            cutout: 16,
-            label_smoothing: 0.0,
+            network: h.network,
+            epochs: h.epochs,
+            batch_size: h.batch_size,
+            lr: h.lr,
+            lr_min: h.lr_min,
+            lr_schedule: h.lr_schedule,
+            warmup_epochs: h.warmup_epochs,
+            momentum: h.momentum,
+            weight_decay: h.weight_decay,
+            grad_clip: h.grad_clip,
+            aux_weight: h.aux_weight,
+            drop_path: h.drop_path,
+            cutout: h.cutout,
+            label_smoothing: h.label_smoothing,
             image_size: None,
             precision: Precision::Fp32,
             seed: 0,
             valid_portion: 0.0,
-            recipe: Some(Recipe::DartsCifar),
+            recipe: Some(recipe),
         }
     }
 
@@ -195,108 +203,6 @@ impl TrainConfig {
     }
 }
 
-/// Per-epoch results of training.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TrainStats {
-    /// 0-based epoch.
-    pub epoch: usize,
-    /// Learning rate.
-    pub lr: f64,
-    /// Drop-path probability.
-    pub drop_path: f64,
-    /// Mean training loss (main head).
-    pub train_loss: f64,
-    /// Training accuracy.
-    pub train_acc: f64,
-    /// Loss on the held-out validation split (with `valid_portion` > 0).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub valid_loss: Option<f64>,
-    /// Accuracy on the validation split: what chooses `model-best`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub valid_acc: Option<f64>,
-    /// Test loss.
-    pub test_loss: f64,
-    /// Test top-1 accuracy.
-    pub test_acc: f64,
-    /// Test top-5 accuracy (when there are more than 5 classes).
-    pub test_top5: Option<f64>,
-    /// Seconds.
-    pub seconds: f64,
-    /// Peak RSS, MiB.
-    pub peak_rss_mb: f64,
-    /// Seconds the training loop waited for the data loader this epoch.
-    #[serde(default)]
-    pub data_wait_seconds: f64,
-    /// On CUDA: the most memory tensors held at once during the epoch (the caching allocator's peak), MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peak_gpu_mb: Option<f64>,
-}
-
-/// Test-set results.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EvalResult {
-    /// Mean cross-entropy.
-    pub loss: f64,
-    /// Top-1 accuracy.
-    pub top1: f64,
-    /// Top-5 accuracy when there are more than 5 classes.
-    pub top5: Option<f64>,
-    /// Examples evaluated.
-    pub examples: usize,
-}
-
-/// Mean cross-entropy and accuracy of `forward` (called in evaluation mode by the caller's choice, without
-/// gradients) on the examples `indices` of `data`, `chunk` at a time.
-pub fn score_indices(
-    data: &Dataset,
-    indices: &[usize],
-    chunk: usize,
-    device: Device,
-    forward: impl Fn(&Tensor) -> Tensor,
-) -> (f64, f64) {
-    tch::no_grad(|| {
-        let (mut loss, mut correct) = (0.0, 0i64);
-        for idx in indices.chunks(chunk.max(1)) {
-            let (x, y) = data.batch(idx, None, device);
-            let logits = forward(&x);
-            loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * idx.len() as f64;
-            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-        }
-        (loss / indices.len() as f64, correct as f64 / indices.len() as f64)
-    })
-}
-
-/// Loss, top-1 and top-5 of `net` on `data`, in evaluation mode, the forward passes in `precision`.
-pub fn evaluate(
-    net: &Network,
-    data: &Dataset,
-    batch: usize,
-    device: Device,
-    precision: Precision,
-) -> Result<EvalResult> {
-    tch::no_grad(|| {
-        let n = data.len();
-        let (mut loss, mut top1, mut top5) = (0.0, 0i64, 0i64);
-        let idx: Vec<usize> = (0..n).collect();
-        for chunk in idx.chunks(batch.max(1)) {
-            let (x, y) = data.batch(chunk, None, device);
-            let logits = with_precision(device, precision, || net.forward_t(&x, false).0)?.to_kind(Kind::Float);
-            loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * chunk.len() as f64;
-            top1 += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
-            if data.shape.classes > 5 {
-                let (_, top) = logits.topk(5, -1, true, true);
-                top5 += top.eq_tensor(&y.unsqueeze(1)).any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
-            }
-        }
-        Ok(EvalResult {
-            loss: loss / n as f64,
-            top1: top1 as f64 / n as f64,
-            top5: (data.shape.classes > 5).then(|| top5 as f64 / n as f64),
-            examples: n,
-        })
-    })
-}
-
 /// A training run in progress.
 pub struct Trainer {
     /// Its configuration.
@@ -318,15 +224,6 @@ pub struct Trainer {
     pub epoch: usize,
     /// The best epoch so far on the validation split (None without one): what `model-best` holds.
     pub best: Option<Best>,
-}
-
-/// The model `model-best` holds: chosen on the held-out validation split, never on the test set.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Best {
-    /// 0-based epoch after which the weights were saved.
-    pub epoch: usize,
-    /// Its validation accuracy.
-    pub valid_acc: f64,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -513,7 +410,7 @@ impl Trainer {
             .map(|bn| (format!("{bn}.num_batches_tracked"), Tensor::scalar_tensor(batches, (Kind::Int64, Device::Cpu))))
             .collect();
         named.extend(tracked);
-        crate::write_tensors_atomically(&named, path)
+        crate::rundir::write_tensors_atomically(&named, path)
     }
 
     /// Writes the training state (model, optimiser, epoch, best epoch) to `dir/checkpoint.safetensors`.
@@ -523,7 +420,7 @@ impl Trainer {
         named.push(("meta".into(), Tensor::from_slice(&meta)));
         let sgd = self.params.names.iter().zip(&self.sgd.buffers);
         named.extend(sgd.map(|(n, t)| (format!("sgd/{n}"), t.shallow_clone())));
-        crate::write_tensors_atomically(&named, &dir.join(CHECKPOINT))
+        crate::rundir::write_tensors_atomically(&named, &dir.join(CHECKPOINT))
     }
 
     /// Restores the run saved in `dir`.

@@ -52,34 +52,6 @@ pub fn names() -> Vec<&'static str> {
     ZOO.iter().map(|(n, _)| *n).collect()
 }
 
-/// Reads a genotype given as a zoo name, a file (JSON or DARTS Python text) or the text itself.
-pub fn resolve(arg: &str) -> anyhow::Result<Genotype> {
-    use anyhow::Context;
-    if let Some(g) = get(arg) {
-        return Ok(g);
-    }
-    let mut path = std::path::PathBuf::from(arg);
-    if path.is_dir() {
-        // A run directory: a search's genotype, or the one a training or `darts run` trained.
-        let found = ["genotype.json", "train/genotype.json", "search/genotype.json"].iter().map(|f| path.join(f));
-        path = found.into_iter().find(|p| p.is_file()).with_context(|| {
-            format!("{arg} is a directory without a genotype.json (a search that has not finished yet?)")
-        })?;
-    }
-    if path.is_file() {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        return Genotype::parse(text.trim()).with_context(|| format!("in {}", path.display()));
-    }
-    let t = arg.trim_start();
-    if t.starts_with("Genotype") || t.starts_with('{') {
-        return Ok(Genotype::parse(arg.trim())?);
-    }
-    anyhow::bail!(
-        "'{arg}' is neither a zoo name ({}), a file, a run directory, nor a genotype text",
-        names().join(", ")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,19 +65,5 @@ mod tests {
         assert_eq!(get("pc-darts"), get("PC_DARTS_cifar"));
         assert!(get("nope").is_none());
         assert_eq!(get("NASNet").unwrap().nodes(), 5);
-    }
-
-    #[test]
-    fn resolve_takes_names_text_and_files_and_explains_failure() {
-        let v2 = get("DARTS_V2").unwrap();
-        assert_eq!(resolve("DARTS_V2").unwrap(), v2);
-        assert_eq!(resolve(&v2.to_string()).unwrap(), v2);
-        let dir = std::env::temp_dir().join(format!("darts-zoo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("g.json");
-        std::fs::write(&f, v2.to_json()).unwrap();
-        assert_eq!(resolve(f.to_str().unwrap()).unwrap(), v2);
-        let e = resolve("DARTS_V9").unwrap_err().to_string();
-        assert!(e.contains("zoo name") && e.contains("DARTS_V2"), "{e}");
     }
 }

@@ -45,6 +45,8 @@ fn an_rl_run_resumed_midway_ends_as_an_uninterrupted_one() {
     assert_eq!(full.best_acc, best);
     let written = std::fs::read_to_string(a.path().join("genotype.txt")).unwrap();
     assert_eq!(written.trim(), full.best.to_string());
+    // The report is the commands' to write (drivers never call it): as `darts baseline` does.
+    darts::report::write_report(a.path()).unwrap();
     assert!(a.path().join("figures/samples.svg").exists() && a.path().join("figures/samples.png").exists());
     let html = std::fs::read_to_string(a.path().join("report.html")).unwrap();
     assert!(html.contains("rl search") && html.contains("best score") && html.contains("<h2>Samples</h2>"));

@@ -45,6 +45,8 @@ fn darts_random_and_rl_are_compared_on_equal_budgets_and_a_rerun_continues() {
     assert_eq!(md, table(&out));
     assert_eq!(md.lines().filter(|l| l.starts_with('|')).count(), 5, "header, rule, three methods");
     assert!(md.contains("Which split chose what") && md.contains("chose nothing"), "{md}");
+    // The report is the commands' to write (drivers never call it): as `darts compare` does.
+    darts::report::write_report(dir.path()).unwrap();
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
     assert!(html.contains("DARTS against random search and RL") && !html.contains("<h2>Summary</h2>"));
     assert_eq!(html.matches("<img ").count(), 6, "two cells per method");

@@ -10,16 +10,17 @@
 //! resumes where it stopped and ends as an uninterrupted one would.
 
 use crate::data::{self, Augment, Dataset, DatasetKind, Split};
+use crate::driver::{drive, Console, RunOptions, Stage};
 use crate::genotype::Genotype;
 use crate::network::{Network, NetworkConfig};
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
 use crate::params::Params;
+use crate::rundir::{self, SampleRecord};
 use crate::space::SearchSpace;
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::Path;
 use tch::{nn, Device, Tensor};
 
@@ -146,31 +147,6 @@ impl BaselineConfig {
         Ok(())
     }
 }
-/// One evaluated architecture: a line of `samples.jsonl`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SampleRecord {
-    /// 0-based sample index.
-    pub index: usize,
-    /// The genotype, in DARTS Python text.
-    pub genotype: String,
-    /// Accuracy on the scoring split after training: the reward.
-    pub val_acc: f64,
-    /// Loss on the scoring split.
-    pub val_loss: f64,
-    /// Parameters of the sampled network.
-    pub parameters: i64,
-    /// Seconds spent on this sample (training and scoring).
-    pub seconds: f64,
-    /// Seconds since the run started, this sample included (interruptions excluded).
-    pub total_seconds: f64,
-    /// RL: the moving-average baseline before this sample's update.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub baseline: Option<f64>,
-    /// RL: the policy's entropy before this sample's update.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entropy: Option<f64>,
-}
-
 /// The state saved after every sample.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct State {
@@ -225,7 +201,7 @@ pub fn evaluate_genotype(
             sgd.step(&params.weights, &grads);
         }
     }
-    let (loss, acc) = crate::train::score_indices(data, &split.val, 256, device, |x| net.forward_t(x, false).0);
+    let (loss, acc) = crate::evaluate::score_indices(data, &split.val, 256, device, |x| net.forward_t(x, false).0);
     if !loss.is_finite() {
         return Ok((0.0, f64::NAN, parameters));
     }
@@ -247,93 +223,61 @@ pub struct BaselineOutcome {
     pub policy: Policy,
 }
 
-const STATE: &str = "baseline-state.json";
-
 /// Starts a baseline search in `opts.out_dir`.
-pub fn start(config: BaselineConfig, opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
+pub fn start(config: BaselineConfig, opts: &RunOptions) -> Result<BaselineOutcome> {
     config.validate()?;
-    crate::run::new_run_dir(opts, "baseline search", STATE)?;
-    std::fs::write(opts.out_dir.join("baseline-config.json"), serde_json::to_string_pretty(&config)?)?;
-    let _ = std::fs::remove_file(opts.out_dir.join("samples.jsonl"));
+    rundir::create(&opts.out_dir, "baseline search", rundir::BASELINE_STATE)?;
+    rundir::write_json(&opts.out_dir.join(rundir::BASELINE_CONFIG), &config)?;
+    let _ = std::fs::remove_file(opts.out_dir.join(rundir::SAMPLES));
     let policy = Policy::uniform(&config.space);
     let adam = PolicyAdam::new(&policy, config.controller_lr);
-    drive(State { config, done: 0, policy, adam, baseline: None, total_seconds: 0.0 }, opts)
+    run(State { config, done: 0, policy, adam, baseline: None, total_seconds: 0.0 }, opts)
 }
 
 /// Continues the baseline search saved in `opts.out_dir`.
-pub fn resume(opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
-    let path = opts.out_dir.join(STATE);
+pub fn resume(opts: &RunOptions) -> Result<BaselineOutcome> {
+    let path = opts.out_dir.join(rundir::BASELINE_STATE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!("{} holds no baseline search to resume ({})", opts.out_dir.display(), path.display())
     })?;
     let state: State = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
-    drive(state, opts)
+    run(state, opts)
 }
 
-/// The lines of `dir/samples.jsonl` (none if there is no such file).
-fn parse_samples(dir: &Path) -> Result<Vec<SampleRecord>> {
-    let path = dir.join("samples.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("in {}", path.display()))
+/// A baseline search as the driver advances it: one sample per unit.
+struct BaselineStage {
+    state: State,
+    data: Dataset,
+    split: Split,
+    samples: Vec<SampleRecord>,
+    device: Device,
+    channels_last: bool,
 }
 
-fn read_samples(dir: &Path, done: usize) -> Result<Vec<SampleRecord>> {
-    let mut v = parse_samples(dir)?;
-    // A line written after the last saved state (interrupted in between) is dropped: that sample runs again.
-    v.truncate(done);
-    Ok(v)
-}
+impl Stage for BaselineStage {
+    type Record = SampleRecord;
+    const UNIT: &'static str = "sample";
+    const RECORDS: &'static str = rundir::SAMPLES;
 
-fn drive(mut state: State, opts: &crate::run::RunOptions) -> Result<BaselineOutcome> {
-    let cfg = state.config.clone();
-    let data = data::load_with(cfg.dataset, cfg.data_dir.as_deref(), true, cfg.image_size)?.truncated(cfg.limit);
-    let split = Split::new(data.len(), cfg.train_portion, cfg.seed).map_err(anyhow::Error::msg)?;
-    split.check_disjoint(data.len()).map_err(anyhow::Error::msg)?;
-    if split.train.len() < cfg.batch_size || split.val.is_empty() {
-        bail!(
-            "the split leaves {} examples for training and {} for scoring: use more data or a smaller --batch-size",
-            split.train.len(),
-            split.val.len()
-        );
+    fn done(&self) -> usize {
+        self.state.done
     }
-    let mut samples = read_samples(&opts.out_dir, state.done)?;
-    // Rewrite the sample file to match the state (drops a line past it).
-    {
-        let mut f = std::fs::File::create(opts.out_dir.join("samples.jsonl"))?;
-        for s in &samples {
-            writeln!(f, "{}", serde_json::to_string(s)?)?;
-        }
+
+    fn total(&self) -> usize {
+        self.state.config.samples
     }
-    if opts.progress {
-        eprintln!(
-            "baseline {}: {} samples, each a {}-channel {}-cell network trained {} epochs on {} examples, scored on \
-             {} others (disjoint)",
-            cfg.strategy.name(),
-            cfg.samples,
-            cfg.network.channels,
-            cfg.network.layers,
-            cfg.epochs,
-            split.train.len(),
-            split.val.len()
-        );
+
+    fn ended(&self) -> bool {
+        self.state.config.budget_seconds.is_some_and(|b| self.state.total_seconds >= b)
     }
-    let bar = opts.progress.then(|| {
-        let b = indicatif::ProgressBar::new(cfg.samples as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("sample {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_position(state.done as u64);
-        b
-    });
-    let channels_last = opts.layout.channels_last(opts.device);
-    let mut ran = 0;
-    let in_budget = |s: &State| cfg.budget_seconds.is_none_or(|b| s.total_seconds < b);
-    while state.done < cfg.samples && in_budget(&state) && opts.stop_after.is_none_or(|n| ran < n) {
+
+    fn has_steps(&self) -> bool {
+        false
+    }
+
+    fn advance(&mut self, _: Option<&indicatif::ProgressBar>) -> Result<SampleRecord> {
+        let cfg = self.state.config.clone();
+        let state = &mut self.state;
         let index = state.done;
         let start = std::time::Instant::now();
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -342,7 +286,7 @@ fn drive(mut state: State, opts: &crate::run::RunOptions) -> Result<BaselineOutc
         let genotype = state.policy.genotype(&choice);
         let seed = cfg.seed.wrapping_mul(0x9e37_79b9).wrapping_add(index as u64);
         let (val_acc, val_loss, parameters) =
-            evaluate_genotype(&genotype, &cfg, &data, &split, seed, opts.device, channels_last)?;
+            evaluate_genotype(&genotype, &cfg, &self.data, &self.split, seed, self.device, self.channels_last)?;
         let (baseline, entropy) = match cfg.strategy {
             Strategy::Random => (None, None),
             Strategy::Rl => {
@@ -356,7 +300,8 @@ fn drive(mut state: State, opts: &crate::run::RunOptions) -> Result<BaselineOutc
         };
         let seconds = start.elapsed().as_secs_f64();
         state.total_seconds += seconds;
-        let rec = SampleRecord {
+        state.done += 1;
+        Ok(SampleRecord {
             index,
             genotype: genotype.to_string(),
             val_acc,
@@ -366,39 +311,62 @@ fn drive(mut state: State, opts: &crate::run::RunOptions) -> Result<BaselineOutc
             total_seconds: state.total_seconds,
             baseline,
             entropy,
-        };
-        state.done += 1;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(opts.out_dir.join("samples.jsonl"))?;
-        writeln!(f, "{}", serde_json::to_string(&rec)?)?;
-        let tmp = opts.out_dir.join(format!("{STATE}.tmp"));
-        std::fs::write(&tmp, serde_json::to_string(&state)?)?;
-        std::fs::rename(&tmp, opts.out_dir.join(STATE))?;
-        let best = samples.iter().map(|s| s.val_acc).fold(val_acc, f64::max);
-        let line = format!(
+        })
+    }
+
+    fn save(&mut self, dir: &Path, record: &SampleRecord) -> Result<()> {
+        self.samples.push(record.clone());
+        rundir::write_atomically(&dir.join(rundir::BASELINE_STATE), serde_json::to_string(&self.state)?.as_bytes())
+    }
+
+    fn line(&self, r: &SampleRecord) -> String {
+        let best = self.samples.iter().map(|s| s.val_acc).fold(r.val_acc, f64::max);
+        format!(
             "sample {}/{}: score {:.2}% (best {:.2}%), {} parameters, {:.1}s{}",
-            index + 1,
-            cfg.samples,
-            100.0 * val_acc,
+            r.index + 1,
+            self.state.config.samples,
+            100.0 * r.val_acc,
             100.0 * best,
-            parameters,
-            seconds,
-            entropy.map_or(String::new(), |h| format!(", policy entropy {h:.2}"))
+            r.parameters,
+            r.seconds,
+            r.entropy.map_or(String::new(), |h| format!(", policy entropy {h:.2}"))
+        )
+    }
+}
+
+fn run(state: State, opts: &RunOptions) -> Result<BaselineOutcome> {
+    let cfg = state.config.clone();
+    let data = data::load_with(cfg.dataset, cfg.data_dir.as_deref(), true, cfg.image_size)?.truncated(cfg.limit);
+    let split = Split::new(data.len(), cfg.train_portion, cfg.seed).map_err(anyhow::Error::msg)?;
+    split.check_disjoint(data.len()).map_err(anyhow::Error::msg)?;
+    if split.train.len() < cfg.batch_size || split.val.is_empty() {
+        bail!(
+            "the split leaves {} examples for training and {} for scoring: use more data or a smaller --batch-size",
+            split.train.len(),
+            split.val.len()
         );
-        match &bar {
-            Some(b) if !b.is_hidden() => {
-                b.println(line);
-                b.set_position(state.done as u64);
-            }
-            _ if opts.progress => eprintln!("{line}"),
-            _ => {}
-        }
-        samples.push(rec);
-        ran += 1;
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    let finished = state.done >= cfg.samples || !in_budget(&state);
+    // A sample line written after the last saved state (interrupted in between) is dropped: that sample runs again.
+    let samples_file = opts.out_dir.join(rundir::SAMPLES);
+    rundir::keep_records(&samples_file, state.done)?;
+    let samples: Vec<SampleRecord> = rundir::read_records(&samples_file)?;
+    let console = Console::new(opts.progress);
+    console.say(format!(
+        "baseline {}: {} samples, each a {}-channel {}-cell network trained {} epochs on {} examples, scored on {} \
+         others (disjoint)",
+        cfg.strategy.name(),
+        cfg.samples,
+        cfg.network.channels,
+        cfg.network.layers,
+        cfg.epochs,
+        split.train.len(),
+        split.val.len()
+    ));
+    let channels_last = opts.layout.channels_last(opts.device);
+    let mut stage = BaselineStage { state, data, split, samples, device: opts.device, channels_last };
+    drive(&mut stage, opts, &console)?;
+    let BaselineStage { state, samples, .. } = stage;
+    let finished = state.done >= cfg.samples || cfg.budget_seconds.is_some_and(|b| state.total_seconds >= b);
     let best_rec = samples
         .iter()
         .max_by(|a, b| a.val_acc.partial_cmp(&b.val_acc).unwrap_or(std::cmp::Ordering::Equal))
@@ -406,40 +374,7 @@ fn drive(mut state: State, opts: &crate::run::RunOptions) -> Result<BaselineOutc
     let best = Genotype::parse(&best_rec.genotype)?;
     let best_acc = best_rec.val_acc;
     if finished {
-        crate::run::write_genotype(&opts.out_dir, &best)?;
+        rundir::write_genotype(&opts.out_dir, &best)?;
     }
-    crate::run::write_report(&opts.out_dir);
     Ok(BaselineOutcome { samples, best, best_acc, finished, policy: state.policy })
-}
-
-/// The samples' scores and the best so far, as an SVG chart.
-pub fn samples_figure(samples: &[SampleRecord], strategy: Strategy) -> Result<String> {
-    use crate::viz::plot::{curves_over, Panel, Series};
-    let mut best = f64::NEG_INFINITY;
-    let best_so_far: Vec<(f64, f64)> = samples
-        .iter()
-        .map(|s| {
-            best = best.max(s.val_acc);
-            ((s.index + 1) as f64, 100.0 * best)
-        })
-        .collect();
-    let score: Vec<(f64, f64)> = samples.iter().map(|s| ((s.index + 1) as f64, 100.0 * s.val_acc)).collect();
-    let panel = Panel {
-        title: "score of each sample (accuracy on the scoring split)".into(),
-        y_label: "accuracy %".into(),
-        series: vec![
-            Series { name: "sample".into(), points: score },
-            Series { name: "best so far".into(), points: best_so_far },
-        ],
-    };
-    curves_over(&format!("{} search: {} samples", strategy.name(), samples.len()), "sample", &[panel])
-}
-
-/// Reads a baseline run directory: its configuration and the samples evaluated so far.
-pub fn load_run(dir: &Path) -> Result<(BaselineConfig, Vec<SampleRecord>)> {
-    let path = dir.join("baseline-config.json");
-    let config: BaselineConfig =
-        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)
-            .with_context(|| format!("in {}", path.display()))?;
-    Ok((config, parse_samples(dir)?))
 }

@@ -2,7 +2,6 @@
 use anyhow::Result;
 use darts::baseline::{self, BaselineConfig, Strategy};
 use darts::data::DatasetKind;
-use darts::run;
 use darts::space::SearchSpace;
 use std::path::PathBuf;
 
@@ -97,19 +96,21 @@ pub fn config(a: &BaselineArgs, strategy: Strategy) -> Result<BaselineConfig> {
 
 pub fn run(a: BaselineArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
-    let outcome = match (&a.resume, a.strategy) {
-        (Some(dir), _) => baseline::resume(&rt.options(dir.clone(), device))?,
+    let (outcome, dir) = match (&a.resume, a.strategy) {
+        (Some(dir), _) => (baseline::resume(&rt.options(dir.clone(), device))?, dir.clone()),
         (None, Some(strategy)) => {
-            let out = a.out.clone().unwrap_or_else(|| run::default_dir(&format!("baseline-{}", strategy.name())));
+            let out =
+                a.out.clone().unwrap_or_else(|| darts::rundir::default_dir(&format!("baseline-{}", strategy.name())));
             let opts = rt.options(out, device);
             let o = baseline::start(config(&a, strategy)?, &opts)?;
             if o.finished {
                 eprintln!("wrote {0}/genotype.json and {0}/genotype.txt", opts.out_dir.display());
             }
-            o
+            (o, opts.out_dir)
         }
         (None, None) => anyhow::bail!("give --strategy random|rl, or --resume DIR"),
     };
+    super::write_report(&dir);
     let seconds = outcome.samples.last().map_or(0.0, |s| s.total_seconds);
     eprintln!(
         "best of {} samples: {:.2}% on the scoring split; {:.0} s of search",

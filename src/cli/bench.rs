@@ -116,7 +116,7 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let shape = DataShape { channels: 3, height: a.size, width: a.size, classes: 10 };
     space.validate_for(&shape)?;
     let only: Vec<&str> = a.only.split(',').map(str::trim).collect();
-    let genotype = darts::zoo::resolve(&a.final_genotype)?;
+    let genotype = darts::rundir::resolve_genotype(&a.final_genotype)?;
     for o in &only {
         anyhow::ensure!(STEPS.contains(o), "--only: unknown measurement '{o}'; choose from {}", STEPS.join(", "));
     }

@@ -1,7 +1,6 @@
 //! `darts compare`: DARTS against random search and RL on the same space, data, budget and final training.
 use anyhow::Result;
 use darts::compare::{self, CompareConfig};
-use darts::run;
 use std::path::PathBuf;
 
 /// Arguments of `darts compare` (on top of the quick comparison, `CompareConfig::quick`).
@@ -52,9 +51,12 @@ pub fn run(a: CompareArgs, rt: &super::Runtime) -> Result<()> {
     c.search.validate()?;
     c.baseline.validate()?;
     c.train.validate()?;
-    let root = a.out.clone().unwrap_or_else(|| run::default_dir("compare"));
+    let root = a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("compare"));
     eprintln!("comparison in {}", root.display());
     let out = compare::compare(&c, &root, &rt.options(root.clone(), device))?;
+    for dir in compare::stage_dirs(&root).into_iter().chain([root.clone()]) {
+        super::write_report(&dir);
+    }
     print!("{}", compare::table(&out));
     Ok(())
 }

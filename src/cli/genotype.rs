@@ -1,7 +1,8 @@
 //! `darts genotype`: check and convert genotypes, or derive one again from a search run's architecture weights.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use darts::genotype::{skip_connects, Genotype};
 use darts::report::SearchRun;
+use darts::rundir;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `darts genotype`.
@@ -10,8 +11,8 @@ use std::path::{Path, PathBuf};
     after_help = "Examples:\n  darts genotype runs/fmnist/genotype.txt --json\n  darts genotype \"Genotype(normal=[...], ...)\"\n  darts genotype runs/fmnist --max-skip-connects 2     # derive again, at most 2 skip connections\n  darts genotype runs/fmnist --epoch 20               # the cell after epoch 20 (before a collapse)"
 )]
 pub struct GenotypeArgs {
-    /// A genotype file (JSON or DARTS Python text), the text itself, or a search run directory (or a `darts
-    /// run` directory) to derive the genotype from its architecture weights again.
+    /// A zoo name, a genotype file (JSON or DARTS Python text), the text itself, or a search run directory (or a
+    /// `darts run` directory) to derive the genotype from its architecture weights again.
     genotype: String,
     /// Print JSON instead of DARTS Python text.
     #[arg(long)]
@@ -27,7 +28,7 @@ pub struct GenotypeArgs {
 
 /// The search directory of a run directory: itself, or the `search/` folder of a `darts run` directory.
 fn search_dir(path: &Path) -> Option<PathBuf> {
-    [path.to_path_buf(), path.join("search")].into_iter().find(|d| d.join("config.json").is_file())
+    [path.to_path_buf(), path.join(rundir::SEARCH_STAGE)].into_iter().find(|d| d.join(rundir::CONFIG).is_file())
 }
 
 /// The genotype derived after epoch `epoch` (1-based, default the last) of the search in `dir`.
@@ -69,13 +70,7 @@ pub fn run(a: GenotypeArgs) -> Result<()> {
                 a.genotype
             );
         }
-        let text = if path.is_file() {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", a.genotype))?
-        } else {
-            a.genotype.clone()
-        };
-        Genotype::parse(text.trim())
-            .with_context(|| format!("in {}", a.genotype.chars().take(60).collect::<String>()))?
+        darts::rundir::resolve_genotype(&a.genotype)?
     };
     if a.json {
         println!("{}", g.to_json());

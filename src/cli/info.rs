@@ -30,7 +30,7 @@ pub struct InfoArgs {
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
-    let g = darts::zoo::resolve(&a.genotype)?;
+    let g = darts::rundir::resolve_genotype(&a.genotype)?;
     let base = if a.imagenet { NetworkConfig::imagenet() } else { NetworkConfig::default() };
     let cfg = NetworkConfig {
         channels: a.channels.unwrap_or(base.channels),

@@ -94,6 +94,17 @@ enum Command {
     Report(report::ReportArgs),
 }
 
+/// Writes the report of the run directory `dir` and says where. A failure is only a warning: the run's results
+/// are saved already, and `darts report DIR` tries again.
+pub fn write_report(dir: &std::path::Path) {
+    match darts::report::write_report(dir) {
+        Ok(path) => eprintln!("report: {}", path.display()),
+        Err(e) => {
+            eprintln!("warning: could not write the report ({e:#}); `darts report {}` tries again", dir.display())
+        }
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = &cli.runtime;

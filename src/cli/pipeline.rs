@@ -3,9 +3,9 @@
 use super::args::{DataArgs, SearchOnlyArgs, SearchStageArgs, TrainOnlyArgs, TrainStageArgs};
 use anyhow::{Context, Result};
 use darts::genotype::Genotype;
-use darts::run;
 use darts::search::SearchConfig;
 use darts::train::TrainConfig;
+use darts::{run, rundir};
 use std::path::PathBuf;
 
 /// Starting configurations for the whole pipeline.
@@ -63,7 +63,7 @@ fn configs(a: &RunArgs) -> Result<(SearchConfig, impl Fn(Genotype) -> Result<Tra
     s.validate().context("search settings")?;
     let (dataset, data_dir, limit, image_size) = (s.dataset, s.data_dir.clone(), s.limit, s.image_size);
     let train = move |g: Genotype| -> Result<TrainConfig> {
-        let mut t = a.train.recipe().config(g);
+        let mut t = TrainConfig::from_recipe(a.train.recipe(), g);
         t.dataset = dataset;
         t.data_dir = data_dir.clone();
         t.limit = limit;
@@ -89,17 +89,20 @@ fn configs(a: &RunArgs) -> Result<(SearchConfig, impl Fn(Genotype) -> Result<Tra
 pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
     let (search_cfg, train_cfg) = configs(&a)?;
-    let root = a.out.clone().unwrap_or_else(|| run::default_dir("run"));
+    let root = a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("run"));
     eprintln!("run directory {}", root.display());
     let opts = |sub: &str| rt.options(root.join(sub), device);
+    let (search_dir, train_dir) = (root.join(rundir::SEARCH_STAGE), root.join(rundir::TRAIN_STAGE));
     let t0 = std::time::Instant::now();
-    let (genotype, _) = run::search_or_resume(search_cfg.clone(), &opts("search"))?;
+    let (genotype, _) = run::search_or_resume(search_cfg.clone(), &opts(rundir::SEARCH_STAGE))?;
+    super::write_report(&search_dir);
     let search_seconds = t0.elapsed().as_secs_f64();
     eprintln!("derived genotype: {genotype}");
     let t1 = std::time::Instant::now();
     let train = train_cfg(genotype.clone())?;
     train.validate()?;
-    let out = run::train_or_resume(train, &opts("train"))?;
+    let out = run::train_or_resume(train, &opts(rundir::TRAIN_STAGE))?;
+    super::write_report(&train_dir);
     let summary = serde_json::json!({
         "genotype": genotype.to_string(),
         "search_seconds_this_invocation": search_seconds,
@@ -109,8 +112,8 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
         "best_on_validation": out.best,
         "finished": out.finished,
     });
-    std::fs::write(root.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    run::write_report(&root);
+    rundir::write_json(&root.join(rundir::SUMMARY), &summary)?;
+    super::write_report(&root);
     println!("{summary}");
     Ok(())
 }

@@ -81,7 +81,7 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
 
 pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
-    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| run::default_dir("search")), device);
+    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("search")), device);
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
@@ -90,6 +90,7 @@ pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
         }
         None => run::start(config(&a)?, &opts)?,
     };
+    super::write_report(&opts.out_dir);
     if outcome.finished {
         eprintln!("wrote {0}/genotype.json and {0}/genotype.txt", opts.out_dir.display());
     }

@@ -1,6 +1,5 @@
 //! `darts show`: a genotype's cells in the terminal and as DOT, SVG and PNG files.
-use anyhow::{Context, Result};
-use darts::genotype::Genotype;
+use anyhow::Result;
 use darts::viz::cell::{cell_text, CellKind};
 use std::path::{Path, PathBuf};
 
@@ -18,23 +17,8 @@ pub struct ShowArgs {
     no_files: bool,
 }
 
-fn resolve(arg: &str) -> Result<Genotype> {
-    let dir = Path::new(arg);
-    if dir.is_dir() {
-        for f in ["genotype.json", "search/genotype.json", "train/genotype.json"] {
-            let path = dir.join(f);
-            if path.is_file() {
-                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-                return Genotype::parse(text.trim()).with_context(|| format!("in {}", path.display()));
-            }
-        }
-        anyhow::bail!("{arg} is a folder without genotype.json (nor search/genotype.json): has its search finished?");
-    }
-    darts::zoo::resolve(arg)
-}
-
 pub fn run(a: ShowArgs) -> Result<()> {
-    let g = resolve(&a.genotype)?;
+    let g = darts::rundir::resolve_genotype(&a.genotype)?;
     println!("{g}\n");
     for kind in CellKind::both() {
         println!("{}", cell_text(&g, kind));

@@ -50,7 +50,7 @@ pub struct TrainCommon {
 impl TrainCommon {
     /// The training configuration for `genotype`, validated.
     pub fn config(&self, genotype: darts::genotype::Genotype) -> Result<TrainConfig> {
-        let mut c = self.train.recipe().config(genotype);
+        let mut c = TrainConfig::from_recipe(self.train.recipe(), genotype);
         self.train.apply(&mut c)?;
         self.data.apply_train(&mut c);
         self.stage.stage().apply_train(&mut c);
@@ -62,17 +62,18 @@ impl TrainCommon {
 
 pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
     let device = rt.device()?;
-    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| run::default_dir("train")), device);
+    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("train")), device);
     let out = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
             run::resume_training(&opts)?
         }
         None => {
-            let g = darts::zoo::resolve(a.genotype.as_deref().unwrap_or_default())?;
+            let g = darts::rundir::resolve_genotype(a.genotype.as_deref().unwrap_or_default())?;
             run::start_training(a.common.config(g)?, &opts)?
         }
     };
+    super::write_report(&opts.out_dir);
     println!("{}", serde_json::to_string(&out.last)?);
     let best = match out.best {
         Some(b) => format!(

@@ -195,7 +195,7 @@ pub fn load(root: &Path, train: bool, size: usize) -> Result<Dataset, DataError>
             ("stats".into(), stats),
         ];
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")));
-        let _ = crate::write_tensors_atomically(&named, &path);
+        let _ = crate::params::write_tensors_atomically(&named, &path);
     }
     Ok(dataset(images, labels, names.len(), mean, std))
 }

@@ -2,8 +2,8 @@
 //! skip-connection collapse monitor, a baseline's samples and a comparison's cells.
 use super::{RunDir, SearchRun, TrainRun};
 use crate::genotype::Genotype;
-use crate::search::EpochStats;
-use crate::train::TrainStats;
+use crate::rundir::EpochStats;
+use crate::rundir::{SampleRecord, TrainStats};
 use crate::viz::cell::{cell_dot, edge_labels, CellKind};
 use crate::viz::plot::{alpha_evolution, alpha_heatmap, curves, Panel, Series};
 use crate::viz::{dot_to_svg, write_svg_png};
@@ -247,7 +247,7 @@ pub(super) fn write_all(run: &RunDir, fig_dir: &Path) -> Result<Vec<Figure>> {
                 caption: "Each sampled cell's score (accuracy on the scoring split after its short training) and the \
                           best so far."
                     .into(),
-                svg: crate::baseline::samples_figure(&b.samples, b.config.strategy)?,
+                svg: samples_figure(&b.samples, b.config.strategy)?,
                 dot: false,
             });
         }
@@ -273,6 +273,29 @@ pub(super) fn write_all(run: &RunDir, fig_dir: &Path) -> Result<Vec<Figure>> {
         }
     }
     Ok(figs)
+}
+
+/// The samples' scores and the best so far, as an SVG chart.
+fn samples_figure(samples: &[SampleRecord], strategy: crate::baseline::Strategy) -> Result<String> {
+    use crate::viz::plot::{curves_over, Panel, Series};
+    let mut best = f64::NEG_INFINITY;
+    let best_so_far: Vec<(f64, f64)> = samples
+        .iter()
+        .map(|s| {
+            best = best.max(s.val_acc);
+            ((s.index + 1) as f64, 100.0 * best)
+        })
+        .collect();
+    let score: Vec<(f64, f64)> = samples.iter().map(|s| ((s.index + 1) as f64, 100.0 * s.val_acc)).collect();
+    let panel = Panel {
+        title: "score of each sample (accuracy on the scoring split)".into(),
+        y_label: "accuracy %".into(),
+        series: vec![
+            Series { name: "sample".into(), points: score },
+            Series { name: "best so far".into(), points: best_so_far },
+        ],
+    };
+    curves_over(&format!("{} search: {} samples", strategy.name(), samples.len()), "sample", &[panel])
 }
 
 #[cfg(test)]

@@ -144,7 +144,7 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
                 &escape(&format!("{} ({} per epoch)", duration(secs), duration(secs / s.epochs.len() as f64))),
             );
             row(&mut h, "alpha-split accuracy (last epoch)", &pct(last.val_acc));
-            if let Some(d) = crate::search::decision(&s.config.space, &s.epochs) {
+            if let Some(d) = crate::rundir::decision(&s.config.space, &s.epochs) {
                 let line = format!("normal: {}; reduce: {}", d.normal.summary(), d.reduce.summary());
                 row(&mut h, "how decided the cell is", &escape(&line));
             }
@@ -332,7 +332,7 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
             );
         }
         h.push_str("</table>\n");
-        if let Some(d) = crate::search::decision(&s.config.space, &s.epochs) {
+        if let Some(d) = crate::rundir::decision(&s.config.space, &s.epochs) {
             decision_table(&mut h, &d);
         }
         let _ = writeln!(

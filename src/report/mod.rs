@@ -5,10 +5,10 @@
 //! Every figure is also written to `figures/` as SVG and PNG (cells also as DOT).
 use crate::genotype::Genotype;
 use crate::network::NetworkCost;
-use crate::search::{EpochStats, SearchConfig};
-use crate::train::{TrainConfig, TrainStats};
-use anyhow::{bail, Context, Result};
-use serde::de::DeserializeOwned;
+use crate::rundir::{self, read_json, read_records, EpochStats, TrainStats};
+use crate::search::SearchConfig;
+use crate::train::TrainConfig;
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 mod figures;
@@ -40,35 +40,14 @@ pub struct TrainRun {
     pub cost: Option<NetworkCost>,
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a valid darts file", path.display()))
-}
-
-fn read_metrics<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(Vec::new()) };
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{} line {} is not a metrics line", path.display(), i + 1))
-        })
-        .collect()
-}
-
 impl SearchRun {
     /// Reads a search run directory (`config.json`, `metrics.jsonl`, `genotype.json`).
     pub fn load(dir: &Path) -> Result<SearchRun> {
-        let config: SearchConfig = read_json(&dir.join("config.json"))?;
-        let epochs: Vec<EpochStats> = read_metrics(&dir.join("metrics.jsonl"))?;
-        let file = dir.join("genotype.json");
-        let genotype = if file.is_file() {
-            Some(
-                Genotype::from_json(&std::fs::read_to_string(&file)?)
-                    .with_context(|| format!("in {}", file.display()))?,
-            )
-        } else {
-            epochs.last().map(|e| Genotype::parse(&e.genotype)).transpose()?
+        let config: SearchConfig = read_json(&dir.join(rundir::CONFIG))?;
+        let epochs: Vec<EpochStats> = read_records(&dir.join(rundir::METRICS))?;
+        let genotype = match rundir::read_genotype(dir)? {
+            Some(g) => Some(g),
+            None => epochs.last().map(|e| Genotype::parse(&e.genotype)).transpose()?,
         };
         Ok(SearchRun { dir: dir.to_path_buf(), config, epochs, genotype })
     }
@@ -80,16 +59,16 @@ impl SearchRun {
 
     /// Ended by the early stop against skip-connection collapse.
     pub fn stopped_early(&self) -> bool {
-        self.epochs.len() < self.config.epochs && self.dir.join("genotype.json").is_file()
+        self.epochs.len() < self.config.epochs && self.dir.join(rundir::GENOTYPE_JSON).is_file()
     }
 }
 
 impl TrainRun {
     /// Reads a training run directory (`train-config.json`, `metrics.jsonl`, `network.json`).
     pub fn load(dir: &Path) -> Result<TrainRun> {
-        let config: TrainConfig = read_json(&dir.join("train-config.json"))?;
-        let epochs = read_metrics(&dir.join("metrics.jsonl"))?;
-        let cost_file = dir.join("network.json");
+        let config: TrainConfig = read_json(&dir.join(rundir::TRAIN_CONFIG))?;
+        let epochs = read_records(&dir.join(rundir::METRICS))?;
+        let cost_file = dir.join(rundir::NETWORK);
         let cost = if cost_file.is_file() { Some(read_json(&cost_file)?) } else { None };
         Ok(TrainRun { dir: dir.to_path_buf(), config, epochs, cost })
     }
@@ -105,7 +84,7 @@ pub struct BaselineRun {
     /// `baseline-config.json`.
     pub config: crate::baseline::BaselineConfig,
     /// `samples.jsonl`.
-    pub samples: Vec<crate::baseline::SampleRecord>,
+    pub samples: Vec<crate::rundir::SampleRecord>,
     /// `genotype.json` when it finished.
     pub genotype: Option<Genotype>,
 }
@@ -121,7 +100,7 @@ pub struct RunDir {
     /// The baseline search, if any.
     pub baseline: Option<BaselineRun>,
     /// The comparison (`compare.json`), if any.
-    pub comparison: Option<crate::compare::CompareOutcome>,
+    pub comparison: Option<crate::rundir::CompareOutcome>,
 }
 
 impl RunDir {
@@ -132,24 +111,23 @@ impl RunDir {
             bail!("{} is not a directory", dir.display());
         }
         let (mut search, mut train, mut baseline, mut comparison) = (None, None, None, None);
-        if dir.join("compare.json").is_file() {
-            comparison = Some(read_json(&dir.join("compare.json"))?);
-        } else if dir.join("baseline-config.json").is_file() {
-            let (config, samples) = crate::baseline::load_run(dir)?;
-            let file = dir.join("genotype.json");
-            let genotype =
-                if file.is_file() { Some(Genotype::from_json(&std::fs::read_to_string(&file)?)?) } else { None };
+        if dir.join(rundir::COMPARE).is_file() {
+            comparison = Some(read_json(&dir.join(rundir::COMPARE))?);
+        } else if dir.join(rundir::BASELINE_CONFIG).is_file() {
+            let config = read_json(&dir.join(rundir::BASELINE_CONFIG))?;
+            let samples = rundir::read_records(&dir.join(rundir::SAMPLES))?;
+            let genotype = rundir::read_genotype(dir)?;
             baseline = Some(BaselineRun { config, samples, genotype });
-        } else if dir.join("config.json").is_file() {
+        } else if dir.join(rundir::CONFIG).is_file() {
             search = Some(SearchRun::load(dir)?);
-        } else if dir.join("train-config.json").is_file() {
+        } else if dir.join(rundir::TRAIN_CONFIG).is_file() {
             train = Some(TrainRun::load(dir)?);
         } else {
-            if dir.join("search/config.json").is_file() {
-                search = Some(SearchRun::load(&dir.join("search"))?);
+            if dir.join(rundir::SEARCH_STAGE).join(rundir::CONFIG).is_file() {
+                search = Some(SearchRun::load(&dir.join(rundir::SEARCH_STAGE))?);
             }
-            if dir.join("train/train-config.json").is_file() {
-                train = Some(TrainRun::load(&dir.join("train"))?);
+            if dir.join(rundir::TRAIN_STAGE).join(rundir::TRAIN_CONFIG).is_file() {
+                train = Some(TrainRun::load(&dir.join(rundir::TRAIN_STAGE))?);
             }
         }
         if search.is_none() && train.is_none() && baseline.is_none() && comparison.is_none() {
@@ -181,13 +159,10 @@ pub fn escape(s: &str) -> String {
 /// Writes `figures/` and `report.html` for the run directory `dir`; returns the report's path.
 pub fn write_report(dir: &Path) -> Result<PathBuf> {
     let run = RunDir::load(dir)?;
-    let fig_dir = dir.join("figures");
-    let figs = figures::write_all(&run, &fig_dir)?;
+    let figs = figures::write_all(&run, &dir.join(rundir::FIGURES))?;
     let html = html::render_html(&run, &figs)?;
-    let path = dir.join("report.html");
-    let tmp = dir.join("report.html.tmp");
-    std::fs::write(&tmp, html).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path)?;
+    let path = dir.join(rundir::REPORT);
+    rundir::write_atomically(&path, html.as_bytes())?;
     Ok(path)
 }
 
