@@ -103,6 +103,7 @@ pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
 
 /// Continues the search saved in `opts.out_dir`.
 pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
+    rundir::check_format(&opts.out_dir)?;
     let mut search = Search::resume(&opts.out_dir, opts.device)?;
     search.set_channels_last(opts.layout.channels_last(opts.device));
     if opts.checkpoint_cells {
@@ -302,6 +303,7 @@ pub fn start_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOut
 
 /// Continues the training run saved in `opts.out_dir`.
 pub fn resume_training(opts: &RunOptions) -> Result<TrainOutcome> {
+    rundir::check_format(&opts.out_dir)?;
     let mut trainer = Trainer::resume(&opts.out_dir, opts.device)?;
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
     rundir::keep_records(&opts.out_dir.join(rundir::METRICS), trainer.epoch)?;

@@ -451,7 +451,7 @@ impl Search {
             alpha_reduce: softmax_rows(&self.net.alphas.reduce),
             beta_normal: betas.as_ref().map(|b| b.0.clone()),
             beta_reduce: betas.map(|b| b.1),
-            genotype: self.genotype().to_string(),
+            genotype: self.genotype(),
             seconds: start.elapsed().as_secs_f64(),
             peak_rss_mb: crate::progress::peak_rss_mb(),
             data_wait_seconds,

@@ -35,7 +35,7 @@ fn an_rl_run_resumed_midway_ends_as_an_uninterrupted_one() {
     let rest = baseline::resume(&opts(b.path(), None)).unwrap();
     assert!(rest.finished);
     let key = |o: &baseline::BaselineOutcome| -> Vec<(String, f64)> {
-        o.samples.iter().map(|s| (s.genotype.clone(), s.val_acc)).collect()
+        o.samples.iter().map(|s| (s.genotype.to_string(), s.val_acc)).collect()
     };
     assert_eq!(key(&full), key(&rest));
     assert_eq!(full.policy, rest.policy, "the policy after resuming is the uninterrupted one");
@@ -60,7 +60,7 @@ fn an_rl_run_resumed_midway_ends_as_an_uninterrupted_one() {
 fn random_search_samples_differ_and_a_time_budget_ends_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = baseline::start(tiny(Strategy::Random, 3), &opts(dir.path(), None)).unwrap();
-    let genotypes: std::collections::HashSet<&String> = out.samples.iter().map(|s| &s.genotype).collect();
+    let genotypes: std::collections::HashSet<String> = out.samples.iter().map(|s| s.genotype.to_string()).collect();
     assert_eq!(genotypes.len(), 3, "three different cells");
     assert!(out.samples.iter().all(|s| s.baseline.is_none() && (0.0..=1.0).contains(&s.val_acc)));
     let again = tempfile::tempdir().unwrap();

@@ -33,7 +33,7 @@ fn darts_random_and_rl_are_compared_on_equal_budgets_and_a_rerun_continues() {
     let darts_seconds = out.methods[0].search_seconds;
     assert!(darts_seconds > 0.0);
     for m in &out.methods {
-        darts::genotype::Genotype::parse(&m.genotype).unwrap().validate().unwrap();
+        m.genotype.validate().unwrap();
         assert!(m.parameters > 0 && (0.0..=1.0).contains(&m.test_top1) && m.train_seconds > 0.0, "{m:?}");
         if m.method != "darts" {
             // Sampling stops at the first sample that reaches DARTS's search time (or at the sample cap).

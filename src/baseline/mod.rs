@@ -236,6 +236,7 @@ pub fn start(config: BaselineConfig, opts: &RunOptions) -> Result<BaselineOutcom
 
 /// Continues the baseline search saved in `opts.out_dir`.
 pub fn resume(opts: &RunOptions) -> Result<BaselineOutcome> {
+    rundir::check_format(&opts.out_dir)?;
     let path = opts.out_dir.join(rundir::BASELINE_STATE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!("{} holds no baseline search to resume ({})", opts.out_dir.display(), path.display())
@@ -303,7 +304,7 @@ impl Stage for BaselineStage {
         state.done += 1;
         Ok(SampleRecord {
             index,
-            genotype: genotype.to_string(),
+            genotype,
             val_acc,
             val_loss,
             parameters,
@@ -371,7 +372,7 @@ fn run(state: State, opts: &RunOptions) -> Result<BaselineOutcome> {
         .iter()
         .max_by(|a, b| a.val_acc.partial_cmp(&b.val_acc).unwrap_or(std::cmp::Ordering::Equal))
         .context("no sample was evaluated")?;
-    let best = Genotype::parse(&best_rec.genotype)?;
+    let best = best_rec.genotype.clone();
     let best_acc = best_rec.val_acc;
     if finished {
         rundir::write_genotype(&opts.out_dir, &best)?;

@@ -45,7 +45,7 @@ fn search_figures(s: &SearchRun, figs: &mut Vec<Figure>) -> Result<()> {
     let Some(last) = s.epochs.last() else { return Ok(()) };
     let ops: Vec<String> = s.config.space.ops.iter().map(|o| o.name().to_string()).collect();
     let edges = edge_labels(s.config.space.nodes);
-    let derived = Genotype::parse(&last.genotype)?;
+    let derived = &last.genotype;
     for (kind, w, cell, betas) in [
         (CellKind::Normal, &last.alpha_normal, &derived.normal, &last.beta_normal),
         (CellKind::Reduce, &last.alpha_reduce, &derived.reduce, &last.beta_reduce),
@@ -124,7 +124,7 @@ fn skip_figure(s: &SearchRun) -> Result<Option<Figure>> {
     let x = |e: &EpochStats| (e.epoch + 1) as f64;
     let mut counts = [Vec::new(), Vec::new()];
     for e in &s.epochs {
-        let g = Genotype::parse(&e.genotype)?;
+        let g = &e.genotype;
         counts[0].push((x(e), crate::genotype::skip_connects(&g.normal) as f64));
         counts[1].push((x(e), crate::genotype::skip_connects(&g.reduce) as f64));
     }
@@ -254,9 +254,9 @@ pub(super) fn write_all(run: &RunDir, fig_dir: &Path) -> Result<Vec<Figure>> {
     }
     if let Some(c) = &run.comparison {
         for m in &c.methods {
-            let g = Genotype::parse(&m.genotype)?;
+            let g = &m.genotype;
             let prefix = format!("cell-{}-", m.method);
-            let [normal, reduce] = write_cell_figures(fig_dir, &g, &prefix)?;
+            let [normal, reduce] = write_cell_figures(fig_dir, g, &prefix)?;
             for (kind, svg) in CellKind::both().into_iter().zip([normal, reduce]) {
                 figs.push(Figure {
                     stem: format!("{prefix}{}", kind.name()),

@@ -328,7 +328,7 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
                 pct(e.val_acc),
                 e.seconds,
                 e.peak_rss_mb,
-                escape(&e.genotype)
+                escape(&e.genotype.to_string())
             );
         }
         h.push_str("</table>\n");
@@ -388,7 +388,7 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
                 x.val_loss,
                 x.parameters,
                 x.seconds,
-                escape(&x.genotype)
+                escape(&x.genotype.to_string())
             );
         }
         h.push_str("</table>\n");

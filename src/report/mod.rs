@@ -47,7 +47,7 @@ impl SearchRun {
         let epochs: Vec<EpochStats> = read_records(&dir.join(rundir::METRICS))?;
         let genotype = match rundir::read_genotype(dir)? {
             Some(g) => Some(g),
-            None => epochs.last().map(|e| Genotype::parse(&e.genotype)).transpose()?,
+            None => epochs.last().map(|e| e.genotype.clone()),
         };
         Ok(SearchRun { dir: dir.to_path_buf(), config, epochs, genotype })
     }
@@ -109,6 +109,9 @@ impl RunDir {
     pub fn load(dir: &Path) -> Result<RunDir> {
         if !dir.is_dir() {
             bail!("{} is not a directory", dir.display());
+        }
+        for d in [dir.to_path_buf(), dir.join(rundir::SEARCH_STAGE), dir.join(rundir::TRAIN_STAGE)] {
+            rundir::check_format(&d)?;
         }
         let (mut search, mut train, mut baseline, mut comparison) = (None, None, None, None);
         if dir.join(rundir::COMPARE).is_file() {

@@ -64,6 +64,11 @@ pub const SUMMARY: &str = "summary.json";
 pub const REPORT: &str = "report.html";
 /// The report's pictures.
 pub const FIGURES: &str = "figures";
+/// The format marker: which darts wrote the directory, in which format.
+pub const FORMAT_FILE: &str = "darts-run.json";
+/// The format this darts writes: 1 has typed genotypes in its records (earlier directories, without a marker,
+/// hold DARTS Python text there, and load too).
+pub const FORMAT: u32 = 1;
 /// A pipeline's search stage.
 pub const SEARCH_STAGE: &str = "search";
 /// A pipeline's training stage.
@@ -87,12 +92,35 @@ pub fn default_dir(kind: &str) -> PathBuf {
 }
 
 /// Creates `dir` for a new `kind` of run, refusing a directory that already holds one (its `marker` file, the
-/// state a resume reads, is there).
+/// state a resume reads, is there), and writes the format marker.
 pub fn create(dir: &Path, kind: &str, marker: &str) -> Result<()> {
     if dir.join(marker).exists() {
         bail!("{} already holds a {kind}; continue it with --resume {0}, or choose another --out", dir.display());
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let marker = serde_json::json!({ "format": FORMAT, "kind": kind, "darts": env!("CARGO_PKG_VERSION") });
+    write_json(&dir.join(FORMAT_FILE), &marker)
+}
+
+/// Checks that this darts can read the run directory `dir`: one without a marker is from before markers (and
+/// loads); one written in a newer format is refused with a message saying so.
+pub fn check_format(dir: &Path) -> Result<()> {
+    let path = dir.join(FORMAT_FILE);
+    if !path.is_file() {
+        return Ok(());
+    }
+    let marker: serde_json::Value = read_json(&path)?;
+    let format = marker["format"].as_u64().with_context(|| format!("{} has no format number", path.display()))?;
+    if format > u64::from(FORMAT) {
+        bail!(
+            "{} was written by darts {} in run-directory format {format}; this darts ({}) reads formats up to \
+             {FORMAT}: use a newer darts for it",
+            dir.display(),
+            marker["darts"].as_str().unwrap_or("(unknown)"),
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    Ok(())
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, renamed over it.
@@ -259,6 +287,12 @@ mod tests {
         assert!(e.contains("line 2"), "{e}");
         assert!(!dir.path().join("metrics.jsonl.tmp").exists());
         create(dir.path(), "search", METRICS).unwrap_err();
-        create(&dir.path().join("new"), "search", METRICS).unwrap();
+        let new = dir.path().join("new");
+        create(&new, "search", METRICS).unwrap();
+        check_format(&new).unwrap();
+        check_format(dir.path()).unwrap();
+        write_json(&new.join(FORMAT_FILE), &serde_json::json!({"format": FORMAT + 1, "darts": "9.0.0"})).unwrap();
+        let e = check_format(&new).unwrap_err().to_string();
+        assert!(e.contains("darts 9.0.0") && e.contains("newer darts"), "{e}");
     }
 }

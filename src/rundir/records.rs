@@ -30,8 +30,10 @@ pub struct EpochStats {
     /// Edge normalisation only: each reduction-cell edge's weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta_reduce: Option<Vec<f64>>,
-    /// The genotype derived at the end of the epoch, in DARTS Python text.
-    pub genotype: String,
+    /// The genotype derived at the end of the epoch (records of earlier darts versions hold it as DARTS Python
+    /// text; both load).
+    #[serde(with = "genotype_field")]
+    pub genotype: Genotype,
     /// Wall-clock seconds of the epoch.
     pub seconds: f64,
     /// Peak resident memory of the process so far, MiB.
@@ -146,8 +148,9 @@ pub struct Best {
 pub struct SampleRecord {
     /// 0-based sample index.
     pub index: usize,
-    /// The genotype, in DARTS Python text.
-    pub genotype: String,
+    /// The genotype (earlier records: DARTS Python text; both load).
+    #[serde(with = "genotype_field")]
+    pub genotype: Genotype,
     /// Accuracy on the scoring split after training: the reward.
     pub val_acc: f64,
     /// Loss on the scoring split.
@@ -175,8 +178,9 @@ pub struct MethodResult {
     pub search_seconds: f64,
     /// Architectures trained during the search (DARTS: one supernet).
     pub architectures_trained: usize,
-    /// The found cell, in DARTS Python text.
-    pub genotype: String,
+    /// The found cell (earlier records: DARTS Python text; both load).
+    #[serde(with = "genotype_field")]
+    pub genotype: Genotype,
     /// Parameters of the final network (auxiliary head excluded).
     pub parameters: i64,
     /// Test top-1 after the final training.
@@ -192,4 +196,65 @@ pub struct CompareOutcome {
     pub methods: Vec<MethodResult>,
     /// The device.
     pub device: String,
+}
+
+/// A genotype in a record: written as its JSON object, read from that or from the DARTS Python text that
+/// records of earlier darts versions hold.
+mod genotype_field {
+    use crate::genotype::Genotype;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(g: &Genotype, s: S) -> Result<S::Ok, S::Error> {
+        g.serialize(s)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Typed(Genotype),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Genotype, D::Error> {
+        let g = match Either::deserialize(d)? {
+            Either::Text(t) => Genotype::parse(&t).map_err(serde::de::Error::custom)?,
+            Either::Typed(g) => g,
+        };
+        g.validate().map_err(serde::de::Error::custom)?;
+        Ok(g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record holds its genotype as a typed value; a record of an earlier version (Python text) still loads,
+    /// and a malformed one is an error that says what is wrong.
+    #[test]
+    fn records_hold_typed_genotypes_and_read_the_older_text() {
+        let g = crate::zoo::get("DARTS_V2").unwrap();
+        let rec = SampleRecord {
+            index: 0,
+            genotype: g.clone(),
+            val_acc: 0.5,
+            val_loss: 1.0,
+            parameters: 10,
+            seconds: 1.0,
+            total_seconds: 1.0,
+            baseline: None,
+            entropy: None,
+        };
+        let line = serde_json::to_value(&rec).unwrap();
+        assert_eq!(line["genotype"]["normal"][0], serde_json::json!(["sep_conv_3x3", 0]));
+        let back: SampleRecord = serde_json::from_value(line.clone()).unwrap();
+        assert_eq!(back.genotype, g);
+        let mut old = line.clone();
+        old["genotype"] = serde_json::Value::String(g.to_string());
+        assert_eq!(serde_json::from_value::<SampleRecord>(old).unwrap().genotype, g);
+        let mut bad = line;
+        bad["genotype"] = serde_json::Value::String("Genotype(normal=[('sep_conv_3x3' 0)])".into());
+        let e = serde_json::from_value::<SampleRecord>(bad).unwrap_err().to_string();
+        assert!(e.contains("line 1 column"), "{e}");
+    }
 }
