@@ -10,7 +10,7 @@
 use crate::baseline::{self, BaselineConfig, Strategy};
 use crate::genotype::Genotype;
 use crate::run::{self, RunOptions};
-use crate::rundir::{self, CompareOutcome, MethodResult};
+use crate::rundir::{self, CompareOutcome, Method, MethodResult};
 use crate::search::SearchConfig;
 use crate::train::TrainConfig;
 use anyhow::Result;
@@ -74,7 +74,7 @@ fn train_and_test(
 
 /// The run directories of a comparison's stages in `root` that exist: the searches, then the trainings.
 pub fn stage_dirs(root: &Path) -> Vec<std::path::PathBuf> {
-    let names = ["darts", "random", "rl"];
+    let names = [Method::Darts, Method::Random, Method::Rl].map(Method::name);
     let stages = names.iter().map(|n| n.to_string()).chain(names.iter().map(|n| format!("train-{n}")));
     stages.map(|s| root.join(s)).filter(|d| d.is_dir()).collect()
 }
@@ -91,7 +91,7 @@ pub fn compare(cfg: &CompareConfig, root: &Path, base: &RunOptions) -> Result<Co
     let darts_seconds = rundir::metrics_seconds(&root.join("darts"));
     let (parameters, test_top1, train_seconds) = train_and_test("darts", &genotype, cfg, root, base)?;
     methods.push(MethodResult {
-        method: "darts".into(),
+        method: Method::Darts,
         search_seconds: darts_seconds,
         architectures_trained: 1,
         genotype: genotype.clone(),
@@ -115,7 +115,10 @@ pub fn compare(cfg: &CompareConfig, root: &Path, base: &RunOptions) -> Result<Co
         };
         let (parameters, test_top1, train_seconds) = train_and_test(name, &out.best, cfg, root, base)?;
         methods.push(MethodResult {
-            method: name.into(),
+            method: match strategy {
+                Strategy::Random => Method::Random,
+                Strategy::Rl => Method::Rl,
+            },
             search_seconds: out.samples.last().map_or(0.0, |s| s.total_seconds),
             architectures_trained: out.samples.len(),
             genotype: out.best.clone(),

@@ -28,14 +28,14 @@ fn darts_random_and_rl_are_compared_on_equal_budgets_and_a_rerun_continues() {
     let dir = tempfile::tempdir().unwrap();
     let base = RunOptions { progress: false, ..RunOptions::new(dir.path().to_path_buf(), Device::Cpu) };
     let out = compare(&c, dir.path(), &base).unwrap();
-    let names: Vec<&str> = out.methods.iter().map(|m| m.method.as_str()).collect();
+    let names: Vec<&str> = out.methods.iter().map(|m| m.method.name()).collect();
     assert_eq!(names, vec!["darts", Strategy::Random.name(), Strategy::Rl.name()]);
     let darts_seconds = out.methods[0].search_seconds;
     assert!(darts_seconds > 0.0);
     for m in &out.methods {
         m.genotype.validate().unwrap();
         assert!(m.parameters > 0 && (0.0..=1.0).contains(&m.test_top1) && m.train_seconds > 0.0, "{m:?}");
-        if m.method != "darts" {
+        if m.method != darts::rundir::Method::Darts {
             // Sampling stops at the first sample that reaches DARTS's search time (or at the sample cap).
             assert!(m.search_seconds >= darts_seconds || m.architectures_trained == 50, "{m:?}");
             assert!(m.architectures_trained >= 1);

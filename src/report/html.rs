@@ -278,7 +278,7 @@ pub(super) fn render_html(run: &RunDir, figs: &[Figure]) -> Result<String> {
                 h,
                 "<tr><td>{}</td><td class=num>{}</td><td class=num>{}</td><td class=num>{}</td>\
                  <td class=num><b>{}</b></td><td class=num>{}</td></tr>",
-                escape(&m.method),
+                m.method,
                 duration(m.search_seconds),
                 m.architectures_trained,
                 m.parameters,

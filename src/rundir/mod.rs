@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 mod records;
 
-pub use records::{decision, Best, CompareOutcome, EpochStats, MethodResult, SampleRecord, TrainStats};
+pub use records::{decision, Best, CompareOutcome, EpochStats, Method, MethodResult, SampleRecord, TrainStats};
 
 /// A search's settings.
 pub const CONFIG: &str = "config.json";

@@ -169,11 +169,40 @@ pub struct SampleRecord {
     pub entropy: Option<f64>,
 }
 
+/// A search method of a comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// DARTS's bilevel search.
+    Darts,
+    /// Random search.
+    Random,
+    /// REINFORCE.
+    Rl,
+}
+
+impl Method {
+    /// The name in tables, figures and folder names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Darts => "darts",
+            Method::Random => "random",
+            Method::Rl => "rl",
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One method's line of the table.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MethodResult {
     /// darts, random or rl.
-    pub method: String,
+    pub method: Method,
     /// Seconds the search took.
     pub search_seconds: f64,
     /// Architectures trained during the search (DARTS: one supernet).
