@@ -14,7 +14,8 @@ fn main() {
         panic!("libtorch's headers (include/ATen/autocast_mode.h next to its lib folder) were not found: run scripts/setup.sh, then . scripts/env.sh");
     };
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .file("csrc/shim.cpp")
         .include(&include)
@@ -22,8 +23,18 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .warnings(false)
-        .compile("darts_shim");
+        .warnings(false);
+    // c10d (torch.distributed): the wheel ships its headers and symbols but not gloo's headers; Debian's
+    // libgloo-dev has them (scripts/setup.sh installs it). Without them darts builds without multi-process runs.
+    let gloo = std::env::var_os("DARTS_GLOO_INCLUDE").map(std::path::PathBuf::from).unwrap_or("/usr/include".into());
+    println!("cargo:rerun-if-env-changed=DARTS_GLOO_INCLUDE");
+    println!("cargo:rerun-if-changed={}", gloo.join("gloo/config.h").display());
+    if gloo.join("gloo/config.h").is_file() {
+        build.include(&gloo).define("USE_DISTRIBUTED", None).define("USE_C10D_GLOO", None).define("DARTS_DIST", None);
+    } else {
+        println!("cargo:warning=gloo's headers (libgloo-dev) not found: darts is built without multi-process runs");
+    }
+    build.compile("darts_shim");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os != "linux" {
         return;

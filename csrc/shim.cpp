@@ -10,6 +10,12 @@
 
 #include <mutex>
 
+#ifdef DARTS_DIST
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -128,5 +134,111 @@ int darts_bernoulli_mask(const at::Tensor* like, double keep, uint64_t seed, at:
     *out = new at::Tensor(std::move(mask));
     return 0;
   });
+}
+
+// ---- torch.distributed (c10d): a process group over a TCPStore, and the collectives darts uses ----
+
+#ifdef DARTS_DIST
+namespace {
+struct ProcessGroup {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+};
+}  // namespace
+#endif
+
+// Whether this build has c10d (1) or not (0).
+int darts_dist_available() {
+#ifdef DARTS_DIST
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Joins the process group of `world` processes as `rank`: a TCPStore at host:port (served by this process when
+// `is_server`, else by rank 0 or torchrun's agent), its keys under `prefix`, and a Gloo backend whose device binds
+// to `bind` (an address or host name), or to interface `iface` when that is not empty. Waits up to `timeout_ms`
+// for the others. Writes the group to `*out`. Returns 0, or -1 (see darts_last_error).
+int darts_pg_new(const char* host, int port, int is_server, int rank, int world, const char* bind, const char* iface,
+                 const char* prefix, int64_t timeout_ms, void** out) {
+#ifdef DARTS_DIST
+  return guarded([&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = is_server != 0;
+    opts.numWorkers = static_cast<std::size_t>(world);
+    opts.waitWorkers = true;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    c10::intrusive_ptr<c10d::Store> tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
+    if (iface != nullptr && iface[0] != 0) {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(bind));
+    }
+    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    *out = new ProcessGroup{tcp, backend};
+    return 0;
+  });
+#else
+  last_error = "this darts was built without c10d (install libgloo-dev, then rebuild)";
+  return -1;
+#endif
+}
+
+// Sums `n` tensors over all processes of `pg`, in place, and waits. Returns 0, or -1.
+int darts_pg_allreduce_sum(void* pg, const at::Tensor* const* tensors, int n) {
+#ifdef DARTS_DIST
+  return guarded([&] {
+    std::vector<at::Tensor> ts;
+    for (int i = 0; i < n; i++) ts.push_back(*tensors[i]);
+    auto work = static_cast<ProcessGroup*>(pg)->backend->allreduce(ts);
+    work->wait();
+    return 0;
+  });
+#else
+  last_error = "this darts was built without c10d";
+  return -1;
+#endif
+}
+
+// Copies `n` tensors of process `root` to every process of `pg`, in place, and waits. Returns 0, or -1.
+int darts_pg_broadcast(void* pg, const at::Tensor* const* tensors, int n, int root) {
+#ifdef DARTS_DIST
+  return guarded([&] {
+    std::vector<at::Tensor> ts;
+    for (int i = 0; i < n; i++) ts.push_back(*tensors[i]);
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    auto work = static_cast<ProcessGroup*>(pg)->backend->broadcast(ts, o);
+    work->wait();
+    return 0;
+  });
+#else
+  last_error = "this darts was built without c10d";
+  return -1;
+#endif
+}
+
+// Waits until every process of `pg` has called it. Returns 0, or -1.
+int darts_pg_barrier(void* pg) {
+#ifdef DARTS_DIST
+  return guarded([&] {
+    static_cast<ProcessGroup*>(pg)->backend->barrier()->wait();
+    return 0;
+  });
+#else
+  last_error = "this darts was built without c10d";
+  return -1;
+#endif
+}
+
+// Leaves and frees the process group.
+void darts_pg_free(void* pg) {
+#ifdef DARTS_DIST
+  delete static_cast<ProcessGroup*>(pg);
+#endif
 }
 }

@@ -21,6 +21,13 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
    (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
    echo "darts setup: could not install dataset-fashion-mnist (only needed for the full dataset)" >&2
 fi
+if [ ! -f /usr/include/gloo/config.h ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  # gloo's headers, which the torch wheel lacks: darts' shim builds c10d's ProcessGroupGloo (multi-process runs).
+  echo "darts setup: installing libgloo-dev (once; for data-parallel runs)" >&2
+  (apt-get install -y -qq libgloo-dev >/dev/null 2>&1 || \
+   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libgloo-dev >/dev/null 2>&1)) || \
+   echo "darts setup: could not install libgloo-dev (darts then builds without multi-process runs)" >&2
+fi
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   # For the test that opens a run report in a real headless browser (Debian's chromium).
   echo "darts setup: installing chromium (once; for the report test)" >&2

@@ -23,6 +23,8 @@ pub struct RunOptions {
     pub layout: crate::Layout,
     /// Turn on gradient checkpointing of cells when resuming a search (starting one, the config decides).
     pub checkpoint_cells: bool,
+    /// The process group of a data-parallel run (rank 0 writes the run directory, every rank computes).
+    pub dist: Option<std::sync::Arc<crate::dist::Dist>>,
 }
 
 impl RunOptions {
@@ -35,7 +37,13 @@ impl RunOptions {
             stop_after: None,
             layout: crate::Layout::Auto,
             checkpoint_cells: false,
+            dist: None,
         }
+    }
+
+    /// Whether this process writes the run directory: always alone, rank 0 of a data-parallel run.
+    pub fn writes(&self) -> bool {
+        self.dist.as_ref().is_none_or(|d| d.is_writer())
     }
 }
 
@@ -61,9 +69,10 @@ pub trait Stage {
     }
     /// Runs the next unit.
     fn advance(&mut self, steps: Option<&ProgressBar>) -> Result<Self::Record>;
-    /// Saves the state a resume continues from (after the unit's record was written, so that a resume drops
-    /// any record past the state it finds).
-    fn save(&mut self, dir: &Path, record: &Self::Record) -> Result<()>;
+    /// Saves the state a resume continues from into `dir` (after the unit's record was written, so that a resume
+    /// drops any record past the state it finds); `dir` is None in the processes of a data-parallel run that do
+    /// not write, which keep their state in step all the same.
+    fn save(&mut self, dir: Option<&Path>, record: &Self::Record) -> Result<()>;
     /// The line said after a unit.
     fn line(&self, record: &Self::Record) -> String;
     /// A note said after the line, if the unit calls for one.
@@ -75,16 +84,29 @@ pub trait Stage {
 /// Where lines go: above the progress bars when they are shown, else to stderr.
 pub struct Console {
     bars: Option<MultiProgress>,
+    silent: bool,
 }
 
 impl Console {
     /// A console with progress bars (`progress`) or without.
     pub fn new(progress: bool) -> Console {
-        Console { bars: progress.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())) }
+        Console { bars: progress.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr())), silent: false }
+    }
+
+    /// The console of a run: silent in the processes of a data-parallel run other than rank 0.
+    pub fn of(opts: &RunOptions) -> Console {
+        if opts.writes() {
+            Console::new(opts.progress)
+        } else {
+            Console { bars: None, silent: true }
+        }
     }
 
     /// Says `line` without disturbing the bars.
     pub fn say(&self, line: impl AsRef<str>) {
+        if self.silent {
+            return;
+        }
         match &self.bars {
             Some(mp) if !mp.is_hidden() => {
                 let _ = mp.println(line.as_ref());
@@ -120,8 +142,11 @@ pub fn drive<S: Stage>(stage: &mut S, opts: &RunOptions, console: &Console) -> R
     let mut ran = Vec::new();
     while stage.done() < stage.total() && !stage.ended() && opts.stop_after.is_none_or(|n| ran.len() < n) {
         let record = stage.advance(step_bar.as_ref())?;
-        rundir::append_record(&records, &record)?;
-        stage.save(&opts.out_dir, &record)?;
+        let dir = opts.writes().then_some(opts.out_dir.as_path());
+        if dir.is_some() {
+            rundir::append_record(&records, &record)?;
+        }
+        stage.save(dir, &record)?;
         console.say(stage.line(&record));
         if let Some(note) = stage.note() {
             console.say(note);

@@ -51,11 +51,24 @@ pub fn evaluate(
     device: Device,
     precision: Precision,
 ) -> Result<EvalResult> {
+    let idx: Vec<usize> = (0..data.len()).collect();
+    let sums = evaluate_sums(net, data, &idx, batch, device, precision)?;
+    Ok(EvalResult::from_sums(sums, data.shape.classes))
+}
+
+/// Sums over the examples `indices` of `data` (in evaluation mode, the forward passes in `precision`): the
+/// cross-entropy, top-1 and top-5 hits, and the count; so that shards evaluated by several processes add up.
+pub fn evaluate_sums(
+    net: &Network,
+    data: &Dataset,
+    indices: &[usize],
+    batch: usize,
+    device: Device,
+    precision: Precision,
+) -> Result<[f64; 4]> {
     tch::no_grad(|| {
-        let n = data.len();
         let (mut loss, mut top1, mut top5) = (0.0, 0i64, 0i64);
-        let idx: Vec<usize> = (0..n).collect();
-        for chunk in idx.chunks(batch.max(1)) {
+        for chunk in indices.chunks(batch.max(1)) {
             let (x, y) = data.batch(chunk, None, device);
             let logits = with_precision(device, precision, || net.forward_t(&x, false).0)?.to_kind(Kind::Float);
             loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * chunk.len() as f64;
@@ -65,11 +78,13 @@ pub fn evaluate(
                 top5 += top.eq_tensor(&y.unsqueeze(1)).any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
             }
         }
-        Ok(EvalResult {
-            loss: loss / n as f64,
-            top1: top1 as f64 / n as f64,
-            top5: (data.shape.classes > 5).then(|| top5 as f64 / n as f64),
-            examples: n,
-        })
+        Ok([loss, top1 as f64, top5 as f64, indices.len() as f64])
     })
+}
+
+impl EvalResult {
+    /// The result from [`evaluate_sums`]'s sums (added over shards) for data of `classes` classes.
+    pub fn from_sums([loss, top1, top5, n]: [f64; 4], classes: usize) -> EvalResult {
+        EvalResult { loss: loss / n, top1: top1 / n, top5: (classes > 5).then(|| top5 / n), examples: n as usize }
+    }
 }

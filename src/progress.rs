@@ -73,6 +73,11 @@ impl StepMeter {
         Ok(())
     }
 
+    /// (summed loss, correct predictions, examples) so far: what several processes' meters add up.
+    pub fn sums(&self) -> [f64; 3] {
+        [self.loss_sum.double_value(&[]), self.correct.int64_value(&[]) as f64, self.seen as f64]
+    }
+
     /// (mean loss, accuracy) so far.
     pub fn means(&self) -> (f64, f64) {
         let n = self.seen.max(1) as f64;

@@ -57,8 +57,8 @@ impl Stage for SearchStage {
         Ok(stats)
     }
 
-    fn save(&mut self, dir: &Path, _: &EpochStats) -> Result<()> {
-        self.search.save_checkpoint(dir)
+    fn save(&mut self, dir: Option<&Path>, _: &EpochStats) -> Result<()> {
+        dir.map_or(Ok(()), |d| self.search.save_checkpoint(d))
     }
 
     fn line(&self, s: &EpochStats) -> String {
@@ -115,6 +115,12 @@ pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
 }
 
 fn run_search(search: Search, opts: &RunOptions) -> Result<RunOutcome> {
+    if opts.dist.is_some() {
+        bail!(
+            "darts search does not run data-parallel yet (only darts train does): start the search as one process, \
+             without torchrun"
+        );
+    }
     let cfg = search.config.clone();
     let console = Console::new(opts.progress);
     console.say(format!(
@@ -255,16 +261,20 @@ impl Stage for TrainStage {
         self.trainer.run_epoch(steps)
     }
 
-    fn save(&mut self, dir: &Path, stats: &TrainStats) -> Result<()> {
+    fn save(&mut self, dir: Option<&Path>, stats: &TrainStats) -> Result<()> {
         let t = &mut self.trainer;
-        t.save_weights(&dir.join(rundir::MODEL_LAST))?;
+        if let Some(dir) = dir {
+            t.save_weights(&dir.join(rundir::MODEL_LAST))?;
+        }
         if let Some(acc) = stats.valid_acc {
             if t.best.is_none_or(|b| acc > b.valid_acc) {
-                t.save_weights(&dir.join(rundir::MODEL_BEST))?;
+                if let Some(dir) = dir {
+                    t.save_weights(&dir.join(rundir::MODEL_BEST))?;
+                }
                 t.best = Some(Best { epoch: stats.epoch, valid_acc: acc });
             }
         }
-        t.save_checkpoint(dir)
+        dir.map_or(Ok(()), |d| t.save_checkpoint(d))
     }
 
     fn line(&self, s: &TrainStats) -> String {
@@ -291,13 +301,23 @@ impl Stage for TrainStage {
 /// per epoch, `model-last.safetensors`, and with a validation split `model-best.safetensors` (the epoch of best
 /// validation accuracy; the test set is never used to choose).
 pub fn start_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
-    rundir::create(&opts.out_dir, "run", rundir::CHECKPOINT)?;
+    if opts.writes() {
+        rundir::create(&opts.out_dir, "run", rundir::CHECKPOINT)?;
+    } else if opts.out_dir.join(rundir::CHECKPOINT).exists() {
+        // Every rank refuses an occupied directory itself, so that none waits for a rank 0 that stopped.
+        bail!("{} already holds a run; continue it with --resume, or choose another --out", opts.out_dir.display());
+    }
     let mut trainer = Trainer::new(config, opts.device)?;
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
-    rundir::write_json(&opts.out_dir.join(rundir::TRAIN_CONFIG), &trainer.config)?;
-    rundir::write_genotype(&opts.out_dir, &trainer.config.genotype)?;
-    rundir::write_json(&opts.out_dir.join(rundir::NETWORK), &trainer.cost())?;
-    let _ = std::fs::remove_file(opts.out_dir.join(rundir::METRICS));
+    if let Some(d) = &opts.dist {
+        trainer.set_dist(d.clone());
+    }
+    if opts.writes() {
+        rundir::write_json(&opts.out_dir.join(rundir::TRAIN_CONFIG), &trainer.config)?;
+        rundir::write_genotype(&opts.out_dir, &trainer.config.genotype)?;
+        rundir::write_json(&opts.out_dir.join(rundir::NETWORK), &trainer.cost())?;
+        let _ = std::fs::remove_file(opts.out_dir.join(rundir::METRICS));
+    }
     run_training(trainer, opts)
 }
 
@@ -306,8 +326,13 @@ pub fn resume_training(opts: &RunOptions) -> Result<TrainOutcome> {
     rundir::check_format(&opts.out_dir)?;
     let mut trainer = Trainer::resume(&opts.out_dir, opts.device)?;
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
-    rundir::keep_records(&opts.out_dir.join(rundir::METRICS), trainer.epoch)?;
-    eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), trainer.epoch + 1, trainer.config.epochs);
+    if let Some(d) = &opts.dist {
+        trainer.set_dist(d.clone());
+    }
+    if opts.writes() {
+        rundir::keep_records(&opts.out_dir.join(rundir::METRICS), trainer.epoch)?;
+        eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), trainer.epoch + 1, trainer.config.epochs);
+    }
     run_training(trainer, opts)
 }
 
@@ -324,7 +349,7 @@ pub fn train_or_resume(config: TrainConfig, opts: &RunOptions) -> Result<TrainOu
 
 fn run_training(trainer: Trainer, opts: &RunOptions) -> Result<TrainOutcome> {
     let cfg = trainer.config.clone();
-    let console = Console::new(opts.progress);
+    let console = Console::of(opts);
     let (n_train, n_valid, n_test) = trainer.sizes();
     let valid =
         if n_valid > 0 { format!(" / {n_valid} held-out validation (chooses model-best)") } else { String::new() };

@@ -2,7 +2,7 @@
 
 use crate::data::Split;
 use crate::data::{self, Augment, Dataset, DatasetKind};
-use crate::evaluate::{evaluate, score_indices, EvalResult};
+use crate::evaluate::{evaluate, evaluate_sums, score_indices, EvalResult};
 use crate::genotype::Genotype;
 use crate::native::{cuda_peak_mb, reset_cuda_peak, with_precision, Precision};
 use crate::network::{
@@ -224,6 +224,8 @@ pub struct Trainer {
     pub epoch: usize,
     /// The best epoch so far on the validation split (None without one): what `model-best` holds.
     pub best: Option<Best>,
+    /// The process group of a data-parallel run.
+    dist: Option<std::sync::Arc<crate::dist::Dist>>,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -291,6 +293,7 @@ impl Trainer {
             valid_indices,
             epoch: 0,
             best: None,
+            dist: None,
         })
     }
 
@@ -323,14 +326,24 @@ impl Trainer {
     pub fn run_epoch(&mut self, bar: Option<&ProgressBar>) -> Result<TrainStats> {
         let start = std::time::Instant::now();
         reset_cuda_peak(self.device);
-        let cfg = &self.config;
+        let cfg = self.config.clone();
         let epoch = self.epoch;
         let lr = cfg.lr_at(epoch);
         self.sgd.lr = lr;
         self.net.drop_path_prob = cfg.drop_path_at(epoch);
         let mut rng =
             ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(epoch as u64));
-        let batches = data::shuffled_batches(&self.train_indices, cfg.batch_size, &mut rng);
+        let mut batches = data::shuffled_batches(&self.train_indices, cfg.batch_size, &mut rng);
+        let dist = self.dist.clone();
+        let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+        if world > 1 {
+            // Every rank draws the same global batches and takes its shard of each; ranks other than 0 augment
+            // and drop paths from their own streams, so that their examples are not treated alike.
+            batches = batches.into_iter().map(|b| b[crate::dist::shard(b.len(), rank, world)].to_vec()).collect();
+            if rank > 0 {
+                rng.set_stream(2 * rank as u64 + 2);
+            }
+        }
         let augment = Augment { cutout: cfg.cutout, ..cfg.dataset.default_augment() };
         let mut meter = StepMeter::new(self.device, batches.len(), bar);
         let nan_hint = format!(
@@ -339,7 +352,7 @@ impl Trainer {
         );
         // Batches are made on a loader thread from `rng`; drop-path masks come from a second stream of it.
         let mut mask_rng = rng.clone();
-        mask_rng.set_stream(1);
+        mask_rng.set_stream(if rank == 0 { 1 } else { 2 * rank as u64 + 3 });
         let (data, device, n) = (self.train.shallow_clone(), self.device, batches.len());
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
         let mut loader = data::prefetch::Prefetch::new(n, 3, move |step| {
@@ -348,6 +361,14 @@ impl Trainer {
         let mut steps = 0;
         for (step, item) in loader.by_ref().enumerate() {
             let (x, y) = item.map_err(anyhow::Error::msg)?;
+            if sizes[step] < 2 && dist.is_some() {
+                // A shard too small for batch normalisation (the last, short batch) sits this step out but takes
+                // part in the gradient average with weight 0, so that every rank takes every step.
+                let mut grads: Vec<Tensor> = self.params.weights.iter().map(Tensor::zeros_like).collect();
+                self.step(&mut grads, 0.0)?;
+                steps += 1;
+                continue;
+            }
             let masks = (self.net.drop_path_prob > 0.0).then(|| {
                 drop_path_masks(self.net.drop_sites(), sizes[step], self.net.drop_path_prob, &mut mask_rng)
                     .to_device(self.device)
@@ -360,20 +381,35 @@ impl Trainer {
                 (logits.to_kind(Kind::Float), loss)
             })?;
             let mut grads = Tensor::run_backward(&[&loss], &self.params.weights, false, false);
-            let _ = clip_grad_norm(&mut grads, cfg.grad_clip);
-            self.sgd.step(&self.params.weights, &grads);
+            self.step(&mut grads, sizes[step] as f64)?;
             let main_loss = logits.detach().cross_entropy_for_logits(&y);
             meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
             steps += 1;
         }
         anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
         let data_wait_seconds = loader.waited().as_secs_f64();
-        let (train_loss, train_acc) = meter.means();
-        let valid = (!self.valid_indices.is_empty()).then(|| {
+        let (mut train_loss, mut train_acc) = meter.means();
+        let mut valid = None;
+        if let Some(d) = &dist {
+            // Batch normalisation keeps per-rank statistics while training (as DDP); evaluation and the saved
+            // model use rank 0's, which every rank takes now (as DDP's broadcast_buffers).
+            let buffers: Vec<&Tensor> = self.params.buffers.iter().collect();
+            d.broadcast(&buffers, 0)?;
+            let mut state: Vec<Tensor> = self.weights();
+            state.extend(self.sgd.buffers.iter().map(Tensor::shallow_clone));
+            d.check_identical(&format!("the weights after epoch {}", epoch + 1), &state)?;
+            let [loss, correct, seen] = <[f64; 3]>::try_from(d.sum_f64(&meter.sums())?).expect("three sums");
+            (train_loss, train_acc) = (loss / seen.max(1.0), correct / seen.max(1.0));
+            if !self.valid_indices.is_empty() {
+                let v = self.sharded_eval(&self.valid_indices, &self.train)?;
+                valid = Some((v.loss, v.top1));
+            }
+        } else if !self.valid_indices.is_empty() {
             let net = &self.net;
-            score_indices(&self.train, &self.valid_indices, 256, self.device, |x| net.forward_t(x, false).0)
-        });
-        let test = evaluate(&self.net, &self.test, 256, self.device, cfg.precision)?;
+            valid =
+                Some(score_indices(&self.train, &self.valid_indices, 256, self.device, |x| net.forward_t(x, false).0));
+        }
+        let test = self.evaluate()?;
         self.epoch += 1;
         Ok(TrainStats {
             epoch,
@@ -393,8 +429,37 @@ impl Trainer {
         })
     }
 
-    /// Evaluates on the test set.
+    /// Averages the gradients over the processes (when data-parallel), clips them and takes the SGD step;
+    /// `examples`: this process's examples in the step.
+    fn step(&mut self, grads: &mut [Tensor], examples: f64) -> Result<()> {
+        if let Some(d) = &self.dist {
+            d.average_gradients(grads, examples)?;
+        }
+        let _ = clip_grad_norm(grads, self.config.grad_clip);
+        self.sgd.step(&self.params.weights, grads);
+        Ok(())
+    }
+
+    /// Evaluates the examples `indices` of `data`, each process its shard, the sums added over processes.
+    fn sharded_eval(&self, indices: &[usize], data: &Dataset) -> Result<EvalResult> {
+        let d = self.dist.as_ref().expect("a process group");
+        let part = &indices[crate::dist::shard(indices.len(), d.rank(), d.world())];
+        let sums = evaluate_sums(&self.net, data, part, 256, self.device, self.config.precision)?;
+        let total = <[f64; 4]>::try_from(d.sum_f64(&sums)?).expect("four sums");
+        Ok(EvalResult::from_sums(total, data.shape.classes))
+    }
+
+    /// Takes part in a data-parallel run through `dist` (every rank must call every collective in step).
+    pub fn set_dist(&mut self, dist: std::sync::Arc<crate::dist::Dist>) {
+        self.dist = Some(dist);
+    }
+
+    /// Evaluates on the test set (sharded over the processes of a data-parallel run).
     pub fn evaluate(&self) -> Result<EvalResult> {
+        if self.dist.is_some() {
+            let all: Vec<usize> = (0..self.test.len()).collect();
+            return self.sharded_eval(&all, &self.test);
+        }
         evaluate(&self.net, &self.test, 256, self.device, self.config.precision)
     }
 

@@ -315,8 +315,9 @@ impl Stage for BaselineStage {
         })
     }
 
-    fn save(&mut self, dir: &Path, record: &SampleRecord) -> Result<()> {
+    fn save(&mut self, dir: Option<&Path>, record: &SampleRecord) -> Result<()> {
         self.samples.push(record.clone());
+        let Some(dir) = dir else { return Ok(()) };
         rundir::write_atomically(&dir.join(rundir::BASELINE_STATE), serde_json::to_string(&self.state)?.as_bytes())
     }
 

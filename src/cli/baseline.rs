@@ -95,6 +95,7 @@ pub fn config(a: &BaselineArgs, strategy: Strategy) -> Result<BaselineConfig> {
 }
 
 pub fn run(a: BaselineArgs, rt: &super::Runtime) -> Result<()> {
+    rt.single_process("baseline")?;
     let device = rt.device()?;
     let (outcome, dir) = match (&a.resume, a.strategy) {
         (Some(dir), _) => (baseline::resume(&rt.options(dir.clone(), device))?, dir.clone()),

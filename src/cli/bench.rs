@@ -108,6 +108,7 @@ fn measured_row(program: &str, args: &[String], implementation: &str) -> Result<
 /// measures both layouts of ours, `nchw` or `channels-last` only that one. The PyTorch reference runs first,
 /// one process per measurement, then ours in this process.
 pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
+    rt.single_process("bench")?;
     let threads = rt.threads.unwrap_or(2);
     anyhow::ensure!(threads >= 1, "--threads {threads}: use at least 1");
     tch::set_num_threads(threads);

@@ -30,6 +30,7 @@ pub struct CompareArgs {
 }
 
 pub fn run(a: CompareArgs, rt: &super::Runtime) -> Result<()> {
+    rt.single_process("compare")?;
     let device = rt.device()?;
     let mut c = CompareConfig::quick();
     if let Some(e) = a.search_epochs {

@@ -51,6 +51,31 @@ impl Runtime {
         darts::device_from_name(&self.device)
     }
 
+    /// The device and process group of a data-parallel run when torchrun's environment describes one (the
+    /// device: GPU `LOCAL_RANK` where the device is CUDA), else the device alone.
+    pub fn launch(&self) -> anyhow::Result<(tch::Device, Option<std::sync::Arc<darts::dist::Dist>>)> {
+        let device = self.device()?;
+        let Some(launch) = darts::dist::Launch::from_env()? else { return Ok((device, None)) };
+        let device = match device {
+            tch::Device::Cuda(_) => tch::Device::Cuda(launch.local_rank),
+            other => other,
+        };
+        let timeout = std::env::var("DARTS_DIST_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+        Ok((device, Some(std::sync::Arc::new(darts::dist::Dist::join(launch, timeout)?))))
+    }
+
+    /// Refuses to run `command` in a multi-process launch it does not support yet.
+    pub fn single_process(&self, command: &str) -> anyhow::Result<()> {
+        if let Some(l) = darts::dist::Launch::from_env()? {
+            anyhow::bail!(
+                "darts {command} does not run data-parallel yet (WORLD_SIZE={}; only darts train does): start it as \
+                 one process, without torchrun",
+                l.world
+            );
+        }
+        Ok(())
+    }
+
     /// Whether progress bars are off.
     pub fn quiet(&self) -> bool {
         self.quiet

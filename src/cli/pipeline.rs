@@ -87,6 +87,7 @@ fn configs(a: &RunArgs) -> Result<(SearchConfig, impl Fn(Genotype) -> Result<Tra
 }
 
 pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
+    rt.single_process("run")?;
     let device = rt.device()?;
     let (search_cfg, train_cfg) = configs(&a)?;
     let root = a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("run"));

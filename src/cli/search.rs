@@ -80,6 +80,7 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
 }
 
 pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
+    rt.single_process("search")?;
     let device = rt.device()?;
     let mut opts = rt.options(a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("search")), device);
     let outcome = match &a.resume {

@@ -61,8 +61,15 @@ impl TrainCommon {
 }
 
 pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
-    let device = rt.device()?;
-    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("train")), device);
+    let (device, dist) = rt.launch()?;
+    let out = match (a.resume.as_ref().or(a.out.as_ref()), &dist) {
+        (Some(dir), _) => dir.clone(),
+        (None, None) => darts::rundir::default_dir("train"),
+        // Every rank must name the same directory: a time stamp could differ between them.
+        (None, Some(_)) => anyhow::bail!("a data-parallel training needs --out DIR (the same on every rank)"),
+    };
+    let mut opts = rt.options(out, device);
+    opts.dist = dist;
     let out = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
@@ -73,6 +80,9 @@ pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
             run::start_training(a.common.config(g)?, &opts)?
         }
     };
+    if !opts.writes() {
+        return Ok(());
+    }
     super::write_report(&opts.out_dir);
     println!("{}", serde_json::to_string(&out.last)?);
     let best = match out.best {

@@ -1,0 +1,402 @@
+//! torch.distributed (c10d) for data-parallel runs: the process group torchrun's environment describes (`RANK`,
+//! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; SLURM jobs set the same), joined through libtorch's
+//! own TCPStore and ProcessGroupGloo (via `csrc/shim.cpp`), and the collectives darts needs: gradients averaged
+//! in a few large flattened buckets, broadcasts, and a check that every rank holds the same weights.
+
+use anyhow::{bail, Context, Result};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use tch::{Kind, Tensor};
+
+extern "C" {
+    fn darts_last_error() -> *const c_char;
+    fn darts_dist_available() -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn darts_pg_new(
+        host: *const c_char,
+        port: c_int,
+        is_server: c_int,
+        rank: c_int,
+        world: c_int,
+        bind: *const c_char,
+        iface: *const c_char,
+        prefix: *const c_char,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn darts_pg_allreduce_sum(pg: *mut c_void, tensors: *const *const c_void, n: c_int) -> c_int;
+    fn darts_pg_broadcast(pg: *mut c_void, tensors: *const *const c_void, n: c_int, root: c_int) -> c_int;
+    fn darts_pg_barrier(pg: *mut c_void) -> c_int;
+    fn darts_pg_free(pg: *mut c_void);
+}
+
+fn last_error() -> String {
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated string, valid until the next call.
+    let msg = unsafe { CStr::from_ptr(darts_last_error()) }.to_string_lossy().into_owned();
+    // libtorch appends the C++ stack: keep its own message.
+    msg.split("\nException raised from").next().unwrap_or_default().trim().to_string()
+}
+
+/// Gradients are averaged in buckets of about this many bytes (as DDP's reducer: few large calls).
+pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// Where this process stands in a multi-process run, as torchrun (or SLURM) says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// This process's rank, 0..world.
+    pub rank: usize,
+    /// Number of processes.
+    pub world: usize,
+    /// This process's index on its node: the CUDA device it uses.
+    pub local_rank: usize,
+    /// The rendezvous host (rank 0's, or torchrun's agent's TCPStore).
+    pub master_addr: String,
+    /// The rendezvous port.
+    pub master_port: u16,
+    /// torchrun's agent serves the store (`TORCHELASTIC_USE_AGENT_STORE`), so rank 0 does not.
+    pub agent_store: bool,
+    /// torchrun's restart count: each restart joins under a fresh key prefix.
+    pub restart: usize,
+}
+
+impl Launch {
+    /// The launch a process environment describes (`var` reads a variable): None without `WORLD_SIZE` or with a
+    /// world of 1 (a plain single-process run); an error naming the variable when one is missing or malformed.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        let Some(world) = var("WORLD_SIZE") else { return Ok(None) };
+        let num = |name: &str, text: &str| -> Result<usize> {
+            text.trim().parse().with_context(|| format!("{name}={text:?} is not a number (torchrun sets it)"))
+        };
+        let world = num("WORLD_SIZE", &world)?;
+        if world <= 1 {
+            return Ok(None);
+        }
+        let need = |name: &str| {
+            var(name).with_context(|| {
+                format!("WORLD_SIZE={world} but {name} is not set: start darts with torchrun (or set RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
+            })
+        };
+        let rank = num("RANK", &need("RANK")?)?;
+        if rank >= world {
+            bail!("RANK={rank} with WORLD_SIZE={world}: a rank lies in 0..{world}");
+        }
+        let local_rank = var("LOCAL_RANK").map(|v| num("LOCAL_RANK", &v)).transpose()?.unwrap_or(0);
+        let master_port = need("MASTER_PORT")?;
+        let master_port =
+            master_port.trim().parse().with_context(|| format!("MASTER_PORT={master_port:?} is not a port number"))?;
+        let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let restart = var("TORCHELASTIC_RESTART_COUNT").map(|v| num("TORCHELASTIC_RESTART_COUNT", &v)).transpose()?;
+        Ok(Some(Launch {
+            rank,
+            world,
+            local_rank,
+            master_addr: need("MASTER_ADDR")?,
+            master_port,
+            agent_store,
+            restart: restart.unwrap_or(0),
+        }))
+    }
+
+    /// The launch of this process's environment.
+    pub fn from_env() -> Result<Option<Launch>> {
+        Launch::from_vars(|name| std::env::var(name).ok())
+    }
+}
+
+/// A joined process group.
+#[derive(Debug)]
+pub struct Dist {
+    pg: *mut c_void,
+    /// How this process was launched.
+    pub launch: Launch,
+}
+
+// SAFETY: the process group is only used through `&self` calls that wait for their collective; libtorch's
+// ProcessGroupGloo is safe to call from any thread.
+unsafe impl Send for Dist {}
+// SAFETY: as above.
+unsafe impl Sync for Dist {}
+
+impl Drop for Dist {
+    fn drop(&mut self) {
+        // SAFETY: `pg` came from darts_pg_new and is freed once.
+        unsafe { darts_pg_free(self.pg) }
+    }
+}
+
+fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
+    ts.iter().map(|t| t.as_ptr().cast::<c_void>()).collect()
+}
+
+impl Dist {
+    /// Whether this build of darts has c10d.
+    pub fn available() -> bool {
+        // SAFETY: a plain query.
+        unsafe { darts_dist_available() == 1 }
+    }
+
+    /// Joins the process group of `launch` (Gloo; its device binds to 127.0.0.1 when the rendezvous host is a
+    /// loopback address, to `GLOO_SOCKET_IFNAME` when set, else to this host's name), waiting up to
+    /// `timeout_s` seconds for the other processes.
+    pub fn join(launch: Launch, timeout_s: u64) -> Result<Dist> {
+        if !Dist::available() {
+            bail!(
+                "WORLD_SIZE={}: this darts was built without c10d (gloo's headers were missing at build time): \
+                 install libgloo-dev (scripts/setup.sh does, as root) and rebuild",
+                launch.world
+            );
+        }
+        let loopback = ["127.", "localhost", "::1"].iter().any(|p| launch.master_addr.starts_with(p));
+        let bind = if loopback { "127.0.0.1".to_string() } else { hostname() };
+        let iface = std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default();
+        let c = |s: &str| CString::new(s).context("a NUL byte in a rendezvous setting");
+        let (host, bind_c, iface_c) = (c(&launch.master_addr)?, c(&bind)?, c(&iface)?);
+        let prefix = c(&format!("darts/{}/", launch.restart))?;
+        let mut pg: *mut c_void = std::ptr::null_mut();
+        let is_server = launch.rank == 0 && !launch.agent_store;
+        // SAFETY: every pointer is a live NUL-terminated string or `&mut pg`; the shim catches C++ exceptions.
+        let rc = unsafe {
+            darts_pg_new(
+                host.as_ptr(),
+                c_int::from(launch.master_port),
+                c_int::from(is_server),
+                launch.rank as c_int,
+                launch.world as c_int,
+                bind_c.as_ptr(),
+                iface_c.as_ptr(),
+                prefix.as_ptr(),
+                (timeout_s * 1000) as i64,
+                &mut pg,
+            )
+        };
+        if rc != 0 || pg.is_null() {
+            bail!(
+                "rank {} of {}: could not join the process group at {}:{} within {timeout_s} s: {}",
+                launch.rank,
+                launch.world,
+                launch.master_addr,
+                launch.master_port,
+                last_error()
+            );
+        }
+        Ok(Dist { pg, launch })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.launch.rank
+    }
+
+    /// The number of processes.
+    pub fn world(&self) -> usize {
+        self.launch.world
+    }
+
+    /// Whether this process writes the run directory (rank 0).
+    pub fn is_writer(&self) -> bool {
+        self.launch.rank == 0
+    }
+
+    /// Sums `tensors` over all processes, in place (one collective per element type: they travel flattened).
+    pub fn all_reduce_sum(&self, tensors: &[&Tensor]) -> Result<()> {
+        flattened(tensors, |flat| self.all_reduce_one(flat))
+    }
+
+    /// Copies `tensors` of rank `root` into every process's, in place (one collective per element type).
+    pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
+        flattened(tensors, |flat| self.broadcast_one(flat, root))
+    }
+
+    fn all_reduce_one(&self, t: &Tensor) -> Result<()> {
+        let p = ptrs(&[t]);
+        // SAFETY: live tensors; the call waits for the collective to finish before returning.
+        if unsafe { darts_pg_allreduce_sum(self.pg, p.as_ptr(), p.len() as c_int) } != 0 {
+            bail!("rank {}: all-reduce failed: {}", self.rank(), last_error());
+        }
+        Ok(())
+    }
+
+    fn broadcast_one(&self, t: &Tensor, root: usize) -> Result<()> {
+        let p = ptrs(&[t]);
+        // SAFETY: as in all_reduce_sum.
+        if unsafe { darts_pg_broadcast(self.pg, p.as_ptr(), p.len() as c_int, root as c_int) } != 0 {
+            bail!("rank {}: broadcast failed: {}", self.rank(), last_error());
+        }
+        Ok(())
+    }
+
+    /// Waits for every process.
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: a collective on a live group.
+        if unsafe { darts_pg_barrier(self.pg) } != 0 {
+            bail!("rank {}: barrier failed: {}", self.rank(), last_error());
+        }
+        Ok(())
+    }
+
+    /// Sums scalars over all processes (metrics: losses times counts, correct predictions, counts).
+    pub fn sum_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
+        let t = Tensor::from_slice(values);
+        self.all_reduce_sum(&[&t])?;
+        Ok(Vec::<f64>::try_from(&t)?)
+    }
+
+    /// Replaces each gradient by the mean over all processes of `weight * gradient`, divided by the total
+    /// weight (`weight`: this process's examples in the step, so that unequal shards average as one batch
+    /// would). The gradients travel flattened in buckets of about [`BUCKET_BYTES`] (as DDP's reducer: a few large
+    /// calls, not one per tensor). Every gradient must be defined (GDAS, whose unsampled ops get none, is not
+    /// data-parallel yet).
+    pub fn average_gradients(&self, grads: &mut [Tensor], weight: f64) -> Result<()> {
+        if grads.iter().any(|g| !g.defined()) {
+            bail!("a weight without a gradient in a data-parallel step (GDAS is not supported across processes yet)");
+        }
+        let total = self.sum_f64(&[weight])?[0];
+        let mut start = 0;
+        while start < grads.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < grads.len() && (end == start || bytes < BUCKET_BYTES) {
+                bytes += grads[end].numel() * 4;
+                end += 1;
+            }
+            let bucket = &mut grads[start..end];
+            tch::no_grad(|| -> Result<()> {
+                let parts: Vec<Tensor> =
+                    bucket.iter().map(|g| g.to_kind(Kind::Float).flatten(0, -1) * weight).collect();
+                let flat = Tensor::cat(&parts, 0);
+                self.all_reduce_sum(&[&flat])?;
+                let mut offset = 0;
+                for g in bucket.iter_mut() {
+                    let n = g.numel() as i64;
+                    let mean = flat.narrow(0, offset, n).view(g.size().as_slice()) / total;
+                    *g = mean.to_kind(g.kind());
+                    offset += n;
+                }
+                Ok(())
+            })?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Fails on every rank, naming `what`, unless every rank holds bit-identical `tensors` (compared by an exact
+    /// integer checksum of their bit patterns per tensor, against rank 0's).
+    pub fn check_identical(&self, what: &str, tensors: &[Tensor]) -> Result<()> {
+        let sums: Vec<f64> = tch::no_grad(|| {
+            tensors
+                .iter()
+                .map(|t| {
+                    let bits = t.detach().to_kind(Kind::Float).contiguous().view_dtype(Kind::Int);
+                    // Exact: integers, and the sum of 2^31-bounded values over < 2^32 elements fits in i64; as f64
+                    // it keeps 53 bits, enough to tell any difference that survives the modulus below.
+                    (bits.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]) % (1 << 52)) as f64
+                })
+                .collect()
+        });
+        let ours = Tensor::from_slice(&sums);
+        let theirs = ours.copy();
+        self.broadcast(&[&theirs], 0)?;
+        let differs = f64::from(u8::from(!ours.equal(&theirs)));
+        let ranks = self.sum_f64(&[differs])?[0];
+        if ranks > 0.0 {
+            bail!(
+                "{what} differ between ranks ({ranks} of {} ranks differ from rank 0): the run stopped rather than \
+                 derive different results per rank. Please report it with the command line",
+                self.world()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs `collective` on one flat contiguous buffer per element type of `tensors` and copies the results back
+/// (Gloo's collectives take one tensor per call, or several of one shape as one per device).
+fn flattened(tensors: &[&Tensor], collective: impl Fn(&Tensor) -> Result<()>) -> Result<()> {
+    let mut kinds: Vec<Kind> = tensors.iter().map(|t| t.kind()).collect();
+    kinds.dedup();
+    kinds.sort_by_key(|k| format!("{k:?}"));
+    kinds.dedup();
+    for kind in kinds {
+        let group: Vec<&Tensor> = tensors.iter().copied().filter(|t| t.kind() == kind).collect();
+        if let [one] = group.as_slice() {
+            if one.is_contiguous() {
+                collective(one)?;
+                continue;
+            }
+        }
+        tch::no_grad(|| -> Result<()> {
+            let flat = Tensor::cat(&group.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
+            collective(&flat)?;
+            let mut offset = 0;
+            for t in &group {
+                let n = t.numel() as i64;
+                t.shallow_clone().copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
+                offset += n;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The contiguous part of a global batch of `n` examples that `rank` of `world` takes: sizes differ by at most
+/// one, earlier ranks take the larger parts.
+pub fn shard(n: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (n / world, n % world);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_cover_a_batch_once_and_balance() {
+        for (n, world) in [(10, 3), (96, 2), (5, 4), (2, 2), (7, 1)] {
+            let parts: Vec<_> = (0..world).map(|r| shard(n, r, world)).collect();
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts[world - 1].end, n);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+                assert!(w[0].len() >= w[1].len() && w[0].len() - w[1].len() <= 1);
+            }
+        }
+        assert_eq!(shard(10, 1, 3), 4..7);
+    }
+
+    #[test]
+    fn the_launch_is_read_from_torchruns_variables_with_clear_errors() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(Launch::from_vars(env(&[])).unwrap(), None);
+        assert_eq!(Launch::from_vars(env(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap(), None);
+        let l = Launch::from_vars(env(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((l.rank, l.world, l.local_rank, l.master_port, l.agent_store, l.restart), (3, 4, 1, 29500, true, 2));
+        let e = Launch::from_vars(env(&[("WORLD_SIZE", "2"), ("RANK", "0")])).unwrap_err().to_string();
+        assert!(e.contains("MASTER_PORT") && e.contains("torchrun"), "{e}");
+        let e =
+            Launch::from_vars(env(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "1")]))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("RANK=2"), "{e}");
+        let e = Launch::from_vars(env(&[("WORLD_SIZE", "two")])).unwrap_err().to_string();
+        assert!(e.contains("WORLD_SIZE"), "{e}");
+    }
+}
