@@ -27,6 +27,21 @@ pub struct Architect {
     pub hvp_r: f64,
     /// Second order: the weights' learning rate the last unrolled step used (what the metrics report).
     pub last_eta: Option<f64>,
+    /// The process group of a data-parallel search: every gradient the hypergradient is made of is averaged
+    /// over the processes (by their examples) where it is computed.
+    pub dist: Option<std::sync::Arc<crate::dist::Dist>>,
+}
+
+/// Averages gradients over the processes of a data-parallel run, weighted by this process's examples (a no-op
+/// alone).
+type Reduce<'a> = &'a dyn Fn(&mut [Tensor], f64) -> anyhow::Result<()>;
+
+fn alone(_: &mut [Tensor], _: f64) -> anyhow::Result<()> {
+    Ok(())
+}
+
+fn examples(x: &Tensor) -> f64 {
+    x.size()[0] as f64
 }
 
 /// A copy of tensors' values, to restore them exactly later.
@@ -65,6 +80,19 @@ pub fn finite_difference_hvp(
     y: &Tensor,
     r: f64,
 ) -> Vec<Tensor> {
+    finite_difference_hvp_with(net, weights, v, x, y, r, &alone).expect("a process alone cannot fail to reduce")
+}
+
+/// [`finite_difference_hvp`] with both gradients averaged over the processes by `reduce`.
+fn finite_difference_hvp_with(
+    net: &SearchNetwork,
+    weights: &[Tensor],
+    v: &[Tensor],
+    x: &Tensor,
+    y: &Tensor,
+    r: f64,
+    reduce: Reduce,
+) -> anyhow::Result<Vec<Tensor>> {
     let saved = snapshot(weights);
     let big_r = (r / global_norm(v)).to_kind(weights[0].kind());
     let shift = |sign: f64| {
@@ -76,12 +104,14 @@ pub fn finite_difference_hvp(
     };
     let masks = net.sample_stream();
     shift(1.0);
-    let gp = alpha_grads(net, x, y);
+    let mut gp = alpha_grads(net, x, y);
     net.set_sample_stream(masks);
     shift(-1.0);
-    let gn = alpha_grads(net, x, y);
+    let mut gn = alpha_grads(net, x, y);
     restore(weights, &saved);
-    gp.iter().zip(&gn).map(|(a, b)| (a - b) / (&big_r * 2.0).to_kind(a.kind())).collect()
+    reduce(&mut gp, examples(x))?;
+    reduce(&mut gn, examples(x))?;
+    Ok(gp.iter().zip(&gn).map(|(a, b)| (a - b) / (&big_r * 2.0).to_kind(a.kind())).collect())
 }
 
 /// The exact `grad^2_{alpha,w} L_train(w, alpha) · v` by double backward (for tests and diagnostics).
@@ -100,6 +130,7 @@ impl Architect {
             order,
             hvp_r: 0.01,
             last_eta: None,
+            dist: None,
         }
     }
 
@@ -116,13 +147,39 @@ impl Architect {
         (x_val, y_val): (&Tensor, &Tensor),
         eta: f64,
     ) -> Vec<Tensor> {
+        let train = (x_train, y_train);
+        self.hypergradient_with(net, weights, buffers, sgd, train, (x_val, y_val), eta, &alone)
+            .expect("a process alone cannot fail to reduce")
+    }
+
+    /// [`Architect::hypergradient`] with every gradient it is made of averaged over the processes by `reduce`:
+    /// first order the validation gradient; second order the training gradient of the unrolled step, the
+    /// validation gradients at the unrolled weights (alpha's and the weights', which set the Hessian's direction)
+    /// and both finite-difference gradients. So every process unrolls to the same weights.
+    #[allow(clippy::too_many_arguments)]
+    fn hypergradient_with(
+        &self,
+        net: &SearchNetwork,
+        weights: &[Tensor],
+        buffers: &[Tensor],
+        sgd: &Sgd,
+        (x_train, y_train): (&Tensor, &Tensor),
+        (x_val, y_val): (&Tensor, &Tensor),
+        eta: f64,
+        reduce: Reduce,
+    ) -> anyhow::Result<Vec<Tensor>> {
         match self.order {
-            Order::First => alpha_grads(net, x_val, y_val),
+            Order::First => {
+                let mut g = alpha_grads(net, x_val, y_val);
+                reduce(&mut g, examples(x_val))?;
+                Ok(g)
+            }
             Order::Second => {
                 // w' = w - eta (momentum * buf + grad_w L_train + wd * w)
                 let train_masks = net.sample_stream();
                 let w_refs: Vec<&Tensor> = weights.iter().collect();
-                let (_, _, g) = net.loss_grads(x_train, y_train, &w_refs);
+                let (_, _, mut g) = net.loss_grads(x_train, y_train, &w_refs);
+                reduce(&mut g, examples(x_train))?;
                 let theta = snapshot(weights);
                 tch::no_grad(|| {
                     for (((w, t), gi), buf) in weights.iter().zip(&theta).zip(&g).zip(&sgd.buffers) {
@@ -135,7 +192,8 @@ impl Architect {
                 let mut inputs: Vec<&Tensor> = net.alphas.tensors();
                 let n_arch = inputs.len();
                 inputs.extend(weights.iter());
-                let (_, _, grads) = net.loss_grads(x_val, y_val, &inputs);
+                let (_, _, mut grads) = net.loss_grads(x_val, y_val, &inputs);
+                reduce(&mut grads, examples(x_val))?;
                 restore(weights, &theta);
                 restore(buffers, &stats);
                 let (dalpha, v) = grads.split_at(n_arch);
@@ -143,9 +201,9 @@ impl Architect {
                 // unrolled step descended; the stream then goes on after the validation pass's masks.
                 let after = net.sample_stream();
                 net.set_sample_stream(train_masks);
-                let implicit = finite_difference_hvp(net, weights, v, x_train, y_train, self.hvp_r);
+                let implicit = finite_difference_hvp_with(net, weights, v, x_train, y_train, self.hvp_r, reduce)?;
                 net.set_sample_stream(after);
-                dalpha.iter().zip(&implicit).map(|(d, h)| d - h * eta).collect()
+                Ok(dalpha.iter().zip(&implicit).map(|(d, h)| d - h * eta).collect())
             }
         }
     }
@@ -161,11 +219,18 @@ impl Architect {
         train: (&Tensor, &Tensor),
         val: (&Tensor, &Tensor),
         eta: f64,
-    ) {
-        let grads = self.hypergradient(net, weights, buffers, sgd, train, val, eta);
+    ) -> anyhow::Result<()> {
+        let grads = match &self.dist {
+            Some(d) => {
+                let reduce = |g: &mut [Tensor], n: f64| d.average_gradients(g, n);
+                self.hypergradient_with(net, weights, buffers, sgd, train, val, eta, &reduce)?
+            }
+            None => self.hypergradient(net, weights, buffers, sgd, train, val, eta),
+        };
         if self.order == Order::Second {
             self.last_eta = Some(eta);
         }
         self.adam.step(&net.alphas.tensors(), &grads);
+        Ok(())
     }
 }

@@ -190,7 +190,8 @@ pub fn bench_search(
                 let order = if name == "first_order_step" { Order::First } else { Order::Second };
                 let mut arch = Architect::new(&net, order, 3e-4, (0.5, 0.999), 1e-3);
                 time_ms(device, repeats, || {
-                    arch.step(&net, &weights, &buffers, &sgd, (&x, &y), (&xv, &yv), 0.025);
+                    arch.step(&net, &weights, &buffers, &sgd, (&x, &y), (&xv, &yv), 0.025)
+                        .expect("a process alone cannot fail to reduce");
                     weight_step(&mut sgd);
                 })
             }

@@ -93,11 +93,21 @@ impl Stage for SearchStage {
 
 /// Starts a new search in `opts.out_dir` (which must not hold one already).
 pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
-    rundir::create(&opts.out_dir, "search", rundir::CHECKPOINT)?;
+    if opts.writes() {
+        rundir::create(&opts.out_dir, "search", rundir::CHECKPOINT)?;
+    } else if opts.out_dir.join(rundir::CHECKPOINT).exists() {
+        // Every rank refuses an occupied directory itself, so that none waits for a rank 0 that stopped.
+        bail!("{} already holds a search; continue it with --resume, or choose another --out", opts.out_dir.display());
+    }
     let mut search = Search::new(config, opts.device)?;
     search.set_channels_last(opts.layout.channels_last(opts.device));
-    rundir::write_json(&opts.out_dir.join(rundir::CONFIG), &search.config)?;
-    let _ = std::fs::remove_file(opts.out_dir.join(rundir::METRICS));
+    if let Some(d) = &opts.dist {
+        search.set_dist(d.clone())?;
+    }
+    if opts.writes() {
+        rundir::write_json(&opts.out_dir.join(rundir::CONFIG), &search.config)?;
+        let _ = std::fs::remove_file(opts.out_dir.join(rundir::METRICS));
+    }
     run_search(search, opts)
 }
 
@@ -109,20 +119,19 @@ pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
     if opts.checkpoint_cells {
         search.set_checkpoint_cells(true);
     }
-    rundir::keep_records(&opts.out_dir.join(rundir::METRICS), search.epoch)?;
-    eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), search.epoch + 1, search.config.epochs);
+    if let Some(d) = &opts.dist {
+        search.set_dist(d.clone())?;
+    }
+    if opts.writes() {
+        rundir::keep_records(&opts.out_dir.join(rundir::METRICS), search.epoch)?;
+        eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), search.epoch + 1, search.config.epochs);
+    }
     run_search(search, opts)
 }
 
 fn run_search(search: Search, opts: &RunOptions) -> Result<RunOutcome> {
-    if opts.dist.is_some() {
-        bail!(
-            "darts search does not run data-parallel yet (only darts train does): start the search as one process, \
-             without torchrun"
-        );
-    }
     let cfg = search.config.clone();
-    let console = Console::new(opts.progress);
+    let console = Console::of(opts);
     console.say(format!(
         "search: {} ({} examples), split {} for weights / {} for alpha, disjoint (checked: no example in both){}",
         cfg.dataset.name(),
@@ -163,7 +172,7 @@ fn run_search(search: Search, opts: &RunOptions) -> Result<RunOutcome> {
              connection so that alpha need not (DARTS-)"
         ));
     }
-    if finished {
+    if finished && opts.writes() {
         rundir::write_genotype(&opts.out_dir, &genotype)?;
         let all: Vec<EpochStats> = rundir::read_records(&opts.out_dir.join(rundir::METRICS))?;
         if let Some(d) = rundir::decision(&cfg.space, &all) {
@@ -192,7 +201,9 @@ pub fn search_or_resume(config: SearchConfig, opts: &RunOptions) -> Result<(Geno
         same_settings(&opts.out_dir.join(rundir::CONFIG), &config, "search")?;
     }
     if let Some(g) = rundir::read_genotype(&opts.out_dir)? {
-        eprintln!("search already finished in {}", opts.out_dir.display());
+        if opts.writes() {
+            eprintln!("search already finished in {}", opts.out_dir.display());
+        }
         return Ok((g, true));
     }
     let out = if started { resume(opts)? } else { start(config, opts)? };

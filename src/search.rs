@@ -398,8 +398,26 @@ impl Search {
         masks.set_stream(1);
         self.net.set_sample_stream(masks.next_u64());
         let bs = self.config.batch_size;
-        let train_batches = data::shuffled_batches(&self.split.train, bs, &mut rng);
-        let val_batches = data::shuffled_batches(&self.split.val, bs, &mut rng);
+        let mut train_batches = data::shuffled_batches(&self.split.train, bs, &mut rng);
+        let mut val_batches = data::shuffled_batches(&self.split.val, bs, &mut rng);
+        let dist = self.architect.dist.clone();
+        if let Some(d) = &dist {
+            // Every rank draws the same global batches and takes its shard of each (a short last batch that
+            // would leave a rank fewer than 2 examples for batch normalisation is left out on every rank); ranks
+            // other than 0 augment from their own stream.
+            let (rank, world) = (d.rank(), d.world());
+            let shard = |batches: Vec<Vec<usize>>| -> Vec<Vec<usize>> {
+                batches
+                    .into_iter()
+                    .filter(|b| b.len() >= 2 * world)
+                    .map(|b| b[crate::dist::shard(b.len(), rank, world)].to_vec())
+                    .collect()
+            };
+            (train_batches, val_batches) = (shard(train_batches), shard(val_batches));
+            if rank > 0 {
+                rng.set_stream(2 * rank as u64 + 2);
+            }
+        }
         let augment = self.config.dataset.default_augment();
         let mut meter = StepMeter::new(self.device, train_batches.len(), bar);
         let nan_hint = format!(
@@ -424,11 +442,14 @@ impl Search {
             let (xt, yt, val) = item.map_err(anyhow::Error::msg)?;
             if let Some((xv, yv)) = val {
                 let p = &self.params;
-                self.architect.step(&self.net, &p.weights, &p.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr);
+                self.architect.step(&self.net, &p.weights, &p.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr)?;
             }
 
             let weights: Vec<&Tensor> = self.params.weights.iter().collect();
             let (loss, logits, mut grads) = self.net.loss_grads(&xt, &yt, &weights);
+            if let Some(d) = &dist {
+                d.average_gradients(&mut grads, xt.size()[0] as f64)?;
+            }
             let _ = clip_grad_norm(&mut grads, self.config.grad_clip);
             self.sgd.step(&self.params.weights, &grads);
             meter.record(step, &loss, &logits, &yt, bar, &nan_hint)?;
@@ -436,8 +457,24 @@ impl Search {
         }
         anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
         let data_wait_seconds = batches.waited().as_secs_f64();
-        let (train_loss, train_acc) = meter.means();
-        let (val_loss, val_acc) = self.evaluate(&self.split.val.clone());
+        let (mut train_loss, mut train_acc) = meter.means();
+        let (val_loss, val_acc) = match &dist {
+            None => self.evaluate(&self.split.val.clone()),
+            Some(d) => {
+                // Batch normalisation keeps per-rank statistics while searching (as DDP); evaluation and the
+                // checkpoint use rank 0's, which every rank takes now (as DDP's broadcast_buffers).
+                let buffers: Vec<&Tensor> = self.params.buffers.iter().collect();
+                d.broadcast(&buffers, 0)?;
+                d.check_identical(&format!("the weights and alphas after epoch {}", epoch + 1), &self.state())?;
+                let [loss, correct, seen] = <[f64; 3]>::try_from(d.sum_f64(&meter.sums())?).expect("three sums");
+                (train_loss, train_acc) = (loss / seen.max(1.0), correct / seen.max(1.0));
+                let part = &self.split.val[crate::dist::shard(self.split.val.len(), d.rank(), d.world())];
+                let (l, a) = self.evaluate(part);
+                let n = part.len() as f64;
+                let [l, a, n] = <[f64; 3]>::try_from(d.sum_f64(&[l * n, a * n, n])?).expect("three sums");
+                (l / n, a / n)
+            }
+        };
         self.epoch += 1;
         let betas = self.net.alphas.edge_weights_vec();
         Ok(EpochStats {
@@ -461,6 +498,36 @@ impl Search {
             gdas_tau: self.net.gdas_tau,
             unrolled_lr: self.architect.last_eta,
         })
+    }
+
+    /// Everything every rank of a data-parallel search must hold alike: weights, SGD momentum, alphas (and
+    /// betas) and Adam's moments.
+    fn state(&self) -> Vec<Tensor> {
+        let mut all: Vec<Tensor> = self.params.weights.iter().map(Tensor::shallow_clone).collect();
+        all.extend(self.sgd.buffers.iter().map(Tensor::shallow_clone));
+        all.extend(self.net.alphas.tensors().into_iter().map(|t| t.detach()));
+        all.extend(
+            self.architect.adam.exp_avg.iter().chain(&self.architect.adam.exp_avg_sq).map(Tensor::shallow_clone),
+        );
+        all
+    }
+
+    /// Takes part in a data-parallel search through `dist` (every rank must call every collective in step).
+    pub fn set_dist(&mut self, dist: std::sync::Arc<crate::dist::Dist>) -> Result<()> {
+        if self.config.gdas.is_some() {
+            bail!("GDAS does not run data-parallel yet (its unsampled ops have no gradient to average): one process");
+        }
+        if self.config.batch_size < 2 * dist.world() {
+            bail!(
+                "batch size {} over {} processes leaves fewer than 2 examples per process for batch normalisation: \
+                 --batch-size is the global batch; use at least {}",
+                self.config.batch_size,
+                dist.world(),
+                2 * dist.world()
+            );
+        }
+        self.architect.dist = Some(dist);
+        Ok(())
     }
 
     /// Loss and accuracy on `indices` in evaluation mode (BN running statistics), without gradients.

@@ -272,7 +272,7 @@ fn a_first_order_alpha_step_descends_the_validation_loss() {
     let sgd = Sgd::new(&f.weights, 0.1, 0.9, 3e-4);
     let mut arch = Architect::new(&f.net, Order::First, 3e-4, (0.5, 0.999), 1e-3);
     let loss_before = f.net.loss(&xv, &yv).double_value(&[]);
-    arch.step(&f.net, &f.weights, &f.buffers, &sgd, (&f.x, &f.y), (&xv, &yv), 0.1);
+    arch.step(&f.net, &f.weights, &f.buffers, &sgd, (&f.x, &f.y), (&xv, &yv), 0.1).unwrap();
     let mut checked = 0;
     for ((a, b), gi) in alphas.iter().zip(&before).zip(&g) {
         let d = gi + b * 1e-3;

@@ -148,12 +148,46 @@ fn darts_train_runs_data_parallel_and_the_ranks_agree() {
         assert!(!o.status.success() && e.contains("needs --out"), "{e}");
     }
     // Commands that are not data-parallel yet say so instead of running N copies.
-    let mut search = Command::new(env!("CARGO_BIN_EXE_darts"));
-    search.args(["search", "--preset", "quick", "--epochs", "1"]);
-    torchrun_env(&mut search, 0, 2, free_port());
-    let o = search.output().unwrap();
+    let mut compare = Command::new(env!("CARGO_BIN_EXE_darts"));
+    compare.args(["compare", "--search-epochs", "1"]);
+    torchrun_env(&mut compare, 0, 2, free_port());
+    let o = compare.output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("does not run data-parallel yet"), "{e}");
+}
+
+/// `darts run` as two processes: a second-order search with skip dropout (every gradient of the unrolled step
+/// averaged, every epoch's check that weights, alphas and both optimisers agree), then the training of the
+/// derived cell; rank 0 writes both stages and the summary.
+#[test]
+fn darts_run_searches_second_order_and_trains_data_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let port = free_port();
+    let outs = run_ranks(2, |rank| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(["run", "--preset", "quick", "--limit", "96", "--search-channels", "4", "--search-layers", "3"]);
+        cmd.args(["--nodes", "2", "--search-epochs", "2", "--search-batch-size", "16", "--order", "second"]);
+        cmd.args(["--skip-dropout", "0.3", "--train-epochs", "1", "--train-channels", "4", "--train-layers", "3"]);
+        cmd.args(["--train-batch-size", "16", "--threads", "1", "--quiet", "--device", "cpu", "--out"]).arg(&out);
+        torchrun_env(&mut cmd, rank, 2, port);
+        cmd
+    });
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out.join("search/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 2);
+    assert_eq!(metrics[1]["unrolled_lr"], metrics[1]["lr"], "the unrolled step ran with the epoch's rate");
+    let summary: serde_json::Value = serde_json::from_slice(&outs[0].stdout).unwrap();
+    assert_eq!(summary["finished"], true);
+    assert!(outs[1].stdout.is_empty());
+    let searched = std::fs::read_to_string(out.join("search/genotype.txt")).unwrap();
+    assert_eq!(searched, std::fs::read_to_string(out.join("train/genotype.txt")).unwrap());
 }
 
 /// Under torchrun itself (from darts' own venv), when it is there: the agent serves the store.

@@ -119,6 +119,20 @@ enum Command {
     Report(report::ReportArgs),
 }
 
+/// The run directory: `given`, else a fresh time-stamped one under runs/ for `kind` (a data-parallel run needs it
+/// given: every rank must name the same one, and time stamps could differ between them).
+pub fn run_dir(
+    given: Option<&std::path::PathBuf>,
+    kind: &str,
+    data_parallel: bool,
+) -> anyhow::Result<std::path::PathBuf> {
+    match given {
+        Some(dir) => Ok(dir.clone()),
+        None if data_parallel => anyhow::bail!("a data-parallel {kind} needs --out DIR (the same on every rank)"),
+        None => Ok(darts::rundir::default_dir(kind)),
+    }
+}
+
 /// Writes the report of the run directory `dir` and says where. A failure is only a warning: the run's results
 /// are saved already, and `darts report DIR` tries again.
 pub fn write_report(dir: &std::path::Path) {

@@ -87,22 +87,31 @@ fn configs(a: &RunArgs) -> Result<(SearchConfig, impl Fn(Genotype) -> Result<Tra
 }
 
 pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
-    rt.single_process("run")?;
-    let device = rt.device()?;
+    let (device, dist) = rt.launch()?;
     let (search_cfg, train_cfg) = configs(&a)?;
-    let root = a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("run"));
-    eprintln!("run directory {}", root.display());
-    let opts = |sub: &str| rt.options(root.join(sub), device);
+    let root = super::run_dir(a.out.as_ref(), "run", dist.is_some())?;
+    let writes = dist.as_ref().is_none_or(|d| d.is_writer());
+    if writes {
+        eprintln!("run directory {}", root.display());
+    }
+    let opts = |sub: &str| darts::run::RunOptions { dist: dist.clone(), ..rt.options(root.join(sub), device) };
     let (search_dir, train_dir) = (root.join(rundir::SEARCH_STAGE), root.join(rundir::TRAIN_STAGE));
     let t0 = std::time::Instant::now();
     let (genotype, _) = run::search_or_resume(search_cfg.clone(), &opts(rundir::SEARCH_STAGE))?;
-    super::write_report(&search_dir);
+    if writes {
+        super::write_report(&search_dir);
+    }
     let search_seconds = t0.elapsed().as_secs_f64();
-    eprintln!("derived genotype: {genotype}");
+    if writes {
+        eprintln!("derived genotype: {genotype}");
+    }
     let t1 = std::time::Instant::now();
     let train = train_cfg(genotype.clone())?;
     train.validate()?;
     let out = run::train_or_resume(train, &opts(rundir::TRAIN_STAGE))?;
+    if !writes {
+        return Ok(());
+    }
     super::write_report(&train_dir);
     let summary = serde_json::json!({
         "genotype": genotype.to_string(),

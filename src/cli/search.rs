@@ -80,9 +80,10 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
 }
 
 pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
-    rt.single_process("search")?;
-    let device = rt.device()?;
-    let mut opts = rt.options(a.out.clone().unwrap_or_else(|| darts::rundir::default_dir("search")), device);
+    let (device, dist) = rt.launch()?;
+    let out = super::run_dir(a.resume.as_ref().or(a.out.as_ref()), "search", dist.is_some())?;
+    let mut opts = rt.options(out, device);
+    opts.dist = dist;
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
@@ -91,6 +92,9 @@ pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
         }
         None => run::start(config(&a)?, &opts)?,
     };
+    if !opts.writes() {
+        return Ok(());
+    }
     super::write_report(&opts.out_dir);
     if outcome.finished {
         eprintln!("wrote {0}/genotype.json and {0}/genotype.txt", opts.out_dir.display());

@@ -62,12 +62,7 @@ impl TrainCommon {
 
 pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
     let (device, dist) = rt.launch()?;
-    let out = match (a.resume.as_ref().or(a.out.as_ref()), &dist) {
-        (Some(dir), _) => dir.clone(),
-        (None, None) => darts::rundir::default_dir("train"),
-        // Every rank must name the same directory: a time stamp could differ between them.
-        (None, Some(_)) => anyhow::bail!("a data-parallel training needs --out DIR (the same on every rank)"),
-    };
+    let out = super::run_dir(a.resume.as_ref().or(a.out.as_ref()), "train", dist.is_some())?;
     let mut opts = rt.options(out, device);
     opts.dist = dist;
     let out = match &a.resume {
