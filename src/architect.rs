@@ -208,6 +208,28 @@ impl Architect {
         }
     }
 
+    /// The hypergradient of this process's batches, averaged over the processes of a data-parallel search at every
+    /// point where the original computes a gradient (alone: [`Architect::hypergradient`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn averaged_hypergradient(
+        &self,
+        net: &SearchNetwork,
+        weights: &[Tensor],
+        buffers: &[Tensor],
+        sgd: &Sgd,
+        train: (&Tensor, &Tensor),
+        val: (&Tensor, &Tensor),
+        eta: f64,
+    ) -> anyhow::Result<Vec<Tensor>> {
+        match &self.dist {
+            Some(d) => {
+                let reduce = |g: &mut [Tensor], n: f64| d.average_gradients(g, n);
+                self.hypergradient_with(net, weights, buffers, sgd, train, val, eta, &reduce)
+            }
+            None => Ok(self.hypergradient(net, weights, buffers, sgd, train, val, eta)),
+        }
+    }
+
     /// One alpha step: hypergradient, then Adam.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
@@ -220,13 +242,7 @@ impl Architect {
         val: (&Tensor, &Tensor),
         eta: f64,
     ) -> anyhow::Result<()> {
-        let grads = match &self.dist {
-            Some(d) => {
-                let reduce = |g: &mut [Tensor], n: f64| d.average_gradients(g, n);
-                self.hypergradient_with(net, weights, buffers, sgd, train, val, eta, &reduce)?
-            }
-            None => self.hypergradient(net, weights, buffers, sgd, train, val, eta),
-        };
+        let grads = self.averaged_hypergradient(net, weights, buffers, sgd, train, val, eta)?;
         if self.order == Order::Second {
             self.last_eta = Some(eta);
         }

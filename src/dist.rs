@@ -260,8 +260,9 @@ impl Dist {
             }
             let bucket = &mut grads[start..end];
             tch::no_grad(|| -> Result<()> {
-                let parts: Vec<Tensor> =
-                    bucket.iter().map(|g| g.to_kind(Kind::Float).flatten(0, -1) * weight).collect();
+                // The bucket travels in its first gradient's element type (float32, or float64 in tests).
+                let kind = bucket[0].kind();
+                let parts: Vec<Tensor> = bucket.iter().map(|g| g.to_kind(kind).flatten(0, -1) * weight).collect();
                 let flat = Tensor::cat(&parts, 0);
                 self.all_reduce_sum(&[&flat])?;
                 let mut offset = 0;

@@ -1,9 +1,14 @@
 //! Data parallelism over libtorch's c10d (TCPStore + ProcessGroupGloo) between processes on 127.0.0.1: the
 //! collectives against hand-computed values, and `darts train` launched as torchrun launches it.
+use darts::architect::{global_norm, Architect, Order};
 use darts::dist::{Dist, Launch};
+use darts::optim::Sgd;
+use darts::params::Params;
+use darts::space::{Activation, DataShape, OpKind, SearchSpace};
+use darts::supernet::{Alphas, SearchNetwork};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use tch::{Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -211,4 +216,160 @@ fn darts_train_runs_under_torchrun() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 1);
+}
+
+/// A small smooth supernet in float64 with a momentum buffer as after some steps, and a training and a validation
+/// batch of 8, the same in every process (built from one seed on the CPU).
+struct Fixture {
+    _vs: nn::VarStore,
+    net: SearchNetwork,
+    params: Params,
+    sgd: Sgd,
+    xt: Tensor,
+    yt: Tensor,
+    xv: Tensor,
+    yv: Tensor,
+}
+
+fn fixture() -> Fixture {
+    tch::manual_seed(31);
+    let ops = vec![OpKind::None, OpKind::AvgPool3x3, OpKind::SkipConnect, OpKind::SepConv3x3];
+    let space =
+        SearchSpace { ops, channels: 4, layers: 3, nodes: 2, activation: Activation::Gelu, ..Default::default() };
+    let shape = DataShape { channels: 2, height: 8, width: 8, classes: 4 };
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let opts = (Kind::Double, Device::Cpu);
+    let a = || (Tensor::randn([5, 4], opts) * 0.5).set_requires_grad(true);
+    let net =
+        SearchNetwork::new(&vs.root(), &space, &shape, Alphas { normal: a(), reduce: a(), betas: None, nodes: 2 });
+    vs.double();
+    let params = Params::of(&vs);
+    let mut sgd = Sgd::new(&params.weights, 0.1, 0.9, 3e-4);
+    sgd.buffers = params.weights.iter().map(|w| w.randn_like() * 0.05).collect();
+    let labels = |v: [i64; 8]| Tensor::from_slice(&v);
+    Fixture {
+        xt: Tensor::randn([8, 2, 8, 8], opts),
+        yt: labels([0, 1, 2, 3, 3, 2, 1, 0]),
+        xv: Tensor::randn([8, 2, 8, 8], opts),
+        yv: labels([1, 1, 0, 0, 2, 3, 2, 3]),
+        _vs: vs,
+        net,
+        params,
+        sgd,
+    }
+}
+
+/// Rows 0..3 of a batch for rank 0, 3..8 for rank 1: unequal shards, so the average must weight by examples.
+const CUT: i64 = 3;
+
+fn shard_of(x: &Tensor, rank: usize) -> Tensor {
+    if rank == 0 {
+        x.narrow(0, 0, CUT)
+    } else {
+        x.narrow(0, CUT, 8 - CUT)
+    }
+}
+
+/// A rank of `the_data_parallel_hypergradient_is_the_shard_average_at_every_step`: its shards' second-order
+/// hypergradient, averaged over the two processes.
+fn hypergradient_worker(out: &Path) {
+    let d = std::sync::Arc::new(Dist::join(Launch::from_env().unwrap().unwrap(), 60).unwrap());
+    let f = fixture();
+    let r = d.rank();
+    let mut arch = Architect::new(&f.net, Order::Second, 3e-4, (0.5, 0.999), 1e-3);
+    arch.dist = Some(d.clone());
+    let (xt, yt, xv, yv) = (shard_of(&f.xt, r), shard_of(&f.yt, r), shard_of(&f.xv, r), shard_of(&f.yv, r));
+    let h = arch
+        .averaged_hypergradient(&f.net, &f.params.weights, &f.params.buffers, &f.sgd, (&xt, &yt), (&xv, &yv), 0.1)
+        .unwrap();
+    let named: Vec<(String, Tensor)> = h.into_iter().enumerate().map(|(i, t)| (format!("h{i}"), t)).collect();
+    Tensor::write_safetensors(&named, out.join(format!("rank{r}.safetensors"))).unwrap();
+}
+
+/// The gradients of `loss` on each shard separately (each its own batch-normalisation statistics, as each
+/// process computes them), averaged by the shards' examples: what a data-parallel step averages.
+fn shard_average(f: &Fixture, x: &Tensor, y: &Tensor, wrt: &[&Tensor]) -> Vec<Tensor> {
+    let mut sum: Option<Vec<Tensor>> = None;
+    for r in 0..2 {
+        let (xs, ys) = (shard_of(x, r), shard_of(y, r));
+        let n = xs.size()[0] as f64;
+        let g = Tensor::run_backward(&[f.net.loss(&xs, &ys)], wrt, false, false);
+        let g: Vec<Tensor> = g.iter().map(|t| t * n).collect();
+        sum = Some(match sum {
+            None => g,
+            Some(s) => s.iter().zip(&g).map(|(a, b)| a + b).collect(),
+        });
+    }
+    sum.unwrap().iter().map(|t| t / 8.0).collect()
+}
+
+/// Second order across two processes with unequal shards equals the original's unrolled step computed in one
+/// process from the shard-averaged gradients: the training gradient of the unrolled step, the validation
+/// gradients at the unrolled weights (alpha's, and the weights' that set the Hessian direction) and both
+/// finite-difference gradients, each averaged by examples. Leaving any one reduction out changes the result.
+#[test]
+fn the_data_parallel_hypergradient_is_the_shard_average_at_every_step() {
+    if let Ok(out) = std::env::var("DARTS_DIST_HYPER_WORKER") {
+        hypergradient_worker(Path::new(&out));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let name = "the_data_parallel_hypergradient_is_the_shard_average_at_every_step";
+    let outs = run_ranks(2, |rank| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", name, "--nocapture", "--test-threads", "1"]);
+        torchrun_env(&mut cmd, rank, 2, port);
+        cmd.env("DARTS_DIST_HYPER_WORKER", dir.path());
+        cmd
+    });
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    // The reference, by hand in one process.
+    let f = fixture();
+    let eta = 0.1;
+    let w = &f.params.weights;
+    let theta: Vec<Tensor> = w.iter().map(|t| t.detach().copy()).collect();
+    let w_refs: Vec<&Tensor> = w.iter().collect();
+    let g = shard_average(&f, &f.xt, &f.yt, &w_refs);
+    let set = |values: &[Tensor]| {
+        tch::no_grad(|| {
+            for (t, v) in w.iter().zip(values) {
+                t.shallow_clone().copy_(v);
+            }
+        })
+    };
+    let unrolled: Vec<Tensor> =
+        theta.iter().zip(&g).zip(&f.sgd.buffers).map(|((t, gi), b)| t - (b * 0.9 + gi + t * 3e-4) * eta).collect();
+    set(&unrolled);
+    let alphas = f.net.alphas.tensors();
+    let mut inputs: Vec<&Tensor> = alphas.clone();
+    inputs.extend(w.iter());
+    let grads = shard_average(&f, &f.xv, &f.yv, &inputs);
+    let (dalpha, v) = grads.split_at(2);
+    let big_r = 0.01 / global_norm(v).double_value(&[]);
+    let shifted = |sign: f64| -> Vec<Tensor> {
+        set(&theta.iter().zip(v).map(|(t, vi)| t + vi * (big_r * sign)).collect::<Vec<_>>());
+        shard_average(&f, &f.xt, &f.yt, &alphas)
+    };
+    let (gp, gn) = (shifted(1.0), shifted(-1.0));
+    set(&theta);
+    let want: Vec<Tensor> =
+        dalpha.iter().zip(gp.iter().zip(&gn)).map(|(d, (p, n))| d - (p - n) / (2.0 * big_r) * eta).collect();
+    for r in 0..2 {
+        let got = Tensor::read_safetensors(dir.path().join(format!("rank{r}.safetensors"))).unwrap();
+        for (i, want) in want.iter().enumerate() {
+            let (_, h) = got.iter().find(|(n, _)| *n == format!("h{i}")).unwrap();
+            let err = (h - want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+            assert!(err < 1e-9, "rank {r}, alpha tensor {i}: relative difference {err}");
+        }
+    }
+    // The same computation without the data-parallel averages (rank 0's shard alone) is another answer: the
+    // comparison can tell.
+    let alone = Architect::new(&f.net, Order::Second, 3e-4, (0.5, 0.999), 1e-3);
+    let (xt, yt, xv, yv) = (shard_of(&f.xt, 0), shard_of(&f.yt, 0), shard_of(&f.xv, 0), shard_of(&f.yv, 0));
+    let h0 = alone.hypergradient(&f.net, w, &f.params.buffers, &f.sgd, (&xt, &yt), (&xv, &yv), eta);
+    let off = (&h0[0] - &want[0]).abs().max().double_value(&[]) / want[0].abs().max().double_value(&[]);
+    assert!(off > 1e-3, "one shard's hypergradient is the average's: {off}");
 }
