@@ -399,6 +399,17 @@ pub fn evaluate_model(
     device: Device,
     layout: crate::Layout,
 ) -> Result<crate::evaluate::EvalResult> {
+    evaluate_model_in(dir, which, device, layout, None)
+}
+
+/// [`evaluate_model`], the test set shared out over the processes of `dist` when given.
+pub fn evaluate_model_in(
+    dir: &Path,
+    which: Which,
+    device: Device,
+    layout: crate::Layout,
+    dist: Option<std::sync::Arc<crate::dist::Dist>>,
+) -> Result<crate::evaluate::EvalResult> {
     let cfg_path = dir.join(rundir::TRAIN_CONFIG);
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{} is not a training run directory (no train-config.json)", dir.display()))?;
@@ -420,5 +431,8 @@ pub fn evaluate_model(
     let map = crate::params::read_tensors(&weights)?;
     t.set_channels_last(layout.channels_last(device));
     t.load_model(&map, &weights)?;
+    if let Some(d) = dist {
+        t.set_dist(d);
+    }
     t.evaluate()
 }

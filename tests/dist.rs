@@ -146,6 +146,27 @@ fn darts_train_runs_data_parallel_and_the_ranks_agree() {
         assert!(o.status.success(), "resume, rank {r}: {}", String::from_utf8_lossy(&o.stderr));
     }
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&again[0].stdout).unwrap(), eval);
+    // darts eval shares the test set out over the ranks and adds up: the single process's numbers.
+    let eval_port = free_port();
+    let eval2 = run_ranks(2, |rank| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(["eval", "--model"]).arg(&out).args(["--threads", "1", "--device", "cpu"]);
+        torchrun_env(&mut cmd, rank, 2, eval_port);
+        cmd
+    });
+    assert!(eval2.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&eval2[1].stderr));
+    let one = Command::new(env!("CARGO_BIN_EXE_darts"))
+        .args(["eval", "--model"])
+        .arg(&out)
+        .args(["--threads", "1", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let (a, b): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_slice(&eval2[0].stdout).unwrap(), serde_json::from_slice(&one.stdout).unwrap());
+    assert_eq!((&a["top1"], &a["examples"]), (&b["top1"], &b["examples"]));
+    // float32 forward passes over other batch compositions: equal to float32 rounding.
+    assert!((a["loss"].as_f64().unwrap() - b["loss"].as_f64().unwrap()).abs() < 1e-5, "{a} vs {b}");
+    assert!(eval2[1].stdout.is_empty());
     // Without --out the ranks could pick different time-stamped directories: refused.
     let no_out = train(&[&settings[..], &["--epochs", "1"]].concat(), free_port());
     for o in &no_out {

@@ -109,7 +109,12 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: EvalArgs, rt: &super::Runtime) -> Result<()> {
-    let r = run::evaluate_model(&a.model, a.which, rt.device()?, rt.layout)?;
+    let (device, dist) = rt.launch()?;
+    let writes = dist.as_ref().is_none_or(|d| d.is_writer());
+    let r = run::evaluate_model_in(&a.model, a.which, device, rt.layout, dist)?;
+    if !writes {
+        return Ok(());
+    }
     println!("{}", serde_json::to_string(&r)?);
     eprintln!(
         "test: {} examples, loss {:.4}, top-1 {:.2}%{}",
