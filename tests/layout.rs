@@ -22,6 +22,7 @@ const CORE: &[&str] = &[
     "profile",
     "progress",
     "viz",
+    "dist",
 ];
 /// Modules that drive runs.
 const DRIVERS: &[&str] = &["driver", "run", "search", "train", "baseline", "compare", "bench"];
