@@ -171,29 +171,6 @@ mod tests {
     /// A seeded mask: the same seed gives the same mask, another seed another; about `keep` of it is 1, the
     /// rest 0; it has the input's shape and memory layout; libtorch's global generator is not advanced.
     #[test]
-    fn bernoulli_masks_follow_their_seed_and_leave_the_global_generator_alone() {
-        let like = crate::channels_last(&Tensor::zeros([4, 8, 16, 16], (Kind::Float, Device::Cpu)));
-        let (a, b, c) = {
-            let _rng = crate::torch_rng_lock();
-            tch::manual_seed(9);
-            let want = Tensor::randn([5], (Kind::Float, Device::Cpu));
-            tch::manual_seed(9);
-            let a = bernoulli_mask(&like, 0.7, 42).unwrap();
-            let b = bernoulli_mask(&like, 0.7, 42).unwrap();
-            let c = bernoulli_mask(&like, 0.7, 43).unwrap();
-            assert!(Tensor::randn([5], (Kind::Float, Device::Cpu)).equal(&want), "the global generator moved");
-            (a, b, c)
-        };
-        assert!(a.equal(&b) && !a.equal(&c));
-        assert_eq!((a.size(), a.stride()), (like.size(), like.stride()));
-        assert!(!a.requires_grad());
-        let ones = a.eq(1.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        let zeros = a.eq(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-        assert!((ones - 0.7).abs() < 0.02 && (ones + zeros - 1.0).abs() < 1e-9, "{ones} ones, {zeros} zeros");
-        assert!(bernoulli_mask(&like, 1.5, 1).unwrap_err().to_string().contains("outside [0, 1]"));
-    }
-
-    #[test]
     fn bf16_autocast_runs_convolutions_in_bfloat16_and_restores_the_previous_state() {
         let dev = Device::Cpu;
         let x = Tensor::randn([2, 3, 8, 8], (Kind::Float, dev));

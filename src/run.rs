@@ -93,12 +93,15 @@ impl Stage for SearchStage {
 
 /// Starts a new search in `opts.out_dir` (which must not hold one already).
 pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
-    if opts.writes() {
+    let _lock = if opts.writes() {
         rundir::create(&opts.out_dir, "search", rundir::CHECKPOINT)?;
+        Some(rundir::RunLock::acquire(&opts.out_dir)?)
     } else if opts.out_dir.join(rundir::CHECKPOINT).exists() {
         // Every rank refuses an occupied directory itself, so that none waits for a rank 0 that stopped.
         bail!("{} already holds a search; continue it with --resume, or choose another --out", opts.out_dir.display());
-    }
+    } else {
+        None
+    };
     let mut search = Search::new(config, opts.device)?;
     search.set_channels_last(opts.layout.channels_last(opts.device));
     if let Some(d) = &opts.dist {
@@ -111,10 +114,31 @@ pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
     run_search(search, opts)
 }
 
-/// Continues the search saved in `opts.out_dir`.
+/// Starts the search in `opts.out_dir`, or continues the one there when it has the same settings (the same
+/// command again: from its checkpoint, or afresh when it stopped before its first); other settings are refused
+/// with what differs.
+pub fn start_or_continue(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
+    let file = opts.out_dir.join(rundir::CONFIG);
+    if file.is_file() {
+        same_settings(&file, &config, "search")?;
+        return resume(opts);
+    }
+    start(config, opts)
+}
+
+/// Continues the search saved in `opts.out_dir`; one stopped before its first checkpoint starts again from its
+/// `config.json`, as its first start did.
 pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
     rundir::check_format(&opts.out_dir)?;
+    if !opts.out_dir.join(rundir::CHECKPOINT).is_file() && opts.out_dir.join(rundir::CONFIG).is_file() {
+        let config: SearchConfig = rundir::read_json(&opts.out_dir.join(rundir::CONFIG))?;
+        if opts.writes() {
+            eprintln!("{} stopped before its first checkpoint: starting it again", opts.out_dir.display());
+        }
+        return start(config, opts);
+    }
     let mut search = Search::resume(&opts.out_dir, opts.device)?;
+    let _lock = opts.writes().then(|| rundir::RunLock::acquire(&opts.out_dir)).transpose()?;
     search.set_channels_last(opts.layout.channels_last(opts.device));
     if opts.checkpoint_cells {
         search.set_checkpoint_cells(true);
@@ -196,7 +220,7 @@ fn run_search(search: Search, opts: &RunOptions) -> Result<RunOutcome> {
 /// The search stage of a pipeline in `opts.out_dir`: the genotype of a finished search there, else the search
 /// resumed from its checkpoint, else a new search with `config`. Returns the genotype and whether it is final.
 pub fn search_or_resume(config: SearchConfig, opts: &RunOptions) -> Result<(Genotype, bool)> {
-    let started = opts.out_dir.join(rundir::CHECKPOINT).is_file();
+    let started = opts.out_dir.join(rundir::CONFIG).is_file();
     if started {
         same_settings(&opts.out_dir.join(rundir::CONFIG), &config, "search")?;
     }
@@ -312,12 +336,15 @@ impl Stage for TrainStage {
 /// per epoch, `model-last.safetensors`, and with a validation split `model-best.safetensors` (the epoch of best
 /// validation accuracy; the test set is never used to choose).
 pub fn start_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
-    if opts.writes() {
+    let _lock = if opts.writes() {
         rundir::create(&opts.out_dir, "run", rundir::CHECKPOINT)?;
+        Some(rundir::RunLock::acquire(&opts.out_dir)?)
     } else if opts.out_dir.join(rundir::CHECKPOINT).exists() {
         // Every rank refuses an occupied directory itself, so that none waits for a rank 0 that stopped.
         bail!("{} already holds a run; continue it with --resume, or choose another --out", opts.out_dir.display());
-    }
+    } else {
+        None
+    };
     let mut trainer = Trainer::new(config, opts.device)?;
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
     if let Some(d) = &opts.dist {
@@ -332,10 +359,30 @@ pub fn start_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOut
     run_training(trainer, opts)
 }
 
-/// Continues the training run saved in `opts.out_dir`.
+/// Starts the training in `opts.out_dir`, or continues the one there when it has the same settings (the same
+/// command again); other settings are refused with what differs.
+pub fn start_or_continue_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
+    let file = opts.out_dir.join(rundir::TRAIN_CONFIG);
+    if file.is_file() {
+        same_settings(&file, &config, "training")?;
+        return resume_training(opts);
+    }
+    start_training(config, opts)
+}
+
+/// Continues the training run saved in `opts.out_dir`; one stopped before its first checkpoint starts again
+/// from its `train-config.json`, as its first start did.
 pub fn resume_training(opts: &RunOptions) -> Result<TrainOutcome> {
     rundir::check_format(&opts.out_dir)?;
+    if !opts.out_dir.join(rundir::CHECKPOINT).is_file() && opts.out_dir.join(rundir::TRAIN_CONFIG).is_file() {
+        let config: TrainConfig = rundir::read_json(&opts.out_dir.join(rundir::TRAIN_CONFIG))?;
+        if opts.writes() {
+            eprintln!("{} stopped before its first checkpoint: starting it again", opts.out_dir.display());
+        }
+        return start_training(config, opts);
+    }
     let mut trainer = Trainer::resume(&opts.out_dir, opts.device)?;
+    let _lock = opts.writes().then(|| rundir::RunLock::acquire(&opts.out_dir)).transpose()?;
     trainer.set_channels_last(opts.layout.channels_last(opts.device));
     if let Some(d) = &opts.dist {
         trainer.set_dist(d.clone());
@@ -350,12 +397,7 @@ pub fn resume_training(opts: &RunOptions) -> Result<TrainOutcome> {
 /// The training stage of a pipeline in `opts.out_dir`: resumed from its checkpoint if there is one (a finished
 /// training returns at once), else a new training with `config`.
 pub fn train_or_resume(config: TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
-    if opts.out_dir.join(rundir::CHECKPOINT).is_file() {
-        same_settings(&opts.out_dir.join(rundir::TRAIN_CONFIG), &config, "training")?;
-        resume_training(opts)
-    } else {
-        start_training(config, opts)
-    }
+    start_or_continue_training(config, opts)
 }
 
 fn run_training(trainer: Trainer, opts: &RunOptions) -> Result<TrainOutcome> {

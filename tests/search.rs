@@ -345,3 +345,36 @@ fn the_early_stop_waits_for_the_alpha_warm_up_and_the_skip_limit_shapes_the_geno
     s.epoch = 2;
     assert!(s.check_early_stop() && s.stopped_early);
 }
+
+/// A run stopped before its first checkpoint (only its config is there, as after a kill in the first epoch)
+/// continues with the same command (`start_or_continue`) or with `resume`, and ends bit for bit where an
+/// uninterrupted run does; the same command with other settings is refused naming them; and while a process
+/// runs a directory, a second one is refused naming the first.
+#[test]
+fn a_run_killed_before_its_first_checkpoint_continues_and_one_process_holds_a_run() {
+    let cfg = || tiny(2);
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run::start(cfg(), &opts(a.path(), None)).unwrap();
+    for dir in [b.path(), c.path()] {
+        assert!(!run::start(cfg(), &opts(dir, Some(0))).unwrap().finished);
+        assert!(dir.join("config.json").is_file() && !dir.join("checkpoint.safetensors").exists());
+    }
+    assert!(run::start_or_continue(cfg(), &opts(b.path(), None)).unwrap().finished);
+    assert!(run::resume(&opts(c.path(), None)).unwrap().finished);
+    let ta = checkpoint_tensors(a.path());
+    for dir in [b.path(), c.path()] {
+        let t = checkpoint_tensors(dir);
+        assert_eq!(ta.len(), t.len());
+        for ((n, x), (_, y)) in ta.iter().zip(&t) {
+            assert!(x.equal(y), "{n} differs from the uninterrupted run");
+        }
+        assert_eq!(metric(dir, "epoch"), vec![0.0, 1.0], "one record per epoch");
+    }
+    let e = run::start_or_continue(SearchConfig { epochs: 3, ..cfg() }, &opts(b.path(), None)).unwrap_err();
+    assert!(e.to_string().contains("epochs: 2 in the run, 3 now"), "{e}");
+    let held = darts::rundir::RunLock::acquire(a.path()).unwrap();
+    let e = run::resume(&opts(a.path(), None)).unwrap_err().to_string();
+    assert!(e.contains("is in use") && e.contains(&std::process::id().to_string()), "{e}");
+    drop(held);
+    assert!(run::resume(&opts(a.path(), None)).unwrap().finished);
+}

@@ -227,6 +227,7 @@ pub struct BaselineOutcome {
 pub fn start(config: BaselineConfig, opts: &RunOptions) -> Result<BaselineOutcome> {
     config.validate()?;
     rundir::create(&opts.out_dir, "baseline search", rundir::BASELINE_STATE)?;
+    let _lock = rundir::RunLock::acquire(&opts.out_dir)?;
     rundir::write_json(&opts.out_dir.join(rundir::BASELINE_CONFIG), &config)?;
     let _ = std::fs::remove_file(opts.out_dir.join(rundir::SAMPLES));
     let policy = Policy::uniform(&config.space);
@@ -242,6 +243,7 @@ pub fn resume(opts: &RunOptions) -> Result<BaselineOutcome> {
         format!("{} holds no baseline search to resume ({})", opts.out_dir.display(), path.display())
     })?;
     let state: State = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    let _lock = rundir::RunLock::acquire(&opts.out_dir)?;
     run(state, opts)
 }
 

@@ -90,7 +90,7 @@ pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
             opts.checkpoint_cells = a.checkpoint_cells;
             run::resume(&opts)?
         }
-        None => run::start(config(&a)?, &opts)?,
+        None => run::start_or_continue(config(&a)?, &opts)?,
     };
     if !opts.writes() {
         return Ok(());

@@ -72,7 +72,7 @@ pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
         }
         None => {
             let g = darts::rundir::resolve_genotype(a.genotype.as_deref().unwrap_or_default())?;
-            run::start_training(a.common.config(g)?, &opts)?
+            run::start_or_continue_training(a.common.config(g)?, &opts)?
         }
     };
     if !opts.writes() {

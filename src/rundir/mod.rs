@@ -69,6 +69,8 @@ pub const FORMAT_FILE: &str = "darts-run.json";
 /// The format this darts writes: 1 has typed genotypes in its records (earlier directories, without a marker,
 /// hold DARTS Python text there, and load too).
 pub const FORMAT: u32 = 1;
+/// The lock a running process holds on its run directory.
+pub const LOCK: &str = "darts.lock";
 /// A pipeline's search stage.
 pub const SEARCH_STAGE: &str = "search";
 /// A pipeline's training stage.
@@ -121,6 +123,61 @@ pub fn check_format(dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// An advisory lock on a run directory, held while a process runs it: a second process is refused, naming the
+/// holder. The operating system releases it when the process ends, however it ends (a kill -9 leaves no stale
+/// lock).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Locks `dir` (which must exist) for this process, or says who holds it.
+    pub fn acquire(dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek};
+        let path = dir.join(LOCK);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let h: serde_json::Value = serde_json::from_str(&holder).unwrap_or_default();
+                bail!(
+                    "{} is in use: darts process {} on {} has been running it since {} (unix time). Wait for it to \
+                     finish or stop it; two processes must not write one run",
+                    dir.display(),
+                    h["pid"],
+                    h["host"].as_str().unwrap_or("?"),
+                    h["since"]
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let holder = serde_json::json!({ "pid": std::process::id(), "host": host.trim(), "since": since });
+        file.set_len(0)?;
+        file.rewind()?;
+        serde_json::to_writer(&mut file, &holder)?;
+        // Temporary files of a process that died while writing: the files they were to replace are intact.
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(RunLock { _file: file })
+    }
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, renamed over it.
@@ -269,6 +326,18 @@ mod tests {
         let month: u32 = stamp[4..6].parse().unwrap();
         let day: u32 = stamp[6..8].parse().unwrap();
         assert!((1..=12).contains(&month) && (1..=31).contains(&day), "{d}");
+    }
+
+    #[test]
+    fn a_run_directory_is_locked_by_one_process_and_stale_temporaries_go() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("checkpoint.safetensors.tmp"), "half").unwrap();
+        let held = RunLock::acquire(dir.path()).unwrap();
+        assert!(!dir.path().join("checkpoint.safetensors.tmp").exists());
+        let e = RunLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is in use") && e.contains(&std::process::id().to_string()), "{e}");
+        drop(held);
+        RunLock::acquire(dir.path()).unwrap();
     }
 
     #[test]
