@@ -1,7 +1,6 @@
 //! `darts baseline`: random search or RL (REINFORCE) on DARTS's space, each sample trained briefly and scored.
 use anyhow::Result;
 use darts::baseline::{self, BaselineConfig, Strategy};
-use darts::data::DatasetKind;
 use darts::space::SearchSpace;
 use std::path::PathBuf;
 
@@ -38,15 +37,8 @@ pub struct BaselineArgs {
     /// Batch size.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Dataset.
-    #[arg(long, value_enum)]
-    dataset: Option<DatasetKind>,
-    /// Dataset folder.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Use only the first N training examples (all: --limit 0 is refused; leave it out).
-    #[arg(long)]
-    limit: Option<usize>,
+    #[command(flatten)]
+    data: super::args::DataArgs,
     /// RL: the policy's Adam learning rate.
     #[arg(long)]
     controller_lr: Option<f64>,
@@ -62,7 +54,7 @@ pub struct BaselineArgs {
         long,
         conflicts_with_all = [
             "strategy", "out", "samples", "budget_seconds", "epochs", "channels", "layers", "nodes", "ops",
-            "batch_size", "dataset", "data_dir", "limit", "controller_lr", "seed"
+            "batch_size", "DataArgs", "controller_lr", "seed"
         ]
     )]
     resume: Option<PathBuf>,
@@ -81,13 +73,11 @@ pub fn config(a: &BaselineArgs, strategy: Strategy) -> Result<BaselineConfig> {
     c.network.channels = a.channels.unwrap_or(c.network.channels);
     c.network.layers = a.layers.unwrap_or(c.network.layers);
     c.batch_size = a.batch_size.unwrap_or(c.batch_size);
-    c.dataset = a.dataset.unwrap_or(c.dataset);
-    if a.data_dir.is_some() {
-        c.data_dir = a.data_dir.clone();
-    }
-    if a.limit.is_some() {
-        c.limit = a.limit;
-    }
+    let d = &a.data;
+    c.dataset = d.dataset.unwrap_or(c.dataset);
+    c.data_dir = d.data_dir.clone().or(c.data_dir.take());
+    c.limit = d.limit.or(c.limit);
+    c.image_size = d.image_size.or(c.image_size);
     c.controller_lr = a.controller_lr.unwrap_or(c.controller_lr);
     c.seed = a.seed.unwrap_or(c.seed);
     c.validate()?;
