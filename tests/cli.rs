@@ -597,3 +597,83 @@ fn train_takes_recipes_and_schedules_from_the_command_line() {
         assert!(!ok && err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// Killed with SIGKILL at seeded random moments (before the first checkpoint, inside epochs, while writing), a
+/// search continued by running the same command again ends with the checkpoint bytes of an uninterrupted run;
+/// the metrics have one line per epoch.
+#[test]
+fn a_search_killed_again_and_again_ends_as_an_uninterrupted_one() {
+    use rand::{Rng, SeedableRng};
+    let args = |out: &str| -> Vec<String> {
+        let a =
+            "search --preset quick --limit 96 --channels 4 --layers 3 --nodes 2 --epochs 4 --batch-size 16 --seed 9";
+        let mut v: Vec<String> = a.split(' ').map(String::from).collect();
+        v.extend(["--threads", "1", "--device", "cpu", "--quiet", "--out", out].map(String::from));
+        v
+    };
+    let (whole, killed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let started = std::time::Instant::now();
+    let (ok, _, err) = darts(&args(whole.path().to_str().unwrap()).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let one_run = started.elapsed().as_secs_f64();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let (mut kills, mut runs) = (0, 0);
+    loop {
+        runs += 1;
+        assert!(runs < 60, "the search never finished");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_darts"))
+            .args(args(killed.path().to_str().unwrap()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // A moment anywhere in a whole run's time, so that kills land before, inside and between epochs.
+        let wait = std::time::Duration::from_secs_f64(rng.random_range(0.0..one_run));
+        let deadline = std::time::Instant::now() + wait;
+        let mut status = None;
+        while std::time::Instant::now() < deadline {
+            if let Some(s) = child.try_wait().unwrap() {
+                status = Some(s);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        match status {
+            Some(s) => {
+                assert!(s.success(), "a continued run failed");
+                if kills >= 10 {
+                    break;
+                }
+                // Finished before the kill: start over to collect more kills.
+                std::fs::remove_dir_all(killed.path()).unwrap();
+                std::fs::create_dir_all(killed.path()).unwrap();
+            }
+            None => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                kills += 1;
+            }
+        }
+    }
+    let read = |d: &std::path::Path| {
+        let mut v = tch::Tensor::read_safetensors(d.join("checkpoint.safetensors")).unwrap();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (a, b) = (read(whole.path()), read(killed.path()));
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.equal(y), "{n} differs after {kills} kills");
+    }
+    let lines = std::fs::read_to_string(killed.path().join("metrics.jsonl")).unwrap();
+    let epochs: Vec<u64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![0, 1, 2, 3], "{kills} kills");
+    assert!(!std::fs::read_dir(killed.path()).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
+}
