@@ -146,6 +146,20 @@ fn darts_train_runs_data_parallel_and_the_ranks_agree() {
         assert!(o.status.success(), "resume, rank {r}: {}", String::from_utf8_lossy(&o.stderr));
     }
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&again[0].stdout).unwrap(), eval);
+    // Stopped after one epoch and resumed, the data-parallel run ends with the uninterrupted one's bytes.
+    let part = dir.path().join("part");
+    let first = train(
+        &[&settings[..], &["--epochs", "2", "--seed", "4", "--stop-after", "1"], &["--out", part.to_str().unwrap()]]
+            .concat(),
+        free_port(),
+    );
+    assert!(first.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&first[0].stderr));
+    let rest = train(&["--resume", part.to_str().unwrap()], free_port());
+    assert!(rest.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&rest[0].stderr));
+    for file in ["checkpoint.safetensors", "model-last.safetensors"] {
+        let (a, b) = (std::fs::read(out.join(file)).unwrap(), std::fs::read(part.join(file)).unwrap());
+        assert!(a == b, "{file} differs after a data-parallel resume");
+    }
     // darts eval shares the test set out over the ranks and adds up: the single process's numbers.
     let eval_port = free_port();
     let eval2 = run_ranks(2, |rank| {

@@ -50,6 +50,10 @@ pub struct SearchArgs {
     /// may also be turned on when resuming).
     #[arg(long)]
     checkpoint_cells: bool,
+    /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
+    /// or the same command; results are as if it had not stopped).
+    #[arg(long, value_name = "N")]
+    stop_after: Option<usize>,
     /// Run directory (config, metrics, checkpoint, genotype); default runs/search-<date>-<time>.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -84,6 +88,7 @@ pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
     let out = super::run_dir(a.resume.as_ref().or(a.out.as_ref()), "search", dist.is_some())?;
     let mut opts = rt.options(out, device);
     opts.dist = dist;
+    opts.stop_after = a.stop_after;
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();

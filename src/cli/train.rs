@@ -17,6 +17,10 @@ pub struct TrainArgs {
     genotype: Option<String>,
     #[command(flatten)]
     common: TrainCommon,
+    /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
+    /// or the same command; results are as if it had not stopped).
+    #[arg(long, value_name = "N")]
+    stop_after: Option<usize>,
     /// Run directory; default runs/train-<date>-<time>.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -65,6 +69,7 @@ pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
     let out = super::run_dir(a.resume.as_ref().or(a.out.as_ref()), "train", dist.is_some())?;
     let mut opts = rt.options(out, device);
     opts.dist = dist;
+    opts.stop_after = a.stop_after;
     let out = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
