@@ -25,6 +25,10 @@ pub struct RunOptions {
     pub checkpoint_cells: bool,
     /// The process group of a data-parallel run (rank 0 writes the run directory, every rank computes).
     pub dist: Option<std::sync::Arc<crate::dist::Dist>>,
+    /// Also write a checkpoint after every this many steps inside an epoch (one process only).
+    pub checkpoint_every: Option<usize>,
+    /// Set by a signal handler: checkpoint where the loop is and stop (one process only).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RunOptions {
@@ -38,7 +42,26 @@ impl RunOptions {
             layout: crate::Layout::Auto,
             checkpoint_cells: false,
             dist: None,
+            checkpoint_every: None,
+            stop: None,
         }
+    }
+
+    /// How the loops checkpoint inside epochs: refused for a data-parallel run (each rank's streams would have
+    /// to be saved), where a stop is left to the launcher.
+    pub fn mid_epoch(&self) -> Result<crate::interrupt::MidEpoch> {
+        if self.dist.is_some() {
+            anyhow::ensure!(
+                self.checkpoint_every.is_none(),
+                "--checkpoint-every is not available in a data-parallel run yet: checkpoints come at the end of epochs"
+            );
+            return Ok(crate::interrupt::MidEpoch::default());
+        }
+        Ok(crate::interrupt::MidEpoch {
+            dir: Some(self.out_dir.clone()),
+            every: self.checkpoint_every,
+            stop: self.stop.clone(),
+        })
     }
 
     /// Whether this process writes the run directory: always alone, rank 0 of a data-parallel run.

@@ -15,6 +15,7 @@ pub mod dist;
 pub mod driver;
 pub mod evaluate;
 pub mod genotype;
+pub mod interrupt;
 pub mod native;
 pub mod network;
 pub mod ops;

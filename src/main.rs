@@ -24,6 +24,10 @@ fn main() {
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
+            if let Some(stop) = e.downcast_ref::<darts::interrupt::Interrupted>() {
+                eprintln!("{stop}");
+                std::process::exit(darts::interrupt::Interrupted::EXIT_CODE);
+            }
             eprintln!("error: {e:#}");
             std::process::exit(1);
         }

@@ -73,6 +73,14 @@ impl StepMeter {
         Ok(())
     }
 
+    /// Continues from [`StepMeter::sums`] saved after `steps` steps (a run resumed inside an epoch).
+    pub fn restore(&mut self, [loss, correct, seen]: [f64; 3], steps: usize) {
+        let _ = self.loss_sum.fill_(loss);
+        let _ = self.correct.fill_(correct as i64);
+        self.seen = seen as usize;
+        let _ = steps;
+    }
+
     /// (summed loss, correct predictions, examples) so far: what several processes' meters add up.
     pub fn sums(&self) -> [f64; 3] {
         [self.loss_sum.double_value(&[]), self.correct.int64_value(&[]) as f64, self.seen as f64]

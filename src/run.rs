@@ -181,6 +181,8 @@ fn run_search(search: Search, opts: &RunOptions) -> Result<RunOutcome> {
         if cfg.space.edge_normalization { ", edge normalisation" } else { "" },
         if cfg.checkpoint_cells { ", checkpointed cells" } else { "" }
     ));
+    let mut search = search;
+    search.mid_epoch = opts.mid_epoch()?;
     let mut stage = SearchStage { search, stopped_now: false };
     let epochs = drive(&mut stage, opts, &console)?;
     let search = stage.search;
@@ -417,6 +419,8 @@ fn run_training(trainer: Trainer, opts: &RunOptions) -> Result<TrainOutcome> {
         opts.device,
         cfg.genotype
     ));
+    let mut trainer = trainer;
+    trainer.mid_epoch = opts.mid_epoch()?;
     let mut stage = TrainStage { trainer };
     let epochs = drive(&mut stage, opts, &console)?;
     let t = stage.trainer;

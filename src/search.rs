@@ -4,6 +4,7 @@
 use crate::architect::{Architect, Order};
 use crate::data::{self, Dataset, DatasetKind, Split};
 use crate::genotype::Genotype;
+use crate::interrupt::{Interrupted, MidEpoch, Position};
 use crate::native::{cuda_peak_mb, reset_cuda_peak};
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
 use crate::params::{copy_checked, read_checkpoint, Params};
@@ -278,6 +279,10 @@ pub struct Search {
     pub epoch: usize,
     /// Set when the early stop against skip-connection collapse ended the search (after epoch `epoch - 1`).
     pub stopped_early: bool,
+    /// Where inside the current epoch a resumed search continues (from a mid-epoch checkpoint).
+    resume_at: Option<Position>,
+    /// Checkpoints inside epochs, and the stop a signal asks for.
+    pub mid_epoch: MidEpoch,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -289,6 +294,8 @@ struct CheckpointMeta {
     config: SearchConfig,
     #[serde(default)]
     stopped_early: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    position: Option<Position>,
 }
 
 impl Search {
@@ -332,7 +339,21 @@ impl Search {
         let params = Params::of(&vs);
         let sgd = Sgd::new(&params.weights, config.lr, config.momentum, config.weight_decay);
         let architect = Architect::new(&net, config.order, config.arch_lr, config.arch_betas, config.arch_weight_decay);
-        Ok(Search { config, device, vs, net, params, sgd, architect, data, split, epoch: 0, stopped_early: false })
+        Ok(Search {
+            config,
+            device,
+            vs,
+            net,
+            params,
+            sgd,
+            architect,
+            data,
+            split,
+            epoch: 0,
+            stopped_early: false,
+            resume_at: None,
+            mid_epoch: MidEpoch::default(),
+        })
     }
 
     /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
@@ -426,20 +447,35 @@ impl Search {
         );
         // Batches (and the alpha step's batches) are made on a loader thread, in the same order and from the
         // same random stream as they would be here.
+        // Inside an epoch (a checkpoint written mid-epoch): the streams and sums where it stopped.
+        let resume_at = self.resume_at.take();
+        let (first, before_s, before_wait) = match &resume_at {
+            Some(p) => {
+                rng.set_word_pos(Position::parse_word(&p.loader)?);
+                if let Some(seed) = p.sample_stream {
+                    self.net.set_sample_stream(seed);
+                }
+                meter.restore(p.meter, p.step);
+                (p.step, p.seconds, p.waited)
+            }
+            None => (0, 0.0, 0.0),
+        };
         let (data, device, n) = (self.data.shallow_clone(), self.device, train_batches.len());
         let alpha_steps = epoch >= self.config.arch_warmup_epochs;
-        let mut batches = data::prefetch::Prefetch::new(n, 3, move |step| {
+        let mut batches = data::prefetch::Prefetch::new(n - first, 3, move |i| {
+            let step = first + i;
             let (xt, yt) = data.batch(&train_batches[step], Some((&augment, &mut rng)), device);
             let val = alpha_steps.then(|| {
                 let vidx = &val_batches[step % val_batches.len()];
                 data.batch(vidx, Some((&augment, &mut rng)), device)
             });
-            (xt, yt, val)
+            (xt, yt, val, rng.get_word_pos())
         });
-        let mut steps = 0;
+        let mut steps = first;
         self.architect.last_eta = None;
-        for (step, item) in batches.by_ref().enumerate() {
-            let (xt, yt, val) = item.map_err(anyhow::Error::msg)?;
+        while let Some(item) = batches.next() {
+            let step = steps;
+            let (xt, yt, val, loader_pos) = item.map_err(anyhow::Error::msg)?;
             if let Some((xv, yv)) = val {
                 let p = &self.params;
                 self.architect.step(&self.net, &p.weights, &p.buffers, &self.sgd, (&xt, &yt), (&xv, &yv), lr)?;
@@ -454,9 +490,26 @@ impl Search {
             self.sgd.step(&self.params.weights, &grads);
             meter.record(step, &loss, &logits, &yt, bar, &nan_hint)?;
             steps += 1;
+            if self.mid_epoch.due(steps, n) {
+                let position = Position {
+                    step: steps,
+                    loader: Position::word(loader_pos),
+                    masks: String::new(),
+                    sample_stream: Some(self.net.sample_stream()),
+                    meter: meter.sums(),
+                    seconds: before_s + start.elapsed().as_secs_f64(),
+                    waited: before_wait + batches.waited().as_secs_f64(),
+                };
+                if let Some(dir) = self.mid_epoch.dir.clone() {
+                    self.save_checkpoint_at(&dir, Some(position))?;
+                }
+                if self.mid_epoch.stop_asked() {
+                    return Err(Interrupted { epoch, step: steps }.into());
+                }
+            }
         }
         anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
-        let data_wait_seconds = batches.waited().as_secs_f64();
+        let data_wait_seconds = before_wait + batches.waited().as_secs_f64();
         let (mut train_loss, mut train_acc) = meter.means();
         let (val_loss, val_acc) = match &dist {
             None => self.evaluate(&self.split.val.clone()),
@@ -489,7 +542,7 @@ impl Search {
             beta_normal: betas.as_ref().map(|b| b.0.clone()),
             beta_reduce: betas.map(|b| b.1),
             genotype: self.genotype(),
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: before_s + start.elapsed().as_secs_f64(),
             peak_rss_mb: crate::progress::peak_rss_mb(),
             data_wait_seconds,
             peak_gpu_mb: cuda_peak_mb(self.device),
@@ -539,11 +592,17 @@ impl Search {
     /// Writes weights, BN statistics, alphas, both optimisers' state and the epoch to `dir/checkpoint.safetensors`
     /// atomically (a temporary file renamed over the old one).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        self.save_checkpoint_at(dir, None)
+    }
+
+    /// [`Search::save_checkpoint`] inside the epoch, at `position`.
+    fn save_checkpoint_at(&self, dir: &Path, position: Option<Position>) -> Result<()> {
         let meta = CheckpointMeta {
             epoch: self.epoch,
             adam_steps: self.architect.adam.step_count,
             config: self.config.clone(),
             stopped_early: self.stopped_early,
+            position,
         };
         let meta = serde_json::to_vec(&meta)?;
         let mut named: Vec<(String, Tensor)> = vec![("meta".into(), Tensor::from_slice(&meta))];
@@ -583,6 +642,7 @@ impl Search {
         s.architect.adam.step_count = meta.adam_steps;
         s.epoch = meta.epoch;
         s.stopped_early = meta.stopped_early;
+        s.resume_at = meta.position;
         Ok(s)
     }
 }

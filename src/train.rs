@@ -4,6 +4,7 @@ use crate::data::Split;
 use crate::data::{self, Augment, Dataset, DatasetKind};
 use crate::evaluate::{evaluate, evaluate_sums, score_indices, EvalResult};
 use crate::genotype::Genotype;
+use crate::interrupt::{Interrupted, MidEpoch, Position};
 use crate::native::{cuda_peak_mb, reset_cuda_peak, with_precision, Precision};
 use crate::network::{
     count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
@@ -226,6 +227,10 @@ pub struct Trainer {
     pub best: Option<Best>,
     /// The process group of a data-parallel run.
     dist: Option<std::sync::Arc<crate::dist::Dist>>,
+    /// Where inside the current epoch a resumed run continues (from a mid-epoch checkpoint).
+    resume_at: Option<Position>,
+    /// Checkpoints inside epochs, and the stop a signal asks for.
+    pub mid_epoch: MidEpoch,
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -237,6 +242,8 @@ struct Meta {
     #[serde(default)]
     best: Option<Best>,
     config: TrainConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    position: Option<Position>,
 }
 
 impl Trainer {
@@ -294,6 +301,8 @@ impl Trainer {
             epoch: 0,
             best: None,
             dist: None,
+            resume_at: None,
+            mid_epoch: MidEpoch::default(),
         })
     }
 
@@ -346,6 +355,7 @@ impl Trainer {
         }
         let augment = Augment { cutout: cfg.cutout, ..cfg.dataset.default_augment() };
         let mut meter = StepMeter::new(self.device, batches.len(), bar);
+        let resume_at = self.resume_at.take();
         let nan_hint = format!(
             "the last checkpoint (end of epoch {epoch}) is intact, but a run's settings are fixed: start a new run \
              (another --out) with a lower --lr or a smaller --grad-clip"
@@ -353,14 +363,26 @@ impl Trainer {
         // Batches are made on a loader thread from `rng`; drop-path masks come from a second stream of it.
         let mut mask_rng = rng.clone();
         mask_rng.set_stream(if rank == 0 { 1 } else { 2 * rank as u64 + 3 });
+        // Inside an epoch (a checkpoint written mid-epoch): the streams and sums where it stopped.
+        let (first, before_s, before_wait) = match &resume_at {
+            Some(p) => {
+                rng.set_word_pos(Position::parse_word(&p.loader)?);
+                mask_rng.set_word_pos(Position::parse_word(&p.masks)?);
+                meter.restore(p.meter, p.step);
+                (p.step, p.seconds, p.waited)
+            }
+            None => (0, 0.0, 0.0),
+        };
         let (data, device, n) = (self.train.shallow_clone(), self.device, batches.len());
         let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-        let mut loader = data::prefetch::Prefetch::new(n, 3, move |step| {
-            data.batch(&batches[step], Some((&augment, &mut rng)), device)
+        let mut loader = data::prefetch::Prefetch::new(n - first, 3, move |i| {
+            let batch = data.batch(&batches[first + i], Some((&augment, &mut rng)), device);
+            (batch, rng.get_word_pos())
         });
-        let mut steps = 0;
-        for (step, item) in loader.by_ref().enumerate() {
-            let (x, y) = item.map_err(anyhow::Error::msg)?;
+        let mut steps = first;
+        while let Some(item) = loader.next() {
+            let step = steps;
+            let ((x, y), loader_pos) = item.map_err(anyhow::Error::msg)?;
             if sizes[step] < 2 && dist.is_some() {
                 // A shard too small for batch normalisation (the last, short batch) sits this step out but takes
                 // part in the gradient average with weight 0, so that every rank takes every step.
@@ -385,9 +407,26 @@ impl Trainer {
             let main_loss = logits.detach().cross_entropy_for_logits(&y);
             meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
             steps += 1;
+            if self.mid_epoch.due(steps, n) {
+                let position = Position {
+                    step: steps,
+                    loader: Position::word(loader_pos),
+                    masks: Position::word(mask_rng.get_word_pos()),
+                    sample_stream: None,
+                    meter: meter.sums(),
+                    seconds: before_s + start.elapsed().as_secs_f64(),
+                    waited: before_wait + loader.waited().as_secs_f64(),
+                };
+                if let Some(dir) = self.mid_epoch.dir.clone() {
+                    self.save_checkpoint_at(&dir, Some(position))?;
+                }
+                if self.mid_epoch.stop_asked() {
+                    return Err(Interrupted { epoch, step: steps }.into());
+                }
+            }
         }
         anyhow::ensure!(steps == n, "the data loader stopped after {steps} of {n} batches");
-        let data_wait_seconds = loader.waited().as_secs_f64();
+        let data_wait_seconds = before_wait + loader.waited().as_secs_f64();
         let (mut train_loss, mut train_acc) = meter.means();
         let mut valid = None;
         if let Some(d) = &dist {
@@ -422,7 +461,7 @@ impl Trainer {
             test_loss: test.loss,
             test_acc: test.top1,
             test_top5: test.top5,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: before_s + start.elapsed().as_secs_f64(),
             peak_rss_mb: peak_rss_mb(),
             data_wait_seconds,
             peak_gpu_mb: cuda_peak_mb(self.device),
@@ -480,7 +519,13 @@ impl Trainer {
 
     /// Writes the training state (model, optimiser, epoch, best epoch) to `dir/checkpoint.safetensors`.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let meta = serde_json::to_vec(&Meta { epoch: self.epoch, best: self.best, config: self.config.clone() })?;
+        self.save_checkpoint_at(dir, None)
+    }
+
+    /// [`Trainer::save_checkpoint`] inside the epoch, at `position`.
+    fn save_checkpoint_at(&self, dir: &Path, position: Option<Position>) -> Result<()> {
+        let meta = Meta { epoch: self.epoch, best: self.best, config: self.config.clone(), position };
+        let meta = serde_json::to_vec(&meta)?;
         let mut named = self.params.named();
         named.push(("meta".into(), Tensor::from_slice(&meta)));
         let sgd = self.params.names.iter().zip(&self.sgd.buffers);
@@ -496,6 +541,7 @@ impl Trainer {
         t.params.load_per_weight(&map, "sgd/", &t.sgd.buffers, &path)?;
         t.epoch = meta.epoch;
         t.best = meta.best;
+        t.resume_at = meta.position;
         Ok(t)
     }
 

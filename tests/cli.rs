@@ -599,15 +599,16 @@ fn train_takes_recipes_and_schedules_from_the_command_line() {
 }
 
 /// Killed with SIGKILL at seeded random moments (before the first checkpoint, inside epochs, while writing), a
-/// search continued by running the same command again ends with the checkpoint bytes of an uninterrupted run;
+/// search checkpointing every 2 steps and continued by running the same command again ends with the checkpoint bytes of an uninterrupted run;
 /// the metrics have one line per epoch.
 #[test]
 fn a_search_killed_again_and_again_ends_as_an_uninterrupted_one() {
     use rand::{Rng, SeedableRng};
     let args = |out: &str| -> Vec<String> {
-        let a =
-            "search --preset quick --limit 96 --channels 4 --layers 3 --nodes 2 --epochs 4 --batch-size 16 --seed 9";
-        let mut v: Vec<String> = a.split(' ').map(String::from).collect();
+        // Checkpoints after every 2 steps too: kills also land between checkpoints inside epochs.
+        let a = "search --preset quick --limit 96 --channels 4 --layers 3 --nodes 2 --epochs 4 --batch-size 16 \
+                 --seed 9 --checkpoint-every 2";
+        let mut v: Vec<String> = a.split_whitespace().map(String::from).collect();
         v.extend(["--threads", "1", "--device", "cpu", "--quiet", "--out", out].map(String::from));
         v
     };
@@ -676,4 +677,60 @@ fn a_search_killed_again_and_again_ends_as_an_uninterrupted_one() {
         .file_name()
         .to_string_lossy()
         .ends_with(".tmp")));
+}
+
+/// SIGTERM inside an epoch: the training writes a checkpoint where it is, says so and exits with code 75; the
+/// same command continues it, to the bytes of an uninterrupted run.
+#[test]
+fn sigterm_checkpoints_inside_the_epoch_and_the_same_command_continues() {
+    use std::io::BufRead;
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let a = "train --genotype DARTS_V2 --limit 1500 --channels 8 --layers 5 --epochs 2 --batch-size 32 \
+                 --threads 1 --device cpu --quiet --out";
+        let mut v: Vec<String> = a.split_whitespace().map(String::from).collect();
+        v.push(out.display().to_string());
+        v
+    };
+    let (whole, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let run = |out: &std::path::Path| Command::new(env!("CARGO_BIN_EXE_darts")).args(args(out)).output().unwrap();
+    assert!(run(whole.path()).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_darts"))
+        .args(args(stopped.path()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The header comes after the signal handlers are in place; a moment later the first epoch is under way.
+    let mut seen = Vec::new();
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        let header = line.starts_with("train:");
+        seen.push(line);
+        if header {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    seen.extend(rx.try_iter());
+    let err = seen.join("\n");
+    assert_eq!(status.code(), Some(75), "{err}");
+    assert!(err.contains("stopped by a signal in epoch 1 after step") && err.contains("same command"), "{err}");
+    assert!(stopped.path().join("checkpoint.safetensors").is_file() && !stopped.path().join("metrics.jsonl").exists());
+    let again = run(stopped.path());
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    for file in ["checkpoint.safetensors", "model-last.safetensors"] {
+        let (a, b) =
+            (std::fs::read(whole.path().join(file)).unwrap(), std::fs::read(stopped.path().join(file)).unwrap());
+        assert!(a == b, "{file} differs after SIGTERM and the same command");
+    }
 }

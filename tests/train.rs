@@ -197,3 +197,42 @@ fn bf16_mixed_precision_tracks_float32_training_and_keeps_float32_weights() {
     assert_ne!(f32_stats[0].train_loss, bf_stats[0].train_loss);
     assert!(bf_stats[1].train_loss < bf_stats[0].train_loss, "bf16 training learns");
 }
+
+/// Stopped inside an epoch (the stop a SIGTERM asks for, here asked before the first step: the loop checkpoints
+/// after that step and ends), then resumed: the run ends bit for bit where an uninterrupted one does; checkpoints
+/// every 2 steps change nothing either.
+#[test]
+fn a_training_stopped_inside_an_epoch_resumes_bit_for_bit() {
+    use std::sync::atomic::AtomicBool;
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    run::start_training(tiny(2), &opts(a.path(), None)).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(true));
+    let stopping = RunOptions { stop: Some(stop.clone()), ..opts(b.path(), None) };
+    let e = run::start_training(tiny(2), &stopping).unwrap_err();
+    let i = e.downcast_ref::<darts::interrupt::Interrupted>().expect("stopped by the signal");
+    assert_eq!((i.epoch, i.step), (0, 1));
+    assert!(!b.path().join("metrics.jsonl").exists(), "no epoch finished");
+    stop.store(false, std::sync::atomic::Ordering::SeqCst);
+    run::resume_training(&RunOptions { checkpoint_every: Some(2), ..opts(b.path(), None) }).unwrap();
+    run::start_training(tiny(2), &RunOptions { checkpoint_every: Some(2), ..opts(c.path(), None) }).unwrap();
+    for dir in [b.path(), c.path()] {
+        for file in ["checkpoint.safetensors", "model-last.safetensors"] {
+            let (x, y) = (std::fs::read(a.path().join(file)).unwrap(), std::fs::read(dir.join(file)).unwrap());
+            assert!(x == y, "{file} differs");
+        }
+        let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        let want = std::fs::read_to_string(a.path().join("metrics.jsonl")).unwrap();
+        let strip = |t: &str| -> Vec<serde_json::Value> {
+            t.lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    for k in ["seconds", "peak_rss_mb", "data_wait_seconds"] {
+                        v.as_object_mut().unwrap().remove(k);
+                    }
+                    v
+                })
+                .collect()
+        };
+        assert_eq!(strip(&lines), strip(&want), "the metrics of the interrupted epoch add up as uninterrupted");
+    }
+}

@@ -50,6 +50,10 @@ pub struct SearchArgs {
     /// may also be turned on when resuming).
     #[arg(long)]
     checkpoint_cells: bool,
+    /// Also write a checkpoint after every N steps inside an epoch (a kill then loses at most N steps; resume
+    /// continues bit for bit).
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<usize>,
     /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
     /// or the same command; results are as if it had not stopped).
     #[arg(long, value_name = "N")]
@@ -89,6 +93,10 @@ pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
     let mut opts = rt.options(out, device);
     opts.dist = dist;
     opts.stop_after = a.stop_after;
+    opts.checkpoint_every = a.checkpoint_every;
+    if opts.dist.is_none() {
+        opts.stop = Some(darts::interrupt::stop_on_signals()?);
+    }
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();

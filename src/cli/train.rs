@@ -17,6 +17,10 @@ pub struct TrainArgs {
     genotype: Option<String>,
     #[command(flatten)]
     common: TrainCommon,
+    /// Also write a checkpoint after every N steps inside an epoch (a kill then loses at most N steps; resume
+    /// continues bit for bit).
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<usize>,
     /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
     /// or the same command; results are as if it had not stopped).
     #[arg(long, value_name = "N")]
@@ -70,6 +74,10 @@ pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
     let mut opts = rt.options(out, device);
     opts.dist = dist;
     opts.stop_after = a.stop_after;
+    opts.checkpoint_every = a.checkpoint_every;
+    if opts.dist.is_none() {
+        opts.stop = Some(darts::interrupt::stop_on_signals()?);
+    }
     let out = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
