@@ -137,7 +137,29 @@ pub fn write_tensors_atomically(named: &[(String, tch::Tensor)], path: &Path) ->
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    tch::Tensor::write_safetensors(&host, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    let written = tch::Tensor::write_safetensors(&host, &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display())));
+    if let Err(e) = written {
+        // The file it was to replace is untouched; the half-written temporary goes.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(explain_write_failure(e, path));
+    }
     Ok(())
+}
+
+/// A failed write's error, saying that the previous file is intact and, when the disk is full, what to free.
+pub fn explain_write_failure(e: anyhow::Error, path: &Path) -> anyhow::Error {
+    let text = format!("{e:#}");
+    let full = text.contains("No space left") || text.contains("os error 28") || text.contains("ENOSPC");
+    let dir = path.parent().map_or_else(|| ".".into(), |d| d.display().to_string());
+    if full {
+        anyhow::anyhow!(
+            "the disk holding {dir} is full, so {} could not be written (the previous one is intact): free space \
+             there (old run directories, figures/), then continue with the same command or --resume",
+            path.display()
+        )
+    } else {
+        e.context(format!("writing {} (the previous one is intact)", path.display()))
+    }
 }

@@ -57,7 +57,16 @@ impl Runtime {
         let device = self.device()?;
         let Some(launch) = darts::dist::Launch::from_env()? else { return Ok((device, None)) };
         let device = match device {
-            tch::Device::Cuda(_) => tch::Device::Cuda(launch.local_rank),
+            tch::Device::Cuda(_) => {
+                let count = tch::Cuda::device_count() as usize;
+                anyhow::ensure!(
+                    launch.local_rank < count,
+                    "LOCAL_RANK={} but this node has {count} CUDA device(s): one process per GPU (torchrun \
+                     --nproc-per-node {count} at most), or --device cpu",
+                    launch.local_rank
+                );
+                tch::Device::Cuda(launch.local_rank)
+            }
             other => other,
         };
         let timeout = std::env::var("DARTS_DIST_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300);

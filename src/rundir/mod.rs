@@ -183,8 +183,14 @@ impl RunLock {
 /// Writes `bytes` to `path` atomically: a temporary file beside it, renamed over it.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temporary(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    let written = std::fs::write(&tmp, bytes)
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display())));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(crate::params::explain_write_failure(e, path));
+    }
+    Ok(())
 }
 
 fn temporary(path: &Path) -> PathBuf {
@@ -326,6 +332,33 @@ mod tests {
         let month: u32 = stamp[4..6].parse().unwrap();
         let day: u32 = stamp[6..8].parse().unwrap();
         assert!((1..=12).contains(&month) && (1..=31).contains(&day), "{d}");
+    }
+
+    /// A full disk (the temporary file pointing at /dev/full, which answers every write with ENOSPC): the
+    /// previous file is intact, no temporary remains, and the message says what to free.
+    #[test]
+    fn a_full_disk_leaves_the_previous_file_and_says_what_to_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.safetensors");
+        let tensors = vec![("w".to_string(), tch::Tensor::from_slice(&[1.0f32, 2.0]))];
+        write_tensors_atomically(&tensors, &path).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        for (file, bytes) in [(&path, None), (&dir.path().join("config.json"), Some(b"{}".as_slice()))] {
+            if let Some(b) = bytes {
+                std::fs::write(file, b).unwrap();
+            }
+            let tmp = temporary(file);
+            std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+            let e = match bytes {
+                None => write_tensors_atomically(&tensors, file).unwrap_err(),
+                Some(_) => write_atomically(file, &vec![b'x'; 1 << 16]).unwrap_err(),
+            };
+            let e = format!("{e:#}");
+            assert!(e.contains("is full") && e.contains("free space") && e.contains("intact"), "{e}");
+            assert!(!tmp.exists() && std::fs::symlink_metadata(&tmp).is_err(), "the temporary remains");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before, "the previous checkpoint changed");
+        assert_eq!(std::fs::read(dir.path().join("config.json")).unwrap(), b"{}");
     }
 
     #[test]
