@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub dist: Option<std::sync::Arc<crate::dist::Dist>>,
     /// Also write a checkpoint after every this many steps inside an epoch (one process only).
     pub checkpoint_every: Option<usize>,
+    /// Also write a checkpoint inside an epoch when this many minutes have passed since the last (one process).
+    pub checkpoint_minutes: Option<f64>,
     /// Set by a signal handler: checkpoint where the loop is and stop (one process only).
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -43,6 +45,7 @@ impl RunOptions {
             checkpoint_cells: false,
             dist: None,
             checkpoint_every: None,
+            checkpoint_minutes: None,
             stop: None,
         }
     }
@@ -52,14 +55,22 @@ impl RunOptions {
     pub fn mid_epoch(&self) -> Result<crate::interrupt::MidEpoch> {
         if self.dist.is_some() {
             anyhow::ensure!(
-                self.checkpoint_every.is_none(),
+                self.checkpoint_every.is_none() && self.checkpoint_minutes.is_none(),
                 "--checkpoint-every is not available in a data-parallel run yet: checkpoints come at the end of epochs"
             );
             return Ok(crate::interrupt::MidEpoch::default());
         }
+        if let Some(m) = self.checkpoint_minutes {
+            anyhow::ensure!(m.is_finite() && m > 0.0, "--checkpoint-minutes {m}: give a positive number of minutes");
+        }
+        if let Some(0) = self.checkpoint_every {
+            anyhow::bail!("--checkpoint-every 0: give a number of steps of at least 1");
+        }
         Ok(crate::interrupt::MidEpoch {
             dir: Some(self.out_dir.clone()),
             every: self.checkpoint_every,
+            every_seconds: self.checkpoint_minutes.map(|m| m * 60.0),
+            last: None,
             stop: self.stop.clone(),
         })
     }

@@ -65,6 +65,10 @@ pub struct MidEpoch {
     pub dir: Option<PathBuf>,
     /// Write a checkpoint after every this many steps.
     pub every: Option<usize>,
+    /// Write a checkpoint when this much time has passed since the last one (or since the loop began).
+    pub every_seconds: Option<f64>,
+    /// When the last checkpoint was written.
+    pub last: Option<std::time::Instant>,
     /// Set (by a signal handler) to ask the loop to checkpoint and stop after its current step.
     pub stop: Option<Arc<AtomicBool>>,
 }
@@ -76,9 +80,16 @@ impl MidEpoch {
     }
 
     /// Whether to write a checkpoint after `done` steps of `total` (not after the last: the epoch's own
-    /// checkpoint follows).
-    pub fn due(&self, done: usize, total: usize) -> bool {
-        done < total && (self.stop_asked() || self.every.is_some_and(|n| n > 0 && done.is_multiple_of(n)))
+    /// checkpoint follows). Counts the time from the first call when no checkpoint was written yet.
+    pub fn due(&mut self, done: usize, total: usize) -> bool {
+        let last = *self.last.get_or_insert_with(std::time::Instant::now);
+        let timed = self.every_seconds.is_some_and(|s| last.elapsed().as_secs_f64() >= s);
+        let due =
+            done < total && (self.stop_asked() || timed || self.every.is_some_and(|n| n > 0 && done.is_multiple_of(n)));
+        if due {
+            self.last = Some(std::time::Instant::now());
+        }
+        due
     }
 }
 
@@ -102,12 +113,16 @@ mod tests {
     #[test]
     fn checkpoints_fall_due_every_n_steps_and_on_a_stop_but_not_at_the_end() {
         let stop = Arc::new(AtomicBool::new(false));
-        let m = MidEpoch { dir: None, every: Some(3), stop: Some(stop.clone()) };
+        let mut m = MidEpoch { every: Some(3), stop: Some(stop.clone()), ..Default::default() };
         let due: Vec<usize> = (1..=10).filter(|&d| m.due(d, 10)).collect();
         assert_eq!(due, vec![3, 6, 9]);
         stop.store(true, Ordering::SeqCst);
         assert!(m.due(1, 10) && !m.due(10, 10) && m.stop_asked());
         assert!(!MidEpoch::default().due(1, 10));
+        let mut timed = MidEpoch { every_seconds: Some(0.0), ..Default::default() };
+        assert!(timed.due(1, 10) && timed.due(2, 10) && !timed.due(10, 10));
+        let mut hourly = MidEpoch { every_seconds: Some(3600.0), ..Default::default() };
+        assert!(!hourly.due(1, 10));
         assert_eq!(Position::parse_word(&Position::word(u128::MAX - 3)).unwrap(), u128::MAX - 3);
         assert!(Position::parse_word("x").is_err());
         let e = Interrupted { epoch: 1, step: 4 }.to_string();

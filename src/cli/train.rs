@@ -21,6 +21,9 @@ pub struct TrainArgs {
     /// continues bit for bit).
     #[arg(long, value_name = "N")]
     checkpoint_every: Option<usize>,
+    /// Also write a checkpoint inside an epoch when M minutes have passed since the last one.
+    #[arg(long, value_name = "M")]
+    checkpoint_minutes: Option<f64>,
     /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
     /// or the same command; results are as if it had not stopped).
     #[arg(long, value_name = "N")]
@@ -75,6 +78,7 @@ pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
     opts.dist = dist;
     opts.stop_after = a.stop_after;
     opts.checkpoint_every = a.checkpoint_every;
+    opts.checkpoint_minutes = a.checkpoint_minutes;
     if opts.dist.is_none() {
         opts.stop = Some(darts::interrupt::stop_on_signals()?);
     }
