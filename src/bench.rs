@@ -32,9 +32,43 @@ pub struct BenchRow {
     pub peak_cuda_mb: Option<f64>,
 }
 
-/// The measurements the bench can take.
-pub const STEPS: [&str; 5] =
-    ["forward", "forward_backward_sgd", "first_order_step", "second_order_step", "final_train_step"];
+/// A measurement the bench can take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum Step {
+    /// The supernet's forward pass.
+    Forward,
+    /// Forward, backward and an SGD step of the weights.
+    ForwardBackwardSgd,
+    /// A first-order alpha step and a weight step.
+    FirstOrderStep,
+    /// A second-order (unrolled) alpha step and a weight step.
+    SecondOrderStep,
+    /// One training step of the final network.
+    FinalTrainStep,
+}
+
+impl Step {
+    /// Every measurement, in table order.
+    pub const ALL: [Step; 5] =
+        [Step::Forward, Step::ForwardBackwardSgd, Step::FirstOrderStep, Step::SecondOrderStep, Step::FinalTrainStep];
+
+    /// The name in tables, JSON rows and the PyTorch reference's `--only`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Forward => "forward",
+            Step::ForwardBackwardSgd => "forward_backward_sgd",
+            Step::FirstOrderStep => "first_order_step",
+            Step::SecondOrderStep => "second_order_step",
+            Step::FinalTrainStep => "final_train_step",
+        }
+    }
+
+    /// Whether it is a step of the search (else of the final network).
+    pub fn of_search(self) -> bool {
+        self != Step::FinalTrainStep
+    }
+}
 
 fn sync(device: Device) {
     if let Device::Cuda(i) = device {
@@ -58,9 +92,45 @@ pub fn time_ms(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64
     (ts[0], ts[ts.len() / 2])
 }
 
+/// A configuration of ours by name (`darts bench --variants`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VariantKind {
+    /// Contiguous NCHW activations and kernels.
+    Nchw,
+    /// Channels-last activations and kernels.
+    ChannelsLast,
+    /// Gradient checkpointing of cells (the device's best layout).
+    Checkpoint,
+    /// PC-DARTS: partial channels K=4 and edge normalisation.
+    PcDarts,
+    /// PC-DARTS with gradient checkpointing.
+    PcDartsCheckpoint,
+    /// The final network in bf16 mixed precision.
+    Bf16,
+    /// GDAS: one sampled op per edge.
+    Gdas,
+}
+
+impl VariantKind {
+    /// The name on the command line and in the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            VariantKind::Nchw => "nchw",
+            VariantKind::ChannelsLast => "channels-last",
+            VariantKind::Checkpoint => "checkpoint",
+            VariantKind::PcDarts => "pc-darts",
+            VariantKind::PcDartsCheckpoint => "pc-darts-checkpoint",
+            VariantKind::Bf16 => "bf16",
+            VariantKind::Gdas => "gdas",
+        }
+    }
+}
+
 /// One configuration of ours to measure: memory layout, gradient checkpointing, PC-DARTS, GDAS.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Variant {
+    /// Which one.
+    pub kind: VariantKind,
     /// The name on the command line and in the table.
     pub name: String,
     /// Channels-last activations and kernels.
@@ -77,17 +147,14 @@ pub struct Variant {
     pub gdas_tau: Option<f64>,
 }
 
-/// The variants `darts bench --variants` knows.
-pub const VARIANTS: [&str; 7] =
-    ["nchw", "channels-last", "checkpoint", "pc-darts", "pc-darts-checkpoint", "bf16", "gdas"];
-
 impl Variant {
-    /// A variant by name; "checkpoint" and the PC-DARTS ones use channels-last when `best_channels_last`
-    /// (the `--layout` option's choice for the device).
-    pub fn parse(name: &str, best_channels_last: bool) -> Option<Variant> {
+    /// The variant `kind`; "checkpoint" and the PC-DARTS ones use channels-last when `best_channels_last` (the
+    /// `--layout` option's choice for the device).
+    pub fn of(kind: VariantKind, best_channels_last: bool) -> Variant {
         let best = best_channels_last;
         let v = |channels_last, checkpoint_cells, partial_channels| Variant {
-            name: name.to_string(),
+            kind,
+            name: kind.name().to_string(),
             channels_last,
             checkpoint_cells,
             partial_channels,
@@ -95,16 +162,15 @@ impl Variant {
             precision: Precision::Fp32,
             gdas_tau: None,
         };
-        Some(match name {
-            "nchw" => v(false, false, 1),
-            "channels-last" => v(true, false, 1),
-            "checkpoint" => v(best, true, 1),
-            "pc-darts" => v(best, false, 4),
-            "pc-darts-checkpoint" => v(best, true, 4),
-            "bf16" => Variant { precision: Precision::Bf16, ..v(best, false, 1) },
-            "gdas" => Variant { gdas_tau: Some(1.0), ..v(best, false, 1) },
-            _ => return None,
-        })
+        match kind {
+            VariantKind::Nchw => v(false, false, 1),
+            VariantKind::ChannelsLast => v(true, false, 1),
+            VariantKind::Checkpoint => v(best, true, 1),
+            VariantKind::PcDarts => v(best, false, 4),
+            VariantKind::PcDartsCheckpoint => v(best, true, 4),
+            VariantKind::Bf16 => Variant { precision: Precision::Bf16, ..v(best, false, 1) },
+            VariantKind::Gdas => Variant { gdas_tau: Some(1.0), ..v(best, false, 1) },
+        }
     }
 
     /// The column label: `darts-rs (<name>)`.
@@ -140,8 +206,8 @@ impl Variant {
     }
 
     /// Whether this variant measures step `name` (GDAS is first order only).
-    pub fn has_step(&self, name: &str) -> bool {
-        !(self.gdas_tau.is_some() && name == "second_order_step")
+    pub fn has_step(&self, step: Step) -> bool {
+        !(self.gdas_tau.is_some() && step == Step::SecondOrderStep)
     }
 
     /// Whether this variant measures the search steps (the search stays float32: bf16 is a final-network option).
@@ -159,47 +225,49 @@ pub fn bench_search(
     batch: i64,
     repeats: usize,
     device: Device,
-    only: &[&str],
+    only: &[Step],
     variant: &Variant,
     mut report: impl FnMut(&BenchRow),
 ) -> Vec<BenchRow> {
     let (_, vs, net) = variant.supernet(space, shape, device);
     let label = variant.label();
     let Params { weights, buffers, .. } = Params::of(&vs);
-    let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
-    let (c, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
+    // DARTS's own settings (the preset `darts search` starts from), which the PyTorch reference uses too.
+    let c = crate::search::SearchConfig::default();
+    let mut sgd = Sgd::new(&weights, c.lr, c.momentum, c.weight_decay);
+    let (ch, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
     let opts = (Kind::Float, device);
-    let x = Tensor::randn([batch, c, h, w], opts);
+    let x = Tensor::randn([batch, ch, h, w], opts);
     let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
-    let xv = Tensor::randn([batch, c, h, w], opts);
+    let xv = Tensor::randn([batch, ch, h, w], opts);
     let yv = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
     let mut rows = Vec::new();
-    for &name in only.iter().filter(|n| variant.has_step(n)) {
+    for &step in only.iter().filter(|s| variant.has_step(**s)) {
         let weight_step = |sgd: &mut Sgd| {
             let w: Vec<&Tensor> = weights.iter().collect();
             let (_, _, mut g) = net.loss_grads(&x, &y, &w);
-            let _ = clip_grad_norm(&mut g, 5.0);
+            let _ = clip_grad_norm(&mut g, c.grad_clip);
             sgd.step(&weights, &g);
         };
-        let (min_ms, median_ms) = match name {
-            "forward" => time_ms(device, repeats, || {
+        let (min_ms, median_ms) = match step {
+            Step::Forward => time_ms(device, repeats, || {
                 let _ = tch::no_grad(|| net.forward_t(&x, true));
             }),
-            "forward_backward_sgd" => time_ms(device, repeats, || weight_step(&mut sgd)),
-            "first_order_step" | "second_order_step" => {
-                let order = if name == "first_order_step" { Order::First } else { Order::Second };
-                let mut arch = Architect::new(&net, order, 3e-4, (0.5, 0.999), 1e-3);
+            Step::ForwardBackwardSgd => time_ms(device, repeats, || weight_step(&mut sgd)),
+            Step::FirstOrderStep | Step::SecondOrderStep => {
+                let order = if step == Step::FirstOrderStep { Order::First } else { Order::Second };
+                let mut arch = Architect::new(&net, order, c.arch_lr, c.arch_betas, c.arch_weight_decay);
                 time_ms(device, repeats, || {
-                    arch.step(&net, &weights, &buffers, &sgd, (&x, &y), (&xv, &yv), 0.025)
+                    arch.step(&net, &weights, &buffers, &sgd, (&x, &y), (&xv, &yv), c.lr)
                         .expect("a process alone cannot fail to reduce");
                     weight_step(&mut sgd);
                 })
             }
-            _ => continue,
+            Step::FinalTrainStep => continue,
         };
         let row = BenchRow {
             implementation: label.clone(),
-            name: name.into(),
+            name: step.name().into(),
             min_ms,
             median_ms,
             peak_rss_mb: peak_rss_mb(),
@@ -211,7 +279,7 @@ pub fn bench_search(
     rows
 }
 
-/// Times one training step of the final network (forward with auxiliary head and drop path 0.2, backward,
+/// Times one training step of the final network (forward with auxiliary head and drop path, backward,
 /// clipping, SGD) for `genotype` at `cfg` on `batch` random images of `shape`, in `variant`'s layout and precision.
 pub fn bench_final(
     genotype: &crate::genotype::Genotype,
@@ -227,9 +295,12 @@ pub fn bench_final(
     let vs = nn::VarStore::new(device);
     let mut net = Network::new(&vs.root(), genotype, cfg, shape);
     set_channels_last(&mut net, &vs, variant.channels_last);
-    net.drop_path_prob = 0.2;
+    // DARTS's CIFAR recipe (what `darts train` starts from), which the PyTorch reference uses too; drop path at
+    // its final rate.
+    let r = crate::recipe::Recipe::DartsCifar.hyper();
+    net.drop_path_prob = r.drop_path;
     let weights = Params::of(&vs).weights;
-    let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
+    let mut sgd = Sgd::new(&weights, r.lr, r.momentum, r.weight_decay);
     let x =
         Tensor::randn([batch, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, device));
     let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
@@ -237,15 +308,15 @@ pub fn bench_final(
     // The step as the trainer runs it: forward and loss in the variant's precision, backward outside autocast.
     let mut failed = None;
     let (min_ms, median_ms) = time_ms(device, repeats, || {
-        let masks = drop_path_masks(net.drop_sites(), batch as usize, 0.2, &mut rng).to_device(device);
+        let masks = drop_path_masks(net.drop_sites(), batch as usize, r.drop_path, &mut rng).to_device(device);
         let loss = with_precision(device, variant.precision, || {
             let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
-            loss_with_auxiliary(&logits, aux.as_ref(), &y, 0.4, 0.0)
+            loss_with_auxiliary(&logits, aux.as_ref(), &y, r.aux_weight, r.label_smoothing)
         });
         match loss {
             Ok(loss) => {
                 let mut g = Tensor::run_backward(&[loss], &weights, false, false);
-                let _ = clip_grad_norm(&mut g, 5.0);
+                let _ = clip_grad_norm(&mut g, r.grad_clip);
                 sgd.step(&weights, &g);
             }
             Err(e) => failed = Some(e),
@@ -256,7 +327,7 @@ pub fn bench_final(
     }
     Ok(BenchRow {
         implementation: variant.label(),
-        name: "final_train_step".into(),
+        name: Step::FinalTrainStep.name().into(),
         min_ms,
         median_ms,
         peak_rss_mb: peak_rss_mb(),
@@ -296,14 +367,15 @@ pub fn profile_search(
     use std::collections::BTreeMap;
     let (space, vs, net) = variant.supernet(space, shape, device);
     let weights = Params::of(&vs).weights;
-    let mut sgd = Sgd::new(&weights, 0.025, 0.9, 3e-4);
+    let cfg = crate::search::SearchConfig::default();
+    let mut sgd = Sgd::new(&weights, cfg.lr, cfg.momentum, cfg.weight_decay);
     let (c, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
     let x = Tensor::randn([batch, c, h, w], (Kind::Float, device));
     let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
     let (_, step_ms) = time_ms(device, repeats, || {
         let wr: Vec<&Tensor> = weights.iter().collect();
         let (_, _, mut g) = net.loss_grads(&x, &y, &wr);
-        let _ = clip_grad_norm(&mut g, 5.0);
+        let _ = clip_grad_norm(&mut g, cfg.grad_clip);
         sgd.step(&weights, &g);
     });
     let records = crate::profile::collect(|| {

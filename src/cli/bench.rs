@@ -1,6 +1,6 @@
 //! `darts bench`: our search step against the original PyTorch code, same shapes, same machine, one run.
 use anyhow::{Context, Result};
-use darts::bench::{bench_final, bench_search, BenchRow, Variant, STEPS, VARIANTS};
+use darts::bench::{bench_final, bench_search, BenchRow, Step, Variant, VariantKind};
 use darts::network::NetworkConfig;
 use darts::space::{DataShape, SearchSpace};
 use std::path::PathBuf;
@@ -27,9 +27,9 @@ pub struct BenchArgs {
     /// Timed repeats after one warm-up.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Which measurements, comma-separated.
-    #[arg(long, default_value = "forward,forward_backward_sgd,first_order_step,second_order_step,final_train_step")]
-    only: String,
+    /// Which measurements, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Step>,
     /// Final network: genotype (zoo name, file or text).
     #[arg(long, default_value = "DARTS_V2")]
     final_genotype: String,
@@ -42,24 +42,27 @@ pub struct BenchArgs {
     /// Final network: batch size.
     #[arg(long, default_value_t = 96)]
     final_batch: i64,
-    /// Python with torch for the reference ("none" skips it; default: darts' own venv).
-    #[arg(long)]
+    /// Python with torch for the reference (default: darts' own venv).
+    #[arg(long, conflicts_with = "no_pytorch")]
     pytorch: Option<String>,
+    /// Measure ours only, without the PyTorch reference.
+    #[arg(long)]
+    no_pytorch: bool,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Our configurations, comma-separated: nchw, channels-last, checkpoint (gradient checkpointing of
     /// cells), pc-darts (partial channels K=4 + edge normalisation; needs --channels divisible by 8),
-    /// pc-darts-checkpoint. "auto": the layouts --layout allows, then checkpoint.
-    #[arg(long, default_value = "auto")]
-    variants: String,
+    /// pc-darts-checkpoint, bf16, gdas (default: the layouts --layout allows, then checkpoint).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    variants: Vec<VariantKind>,
     /// Instead of the comparison: where one forward + backward + SGD step of the supernet spends its time, by
     /// op type (first variant of --variants; "auto": the device's best layout).
     #[arg(long)]
     profile: bool,
     /// Internal: measure one variant in this process and print its rows as JSON lines.
-    #[arg(long, hide = true)]
-    one: Option<String>,
+    #[arg(long, hide = true, value_enum)]
+    one: Option<VariantKind>,
 }
 
 fn default_python() -> Option<String> {
@@ -116,51 +119,41 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let space = SearchSpace { channels: a.channels, layers: a.layers, ..Default::default() };
     let shape = DataShape { channels: 3, height: a.size, width: a.size, classes: 10 };
     space.validate_for(&shape)?;
-    let only: Vec<&str> = a.only.split(',').map(str::trim).collect();
+    let only: Vec<Step> = if a.only.is_empty() { Step::ALL.to_vec() } else { a.only.clone() };
     let genotype = darts::rundir::resolve_genotype(&a.final_genotype)?;
-    for o in &only {
-        anyhow::ensure!(STEPS.contains(o), "--only: unknown measurement '{o}'; choose from {}", STEPS.join(", "));
-    }
     let final_cfg = NetworkConfig { channels: a.final_channels, layers: a.final_layers, ..Default::default() };
-    if let Some(name) = &a.one {
-        let variant =
-            Variant::parse(name, rt.layout.channels_last(device)).with_context(|| format!("unknown variant {name}"))?;
+    if let Some(kind) = a.one {
+        let variant = Variant::of(kind, rt.layout.channels_last(device));
         let print = |r: &BenchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());
         if variant.has_search() {
             bench_search(&space, &shape, a.batch, a.repeats, device, &only, &variant, print);
         }
-        if only.contains(&"final_train_step") && variant.has_final() {
+        if only.contains(&Step::FinalTrainStep) && variant.has_final() {
             print(&bench_final(&genotype, &final_cfg, &shape, (a.final_batch, a.repeats), device, &variant)?);
         }
         return Ok(());
     }
-    let variants: Vec<Variant> = if a.variants == "auto" {
-        let mut v: Vec<&str> = match rt.layout {
-            darts::Layout::Nchw => vec!["nchw"],
-            darts::Layout::ChannelsLast => vec!["channels-last"],
-            darts::Layout::Auto => vec!["nchw", "channels-last"],
+    let kinds: Vec<VariantKind> = if a.variants.is_empty() {
+        let mut v = match rt.layout {
+            darts::Layout::Nchw => vec![VariantKind::Nchw],
+            darts::Layout::ChannelsLast => vec![VariantKind::ChannelsLast],
+            darts::Layout::Auto => vec![VariantKind::Nchw, VariantKind::ChannelsLast],
         };
-        v.push("checkpoint");
-        v.into_iter().filter_map(|n| Variant::parse(n, rt.layout.channels_last(device))).collect()
+        v.push(VariantKind::Checkpoint);
+        v
     } else {
-        a.variants
-            .split(',')
-            .map(|n| {
-                Variant::parse(n.trim(), rt.layout.channels_last(device)).with_context(|| {
-                    format!("--variants: unknown variant '{}'; choose from {}", n.trim(), VARIANTS.join(", "))
-                })
-            })
-            .collect::<Result<_>>()?
+        a.variants.clone()
     };
+    let variants: Vec<Variant> = kinds.iter().map(|&k| Variant::of(k, rt.layout.channels_last(device))).collect();
     for v in &variants {
         SearchSpace { partial_channels: v.partial_channels, ..space.clone() }
             .validate()
             .with_context(|| v.name.clone())?;
     }
     if a.profile {
-        let v = if a.variants == "auto" {
-            Variant::parse(if rt.layout.channels_last(device) { "channels-last" } else { "nchw" }, false)
-                .context("variant")?
+        let v = if a.variants.is_empty() {
+            let best = if rt.layout.channels_last(device) { VariantKind::ChannelsLast } else { VariantKind::Nchw };
+            Variant::of(best, false)
         } else {
             variants[0].clone()
         };
@@ -209,10 +202,10 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     };
     let mut rows = Vec::new();
     let mut failures: Vec<(String, String, String)> = Vec::new();
-    let python = match a.pytorch.as_deref() {
-        Some("none") => None,
-        Some(p) => Some(p.to_string()),
-        None => default_python(),
+    let python = match (&a.pytorch, a.no_pytorch) {
+        (_, true) => None,
+        (Some(p), false) => Some(p.clone()),
+        (None, false) => default_python(),
     };
     if let Some(py) = python {
         let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
@@ -220,14 +213,15 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         let cuda = if device.is_cuda() { "cuda" } else { "cpu" };
         // PyTorch's final step in bf16 autocast too when a bf16 variant of ours is measured.
         let bf16 = variants.iter().any(|v| v.precision == darts::native::Precision::Bf16);
-        let mut jobs: Vec<(&str, bool)> = only.iter().map(|n| (*n, false)).collect();
-        if bf16 && only.contains(&"final_train_step") {
-            jobs.push(("final_train_step", true));
+        let mut jobs: Vec<(Step, bool)> = only.iter().map(|&s| (s, false)).collect();
+        if bf16 && only.contains(&Step::FinalTrainStep) {
+            jobs.push((Step::FinalTrainStep, true));
         }
-        for (name, amp) in jobs {
-            let label = if amp { "pytorch (bf16)" } else { "pytorch" };
+        for (step, amp) in jobs {
+            let name = step.name();
+            let label = if amp { TORCH_BF16 } else { TORCH };
             let common = ["--repeats".to_string(), a.repeats.to_string(), "--threads".into(), threads.to_string()];
-            let mut args: Vec<String> = if name == "final_train_step" {
+            let mut args: Vec<String> = if step == Step::FinalTrainStep {
                 vec![
                     "bench-final".into(),
                     "--genotype".into(),
@@ -273,8 +267,9 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     }
     let exe = std::env::current_exe().context("finding the darts binary")?.display().to_string();
     for v in &variants {
-        for &name in &only {
-            let wanted = if name == "final_train_step" { v.has_final() } else { v.has_search() && v.has_step(name) };
+        for &step in &only {
+            let name = step.name();
+            let wanted = if step.of_search() { v.has_search() && v.has_step(step) } else { v.has_final() };
             if !wanted {
                 continue;
             }
@@ -308,40 +303,37 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             }
         }
     }
-    let mut impls: Vec<String> = vec!["pytorch".into()];
-    if variants.iter().any(|v| v.precision == darts::native::Precision::Bf16) {
-        impls.push("pytorch (bf16)".into());
+    // The columns: the reference in each precision measured, then ours, each of ours compared with the
+    // reference in its own precision.
+    const TORCH: &str = "pytorch";
+    const TORCH_BF16: &str = "pytorch (bf16)";
+    let bf16 = |v: &Variant| v.precision == darts::native::Precision::Bf16;
+    let mut columns: Vec<(String, Option<&str>)> = vec![(TORCH.into(), None)];
+    if variants.iter().any(bf16) {
+        columns.push((TORCH_BF16.into(), None));
     }
     for v in &variants {
-        impls.push(v.label());
-    }
-    for r in &rows {
-        if !impls.contains(&r.implementation) {
-            impls.push(r.implementation.clone());
-        }
+        columns.push((v.label(), Some(if bf16(v) { TORCH_BF16 } else { TORCH })));
     }
     // Peak memory: the CUDA allocator's peak on a GPU, the process's peak RSS on the CPU.
     let mem = if device.is_cuda() { "GPU peak MiB" } else { "peak RSS MiB" };
-    let header: Vec<String> = impls.iter().map(|i| format!("{i} median ms ({mem})")).collect();
+    let header: Vec<String> = columns.iter().map(|(i, _)| format!("{i} median ms ({mem})")).collect();
     println!("| step | {} | ratio to PyTorch |", header.join(" | "));
-    println!("|---|{}---|", "---:|".repeat(impls.len()));
-    for name in &only {
-        let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == *name);
+    println!("|---|{}---|", "---:|".repeat(columns.len()));
+    for name in only.iter().map(|s| s.name()) {
+        let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == name);
         let failed = |i: &str| failures.iter().find(|(f, n, _)| f == i && n == name).map(|(_, _, w)| w.clone());
-        let cells: Vec<String> = impls
+        let cells: Vec<String> = columns
             .iter()
-            .map(|i| match find(i) {
+            .map(|(i, _)| match find(i) {
                 Some(r) => format!("{:.1} ({:.0})", r.median_ms, r.peak_cuda_mb.unwrap_or(r.peak_rss_mb)),
                 None => failed(i).unwrap_or_else(|| "-".into()),
             })
             .collect();
-        // Ours against PyTorch in the same precision.
-        let ratios: Vec<String> = impls
+        let ratios: Vec<String> = columns
             .iter()
-            .filter(|i| !i.starts_with("pytorch"))
-            .filter_map(|i| {
-                let reference = if i.contains("(bf16)") { "pytorch (bf16)" } else { "pytorch" };
-                let (o, t) = (find(i)?, find(reference)?);
+            .filter_map(|(i, reference)| {
+                let (o, t) = (find(i)?, find((*reference)?)?);
                 Some(format!("{}: {:.2}", i, o.median_ms / t.median_ms))
             })
             .collect();
