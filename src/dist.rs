@@ -312,10 +312,13 @@ impl Dist {
 /// Runs `collective` on one flat contiguous buffer per element type of `tensors` and copies the results back
 /// (Gloo's collectives take one tensor per call, or several of one shape as one per device).
 fn flattened(tensors: &[&Tensor], collective: impl Fn(&Tensor) -> Result<()>) -> Result<()> {
-    let mut kinds: Vec<Kind> = tensors.iter().map(|t| t.kind()).collect();
-    kinds.dedup();
-    kinds.sort_by_key(|k| format!("{k:?}"));
-    kinds.dedup();
+    // Element types in order of first appearance, so that every rank runs the same collectives in step.
+    let mut kinds: Vec<Kind> = Vec::new();
+    for t in tensors {
+        if !kinds.contains(&t.kind()) {
+            kinds.push(t.kind());
+        }
+    }
     for kind in kinds {
         let group: Vec<&Tensor> = tensors.iter().copied().filter(|t| t.kind() == kind).collect();
         if let [one] = group.as_slice() {

@@ -15,7 +15,8 @@ pub struct Position {
     pub step: usize,
     /// The data loader's random stream: its word position after the last batch made for a done step (decimal).
     pub loader: String,
-    /// The main thread's random stream (drop-path masks), its word position (decimal).
+    /// The main thread's random stream (drop-path masks), its word position (decimal; empty where the loop
+    /// draws none).
     #[serde(default)]
     pub masks: String,
     /// The network's stream of sample seeds (skip dropout, GDAS), where the next pass starts.
@@ -23,7 +24,7 @@ pub struct Position {
     pub sample_stream: Option<u64>,
     /// The epoch's running sums: loss times examples, correct predictions, examples.
     pub meter: [f64; 3],
-    /// Seconds the epoch had run, and of them waited for data.
+    /// Seconds the epoch had run.
     pub seconds: f64,
     /// Seconds of those spent waiting for the data loader.
     pub waited: f64,

@@ -73,12 +73,11 @@ impl StepMeter {
         Ok(())
     }
 
-    /// Continues from [`StepMeter::sums`] saved after `steps` steps (a run resumed inside an epoch).
-    pub fn restore(&mut self, [loss, correct, seen]: [f64; 3], steps: usize) {
+    /// Continues from saved [`StepMeter::sums`] (a run resumed inside an epoch).
+    pub fn restore(&mut self, [loss, correct, seen]: [f64; 3]) {
         let _ = self.loss_sum.fill_(loss);
         let _ = self.correct.fill_(correct as i64);
         self.seen = seen as usize;
-        let _ = steps;
     }
 
     /// (summed loss, correct predictions, examples) so far: what several processes' meters add up.

@@ -153,7 +153,7 @@ pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
     run_search(search, opts)
 }
 
-fn run_search(search: Search, opts: &RunOptions) -> Result<RunOutcome> {
+fn run_search(mut search: Search, opts: &RunOptions) -> Result<RunOutcome> {
     let cfg = search.config.clone();
     let console = Console::of(opts);
     console.say(format!(
@@ -181,7 +181,6 @@ fn run_search(search: Search, opts: &RunOptions) -> Result<RunOutcome> {
         if cfg.space.edge_normalization { ", edge normalisation" } else { "" },
         if cfg.checkpoint_cells { ", checkpointed cells" } else { "" }
     ));
-    let mut search = search;
     search.mid_epoch = opts.mid_epoch()?;
     let mut stage = SearchStage { search, stopped_now: false };
     let epochs = drive(&mut stage, opts, &console)?;
@@ -402,7 +401,7 @@ pub fn train_or_resume(config: TrainConfig, opts: &RunOptions) -> Result<TrainOu
     start_or_continue_training(config, opts)
 }
 
-fn run_training(trainer: Trainer, opts: &RunOptions) -> Result<TrainOutcome> {
+fn run_training(mut trainer: Trainer, opts: &RunOptions) -> Result<TrainOutcome> {
     let cfg = trainer.config.clone();
     let console = Console::of(opts);
     let (n_train, n_valid, n_test) = trainer.sizes();
@@ -419,7 +418,6 @@ fn run_training(trainer: Trainer, opts: &RunOptions) -> Result<TrainOutcome> {
         opts.device,
         cfg.genotype
     ));
-    let mut trainer = trainer;
     trainer.mid_epoch = opts.mid_epoch()?;
     let mut stage = TrainStage { trainer };
     let epochs = drive(&mut stage, opts, &console)?;

@@ -455,7 +455,7 @@ impl Search {
                 if let Some(seed) = p.sample_stream {
                     self.net.set_sample_stream(seed);
                 }
-                meter.restore(p.meter, p.step);
+                meter.restore(p.meter);
                 (p.step, p.seconds, p.waited)
             }
             None => (0, 0.0, 0.0),

@@ -368,7 +368,7 @@ impl Trainer {
             Some(p) => {
                 rng.set_word_pos(Position::parse_word(&p.loader)?);
                 mask_rng.set_word_pos(Position::parse_word(&p.masks)?);
-                meter.restore(p.meter, p.step);
+                meter.restore(p.meter);
                 (p.step, p.seconds, p.waited)
             }
             None => (0, 0.0, 0.0),
