@@ -23,6 +23,7 @@ const CORE: &[&str] = &[
     "progress",
     "viz",
     "dist",
+    "interrupt",
 ];
 /// Modules that drive runs.
 const DRIVERS: &[&str] = &["driver", "run", "search", "train", "baseline", "compare", "bench"];
