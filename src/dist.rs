@@ -36,6 +36,10 @@ fn last_error() -> String {
     msg.split("\nException raised from").next().unwrap_or_default().trim().to_string()
 }
 
+/// What a failed collective most likely means, and what to do.
+const PEER_GONE: &str = "(another rank stopped or hangs: see its own output; the last checkpoint is intact, and \
+                         running the same command again resumes from it)";
+
 /// Gradients are averaged in buckets of about this many bytes (as DDP's reducer: few large calls).
 pub const BUCKET_BYTES: usize = 25 << 20;
 
@@ -108,6 +112,8 @@ pub struct Dist {
     pg: *mut c_void,
     /// How this process was launched.
     pub launch: Launch,
+    /// Nanoseconds spent in collectives.
+    comm_nanos: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: the process group is only used through `&self` calls that wait for their collective; libtorch's
@@ -178,7 +184,7 @@ impl Dist {
                 last_error()
             );
         }
-        Ok(Dist { pg, launch })
+        Ok(Dist { pg, launch, comm_nanos: std::sync::atomic::AtomicU64::new(0) })
     }
 
     /// This process's rank.
@@ -198,19 +204,19 @@ impl Dist {
 
     /// Sums `tensors` over all processes, in place (one collective per element type: they travel flattened).
     pub fn all_reduce_sum(&self, tensors: &[&Tensor]) -> Result<()> {
-        flattened(tensors, |flat| self.all_reduce_one(flat))
+        self.timed(|| flattened(tensors, |flat| self.all_reduce_one(flat)))
     }
 
     /// Copies `tensors` of rank `root` into every process's, in place (one collective per element type).
     pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
-        flattened(tensors, |flat| self.broadcast_one(flat, root))
+        self.timed(|| flattened(tensors, |flat| self.broadcast_one(flat, root)))
     }
 
     fn all_reduce_one(&self, t: &Tensor) -> Result<()> {
         let p = ptrs(&[t]);
         // SAFETY: live tensors; the call waits for the collective to finish before returning.
         if unsafe { darts_pg_allreduce_sum(self.pg, p.as_ptr(), p.len() as c_int) } != 0 {
-            bail!("rank {}: all-reduce failed: {}", self.rank(), last_error());
+            bail!("rank {}: all-reduce failed: {} {PEER_GONE}", self.rank(), last_error());
         }
         Ok(())
     }
@@ -219,7 +225,7 @@ impl Dist {
         let p = ptrs(&[t]);
         // SAFETY: as in all_reduce_sum.
         if unsafe { darts_pg_broadcast(self.pg, p.as_ptr(), p.len() as c_int, root as c_int) } != 0 {
-            bail!("rank {}: broadcast failed: {}", self.rank(), last_error());
+            bail!("rank {}: broadcast failed: {} {PEER_GONE}", self.rank(), last_error());
         }
         Ok(())
     }
@@ -228,7 +234,7 @@ impl Dist {
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: a collective on a live group.
         if unsafe { darts_pg_barrier(self.pg) } != 0 {
-            bail!("rank {}: barrier failed: {}", self.rank(), last_error());
+            bail!("rank {}: barrier failed: {} {PEER_GONE}", self.rank(), last_error());
         }
         Ok(())
     }
@@ -277,6 +283,40 @@ impl Dist {
             start = end;
         }
         Ok(())
+    }
+
+    /// Fails on every rank unless every rank was started with the same `settings` (a run's configuration as
+    /// JSON): ranks launched with different seeds, spaces or data would silently train different things.
+    pub fn check_same_settings(&self, settings: &serde_json::Value) -> Result<()> {
+        let text = settings.to_string();
+        // FNV-1a of the settings, in 52 bits so that it travels exactly as a float64.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let ours = Tensor::from_slice(&[(hash >> 12) as f64]);
+        let theirs = ours.copy();
+        self.broadcast(&[&theirs], 0)?;
+        let differs = f64::from(u8::from(!ours.equal(&theirs)));
+        let ranks = self.sum_f64(&[differs])?[0];
+        if ranks > 0.0 {
+            bail!(
+                "{ranks} of {} ranks were started with other settings than rank 0 (seed, space, data, schedule...): \
+                 start every rank with the same command line{}",
+                self.world(),
+                if differs > 0.0 { format!(" (this rank, {}, differs)", self.rank()) } else { String::new() }
+            );
+        }
+        Ok(())
+    }
+
+    /// Time this process has spent in collectives so far, in seconds (the communication share of a step).
+    pub fn seconds_in_collectives(&self) -> f64 {
+        self.comm_nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
+    }
+
+    fn timed(&self, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let start = std::time::Instant::now();
+        let r = f();
+        self.comm_nanos.fetch_add(start.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        r
     }
 
     /// Fails on every rank, naming `what`, unless every rank holds bit-identical `tensors` (compared by an exact

@@ -93,6 +93,9 @@ impl Stage for SearchStage {
 
 /// Starts a new search in `opts.out_dir` (which must not hold one already).
 pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
+    if let Some(d) = &opts.dist {
+        d.check_same_settings(&serde_json::to_value(&config)?)?;
+    }
     let _lock = if opts.writes() {
         rundir::create(&opts.out_dir, "search", rundir::CHECKPOINT)?;
         Some(rundir::RunLock::acquire(&opts.out_dir)?)
@@ -337,6 +340,9 @@ impl Stage for TrainStage {
 /// per epoch, `model-last.safetensors`, and with a validation split `model-best.safetensors` (the epoch of best
 /// validation accuracy; the test set is never used to choose).
 pub fn start_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOutcome> {
+    if let Some(d) = &opts.dist {
+        d.check_same_settings(&serde_json::to_value(&config)?)?;
+    }
     let _lock = if opts.writes() {
         rundir::create(&opts.out_dir, "run", rundir::CHECKPOINT)?;
         Some(rundir::RunLock::acquire(&opts.out_dir)?)

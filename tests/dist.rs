@@ -408,3 +408,74 @@ fn the_data_parallel_hypergradient_is_the_shard_average_at_every_step() {
     let off = (&h0[0] - &want[0]).abs().max().double_value(&[]) / want[0].abs().max().double_value(&[]);
     assert!(off > 1e-3, "one shard's hypergradient is the average's: {off}");
 }
+
+/// Ranks started with different settings are refused at start, every one of them, with a clear error.
+#[test]
+fn ranks_with_different_settings_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let outs = run_ranks(2, |rank| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(["train", "--genotype", "DARTS_V2", "--limit", "64", "--channels", "4", "--layers", "3"]);
+        cmd.args(["--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet", "--device", "cpu"]);
+        cmd.args(["--seed", &rank.to_string(), "--out"]).arg(dir.path().join("run"));
+        torchrun_env(&mut cmd, rank, 2, port);
+        cmd
+    });
+    for (r, o) in outs.iter().enumerate() {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("started with other settings than rank 0"), "rank {r}: {e}");
+    }
+    assert!(!dir.path().join("run/checkpoint.safetensors").exists());
+}
+
+/// A rank killed in the middle of a run: the other exits non-zero within the c10d timeout, saying what happened
+/// and that the checkpoint is intact; the same command on both ranks resumes and ends with the bytes of an
+/// uninterrupted two-process run. The metrics report the time spent in collectives.
+#[test]
+fn a_dead_rank_stops_the_others_and_the_same_command_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = |out: &Path, rank: usize, port: u16| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(["train", "--genotype", "DARTS_V2", "--limit", "600", "--channels", "4", "--layers", "3"]);
+        cmd.args(["--epochs", "4", "--batch-size", "32", "--seed", "6", "--threads", "1", "--quiet"]);
+        cmd.args(["--device", "cpu", "--out"]).arg(out);
+        torchrun_env(&mut cmd, rank, 2, port);
+        cmd.env("DARTS_DIST_TIMEOUT", "30");
+        cmd
+    };
+    let (whole, broken) = (dir.path().join("whole"), dir.path().join("broken"));
+    let port = free_port();
+    let outs = run_ranks(2, |r| command(&whole, r, port));
+    assert!(outs.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&outs[0].stderr));
+    let comm: Vec<f64> = std::fs::read_to_string(whole.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["comm_seconds"].as_f64().unwrap())
+        .collect();
+    assert!(comm.iter().all(|&c| c > 0.0), "time in collectives: {comm:?}");
+    let port = free_port();
+    let mut ranks: Vec<_> = (0..2)
+        .map(|r| command(&broken, r, port).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    // Kill rank 1 once the first epoch is written.
+    let started = std::time::Instant::now();
+    while !broken.join("metrics.jsonl").is_file() {
+        assert!(started.elapsed().as_secs() < 120, "the first epoch never ended");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    ranks[1].kill().unwrap();
+    let _ = ranks[1].wait();
+    let waited = std::time::Instant::now();
+    let rank0 = ranks.remove(0).wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&rank0.stderr);
+    assert!(!rank0.status.success(), "rank 0 went on alone: {e}");
+    assert!(waited.elapsed().as_secs() < 60, "rank 0 took {:?} to notice", waited.elapsed());
+    assert!(e.contains("rank 0:") && e.contains("another rank stopped") && e.contains("intact"), "{e}");
+    let port = free_port();
+    let again = run_ranks(2, |r| command(&broken, r, port));
+    assert!(again.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&again[0].stderr));
+    for file in ["checkpoint.safetensors", "model-last.safetensors"] {
+        assert!(std::fs::read(whole.join(file)).unwrap() == std::fs::read(broken.join(file)).unwrap(), "{file}");
+    }
+}

@@ -57,6 +57,9 @@ pub struct EpochStats {
     /// `lr` to `architect.step`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unrolled_lr: Option<f64>,
+    /// A data-parallel search: seconds rank 0 spent in collectives this epoch (their share of `seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_seconds: Option<f64>,
 }
 
 impl EpochStats {
@@ -132,6 +135,9 @@ pub struct TrainStats {
     /// On CUDA: the most memory tensors held at once during the epoch (the caching allocator's peak), MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_gpu_mb: Option<f64>,
+    /// A data-parallel training: seconds rank 0 spent in collectives this epoch (their share of `seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_seconds: Option<f64>,
 }
 
 /// The model `model-best` holds: chosen on the held-out validation split, never on the test set.

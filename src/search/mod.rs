@@ -179,7 +179,9 @@ impl Search {
         // same ones.
         let mut masks = self.epoch_rng(epoch);
         masks.set_stream(1);
-        self.net.set_sample_stream(masks.next_u64());
+        // Each rank of a data-parallel search draws its own masks (rank 0 those of one process).
+        let rank = self.architect.dist.as_ref().map_or(0, |d| d.rank() as u64);
+        self.net.set_sample_stream(masks.next_u64() ^ rank.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let bs = self.config.batch_size;
         let mut train_batches = data::shuffled_batches(&self.split.train, bs, &mut rng);
         let mut val_batches = data::shuffled_batches(&self.split.val, bs, &mut rng);
@@ -235,6 +237,7 @@ impl Search {
         });
         let mut steps = first;
         self.architect.last_eta = None;
+        let comm_before = dist.as_ref().map_or(0.0, |d| d.seconds_in_collectives());
         while let Some(item) = batches.next() {
             let step = steps;
             let (xt, yt, val, loader_pos) = item.map_err(anyhow::Error::msg)?;
@@ -312,6 +315,7 @@ impl Search {
             aux_skip: self.config.space.auxiliary_skip.then_some(self.net.aux_skip),
             gdas_tau: self.net.gdas_tau,
             unrolled_lr: self.architect.last_eta,
+            comm_seconds: dist.as_ref().map(|d| d.seconds_in_collectives() - comm_before),
         })
     }
 

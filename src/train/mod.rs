@@ -199,6 +199,7 @@ impl Trainer {
             (batch, rng.get_word_pos())
         });
         let mut steps = first;
+        let comm_before = dist.as_ref().map_or(0.0, |d| d.seconds_in_collectives());
         while let Some(item) = loader.next() {
             let step = steps;
             let ((x, y), loader_pos) = item.map_err(anyhow::Error::msg)?;
@@ -284,6 +285,7 @@ impl Trainer {
             peak_rss_mb: peak_rss_mb(),
             data_wait_seconds,
             peak_gpu_mb: cuda_peak_mb(self.device),
+            comm_seconds: dist.as_ref().map(|d| d.seconds_in_collectives() - comm_before),
         })
     }
 
