@@ -1,4 +1,6 @@
 //! The second-order hypergradient's Hessian-vector product against exact double backward.
+#[allow(dead_code)]
+mod common;
 use darts::architect::{exact_hvp, finite_difference_hvp, global_norm, Architect, Order};
 use darts::optim::Sgd;
 use darts::params::Params;
@@ -176,21 +178,12 @@ fn second_order_hypergradient_is_val_gradient_at_unrolled_weights_minus_eta_hvp(
     }
 }
 
-/// The Python of darts' own set-up (scripts/setup.sh), which has torch.
-fn darts_python() -> String {
-    let cache =
-        std::env::var("DARTS_CACHE").unwrap_or_else(|_| format!("{}/.cache/darts", std::env::var("HOME").unwrap()));
-    let py = format!("{cache}/venv/bin/python");
-    assert!(std::path::Path::new(&py).is_file(), "{py} missing: run scripts/setup.sh first");
-    py
-}
-
 /// The unrolled hypergradient of the full DARTS op set (ReLU, max pooling) with a momentum buffer as after
 /// some steps, against the reference architect in bench/pytorch_darts.py (the original architect.py): the same
 /// weights, alphas, momentum buffers, batches and learning rate.
 #[test]
 fn second_order_hypergradient_with_momentum_equals_the_reference_architect() {
-    let py = darts_python();
+    let py = common::darts_python();
     let (space, shape) = {
         let space = SearchSpace { channels: 4, layers: 3, nodes: 2, ..Default::default() };
         (space, DataShape { channels: 3, height: 8, width: 8, classes: 10 })

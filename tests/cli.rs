@@ -1,4 +1,6 @@
 //! The `darts` binary: errors that say what and how to fix, and a complete small search.
+#[allow(dead_code)]
+mod common;
 use darts::genotype::Genotype;
 use std::process::Command;
 
@@ -379,18 +381,6 @@ fn running_out_of_memory_is_an_error_with_advice_not_a_crash() {
     assert!(!err.contains("frame #") && !err.contains("panicked"), "{err}");
 }
 
-/// The Python of darts' own libtorch install (scripts/setup.sh), which has torch.
-fn reference_python() -> String {
-    if let Ok(p) = std::env::var("DARTS_PYTHON") {
-        return p;
-    }
-    let home = std::env::var("HOME").expect("HOME");
-    let cache = std::env::var("DARTS_CACHE").unwrap_or(format!("{home}/.cache/darts"));
-    let py = format!("{cache}/venv/bin/python");
-    assert!(std::path::Path::new(&py).is_file(), "{py} missing: run scripts/setup.sh");
-    py
-}
-
 #[test]
 fn trained_weights_load_into_the_original_pytorch_model_and_give_the_same_test_result() {
     let dir = tempfile::tempdir().unwrap();
@@ -423,7 +413,7 @@ fn trained_weights_load_into_the_original_pytorch_model_and_give_the_same_test_r
     let genotype = std::fs::read_to_string(out.join("genotype.txt")).unwrap();
     let data = concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist-subset");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/pytorch_darts.py");
-    let py = Command::new(reference_python())
+    let py = Command::new(common::darts_python())
         .args([script, "check-weights", "--channels", "4", "--layers", "5", "--classes", "10", "--in-channels", "1"])
         .args(["--auxiliary", "--limit", "96", "--genotype", genotype.trim()])
         .arg("--weights")

@@ -1,5 +1,7 @@
 //! Data parallelism over libtorch's c10d (TCPStore + ProcessGroupGloo) between processes on 127.0.0.1: the
 //! collectives against hand-computed values, and `darts train` launched as torchrun launches it.
+#[allow(dead_code)]
+mod common;
 use darts::architect::{global_norm, Architect, Order};
 use darts::dist::{Dist, Launch};
 use darts::optim::Sgd;
@@ -233,9 +235,7 @@ fn darts_run_searches_second_order_and_trains_data_parallel() {
 /// Under torchrun itself (from darts' own venv), when it is there: the agent serves the store.
 #[test]
 fn darts_train_runs_under_torchrun() {
-    let cache =
-        std::env::var("DARTS_CACHE").unwrap_or_else(|_| format!("{}/.cache/darts", std::env::var("HOME").unwrap()));
-    let torchrun = format!("{cache}/venv/bin/torchrun");
+    let torchrun = format!("{}/venv/bin/torchrun", common::darts_cache());
     assert!(Path::new(&torchrun).is_file(), "{torchrun} missing: run scripts/setup.sh first");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tr");

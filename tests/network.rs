@@ -1,4 +1,6 @@
 //! The final network from a genotype against the original model.py's published sizes.
+#[allow(dead_code)]
+mod common;
 use darts::network::{
     count_parameters_without_auxiliary, drop_path, drop_path_masks, loss_with_auxiliary, Network, NetworkConfig,
 };
@@ -72,21 +74,12 @@ fn drop_path_zeroes_whole_examples_at_the_right_rate_and_keeps_the_mean() {
     assert!((y.mean(Kind::Double).double_value(&[]) - 1.0).abs() < 0.02);
 }
 
-/// The Python of darts' own set-up (scripts/setup.sh), which has torch.
-fn darts_python() -> String {
-    let cache =
-        std::env::var("DARTS_CACHE").unwrap_or_else(|_| format!("{}/.cache/darts", std::env::var("HOME").unwrap()));
-    let py = format!("{cache}/venv/bin/python");
-    assert!(std::path::Path::new(&py).is_file(), "{py} missing: run scripts/setup.sh first");
-    py
-}
-
 /// The final network as it trains, against the original model.py and train.py (bench/pytorch_darts.py): drop
 /// path with the same masks, the auxiliary head, the loss with its weight (and label smoothing as the
 /// original's CrossEntropyLabelSmooth), every weight's gradient and the BN statistics after the pass.
 #[test]
 fn the_training_pass_equals_the_original_with_drop_path_and_auxiliary_head() {
-    let py = darts_python();
+    let py = common::darts_python();
     let genotype = zoo::get("DARTS_V2").unwrap();
     let shape = DataShape { channels: 3, height: 32, width: 32, classes: 10 };
     let cfg = NetworkConfig { channels: 4, layers: 5, ..Default::default() };

@@ -1,4 +1,6 @@
 //! The supernet's shape and size against the original code.
+#[allow(dead_code)]
+mod common;
 use darts::space::{DataShape, OpKind, SearchSpace};
 use darts::supernet::{count_parameters, Alphas, SearchNetwork};
 use tch::{nn, Device, Kind, Tensor};
@@ -28,7 +30,7 @@ fn default_cifar_supernet_has_the_original_parameter_count() {
 /// Our count agrees with the PyTorch reference (the original model_search.py) for other shapes too.
 #[test]
 fn parameter_counts_match_the_pytorch_reference_for_other_shapes() {
-    let py = darts_python();
+    let py = common::darts_python();
     let cases = [
         (8usize, 5usize, 10usize, 1usize, 1usize, false),
         (4, 3, 7, 3, 1, false),
@@ -53,15 +55,6 @@ fn parameter_counts_match_the_pytorch_reference_for_other_shapes() {
         let want: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert_eq!(count_parameters(&vs), want, "C={c} layers={layers} classes={classes} in={in_ch} K={k} aux={aux}");
     }
-}
-
-/// The Python of darts' own set-up (scripts/setup.sh), which has torch.
-pub fn darts_python() -> String {
-    let cache =
-        std::env::var("DARTS_CACHE").unwrap_or_else(|_| format!("{}/.cache/darts", std::env::var("HOME").unwrap()));
-    let py = format!("{cache}/venv/bin/python");
-    assert!(std::path::Path::new(&py).is_file(), "{py} missing: run scripts/setup.sh first");
-    py
 }
 
 #[test]
@@ -111,7 +104,7 @@ fn mixed_op_is_the_softmax_weighted_sum_of_its_ops() {
 /// gradients; the original code (PC-DARTS' model_search.py where K > 1) loads it all and recomputes them.
 #[test]
 fn supernet_forward_and_architecture_gradients_equal_the_original_code() {
-    let py = darts_python();
+    let py = common::darts_python();
     let cases = [
         (4usize, 2usize, 1usize, false, None),
         (8, 3, 4, true, None),

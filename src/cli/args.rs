@@ -11,6 +11,23 @@ use darts::space::SearchSpace;
 use darts::train::TrainConfig;
 use std::path::PathBuf;
 
+/// How a search or training runs now, not what it computes: when to stop and checkpoint (allowed with
+/// `--resume`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunControl {
+    /// Also write a checkpoint after every N steps inside an epoch (a kill then loses at most N steps; resume
+    /// continues bit for bit).
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+    /// Also write a checkpoint inside an epoch when M minutes have passed since the last one.
+    #[arg(long, value_name = "M")]
+    pub checkpoint_minutes: Option<f64>,
+    /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
+    /// or the same command; results are as if it had not stopped).
+    #[arg(long, value_name = "N")]
+    pub stop_after: Option<usize>,
+}
+
 /// Which data, for any command that reads a dataset.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct DataArgs {

@@ -73,6 +73,24 @@ impl Runtime {
         Ok((device, Some(std::sync::Arc::new(darts::dist::Dist::join(launch, timeout)?))))
     }
 
+    /// The run options of a search or training in `given` (else a fresh directory for `kind`): the device and
+    /// process group of the launch, `control`'s checkpoints and stop, and, alone, a stop on SIGTERM/SIGINT.
+    pub fn run_options(
+        &self,
+        given: Option<&std::path::PathBuf>,
+        kind: &str,
+        control: &args::RunControl,
+    ) -> anyhow::Result<darts::run::RunOptions> {
+        let (device, dist) = self.launch()?;
+        let mut opts = self.options(run_dir(given, kind, dist.is_some())?, device);
+        opts.stop = if dist.is_none() { Some(darts::interrupt::stop_on_signals()?) } else { None };
+        opts.dist = dist;
+        opts.stop_after = control.stop_after;
+        opts.checkpoint_every = control.checkpoint_every;
+        opts.checkpoint_minutes = control.checkpoint_minutes;
+        Ok(opts)
+    }
+
     /// Refuses to run `command` in a multi-process launch it does not support yet.
     pub fn single_process(&self, command: &str) -> anyhow::Result<()> {
         if let Some(l) = darts::dist::Launch::from_env()? {

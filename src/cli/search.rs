@@ -50,17 +50,8 @@ pub struct SearchArgs {
     /// may also be turned on when resuming).
     #[arg(long)]
     checkpoint_cells: bool,
-    /// Also write a checkpoint after every N steps inside an epoch (a kill then loses at most N steps; resume
-    /// continues bit for bit).
-    #[arg(long, value_name = "N")]
-    checkpoint_every: Option<usize>,
-    /// Also write a checkpoint inside an epoch when M minutes have passed since the last one.
-    #[arg(long, value_name = "M")]
-    checkpoint_minutes: Option<f64>,
-    /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
-    /// or the same command; results are as if it had not stopped).
-    #[arg(long, value_name = "N")]
-    stop_after: Option<usize>,
+    #[command(flatten)]
+    control: super::args::RunControl,
     /// Run directory (config, metrics, checkpoint, genotype); default runs/search-<date>-<time>.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -91,16 +82,7 @@ pub fn config(a: &SearchArgs) -> Result<SearchConfig> {
 }
 
 pub fn run(a: SearchArgs, rt: &super::Runtime) -> Result<()> {
-    let (device, dist) = rt.launch()?;
-    let out = super::run_dir(a.resume.as_ref().or(a.out.as_ref()), "search", dist.is_some())?;
-    let mut opts = rt.options(out, device);
-    opts.dist = dist;
-    opts.stop_after = a.stop_after;
-    opts.checkpoint_every = a.checkpoint_every;
-    opts.checkpoint_minutes = a.checkpoint_minutes;
-    if opts.dist.is_none() {
-        opts.stop = Some(darts::interrupt::stop_on_signals()?);
-    }
+    let mut opts = rt.run_options(a.resume.as_ref().or(a.out.as_ref()), "search", &a.control)?;
     let outcome = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();

@@ -17,17 +17,8 @@ pub struct TrainArgs {
     genotype: Option<String>,
     #[command(flatten)]
     common: TrainCommon,
-    /// Also write a checkpoint after every N steps inside an epoch (a kill then loses at most N steps; resume
-    /// continues bit for bit).
-    #[arg(long, value_name = "N")]
-    checkpoint_every: Option<usize>,
-    /// Also write a checkpoint inside an epoch when M minutes have passed since the last one.
-    #[arg(long, value_name = "M")]
-    checkpoint_minutes: Option<f64>,
-    /// Run at most N epochs in this invocation, then stop with the checkpoint written (continue with --resume
-    /// or the same command; results are as if it had not stopped).
-    #[arg(long, value_name = "N")]
-    stop_after: Option<usize>,
+    #[command(flatten)]
+    control: super::args::RunControl,
     /// Run directory; default runs/train-<date>-<time>.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -72,16 +63,7 @@ impl TrainCommon {
 }
 
 pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
-    let (device, dist) = rt.launch()?;
-    let out = super::run_dir(a.resume.as_ref().or(a.out.as_ref()), "train", dist.is_some())?;
-    let mut opts = rt.options(out, device);
-    opts.dist = dist;
-    opts.stop_after = a.stop_after;
-    opts.checkpoint_every = a.checkpoint_every;
-    opts.checkpoint_minutes = a.checkpoint_minutes;
-    if opts.dist.is_none() {
-        opts.stop = Some(darts::interrupt::stop_on_signals()?);
-    }
+    let mut opts = rt.run_options(a.resume.as_ref().or(a.out.as_ref()), "train", &a.control)?;
     let out = match &a.resume {
         Some(dir) => {
             opts.out_dir = dir.clone();
