@@ -40,6 +40,12 @@ pub struct RunArgs {
     /// Gradient checkpointing of the search's cells (same results, less memory).
     #[arg(long)]
     checkpoint_cells: bool,
+    /// Also write a checkpoint after every N steps inside an epoch, in both stages.
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<usize>,
+    /// Also write a checkpoint inside an epoch when M minutes have passed since the last one, in both stages.
+    #[arg(long, value_name = "M")]
+    checkpoint_minutes: Option<f64>,
     /// Seed for both stages.
     #[arg(long, default_value_t = 2)]
     seed: u64,
@@ -94,7 +100,15 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     if writes {
         eprintln!("run directory {}", root.display());
     }
-    let opts = |sub: &str| darts::run::RunOptions { dist: dist.clone(), ..rt.options(root.join(sub), device) };
+    // Alone, SIGTERM/SIGINT checkpoint where the stage is and stop; the same command continues.
+    let stop = if dist.is_none() { Some(darts::interrupt::stop_on_signals()?) } else { None };
+    let opts = |sub: &str| darts::run::RunOptions {
+        dist: dist.clone(),
+        stop: stop.clone(),
+        checkpoint_every: a.checkpoint_every,
+        checkpoint_minutes: a.checkpoint_minutes,
+        ..rt.options(root.join(sub), device)
+    };
     let (search_dir, train_dir) = (root.join(rundir::SEARCH_STAGE), root.join(rundir::TRAIN_STAGE));
     let t0 = std::time::Instant::now();
     let (genotype, _) = run::search_or_resume(search_cfg.clone(), &opts(rundir::SEARCH_STAGE))?;
