@@ -157,117 +157,131 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         } else {
             variants[0].clone()
         };
-        eprintln!(
-            "profile of one forward + backward + SGD step: batch {} x 3x{}x{}, C={}, {} cells, {}, {threads} threads",
-            a.batch,
-            a.size,
-            a.size,
-            a.channels,
-            a.layers,
-            v.label()
-        );
-        let (rows, step_ms) = darts::bench::profile_search(&space, &shape, a.batch, a.repeats, device, &v);
-        let num = |v: f64, pct: bool| match (v.is_nan(), pct) {
-            (true, _) => "-".to_string(),
-            (false, true) => format!("{:.1}%", 100.0 * v),
-            (false, false) => format!("{v:.1}"),
-        };
-        println!("| op | calls | forward in the step, ms | forward + backward alone, ms | share of the step |");
-        println!("|---|---:|---:|---:|---:|");
-        for r in &rows {
-            let (f, fb, sh) = (num(r.forward_ms, false), num(r.forward_backward_ms, false), num(r.share, true));
-            println!("| {} | {} | {f} | {fb} | {sh} |", r.name, r.calls);
-        }
-        println!("| whole step | | | {step_ms:.1} | 100% |");
-        if let Some(path) = a.json {
-            let json = serde_json::json!({"variant": v.name, "step_ms": step_ms, "rows": rows});
-            std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
-        }
-        return Ok(());
+        return profile(&a, &v, &space, &shape, device, threads);
     }
     eprintln!(
         "bench: batch {} x 3x{}x{}, C={}, {} cells; final network {} x {} cells, batch {}; {} threads, device {:?}",
         a.batch, a.size, a.size, a.channels, a.layers, a.final_channels, a.final_layers, a.final_batch, threads, device
     );
-    let show = |r: &BenchRow| {
-        eprintln!(
-            "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms  peak {:>8.0} MiB{}",
-            r.implementation,
-            r.name,
-            r.min_ms,
-            r.median_ms,
-            r.peak_rss_mb,
-            r.peak_cuda_mb.map_or(String::new(), |g| format!("  GPU peak {g:.0} MiB"))
-        )
-    };
-    let mut rows = Vec::new();
-    let mut failures: Vec<(String, String, String)> = Vec::new();
+    let plan = Plan { a: &a, only, variants, genotype, device, threads, device_name: rt.device.clone() };
+    let mut results = Results::default();
     let python = match (&a.pytorch, a.no_pytorch) {
         (_, true) => None,
         (Some(p), false) => Some(p.clone()),
         (None, false) => default_python(),
     };
     if let Some(py) = python {
-        let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
-        std::fs::write(&script, REFERENCE).context("writing the reference script")?;
-        let cuda = if device.is_cuda() { "cuda" } else { "cpu" };
-        // PyTorch's final step in bf16 autocast too when a bf16 variant of ours is measured.
-        let bf16 = variants.iter().any(|v| v.precision == darts::native::Precision::Bf16);
-        let mut jobs: Vec<(Step, bool)> = only.iter().map(|&s| (s, false)).collect();
-        if bf16 && only.contains(&Step::FinalTrainStep) {
-            jobs.push((Step::FinalTrainStep, true));
-        }
-        for (step, amp) in jobs {
-            let name = step.name();
-            let label = if amp { TORCH_BF16 } else { TORCH };
-            let common = ["--repeats".to_string(), a.repeats.to_string(), "--threads".into(), threads.to_string()];
-            let mut args: Vec<String> = if step == Step::FinalTrainStep {
-                vec![
-                    "bench-final".into(),
-                    "--genotype".into(),
-                    genotype.to_string(),
-                    "--batch".into(),
-                    a.final_batch.to_string(),
-                    "--channels".into(),
-                    a.final_channels.to_string(),
-                    "--layers".into(),
-                    a.final_layers.to_string(),
-                    "--amp".into(),
-                    if amp { "bf16" } else { "none" }.into(),
-                ]
-            } else {
-                vec![
-                    "bench".into(),
-                    "--only".into(),
-                    name.into(),
-                    "--batch".into(),
-                    a.batch.to_string(),
-                    "--channels".into(),
-                    a.channels.to_string(),
-                    "--layers".into(),
-                    a.layers.to_string(),
-                ]
-            };
-            args.extend(["--size".into(), a.size.to_string(), "--device".into(), cuda.into()]);
-            args.extend(common);
-            let mut full = vec![script.display().to_string()];
-            full.extend(args);
-            match measured_row(&py, &full, label) {
-                Ok(r) => {
-                    show(&r);
-                    rows.push(r);
-                }
-                Err(why) => {
-                    eprintln!("  {label:<26} {name:<22} {why}");
-                    failures.push((label.to_string(), name.to_string(), why));
-                }
+        reference_rows(&plan, &py, &mut results)?;
+    }
+    our_rows(&plan, &mut results)?;
+    print_table(&plan, &results)
+}
+
+/// The reference's column in float32, and in bf16 autocast.
+const TORCH: &str = "pytorch";
+const TORCH_BF16: &str = "pytorch (bf16)";
+
+/// What one comparison measures.
+struct Plan<'a> {
+    a: &'a BenchArgs,
+    only: Vec<Step>,
+    variants: Vec<Variant>,
+    genotype: darts::genotype::Genotype,
+    device: tch::Device,
+    threads: i32,
+    /// `--device` as given, for our measuring processes.
+    device_name: String,
+}
+
+/// The rows measured, and the measurements that failed: (implementation, step, why).
+#[derive(Default)]
+struct Results {
+    rows: Vec<BenchRow>,
+    failures: Vec<(String, String, String)>,
+}
+
+impl Results {
+    /// Keeps a measurement's row, or why there is none, and says it on stderr.
+    fn add(&mut self, label: &str, step: &str, row: Result<BenchRow, String>) {
+        match row {
+            Ok(r) => {
+                eprintln!(
+                    "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms  peak {:>8.0} MiB{}",
+                    r.implementation,
+                    r.name,
+                    r.min_ms,
+                    r.median_ms,
+                    r.peak_rss_mb,
+                    r.peak_cuda_mb.map_or(String::new(), |g| format!("  GPU peak {g:.0} MiB"))
+                );
+                self.rows.push(r);
+            }
+            Err(why) => {
+                eprintln!("  {label:<26} {step:<22} {why}");
+                self.failures.push((label.to_string(), step.to_string(), why));
             }
         }
-        let _ = std::fs::remove_file(&script);
     }
+}
+
+/// The PyTorch reference's rows, one process per measurement, run by `py`.
+fn reference_rows(p: &Plan, py: &str, results: &mut Results) -> Result<()> {
+    let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
+    std::fs::write(&script, REFERENCE).context("writing the reference script")?;
+    let cuda = if p.device.is_cuda() { "cuda" } else { "cpu" };
+    // PyTorch's final step in bf16 autocast too when a bf16 variant of ours is measured.
+    let bf16 = p.variants.iter().any(|v| v.precision == darts::native::Precision::Bf16);
+    let mut jobs: Vec<(Step, bool)> = p.only.iter().map(|&s| (s, false)).collect();
+    if bf16 && p.only.contains(&Step::FinalTrainStep) {
+        jobs.push((Step::FinalTrainStep, true));
+    }
+    for (step, amp) in jobs {
+        let name = step.name();
+        let label = if amp { TORCH_BF16 } else { TORCH };
+        let common = ["--repeats".to_string(), p.a.repeats.to_string(), "--threads".into(), p.threads.to_string()];
+        let mut args: Vec<String> = if step == Step::FinalTrainStep {
+            vec![
+                "bench-final".into(),
+                "--genotype".into(),
+                p.genotype.to_string(),
+                "--batch".into(),
+                p.a.final_batch.to_string(),
+                "--channels".into(),
+                p.a.final_channels.to_string(),
+                "--layers".into(),
+                p.a.final_layers.to_string(),
+                "--amp".into(),
+                if amp { "bf16" } else { "none" }.into(),
+            ]
+        } else {
+            vec![
+                "bench".into(),
+                "--only".into(),
+                name.into(),
+                "--batch".into(),
+                p.a.batch.to_string(),
+                "--channels".into(),
+                p.a.channels.to_string(),
+                "--layers".into(),
+                p.a.layers.to_string(),
+            ]
+        };
+        args.extend(["--size".into(), p.a.size.to_string(), "--device".into(), cuda.into()]);
+        args.extend(common);
+        let mut full = vec![script.display().to_string()];
+        full.extend(args);
+        results.add(label, name, measured_row(py, &full, label));
+    }
+    let _ = std::fs::remove_file(&script);
+    Ok(())
+}
+
+/// Our rows, one process per variant and measurement (each peak memory its own; an out-of-memory kill loses only
+/// its row).
+fn our_rows(p: &Plan, results: &mut Results) -> Result<()> {
     let exe = std::env::current_exe().context("finding the darts binary")?.display().to_string();
-    for v in &variants {
-        for &step in &only {
+    for v in &p.variants {
+        for &step in &p.only {
             let name = step.name();
             let wanted = if step.of_search() { v.has_search() && v.has_step(step) } else { v.has_final() };
             if !wanted {
@@ -276,51 +290,46 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             let mut args: Vec<String> =
                 vec!["bench".into(), "--one".into(), v.name.clone(), "--only".into(), name.into()];
             for (flag, value) in [
-                ("--batch", a.batch.to_string()),
-                ("--size", a.size.to_string()),
-                ("--channels", a.channels.to_string()),
-                ("--layers", a.layers.to_string()),
-                ("--repeats", a.repeats.to_string()),
-                ("--final-genotype", genotype.to_string()),
-                ("--final-channels", a.final_channels.to_string()),
-                ("--final-layers", a.final_layers.to_string()),
-                ("--final-batch", a.final_batch.to_string()),
-                ("--threads", threads.to_string()),
-                ("--device", rt.device.clone()),
+                ("--batch", p.a.batch.to_string()),
+                ("--size", p.a.size.to_string()),
+                ("--channels", p.a.channels.to_string()),
+                ("--layers", p.a.layers.to_string()),
+                ("--repeats", p.a.repeats.to_string()),
+                ("--final-genotype", p.genotype.to_string()),
+                ("--final-channels", p.a.final_channels.to_string()),
+                ("--final-layers", p.a.final_layers.to_string()),
+                ("--final-batch", p.a.final_batch.to_string()),
+                ("--threads", p.threads.to_string()),
+                ("--device", p.device_name.clone()),
                 ("--layout", if v.channels_last { "channels-last" } else { "nchw" }.to_string()),
             ] {
                 args.extend([flag.to_string(), value]);
             }
-            match measured_row(&exe, &args, &v.label()) {
-                Ok(r) => {
-                    show(&r);
-                    rows.push(r);
-                }
-                Err(why) => {
-                    eprintln!("  {:<26} {name:<22} {why}", v.label());
-                    failures.push((v.label(), name.to_string(), why));
-                }
-            }
+            results.add(&v.label(), name, measured_row(&exe, &args, &v.label()));
         }
     }
+    Ok(())
+}
+
+/// The comparison table on stdout, and the rows as JSON when asked.
+fn print_table(p: &Plan, results: &Results) -> Result<()> {
+    let (rows, failures) = (&results.rows, &results.failures);
     // The columns: the reference in each precision measured, then ours, each of ours compared with the
     // reference in its own precision.
-    const TORCH: &str = "pytorch";
-    const TORCH_BF16: &str = "pytorch (bf16)";
     let bf16 = |v: &Variant| v.precision == darts::native::Precision::Bf16;
     let mut columns: Vec<(String, Option<&str>)> = vec![(TORCH.into(), None)];
-    if variants.iter().any(bf16) {
+    if p.variants.iter().any(bf16) {
         columns.push((TORCH_BF16.into(), None));
     }
-    for v in &variants {
+    for v in &p.variants {
         columns.push((v.label(), Some(if bf16(v) { TORCH_BF16 } else { TORCH })));
     }
     // Peak memory: the CUDA allocator's peak on a GPU, the process's peak RSS on the CPU.
-    let mem = if device.is_cuda() { "GPU peak MiB" } else { "peak RSS MiB" };
+    let mem = if p.device.is_cuda() { "GPU peak MiB" } else { "peak RSS MiB" };
     let header: Vec<String> = columns.iter().map(|(i, _)| format!("{i} median ms ({mem})")).collect();
     println!("| step | {} | ratio to PyTorch |", header.join(" | "));
     println!("|---|{}---|", "---:|".repeat(columns.len()));
-    for name in only.iter().map(|s| s.name()) {
+    for name in p.only.iter().map(|s| s.name()) {
         let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == name);
         let failed = |i: &str| failures.iter().find(|(f, n, _)| f == i && n == name).map(|(_, _, w)| w.clone());
         let cells: Vec<String> = columns
@@ -339,11 +348,50 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             .collect();
         println!("| {name} | {} | {} |", cells.join(" | "), ratios.join(", "));
     }
-    if let Some(path) = a.json {
+    if let Some(path) = &p.a.json {
         let failures: Vec<_> =
             failures.iter().map(|(i, n, w)| serde_json::json!({"impl": i, "name": n, "why": w})).collect();
         let json = serde_json::json!({"rows": rows, "failures": failures});
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+/// `darts bench --profile`: where one forward + backward + SGD step of the supernet (in variant `v`) spends its
+/// time, by op type.
+fn profile(
+    a: &BenchArgs,
+    v: &Variant,
+    space: &SearchSpace,
+    shape: &DataShape,
+    device: tch::Device,
+    threads: i32,
+) -> Result<()> {
+    eprintln!(
+        "profile of one forward + backward + SGD step: batch {} x 3x{}x{}, C={}, {} cells, {}, {threads} threads",
+        a.batch,
+        a.size,
+        a.size,
+        a.channels,
+        a.layers,
+        v.label()
+    );
+    let (rows, step_ms) = darts::bench::profile_search(space, shape, a.batch, a.repeats, device, v);
+    let num = |v: f64, pct: bool| match (v.is_nan(), pct) {
+        (true, _) => "-".to_string(),
+        (false, true) => format!("{:.1}%", 100.0 * v),
+        (false, false) => format!("{v:.1}"),
+    };
+    println!("| op | calls | forward in the step, ms | forward + backward alone, ms | share of the step |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &rows {
+        let (f, fb, sh) = (num(r.forward_ms, false), num(r.forward_backward_ms, false), num(r.share, true));
+        println!("| {} | {} | {f} | {fb} | {sh} |", r.name, r.calls);
+    }
+    println!("| whole step | | | {step_ms:.1} | 100% |");
+    if let Some(path) = &a.json {
+        let json = serde_json::json!({"variant": v.name, "step_ms": step_ms, "rows": rows});
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
 }
