@@ -249,22 +249,20 @@ impl Dist {
     /// Replaces each gradient by the mean over all processes of `weight * gradient`, divided by the total
     /// weight (`weight`: this process's examples in the step, so that unequal shards average as one batch
     /// would). The gradients travel flattened in buckets of about [`BUCKET_BYTES`] (as DDP's reducer: a few large
-    /// calls, not one per tensor). Every gradient must be defined (GDAS, whose unsampled ops get none, is not
-    /// data-parallel yet).
+    /// calls, not one per tensor). Undefined gradients (the ops GDAS did not sample, the same on every rank, which
+    /// draw their samples from one stream) stay undefined: every rank leaves out the same ones.
     pub fn average_gradients(&self, grads: &mut [Tensor], weight: f64) -> Result<()> {
-        if grads.iter().any(|g| !g.defined()) {
-            bail!("a weight without a gradient in a data-parallel step (GDAS is not supported across processes yet)");
-        }
         let total = self.sum_f64(&[weight])?[0];
+        let mut defined: Vec<&mut Tensor> = grads.iter_mut().filter(|g| g.defined()).collect();
         let mut start = 0;
-        while start < grads.len() {
+        while start < defined.len() {
             let mut end = start;
             let mut bytes = 0;
-            while end < grads.len() && (end == start || bytes < BUCKET_BYTES) {
-                bytes += grads[end].numel() * 4;
+            while end < defined.len() && (end == start || bytes < BUCKET_BYTES) {
+                bytes += defined[end].numel() * 4;
                 end += 1;
             }
-            let bucket = &mut grads[start..end];
+            let bucket = &mut defined[start..end];
             tch::no_grad(|| -> Result<()> {
                 // The bucket travels in its first gradient's element type (float32, or float64 in tests).
                 let kind = bucket[0].kind();
@@ -275,7 +273,7 @@ impl Dist {
                 for g in bucket.iter_mut() {
                     let n = g.numel() as i64;
                     let mean = flat.narrow(0, offset, n).view(g.size().as_slice()) / total;
-                    *g = mean.to_kind(g.kind());
+                    **g = mean.to_kind(g.kind());
                     offset += n;
                 }
                 Ok(())

@@ -479,3 +479,28 @@ fn a_dead_rank_stops_the_others_and_the_same_command_resumes() {
         assert!(std::fs::read(whole.join(file)).unwrap() == std::fs::read(broken.join(file)).unwrap(), "{file}");
     }
 }
+
+/// GDAS on two processes: every rank samples the same ops (one shared stream), averages the gradients of the
+/// sampled ones and leaves the others' undefined alike; every epoch's check that weights, alphas and both
+/// optimisers agree passes, and rank 0 writes one genotype.
+#[test]
+fn a_gdas_search_runs_data_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gdas");
+    let port = free_port();
+    let outs = run_ranks(2, |rank| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(["search", "--preset", "quick", "--gdas", "--limit", "128", "--channels", "4", "--layers", "3"]);
+        cmd.args(["--nodes", "2", "--epochs", "2", "--batch-size", "16", "--threads", "1", "--quiet"]);
+        cmd.args(["--device", "cpu", "--out"]).arg(&out);
+        torchrun_env(&mut cmd, rank, 2, port);
+        cmd
+    });
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 2);
+    let g = darts::genotype::Genotype::from_json(&std::fs::read_to_string(out.join("genotype.json")).unwrap());
+    g.unwrap().validate().unwrap();
+    assert!(outs[1].stdout.is_empty() && !outs[0].stdout.is_empty());
+}

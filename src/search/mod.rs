@@ -179,8 +179,12 @@ impl Search {
         // same ones.
         let mut masks = self.epoch_rng(epoch);
         masks.set_stream(1);
-        // Each rank of a data-parallel search draws its own masks (rank 0 those of one process).
-        let rank = self.architect.dist.as_ref().map_or(0, |d| d.rank() as u64);
+        // Each rank of a data-parallel search draws its own dropout masks (rank 0 those of one process); with GDAS
+        // every rank must sample the same ops (their gradients are averaged), so the stream is shared.
+        let rank = match (&self.architect.dist, self.config.gdas) {
+            (Some(d), None) => d.rank() as u64,
+            _ => 0,
+        };
         self.net.set_sample_stream(masks.next_u64() ^ rank.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let bs = self.config.batch_size;
         let mut train_batches = data::shuffled_batches(&self.split.train, bs, &mut rng);
@@ -333,9 +337,6 @@ impl Search {
 
     /// Takes part in a data-parallel search through `dist` (every rank must call every collective in step).
     pub fn set_dist(&mut self, dist: std::sync::Arc<crate::dist::Dist>) -> Result<()> {
-        if self.config.gdas.is_some() {
-            bail!("GDAS does not run data-parallel yet (its unsampled ops have no gradient to average): one process");
-        }
         if self.config.batch_size < 2 * dist.world() {
             bail!(
                 "batch size {} over {} processes leaves fewer than 2 examples per process for batch normalisation: \
