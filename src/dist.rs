@@ -289,20 +289,25 @@ impl Dist {
         let text = settings.to_string();
         // FNV-1a of the settings, in 52 bits so that it travels exactly as a float64.
         let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        let ours = Tensor::from_slice(&[(hash >> 12) as f64]);
-        let theirs = ours.copy();
-        self.broadcast(&[&theirs], 0)?;
-        let differs = f64::from(u8::from(!ours.equal(&theirs)));
-        let ranks = self.sum_f64(&[differs])?[0];
+        let (ranks, differs) = self.differ_from_rank0(&[(hash >> 12) as f64])?;
         if ranks > 0.0 {
             bail!(
                 "{ranks} of {} ranks were started with other settings than rank 0 (seed, space, data, schedule...): \
                  start every rank with the same command line{}",
                 self.world(),
-                if differs > 0.0 { format!(" (this rank, {}, differs)", self.rank()) } else { String::new() }
+                if differs { format!(" (this rank, {}, differs)", self.rank()) } else { String::new() }
             );
         }
         Ok(())
+    }
+
+    /// Compares `values` with rank 0's, exactly: how many ranks hold others, and whether this one does.
+    fn differ_from_rank0(&self, values: &[f64]) -> Result<(f64, bool)> {
+        let ours = Tensor::from_slice(values);
+        let theirs = ours.copy();
+        self.broadcast(&[&theirs], 0)?;
+        let differs = !ours.equal(&theirs);
+        Ok((self.sum_f64(&[f64::from(u8::from(differs))])?[0], differs))
     }
 
     /// Time this process has spent in collectives so far, in seconds (the communication share of a step).
@@ -331,11 +336,7 @@ impl Dist {
                 })
                 .collect()
         });
-        let ours = Tensor::from_slice(&sums);
-        let theirs = ours.copy();
-        self.broadcast(&[&theirs], 0)?;
-        let differs = f64::from(u8::from(!ours.equal(&theirs)));
-        let ranks = self.sum_f64(&[differs])?[0];
+        let (ranks, _) = self.differ_from_rank0(&sums)?;
         if ranks > 0.0 {
             bail!(
                 "{what} differ between ranks ({ranks} of {} ranks differ from rank 0): the run stopped rather than \
