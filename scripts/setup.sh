@@ -15,6 +15,12 @@ if [ "$have" != "$want" ]; then
   python3 -m venv "$DARTS_VENV"
   "$DARTS_VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==$want" numpy
 fi
+if ! "$DARTS_VENV/bin/python" -c 'import onnx, onnxruntime' >/dev/null 2>&1; then
+  # ONNX's checker and ONNX Runtime: the deploy tests check darts export's files with both.
+  echo "darts setup: installing onnx and onnxruntime into $DARTS_VENV (once; for the export tests)" >&2
+  "$DARTS_VENV/bin/python" -m pip install -q --disable-pip-version-check "onnx==1.23.2" "onnxruntime==1.32.0" || \
+    echo "darts setup: could not install onnx/onnxruntime (the export tests then use tract only)" >&2
+fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   # Optional: the full Fashion-MNIST from Debian (the built-in subset needs nothing).
   (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \

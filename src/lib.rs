@@ -11,6 +11,7 @@ pub mod bench;
 pub mod compare;
 pub mod data;
 pub mod decision;
+pub mod deploy;
 pub mod dist;
 pub mod driver;
 pub mod evaluate;

@@ -49,13 +49,13 @@ impl NetworkConfig {
 
 /// The ImageNet stems: stem0 = conv3x3/2, BN, ReLU, conv3x3/2, BN; stem1 = ReLU, conv3x3/2, BN.
 #[derive(Debug)]
-struct ImageNetStem {
-    conv0a: Conv,
-    bn0a: nn::BatchNorm,
-    conv0b: Conv,
-    bn0b: nn::BatchNorm,
-    conv1: Conv,
-    bn1: nn::BatchNorm,
+pub(crate) struct ImageNetStem {
+    pub(crate) conv0a: Conv,
+    pub(crate) bn0a: nn::BatchNorm,
+    pub(crate) conv0b: Conv,
+    pub(crate) bn0b: nn::BatchNorm,
+    pub(crate) conv1: Conv,
+    pub(crate) bn1: nn::BatchNorm,
 }
 
 impl ImageNetStem {
@@ -80,7 +80,7 @@ impl ImageNetStem {
 }
 
 #[derive(Debug)]
-enum NetStem {
+pub(crate) enum NetStem {
     Cifar(Stem),
     ImageNet(Box<ImageNetStem>),
 }
@@ -90,11 +90,11 @@ enum NetStem {
 pub struct Cell {
     /// Whether this is a reduction cell.
     pub reduction: bool,
-    preprocess0: Preprocess,
-    preprocess1: ReluConvBn,
-    ops: Vec<Op>,
-    indices: Vec<usize>,
-    concat: Vec<usize>,
+    pub(crate) preprocess0: Preprocess,
+    pub(crate) preprocess1: ReluConvBn,
+    pub(crate) ops: Vec<Op>,
+    pub(crate) indices: Vec<usize>,
+    pub(crate) concat: Vec<usize>,
 }
 
 /// Drop path: multiplies each example by its keep mask (0 or 1, `[n]`) and rescales by 1 / (1 - p).
@@ -246,11 +246,11 @@ impl AuxiliaryHead {
 /// The network evaluated after search.
 #[derive(Debug)]
 pub struct Network {
-    stem: NetStem,
-    cells: Vec<Cell>,
+    pub(crate) stem: NetStem,
+    pub(crate) cells: Vec<Cell>,
     aux: Option<AuxiliaryHead>,
     aux_after: usize,
-    classifier: nn::Linear,
+    pub(crate) classifier: nn::Linear,
     /// Drop-path probability applied in training (ramped by the trainer).
     pub drop_path_prob: f64,
     /// Feed the network channels-last activations (set with the kernels by `set_channels_last`).

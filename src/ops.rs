@@ -24,10 +24,10 @@ pub fn count_conv_macs(f: impl FnOnce()) -> u64 {
 pub struct Conv {
     /// The kernel, `[c_out, c_in / groups, kh, kw]`.
     pub weight: Tensor,
-    stride: [i64; 2],
-    padding: [i64; 2],
-    dilation: [i64; 2],
-    groups: i64,
+    pub(crate) stride: [i64; 2],
+    pub(crate) padding: [i64; 2],
+    pub(crate) dilation: [i64; 2],
+    pub(crate) groups: i64,
 }
 
 /// Geometry of a convolution: kernel, stride, padding, dilation and groups.
@@ -155,9 +155,9 @@ pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> nn::BatchNorm {
 /// ReLU, convolution, BN (the original `ReLUConvBN`; the cells' preprocessing).
 #[derive(Debug)]
 pub struct ReluConvBn {
-    act: Activation,
-    conv: Conv,
-    bn: nn::BatchNorm,
+    pub(crate) act: Activation,
+    pub(crate) conv: Conv,
+    pub(crate) bn: nn::BatchNorm,
 }
 
 impl ReluConvBn {
@@ -189,10 +189,10 @@ impl ReluConvBn {
 /// Halves the spatial size with two offset stride-2 1x1 convolutions (the original `FactorizedReduce`).
 #[derive(Debug)]
 pub struct FactorizedReduce {
-    act: Activation,
-    conv_1: Conv,
-    conv_2: Conv,
-    bn: nn::BatchNorm,
+    pub(crate) act: Activation,
+    pub(crate) conv_1: Conv,
+    pub(crate) conv_2: Conv,
+    pub(crate) bn: nn::BatchNorm,
 }
 
 impl FactorizedReduce {
@@ -249,8 +249,8 @@ impl Preprocess {
 /// The stem: a 3x3 convolution from the image channels to `c` channels, then BN (affine).
 #[derive(Debug)]
 pub struct Stem {
-    conv: Conv,
-    bn: nn::BatchNorm,
+    pub(crate) conv: Conv,
+    pub(crate) bn: nn::BatchNorm,
 }
 
 impl Stem {

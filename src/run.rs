@@ -361,6 +361,8 @@ pub fn start_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOut
         rundir::write_json(&opts.out_dir.join(rundir::TRAIN_CONFIG), &trainer.config)?;
         rundir::write_genotype(&opts.out_dir, &trainer.config.genotype)?;
         rundir::write_json(&opts.out_dir.join(rundir::NETWORK), &trainer.cost())?;
+        let card = crate::deploy::ModelCard::of_training(&trainer.config, trainer.train_data())?;
+        rundir::write_json(&opts.out_dir.join(rundir::MODEL_CARD), &card)?;
         let _ = std::fs::remove_file(opts.out_dir.join(rundir::METRICS));
     }
     run_training(trainer, opts)
@@ -432,15 +434,7 @@ fn run_training(mut trainer: Trainer, opts: &RunOptions) -> Result<TrainOutcome>
     Ok(TrainOutcome { epochs, finished: t.epoch >= cfg.epochs, last, best: t.best })
 }
 
-/// Which trained weights of a training run directory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Which {
-    /// The weights after the last epoch run (what the original reports).
-    #[default]
-    Last,
-    /// The epoch of best accuracy on the held-out validation split (runs with `--valid-portion` only).
-    Best,
-}
+pub use crate::rundir::Which;
 
 /// Loads a trained model from a training run directory and evaluates it on the test set.
 pub fn evaluate_model(
@@ -474,10 +468,7 @@ pub fn evaluate_model_in(
         );
     }
     let mut t = crate::train::Trainer::new(cfg, device)?;
-    let weights = dir.join(match which {
-        Which::Last => rundir::MODEL_LAST,
-        Which::Best => rundir::MODEL_BEST,
-    });
+    let weights = dir.join(which.file_name());
     let map = crate::params::read_tensors(&weights)?;
     t.set_channels_last(layout.channels_last(device));
     t.load_model(&map, &weights)?;

@@ -26,7 +26,7 @@ const CORE: &[&str] = &[
     "interrupt",
 ];
 /// Modules that drive runs.
-const DRIVERS: &[&str] = &["driver", "run", "search", "train", "baseline", "compare", "bench"];
+const DRIVERS: &[&str] = &["driver", "run", "search", "train", "baseline", "compare", "bench", "deploy"];
 
 /// Each top-level module of the library and the top-level modules its files name through `crate::`.
 fn graph() -> BTreeMap<String, BTreeSet<String>> {

@@ -113,6 +113,25 @@ fn cache_dir() -> Option<PathBuf> {
     Some(base.join("folders"))
 }
 
+/// The class names of the image folder `root` (its class folders, sorted; those of `train/` when it has one).
+pub fn class_names(root: &Path) -> Result<Vec<String>, DataError> {
+    Ok(listing(root, true)?.0)
+}
+
+/// An image as `size` x `size` pixels, `channels` (1: gray, 3: RGB) planes one after the other (CHW): exactly
+/// how image folders are prepared for training (a triangle-filter resize to the square, then the conversion).
+pub fn pixels(img: &image::DynamicImage, channels: usize, height: usize, width: usize) -> Vec<u8> {
+    // (At the same size the image crate copies instead of resampling.)
+    let img = img.resize_exact(width as u32, height as u32, image::imageops::FilterType::Triangle);
+    let raw: Vec<u8> = if channels == 3 { img.to_rgb8().into_raw() } else { img.to_luma8().into_raw() };
+    // HWC -> CHW.
+    let mut out = Vec::with_capacity(raw.len());
+    for ch in 0..channels {
+        out.extend(raw.iter().skip(ch).step_by(channels));
+    }
+    out
+}
+
 /// Loads the train or test set of the image folder `root`, resized to `size` x `size`. Images are grayscale
 /// (1 channel) when every image of the folder's set is, else colour (3). The normalisation mean and std are
 /// the training set's, per channel. The decoded set is cached under `~/.cache/darts/folders`, keyed by the
@@ -165,12 +184,7 @@ pub fn load(root: &Path, train: bool, size: usize) -> Result<Dataset, DataError>
     let c = if colour { 3 } else { 1 };
     let mut pixels: Vec<u8> = Vec::with_capacity(items.len() * c * size * size);
     for img in decoded {
-        let img = img.resize_exact(size as u32, size as u32, image::imageops::FilterType::Triangle);
-        let raw: Vec<u8> = if colour { img.to_rgb8().into_raw() } else { img.to_luma8().into_raw() };
-        // HWC -> CHW.
-        for ch in 0..c {
-            pixels.extend(raw.iter().skip(ch).step_by(c));
-        }
+        pixels.extend(self::pixels(&img, c, size, size));
     }
     let n = items.len() as i64;
     let images = Tensor::from_slice(&pixels).reshape([n, c as i64, size as i64, size as i64]);

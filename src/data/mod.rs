@@ -62,6 +62,25 @@ impl DatasetKind {
         }
     }
 
+    /// The class names by label, where the dataset defines them (image folders name theirs by folder).
+    pub fn class_names(self) -> Option<&'static [&'static str]> {
+        const FASHION: [&str; 10] =
+            ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+        const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+        // Kuzushiji-MNIST's ten hiragana (its classmap.csv).
+        const KMNIST: [&str; 10] = ["お", "き", "す", "つ", "な", "は", "ま", "や", "れ", "を"];
+        const CIFAR10: [&str; 10] =
+            ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
+        match self {
+            DatasetKind::Builtin | DatasetKind::FashionMnist => Some(&FASHION),
+            DatasetKind::Mnist | DatasetKind::Svhn => Some(&DIGITS),
+            DatasetKind::Kmnist => Some(&KMNIST),
+            DatasetKind::Cifar10 => Some(&CIFAR10),
+            DatasetKind::Cifar100 => Some(&CIFAR100_FINE),
+            DatasetKind::Folder => None,
+        }
+    }
+
     /// Per-channel mean and std used for normalisation (the usual published values).
     pub fn mean_std(self) -> (Vec<f64>, Vec<f64>) {
         match self {
@@ -113,6 +132,20 @@ impl DatasetKind {
         dirs
     }
 }
+
+/// CIFAR-100's fine labels in label order (its `fine_label_names.txt`: alphabetical).
+const CIFAR100_FINE: [&str; 100] = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm",
+];
 
 /// Random crop with zero padding, horizontal flip and cutout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

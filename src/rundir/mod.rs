@@ -56,6 +56,28 @@ pub const GENOTYPE_TXT: &str = "genotype.txt";
 pub const MODEL_LAST: &str = "model-last.safetensors";
 /// The weights of the epoch of best validation accuracy.
 pub const MODEL_BEST: &str = "model-best.safetensors";
+/// The model card of a training run (input, normalisation, class names: what a deployer needs).
+pub const MODEL_CARD: &str = "model-card.json";
+
+/// Which trained weights of a training run directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// The weights after the last epoch run (what the original reports).
+    #[default]
+    Last,
+    /// The epoch of best accuracy on the held-out validation split (runs with `--valid-portion` only).
+    Best,
+}
+
+impl Which {
+    /// The weights' file name in a run directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Which::Last => MODEL_LAST,
+            Which::Best => MODEL_BEST,
+        }
+    }
+}
 /// Parameter and MAC counts of a trained network.
 pub const NETWORK: &str = "network.json";
 /// A pipeline's outcome.

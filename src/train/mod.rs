@@ -130,6 +130,11 @@ impl Trainer {
         crate::network::set_channels_last(&mut self.net, &self.vs, on);
     }
 
+    /// The training set (all of it, the validation split included).
+    pub fn train_data(&self) -> &Dataset {
+        &self.train
+    }
+
     /// Parameters, auxiliary head excluded (as the original counts them).
     pub fn parameter_count(&self) -> i64 {
         count_parameters_without_auxiliary(&self.vs)

@@ -1,0 +1,116 @@
+//! Running a trained network on a batch: through libtorch (the model as trained) or through tract, a Rust ONNX
+//! runtime, on the exported graph. Both take the same input and give the same logits.
+
+use super::{onnx, ModelCard, TrainedModel};
+use anyhow::{Context, Result};
+use std::path::Path;
+use tract_onnx::prelude::{
+    tvec, Arc, DatumExt, Framework, InferenceFact, InferenceModelExt, IntoRunnable, ShapeFact, TDim, TypedRunnableModel,
+};
+
+/// Which engine computes the logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// libtorch, on the model as trained (run directories only).
+    Torch,
+    /// tract on the ONNX graph (exported in memory from a run directory, or read from a .onnx file).
+    Tract,
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// A loaded engine with the card of its model.
+pub enum Engine {
+    /// libtorch.
+    Torch(Box<TrainedModel>),
+    /// tract, with whether its graph normalises the input itself.
+    Tract {
+        /// The optimised plan.
+        plan: Plan,
+        /// The model's card.
+        card: ModelCard,
+        /// The graph takes `p / 255` and normalises inside.
+        normalize_inside: bool,
+    },
+}
+
+/// An optimised tract plan of an ONNX model's bytes, its batch dimension symbolic.
+pub fn tract_plan(bytes: &[u8], card: &ModelCard) -> Result<Plan> {
+    let model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).context("tract could not read the ONNX model")?;
+    let s = card.shape;
+    let batch = model.sym("batch");
+    let (c, h, w) = (s.channels as i64, s.height as i64, s.width as i64);
+    let dims: [TDim; 4] = [batch.into(), c.into(), h.into(), w.into()];
+    let fact: InferenceFact = f32::fact(ShapeFact::from(&dims[..])).into();
+    let plan = model
+        .with_input_fact(0, fact)?
+        .into_optimized()
+        .context("tract could not optimise the ONNX model")?
+        .into_runnable()?;
+    Ok(plan)
+}
+
+impl Engine {
+    /// The engine `kind` for `model`: a training run directory (its `which` weights), or a `.onnx` file (tract).
+    pub fn load(model: &Path, which: super::Which, kind: EngineKind, device: tch::Device) -> Result<Engine> {
+        let is_onnx = model.is_file() && model.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+        if is_onnx {
+            if kind == EngineKind::Torch {
+                anyhow::bail!(
+                    "{} is an ONNX file, which libtorch does not run: use --engine tract, or give the training run \
+                     directory to run it with libtorch",
+                    model.display()
+                );
+            }
+            let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+            let proto = onnx::from_bytes(&bytes).with_context(|| format!("{} is not an ONNX model", model.display()))?;
+            let (card, opts) = ModelCard::from_onnx(&proto)?;
+            let plan = tract_plan(&bytes, &card)?;
+            return Ok(Engine::Tract { plan, card, normalize_inside: opts.normalize_inside });
+        }
+        let trained = TrainedModel::load(model, which, device)?;
+        Ok(match kind {
+            EngineKind::Torch => Engine::Torch(Box::new(trained)),
+            EngineKind::Tract => {
+                let opts = onnx::ExportOptions::default();
+                let bytes = onnx::to_bytes(&trained.to_onnx(opts)?);
+                let plan = tract_plan(&bytes, &trained.card)?;
+                Engine::Tract { plan, card: trained.card, normalize_inside: opts.normalize_inside }
+            }
+        })
+    }
+
+    /// The model's card.
+    pub fn card(&self) -> &ModelCard {
+        match self {
+            Engine::Torch(m) => &m.card,
+            Engine::Tract { card, .. } => card,
+        }
+    }
+
+    /// Whether the engine takes normalised input (else `p / 255`).
+    pub fn takes_normalized(&self) -> bool {
+        !matches!(self, Engine::Tract { normalize_inside: true, .. })
+    }
+
+    /// Logits `[n][classes]` of `n` inputs laid out one after the other (each `c * h * w`, CHW).
+    pub fn logits(&self, input: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
+        let s = self.card().shape;
+        let classes = s.classes;
+        let flat: Vec<f32> = match self {
+            Engine::Torch(m) => {
+                let dims = [n as i64, s.channels as i64, s.height as i64, s.width as i64];
+                let x = tch::Tensor::from_slice(input).reshape(dims);
+                let y = m.logits(&x).to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).contiguous();
+                Vec::<f32>::try_from(y.flatten(0, -1))?
+            }
+            Engine::Tract { plan, .. } => {
+                let t = tract_onnx::prelude::Tensor::from_shape(&[n, s.channels, s.height, s.width], input)?;
+                let out = plan.run(tvec!(t.into()))?;
+                out[0].to_plain_array_view::<f32>()?.iter().copied().collect()
+            }
+        };
+        anyhow::ensure!(flat.len() == n * classes, "the model gave {} values for {n} x {classes} logits", flat.len());
+        Ok(flat.chunks(classes).map(<[f32]>::to_vec).collect())
+    }
+}
