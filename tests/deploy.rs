@@ -213,3 +213,128 @@ fn onnx_checker_accepts_the_file_and_onnx_runtime_gives_the_same_logits() {
         }
     }
 }
+
+fn darts(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_darts")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// Top-1 class of each file in `darts predict --json` output, by file name.
+fn top1_by_file(stdout: &str) -> std::collections::BTreeMap<String, (usize, f64)> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let top = &v["top"][0];
+            (
+                v["file"].as_str().unwrap().to_string(),
+                (top["class"].as_u64().unwrap() as usize, top["probability"].as_f64().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// A model trained by `darts train`, exported, and asked about PNG files of its test images through libtorch,
+/// tract on the exported file, tract on a graph exported in memory, and ONNX Runtime: all give the top-1
+/// accuracy `darts eval` reports, and each image the same class.
+#[test]
+fn a_trained_model_exports_and_predicts_png_files_as_darts_eval_scores_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+    let common = ["--channels", "4", "--layers", "5", "--limit", "96", "--batch-size", "32", "--device", "cpu"];
+    let (ok, _, err) =
+        darts(&[&["train", "--genotype", "DARTS_V2", "--epochs", "1", "--quiet", "--out", r], &common[..]].concat());
+    assert!(ok, "{err}");
+    let (ok, stdout, err) = darts(&["eval", "--model", r, "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let eval: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    // The test set's first 96 images (what --limit 96 evaluates) as PNG files named by their label.
+    let test = darts::data::load(darts::data::DatasetKind::Builtin, None, false).unwrap().truncated(Some(96));
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("sub")).unwrap();
+    let mut labels = std::collections::BTreeMap::new();
+    for i in 0..test.len() {
+        let px = Vec::<u8>::try_from(test.images.get(i as i64).flatten(0, -1)).unwrap();
+        let label = test.labels.int64_value(&[i as i64]) as usize;
+        // Some in a sub-folder: folders are searched recursively.
+        let path = images.join(if i % 3 == 0 { "sub" } else { "" }).join(format!("{i:03}.png"));
+        image::GrayImage::from_raw(28, 28, px).unwrap().save(&path).unwrap();
+        labels.insert(path.to_str().unwrap().to_string(), label);
+    }
+    let accuracy = |top: &std::collections::BTreeMap<String, (usize, f64)>| {
+        assert_eq!(top.len(), labels.len(), "every image answered");
+        top.iter().filter(|(f, (c, _))| labels[f.as_str()] == *c).count() as f64 / labels.len() as f64
+    };
+    let imgs = images.to_str().unwrap();
+    let (ok, torch, err) = darts(&["predict", "--model", r, "--json", "--batch-size", "40", imgs]);
+    assert!(ok, "{err}");
+    let torch = top1_by_file(&torch);
+    assert_eq!(accuracy(&torch), eval["top1"].as_f64().unwrap(), "libtorch's predictions against darts eval");
+
+    let onnx_file = dir.path().join("m.onnx");
+    let (ok, stdout, err) = darts(&["export", "--model", r, "--out", onnx_file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("\"opset\":17"), "{stdout}");
+    for args in [
+        vec!["predict", "--model", onnx_file.to_str().unwrap(), "--json", imgs],
+        vec!["predict", "--model", r, "--engine", "tract", "--json", imgs],
+    ] {
+        let (ok, out, err) = darts(&args);
+        assert!(ok, "{args:?}: {err}");
+        let tract = top1_by_file(&out);
+        for (f, (c, p)) in &torch {
+            let (ct, pt) = tract[f];
+            assert!(ct == *c && (pt - p).abs() < 1e-4, "{args:?} {f}: class {ct} {pt} against libtorch's {c} {p}");
+        }
+    }
+
+    // ONNX Runtime on the same images, normalised as the card says, scores as darts eval.
+    let py = common::darts_python();
+    let has_ort = std::process::Command::new(&py).args(["-c", "import onnxruntime"]).output().unwrap();
+    if has_ort.status.success() {
+        let files: Vec<&String> = labels.keys().collect();
+        let mut input = Vec::new();
+        let card: ModelCard =
+            serde_json::from_str(&std::fs::read_to_string(run.join("model-card.json")).unwrap()).unwrap();
+        for f in &files {
+            input.extend(darts::deploy::image::input_of(std::path::Path::new(f), &card, true).unwrap());
+        }
+        let raw = dir.path().join("x.f32");
+        std::fs::write(&raw, input.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/onnx_check.py");
+        let out = std::process::Command::new(&py)
+            .args([script, onnx_file.to_str().unwrap(), raw.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let logits: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).unwrap();
+        let correct = files
+            .iter()
+            .zip(&logits)
+            .filter(|(f, l)| {
+                let best = (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b });
+                labels[f.as_str()] == best
+            })
+            .count();
+        assert_eq!(correct as f64 / files.len() as f64, eval["top1"].as_f64().unwrap(), "ONNX Runtime's top-1");
+    }
+
+    // Text output names classes; an unreadable file is reported by name, the others still answered, exit 1.
+    std::fs::write(images.join("broken.png"), b"not a png").unwrap();
+    let (ok, out, err) = darts(&["predict", "--model", r, "--top-k", "3", imgs]);
+    assert!(!ok, "a broken file must fail the command");
+    assert!(err.contains("broken.png") && err.contains("1 of 97"), "{err}");
+    assert_eq!(out.lines().count(), 96, "{out}");
+    let first = out.lines().next().unwrap();
+    assert_eq!(first.matches('%').count(), 3, "{first}");
+    assert!(card_names().iter().any(|n| first.contains(n)), "{first}");
+    let (ok, _, err) = darts(&["predict", "--model", onnx_file.to_str().unwrap(), "--engine", "torch", imgs]);
+    assert!(!ok && err.contains("--engine tract"), "{err}");
+    let (ok, _, err) = darts(&["export", "--model", r, "--which", "best"]);
+    assert!(!ok && err.contains("--valid-portion"), "{err}");
+}
+
+fn card_names() -> Vec<&'static str> {
+    darts::data::DatasetKind::Builtin.class_names().unwrap().to_vec()
+}

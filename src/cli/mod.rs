@@ -6,6 +6,7 @@ mod baseline;
 mod bench;
 mod compare;
 mod data;
+mod deploy;
 mod genotype;
 mod info;
 mod pipeline;
@@ -128,6 +129,10 @@ enum Command {
     Eval(train::EvalArgs),
     /// Search, derive, train from scratch and evaluate, in one run directory.
     Run(Box<pipeline::RunArgs>),
+    /// Write a trained network as an ONNX file (checked in tract before it is written).
+    Export(deploy::ExportArgs),
+    /// Classify image files (PNG, JPEG) with a trained network: its run directory or its ONNX file.
+    Predict(deploy::PredictArgs),
     /// Parameters and multiply-accumulates of a genotype's network.
     Info(info::InfoArgs),
     /// Random search or RL (REINFORCE) on the same space: sample cells, train each briefly, keep the best.
@@ -180,6 +185,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => train::eval(a, rt),
         Command::Run(a) => pipeline::run(*a, rt),
         Command::Info(a) => info::run(a),
+        Command::Export(a) => deploy::export(a, rt),
+        Command::Predict(a) => deploy::predict(a, rt),
         Command::Bench(a) => bench::run(a, rt),
         Command::Baseline(a) => baseline::run(a, rt),
         Command::Compare(a) => compare::run(a, rt),

@@ -221,3 +221,88 @@ impl TrainedModel {
         onnx::export(&self.net, &self.card, opts)
     }
 }
+
+/// One file's answer: the `k` most probable classes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Prediction {
+    /// The image file.
+    pub file: PathBuf,
+    /// The most probable classes, most probable first.
+    pub top: Vec<ClassScore>,
+}
+
+/// A class and its probability.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClassScore {
+    /// Class index (the label).
+    pub class: usize,
+    /// Its name.
+    pub name: String,
+    /// Softmax probability.
+    pub probability: f64,
+}
+
+/// A file that could not be classified, and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Failure {
+    /// The file.
+    pub file: PathBuf,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// The `k` largest softmax probabilities of `logits`, with the card's class names.
+pub fn top_k(logits: &[f32], k: usize, card: &ModelCard) -> Vec<ClassScore> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exp: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    // Ties keep the lower class first, as argmax does.
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k.max(1))
+        .map(|c| ClassScore {
+            class: c,
+            name: card.class_names.get(c).cloned().unwrap_or_else(|| c.to_string()),
+            probability: exp[c] / sum,
+        })
+        .collect()
+}
+
+/// Classifies `files`, `batch` at a time, calling `progress` with the number done after each batch. Files that
+/// cannot be read come back as failures; the others are classified.
+pub fn predict_files(
+    engine: &runtime::Engine,
+    files: &[PathBuf],
+    k: usize,
+    batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<(Vec<Prediction>, Vec<Failure>)> {
+    let card = engine.card().clone();
+    let normalized = engine.takes_normalized();
+    let (mut preds, mut failures) = (Vec::new(), Vec::new());
+    let mut done = 0;
+    for chunk in files.chunks(batch.max(1)) {
+        let mut input = Vec::new();
+        let mut ok = Vec::new();
+        for f in chunk {
+            match image::input_of(f, &card, normalized) {
+                Ok(v) => {
+                    input.extend(v);
+                    ok.push(f);
+                }
+                Err(e) => failures.push(Failure { file: f.clone(), error: format!("{e:#}") }),
+            }
+        }
+        if !ok.is_empty() {
+            let logits = engine.logits(&input, ok.len())?;
+            for (f, l) in ok.into_iter().zip(logits) {
+                preds.push(Prediction { file: f.clone(), top: top_k(&l, k, &card) });
+            }
+        }
+        done += chunk.len();
+        progress(done);
+    }
+    Ok((preds, failures))
+}

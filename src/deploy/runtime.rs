@@ -114,3 +114,42 @@ impl Engine {
         Ok(flat.chunks(classes).map(<[f32]>::to_vec).collect())
     }
 }
+
+/// Runs the exported `bytes` of `model` in tract on two seeded random images and returns the largest difference
+/// from libtorch's logits relative to their scale; an error when it exceeds 1e-4 (the file would not compute
+/// what was trained).
+pub fn check_against_torch(model: &TrainedModel, bytes: &[u8], opts: onnx::ExportOptions) -> Result<f64> {
+    let card = &model.card;
+    let s = card.shape;
+    let n = 2usize;
+    let len = n * s.channels * s.height * s.width;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0x0dd5);
+    // Pixels in [0, 1], as images give them.
+    let pixels: Vec<f32> = (0..len).map(|_| rand::Rng::random::<f32>(&mut rng)).collect();
+    let plane = s.height * s.width;
+    let normalized: Vec<f32> = pixels
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let ch = (i / plane) % s.channels;
+            ((p as f64 - card.mean[ch]) / card.std[ch]) as f32
+        })
+        .collect();
+    let want = {
+        let dims = [n as i64, s.channels as i64, s.height as i64, s.width as i64];
+        let y = model.logits(&tch::Tensor::from_slice(&normalized).reshape(dims));
+        Vec::<f32>::try_from(y.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).flatten(0, -1))?
+    };
+    let plan = tract_plan(bytes, card)?;
+    let tract = Engine::Tract { plan, card: card.clone(), normalize_inside: opts.normalize_inside };
+    let got = tract.logits(if opts.normalize_inside { &pixels } else { &normalized }, n)?.concat();
+    let scale = 1.0 + want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let diff = want.iter().zip(&got).fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64)) / scale;
+    if diff > 1e-4 || !diff.is_finite() {
+        anyhow::bail!(
+            "the exported graph's logits differ from the network's by {diff:.2e} (relative) in tract: this is a \
+             darts bug, please report it with the run's train-config.json"
+        );
+    }
+    Ok(diff)
+}
