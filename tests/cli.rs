@@ -294,9 +294,10 @@ fn info_prints_the_published_darts_v2_size() {
 
 #[test]
 fn every_subcommand_parses_its_arguments_and_bench_runs() {
-    for cmd in
-        ["search", "train", "eval", "run", "info", "bench", "genotype", "show", "report", "baseline", "compare", "data"]
-    {
+    for cmd in [
+        "search", "train", "eval", "run", "info", "bench", "genotype", "show", "report", "baseline", "compare", "data",
+        "export", "predict",
+    ] {
         let (ok, stdout, err) = darts(&[cmd, "--help"]);
         assert!(ok, "{cmd} --help: {err}");
         assert!(stdout.contains("--device") && stdout.contains("--threads"), "{cmd}: {stdout}");

@@ -87,7 +87,7 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn tract_logits(net: &Network, card: &ModelCard, opts: ExportOptions, x: &Tensor) -> Tensor {
     let bytes = onnx::to_bytes(&onnx::export(net, card, opts).unwrap());
     let plan = tract_plan(&bytes, card).unwrap();
-    let engine = Engine::Tract { plan, card: card.clone(), normalize_inside: opts.normalize_inside };
+    let engine = Engine::Tract { plan, card: Box::new(card.clone()), normalize_inside: opts.normalize_inside };
     let input = if opts.normalize_inside {
         // The graph normalises: feed p / 255 = x * std + mean.
         let c = card.shape.channels as i64;

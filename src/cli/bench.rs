@@ -60,6 +60,17 @@ pub struct BenchArgs {
     /// op type (first variant of --variants; "auto": the device's best layout).
     #[arg(long)]
     profile: bool,
+    /// Instead of the comparison: inference speed of the final network (--final-genotype, --final-channels,
+    /// --final-layers, images of --size) in libtorch, tract and ONNX Runtime (from the venv, when it has it), at
+    /// the --deploy-batches sizes, interleaved over --rounds rounds.
+    #[arg(long)]
+    deploy: bool,
+    /// Batch sizes for --deploy.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
+    deploy_batches: Vec<usize>,
+    /// Interleaved rounds for --deploy (each engine measured once per round, in turn).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Internal: measure one variant in this process and print its rows as JSON lines.
     #[arg(long, hide = true, value_enum)]
     one: Option<VariantKind>,
@@ -122,6 +133,9 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let only: Vec<Step> = if a.only.is_empty() { Step::ALL.to_vec() } else { a.only.clone() };
     let genotype = darts::rundir::resolve_genotype(&a.final_genotype)?;
     let final_cfg = NetworkConfig { channels: a.final_channels, layers: a.final_layers, ..Default::default() };
+    if a.deploy {
+        return deploy_bench(&a, threads as usize, genotype, final_cfg, shape);
+    }
     if let Some(kind) = a.one {
         let variant = Variant::of(kind, rt.layout.channels_last(device));
         let print = |r: &BenchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -394,4 +408,72 @@ fn profile(
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
+}
+
+/// `darts bench --deploy`: the inference table.
+fn deploy_bench(
+    a: &BenchArgs,
+    threads: usize,
+    genotype: darts::genotype::Genotype,
+    network: NetworkConfig,
+    shape: DataShape,
+) -> Result<()> {
+    use darts::deploy::bench::{bench_inference, InferencePlan};
+    anyhow::ensure!(a.rounds >= 1, "--rounds {}: use at least 1", a.rounds);
+    anyhow::ensure!(a.deploy_batches.iter().all(|&b| b >= 1), "--deploy-batches: sizes of at least 1");
+    let ort = if a.no_pytorch {
+        None
+    } else {
+        a.pytorch
+            .clone()
+            .or_else(default_python)
+            .filter(|py| Command::new(py).args(["-c", "import onnxruntime"]).output().is_ok_and(|o| o.status.success()))
+    };
+    if ort.is_none() {
+        eprintln!("ONNX Runtime is not measured: no Python with onnxruntime (scripts/setup.sh installs it)");
+    }
+    let dir = tempfile_dir()?;
+    let script = dir.join("ort_bench.py");
+    std::fs::write(&script, ORT_BENCH)?;
+    let plan = InferencePlan {
+        genotype,
+        network,
+        shape,
+        batches: a.deploy_batches.clone(),
+        rounds: a.rounds,
+        threads,
+        ort: ort.map(|py| (py, script)),
+    };
+    let rows = bench_inference(&plan, &dir, |m| eprintln!("{m}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "inference, {} {}x{} on {}x{}x{} images, {threads} thread(s), median of {} interleaved rounds",
+        a.final_genotype, a.final_channels, a.final_layers, shape.channels, shape.height, shape.width, a.rounds
+    );
+    println!("{:<32} {:>6} {:>12} {:>22} {:>10}", "engine", "batch", "ms/batch", "spread (ms)", "images/s");
+    for &b in &a.deploy_batches {
+        for r in rows.iter().filter(|r| r.batch == b) {
+            println!(
+                "{:<32} {:>6} {:>12.2} {:>22} {:>10.0}",
+                r.engine,
+                r.batch,
+                1e3 * r.seconds,
+                format!("{:.2}-{:.2}", 1e3 * r.spread.0, 1e3 * r.spread.1),
+                r.images_per_second
+            );
+        }
+    }
+    if let Some(path) = &a.json {
+        darts::rundir::write_json(path, &rows)?;
+    }
+    Ok(())
+}
+
+/// ONNX Runtime's timing helper, carried inside the binary.
+const ORT_BENCH: &str = include_str!("../../bench/ort_bench.py");
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("darts-deploy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

@@ -118,6 +118,9 @@ pub fn predict(a: PredictArgs, rt: &super::Runtime) -> Result<()> {
     let kind = a.engine.unwrap_or(if is_onnx { EngineKind::Tract } else { EngineKind::Torch });
     let device = if kind == EngineKind::Torch { rt.device()? } else { tch::Device::Cpu };
     let engine = Engine::load(&a.model, a.which, kind, device)?;
+    if kind == EngineKind::Tract {
+        darts::deploy::runtime::set_tract_threads(tch::get_num_threads().max(1) as usize);
+    }
     let files = darts::deploy::image::collect(&a.images)?;
     if files.is_empty() {
         bail!("no PNG or JPEG files in {:?}", a.images);
@@ -144,8 +147,7 @@ pub fn predict(a: PredictArgs, rt: &super::Runtime) -> Result<()> {
         if a.json {
             println!("{}", serde_json::to_string(p)?);
         } else {
-            let top: Vec<String> =
-                p.top.iter().map(|c| format!("{} {:.1}%", c.name, 100.0 * c.probability)).collect();
+            let top: Vec<String> = p.top.iter().map(|c| format!("{} {:.1}%", c.name, 100.0 * c.probability)).collect();
             println!("{}: {}", p.file.display(), top.join(", "));
         }
     }

@@ -5,6 +5,7 @@
 //! normalisation, the class names, the genotype and the darts version. Training writes it into the run
 //! directory (`model-card.json`); for older runs it is rebuilt from the training data.
 
+pub mod bench;
 pub mod image;
 pub mod onnx;
 pub mod runtime;
@@ -67,10 +68,9 @@ impl ModelCard {
         if path.is_file() {
             return rundir::read_json(&path);
         }
-        let train = data::load_with(config.dataset, config.data_dir.as_deref(), true, config.image_size)
-            .with_context(|| {
-                format!("{} has no {}: darts rebuilds it from the training data", dir.display(), rundir::MODEL_CARD)
-            })?;
+        let train = data::load_with(config.dataset, config.data_dir.as_deref(), true, config.image_size).with_context(
+            || format!("{} has no {}: darts rebuilds it from the training data", dir.display(), rundir::MODEL_CARD),
+        )?;
         ModelCard::of_training(config, &train)
     }
 

@@ -67,7 +67,12 @@ fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
 }
 
 fn int(name: &str, v: i64) -> pb::AttributeProto {
-    pb::AttributeProto { name: name.into(), r#type: pb::attribute_proto::AttributeType::Int as i32, i: v, ..Default::default() }
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
 }
 
 fn float(name: &str, v: f32) -> pb::AttributeProto {
@@ -193,12 +198,7 @@ impl Builder {
     }
 
     /// Convolutions whose concatenated outputs a BatchNorm follows, with the BN folded into them or after them.
-    fn convs_bn(
-        &mut self,
-        convs: &[(&Conv, &Value, [i64; 2])],
-        bn: &nn::BatchNorm,
-        fold: bool,
-    ) -> Result<Value> {
+    fn convs_bn(&mut self, convs: &[(&Conv, &Value, [i64; 2])], bn: &nn::BatchNorm, fold: bool) -> Result<Value> {
         let (scale, shift) = bn_affine(bn)?;
         let mut outs = Vec::new();
         let mut offset = 0usize;

@@ -28,10 +28,16 @@ pub enum Engine {
         /// The optimised plan.
         plan: Plan,
         /// The model's card.
-        card: ModelCard,
+        card: Box<ModelCard>,
         /// The graph takes `p / 255` and normalises inside.
         normalize_inside: bool,
     },
+}
+
+/// Runs tract's matrix products on `n` threads (1: on the calling thread only).
+pub fn set_tract_threads(n: usize) {
+    use tract_linalg::multithread::{set_default_executor, Executor};
+    set_default_executor(if n <= 1 { Executor::SingleThread } else { Executor::multithread(n) });
 }
 
 /// An optimised tract plan of an ONNX model's bytes, its batch dimension symbolic.
@@ -63,10 +69,11 @@ impl Engine {
                 );
             }
             let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
-            let proto = onnx::from_bytes(&bytes).with_context(|| format!("{} is not an ONNX model", model.display()))?;
+            let proto =
+                onnx::from_bytes(&bytes).with_context(|| format!("{} is not an ONNX model", model.display()))?;
             let (card, opts) = ModelCard::from_onnx(&proto)?;
             let plan = tract_plan(&bytes, &card)?;
-            return Ok(Engine::Tract { plan, card, normalize_inside: opts.normalize_inside });
+            return Ok(Engine::Tract { plan, card: Box::new(card), normalize_inside: opts.normalize_inside });
         }
         let trained = TrainedModel::load(model, which, device)?;
         Ok(match kind {
@@ -75,7 +82,7 @@ impl Engine {
                 let opts = onnx::ExportOptions::default();
                 let bytes = onnx::to_bytes(&trained.to_onnx(opts)?);
                 let plan = tract_plan(&bytes, &trained.card)?;
-                Engine::Tract { plan, card: trained.card, normalize_inside: opts.normalize_inside }
+                Engine::Tract { plan, card: Box::new(trained.card), normalize_inside: opts.normalize_inside }
             }
         })
     }
@@ -141,7 +148,7 @@ pub fn check_against_torch(model: &TrainedModel, bytes: &[u8], opts: onnx::Expor
         Vec::<f32>::try_from(y.to_device(tch::Device::Cpu).to_kind(tch::Kind::Float).flatten(0, -1))?
     };
     let plan = tract_plan(bytes, card)?;
-    let tract = Engine::Tract { plan, card: card.clone(), normalize_inside: opts.normalize_inside };
+    let tract = Engine::Tract { plan, card: Box::new(card.clone()), normalize_inside: opts.normalize_inside };
     let got = tract.logits(if opts.normalize_inside { &pixels } else { &normalized }, n)?.concat();
     let scale = 1.0 + want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
     let diff = want.iter().zip(&got).fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64)) / scale;
