@@ -333,6 +333,15 @@ fn a_trained_model_exports_and_predicts_png_files_as_darts_eval_scores_them() {
     assert!(!ok && err.contains("--engine tract"), "{err}");
     let (ok, _, err) = darts(&["export", "--model", r, "--which", "best"]);
     assert!(!ok && err.contains("--valid-portion"), "{err}");
+
+    // A run from before model cards: export rebuilds the card from the training data, to the same values.
+    std::fs::remove_file(run.join("model-card.json")).unwrap();
+    let again = dir.path().join("again.onnx");
+    let (ok, _, err) = darts(&["export", "--model", r, "--out", again.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let card_of =
+        |p: &std::path::Path| ModelCard::from_onnx(&onnx::from_bytes(&std::fs::read(p).unwrap()).unwrap()).unwrap().0;
+    assert_eq!(card_of(&again), card_of(&onnx_file));
 }
 
 fn card_names() -> Vec<&'static str> {

@@ -604,6 +604,19 @@ mod tests {
     use rand::SeedableRng;
 
     #[test]
+    fn class_names_cover_every_label() {
+        for kind in [DatasetKind::Builtin, DatasetKind::Mnist, DatasetKind::Kmnist, DatasetKind::Cifar10] {
+            assert_eq!(kind.class_names().unwrap().len(), kind.classes(), "{}", kind.name());
+        }
+        // CIFAR-100's fine_label_names.txt is in alphabetical order, 100 distinct names.
+        let fine = DatasetKind::Cifar100.class_names().unwrap();
+        assert_eq!(fine.len(), 100);
+        assert!(fine.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+        assert_eq!((fine[0], fine[19], fine[99]), ("apple", "cattle", "worm"));
+        assert!(DatasetKind::Folder.class_names().is_none());
+    }
+
+    #[test]
     fn builtin_subset_loads_with_balanced_classes() {
         let d = load(DatasetKind::Builtin, None, true).unwrap();
         assert_eq!(d.len(), 6000);
