@@ -440,11 +440,12 @@ def bench_final(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = EvalNetwork(args.channels, 10, args.layers, True, parse_genotype(args.genotype)).to(dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = EvalNetwork(args.channels, 10, args.layers, True, parse_genotype(args.genotype)).to(dev, memory_format=fmt)
     model.train()
     model.drop_path_prob = 0.2
     opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,), device=dev)
 
     amp = args.amp == "bf16"
@@ -463,8 +464,8 @@ def bench_final(args):
     r["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         r["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    name = "pytorch (bf16)" if amp else "pytorch"
-    print(json.dumps({"impl": name, "name": "final_train_step", **r}), flush=True)
+    r["aten_calls"] = count_aten(step)
+    print(json.dumps({"impl": impl_name(args, amp), "name": "final_train_step", **r}), flush=True)
 
 
 def count(args):
@@ -605,19 +606,34 @@ def timeit(fn, repeats, warmup=1):
     return {"min_ms": ts[0], "median_ms": ts[len(ts) // 2]}
 
 
+def count_aten(fn):
+    """Calls of aten:: operators in one run of fn, as torch.profiler lists them (nested calls included)."""
+    from torch.autograd import profiler
+    with profiler.profile() as prof:
+        fn()
+        sync()
+    return sum(1 for e in prof.function_events if e.name.startswith("aten::"))
+
+
+def impl_name(args, amp=False):
+    name = "pytorch channels-last" if args.channels_last else "pytorch"
+    return name + " (bf16)" if amp else name
+
+
 def bench(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    model = Network(args.channels, 10, args.layers, in_channels=3).to(dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = Network(args.channels, 10, args.layers, in_channels=3).to(dev, memory_format=fmt)
     model.alphas_normal = model.alphas_normal.detach().to(dev).requires_grad_(True)
     model.alphas_reduce = model.alphas_reduce.detach().to(dev).requires_grad_(True)
     model.train()
     w_opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     arch = Architect(model)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,), device=dev)
-    xv = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    xv = torch.randn(args.batch, 3, args.size, args.size, device=dev).contiguous(memory_format=fmt)
     yv = torch.randint(0, 10, (args.batch,), device=dev)
 
     def forward():
@@ -646,8 +662,9 @@ def bench(args):
             r["peak_rss_mb"] = peak_rss_mb()
             if dev.type == "cuda":
                 r["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            r["aten_calls"] = count_aten(fn)
             rows[name] = r
-            print(json.dumps({"impl": "pytorch", "name": name, **r}), flush=True)
+            print(json.dumps({"impl": impl_name(args), "name": name, **r}), flush=True)
 
 
 def read_safetensors(path):
@@ -710,6 +727,7 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--channels-last", action="store_true", help="bench: model and input in channels_last")
     ap.add_argument("--only", default="forward,forward_backward_sgd,first_order_step,second_order_step")
     ap.add_argument("--auxiliary", action="store_true")
     ap.add_argument("--partial", type=int, default=1)

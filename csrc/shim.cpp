@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/record_function.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
@@ -16,6 +17,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -134,6 +136,43 @@ int darts_bernoulli_mask(const at::Tensor* like, double keep, uint64_t seed, at:
     *out = new at::Tensor(std::move(mask));
     return 0;
   });
+}
+
+// ---- Counting ATen operator calls: the events torch.profiler records, through the same RecordFunction hooks ----
+
+namespace {
+std::atomic<int64_t> aten_calls{0};
+at::CallbackHandle aten_counter = 0;
+}  // namespace
+
+// Starts counting calls of aten:: operators on every thread (nested calls of composite operators included, the
+// autograd engine's backward nodes not: they are not aten:: operators), as torch.profiler lists them. Returns 0 or -1.
+int darts_count_aten_start() {
+  return guarded([&] {
+    if (aten_counter != 0) {
+      at::removeCallback(aten_counter);
+    }
+    aten_calls = 0;
+    auto cb = at::RecordFunctionCallback(
+                  [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+                    if (std::strncmp(fn.name(), "aten::", 6) == 0) {
+                      aten_calls.fetch_add(1, std::memory_order_relaxed);
+                    }
+                    return nullptr;
+                  })
+                  .scopes({at::RecordScope::FUNCTION});
+    aten_counter = at::addGlobalCallback(std::move(cb));
+    return 0;
+  });
+}
+
+// Stops counting and returns the number of calls since darts_count_aten_start.
+int64_t darts_count_aten_stop() {
+  if (aten_counter != 0) {
+    at::removeCallback(aten_counter);
+    aten_counter = 0;
+  }
+  return aten_calls.load();
 }
 
 // ---- torch.distributed (c10d): a process group over a TCPStore, and the collectives darts uses ----

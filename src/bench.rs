@@ -30,6 +30,10 @@ pub struct BenchRow {
     /// process, so this is the measurement's own peak; PyTorch's `torch.cuda.max_memory_allocated`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_cuda_mb: Option<f64>,
+    /// Calls of ATen operators in one step (`aten::` RecordFunction events, as torch.profiler lists them; nested
+    /// calls included): what a GPU would launch, and a number that does not drift with the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aten_calls: Option<u64>,
 }
 
 /// A measurement the bench can take.
@@ -90,6 +94,16 @@ pub fn time_ms(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64
         .collect();
     ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (ts[0], ts[ts.len() / 2])
+}
+
+/// [`time_ms`], then one more run of `f` counting its ATen operator calls.
+pub fn measure(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64, Option<u64>) {
+    let (min_ms, median_ms) = time_ms(device, repeats, &mut f);
+    let calls = crate::native::count_aten_calls(|| {
+        f();
+        sync(device);
+    });
+    (min_ms, median_ms, calls.ok().map(|(_, n)| n))
 }
 
 /// A configuration of ours by name (`darts bench --variants`).
@@ -249,15 +263,15 @@ pub fn bench_search(
             let _ = clip_grad_norm(&mut g, c.grad_clip);
             sgd.step(&weights, &g);
         };
-        let (min_ms, median_ms) = match step {
-            Step::Forward => time_ms(device, repeats, || {
+        let (min_ms, median_ms, aten_calls) = match step {
+            Step::Forward => measure(device, repeats, || {
                 let _ = tch::no_grad(|| net.forward_t(&x, true));
             }),
-            Step::ForwardBackwardSgd => time_ms(device, repeats, || weight_step(&mut sgd)),
+            Step::ForwardBackwardSgd => measure(device, repeats, || weight_step(&mut sgd)),
             Step::FirstOrderStep | Step::SecondOrderStep => {
                 let order = if step == Step::FirstOrderStep { Order::First } else { Order::Second };
                 let mut arch = Architect::new(&net, order, c.arch_lr, c.arch_betas, c.arch_weight_decay);
-                time_ms(device, repeats, || {
+                measure(device, repeats, || {
                     arch.step(&net, &weights, &buffers, &sgd, (&x, &y), (&xv, &yv), c.lr)
                         .expect("a process alone cannot fail to reduce");
                     weight_step(&mut sgd);
@@ -272,6 +286,7 @@ pub fn bench_search(
             median_ms,
             peak_rss_mb: peak_rss_mb(),
             peak_cuda_mb: cuda_peak_mb(device),
+            aten_calls,
         };
         report(&row);
         rows.push(row);
@@ -307,7 +322,7 @@ pub fn bench_final(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     // The step as the trainer runs it: forward and loss in the variant's precision, backward outside autocast.
     let mut failed = None;
-    let (min_ms, median_ms) = time_ms(device, repeats, || {
+    let (min_ms, median_ms, aten_calls) = measure(device, repeats, || {
         let masks = drop_path_masks(net.drop_sites(), batch as usize, r.drop_path, &mut rng).to_device(device);
         let loss = with_precision(device, variant.precision, || {
             let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
@@ -332,6 +347,7 @@ pub fn bench_final(
         median_ms,
         peak_rss_mb: peak_rss_mb(),
         peak_cuda_mb: cuda_peak_mb(device),
+        aten_calls,
     })
 }
 

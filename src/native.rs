@@ -21,6 +21,22 @@ extern "C" {
     fn darts_cuda_reset_peak(index: c_int) -> c_int;
     // Tensors are tch's `C_tensor` pointers (libtorch's `at::Tensor*`), passed untyped.
     fn darts_bernoulli_mask(like: *const c_void, keep: f64, seed: u64, out: *mut *mut c_void) -> c_int;
+    fn darts_count_aten_start() -> c_int;
+    fn darts_count_aten_stop() -> i64;
+}
+
+/// Runs `f` and returns its result with the number of ATen operator calls it made on every thread (libtorch's
+/// RecordFunction hooks, the events torch.profiler records: `aten::` operators, nested calls included). Not
+/// reentrant: one count at a time per process.
+pub fn count_aten_calls<R>(f: impl FnOnce() -> R) -> Result<(R, u64)> {
+    // SAFETY: no arguments; the shim catches C++ exceptions.
+    if unsafe { darts_count_aten_start() } != 0 {
+        bail!("could not count ATen calls: {}", last_error());
+    }
+    let r = f();
+    // SAFETY: no arguments; stops the counter started above.
+    let n = unsafe { darts_count_aten_stop() };
+    Ok((r, n.max(0) as u64))
 }
 
 /// A tensor shaped, laid out and placed like `like`, of 1s with probability `keep` and 0s otherwise (libtorch's

@@ -68,9 +68,11 @@ pub struct BenchArgs {
     /// Batch sizes for --deploy.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
     deploy_batches: Vec<usize>,
-    /// Interleaved rounds for --deploy (each engine measured once per round, in turn).
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
+    /// Interleaved rounds: every measurement (the reference's and ours, each in its own process) once per round,
+    /// in turn, so that the machine's drift lands in every column alike; ratios are taken within a round and
+    /// their median and spread reported (default 3; 5 for --deploy).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Internal: measure one variant in this process and print its rows as JSON lines.
     #[arg(long, hide = true, value_enum)]
     one: Option<VariantKind>,
@@ -115,6 +117,7 @@ fn measured_row(program: &str, args: &[String], implementation: &str) -> Result<
         median_ms: v["median_ms"].as_f64().unwrap_or(f64::NAN),
         peak_rss_mb: v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
         peak_cuda_mb: v["peak_cuda_mb"].as_f64(),
+        aten_calls: v["aten_calls"].as_u64(),
     })
 }
 
@@ -177,22 +180,44 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         "bench: batch {} x 3x{}x{}, C={}, {} cells; final network {} x {} cells, batch {}; {} threads, device {:?}",
         a.batch, a.size, a.size, a.channels, a.layers, a.final_channels, a.final_layers, a.final_batch, threads, device
     );
+    let rounds = a.rounds.unwrap_or(3);
+    anyhow::ensure!(rounds >= 1, "--rounds {rounds}: use at least 1");
     let plan = Plan { a: &a, only, variants, genotype, device, threads, device_name: rt.device.clone() };
-    let mut results = Results::default();
     let python = match (&a.pytorch, a.no_pytorch) {
         (_, true) => None,
         (Some(p), false) => Some(p.clone()),
         (None, false) => default_python(),
     };
-    if let Some(py) = python {
-        reference_rows(&plan, &py, &mut results)?;
+    let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
+    let mut jobs = Vec::new();
+    if let Some(py) = &python {
+        std::fs::write(&script, REFERENCE).context("writing the reference script")?;
+        jobs.extend(reference_jobs(&plan, py, &script));
     }
-    our_rows(&plan, &mut results)?;
-    print_table(&plan, &results)
+    jobs.extend(our_jobs(&plan)?);
+    let mut results = Results::default();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        // Step by step, every implementation in turn; every other round in the opposite order.
+        let mut order: Vec<&Job> = Vec::new();
+        for step in &plan.only {
+            order.extend(jobs.iter().filter(|j| j.step == *step));
+        }
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for job in order {
+            results.add(round, &job.label, job.step.name(), measured_row(&job.program, &job.args, &job.label));
+        }
+    }
+    let _ = std::fs::remove_file(&script);
+    print_table(&plan, &results, rounds)
 }
 
-/// The reference's column in float32, and in bf16 autocast.
+/// The reference's columns: float32 NCHW (the original code), float32 channels-last (PyTorch at its best on a
+/// CPU), and bf16 autocast.
 const TORCH: &str = "pytorch";
+const TORCH_CL: &str = "pytorch channels-last";
 const TORCH_BF16: &str = "pytorch (bf16)";
 
 /// What one comparison measures.
@@ -207,93 +232,122 @@ struct Plan<'a> {
     device_name: String,
 }
 
-/// The rows measured, and the measurements that failed: (implementation, step, why).
+/// One measurement in its own process: whose, which step, and the command line.
+struct Job {
+    label: String,
+    step: Step,
+    program: String,
+    args: Vec<String>,
+}
+
+/// The rows measured, by round, and the measurements that failed: (implementation, step, why).
 #[derive(Default)]
 struct Results {
-    rows: Vec<BenchRow>,
+    rows: Vec<(usize, BenchRow)>,
     failures: Vec<(String, String, String)>,
 }
 
 impl Results {
     /// Keeps a measurement's row, or why there is none, and says it on stderr.
-    fn add(&mut self, label: &str, step: &str, row: Result<BenchRow, String>) {
+    fn add(&mut self, round: usize, label: &str, step: &str, row: Result<BenchRow, String>) {
         match row {
             Ok(r) => {
                 eprintln!(
-                    "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms  peak {:>8.0} MiB{}",
+                    "  {:<26} {:<22} min {:>10.1} ms  median {:>10.1} ms  peak {:>8.0} MiB{}{}",
                     r.implementation,
                     r.name,
                     r.min_ms,
                     r.median_ms,
                     r.peak_rss_mb,
-                    r.peak_cuda_mb.map_or(String::new(), |g| format!("  GPU peak {g:.0} MiB"))
+                    r.peak_cuda_mb.map_or(String::new(), |g| format!("  GPU peak {g:.0} MiB")),
+                    r.aten_calls.map_or(String::new(), |n| format!("  {n} ATen calls"))
                 );
-                self.rows.push(r);
+                self.rows.push((round, r));
             }
             Err(why) => {
                 eprintln!("  {label:<26} {step:<22} {why}");
-                self.failures.push((label.to_string(), step.to_string(), why));
+                if !self.failures.iter().any(|(l, s, _)| l == label && s == step) {
+                    self.failures.push((label.to_string(), step.to_string(), why));
+                }
             }
         }
     }
+
+    /// The rows of implementation `imp` for step `name`, round by round.
+    fn of(&self, imp: &str, name: &str) -> Vec<(usize, &BenchRow)> {
+        self.rows.iter().filter(|(_, r)| r.implementation == imp && r.name == name).map(|(k, r)| (*k, r)).collect()
+    }
 }
 
-/// The PyTorch reference's rows, one process per measurement, run by `py`.
-fn reference_rows(p: &Plan, py: &str, results: &mut Results) -> Result<()> {
-    let script = std::env::temp_dir().join(format!("darts-reference-{}.py", std::process::id()));
-    std::fs::write(&script, REFERENCE).context("writing the reference script")?;
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The PyTorch reference's measurements, run by `py` from `script`.
+fn reference_jobs(p: &Plan, py: &str, script: &std::path::Path) -> Vec<Job> {
     let cuda = if p.device.is_cuda() { "cuda" } else { "cpu" };
     // PyTorch's final step in bf16 autocast too when a bf16 variant of ours is measured.
     let bf16 = p.variants.iter().any(|v| v.precision == darts::native::Precision::Bf16);
-    let mut jobs: Vec<(Step, bool)> = p.only.iter().map(|&s| (s, false)).collect();
+    let mut kinds: Vec<(Step, bool, bool)> = Vec::new();
+    for &s in &p.only {
+        kinds.push((s, false, false));
+        kinds.push((s, true, false));
+    }
     if bf16 && p.only.contains(&Step::FinalTrainStep) {
-        jobs.push((Step::FinalTrainStep, true));
+        kinds.push((Step::FinalTrainStep, false, true));
     }
-    for (step, amp) in jobs {
-        let name = step.name();
-        let label = if amp { TORCH_BF16 } else { TORCH };
-        let common = ["--repeats".to_string(), p.a.repeats.to_string(), "--threads".into(), p.threads.to_string()];
-        let mut args: Vec<String> = if step == Step::FinalTrainStep {
-            vec![
-                "bench-final".into(),
-                "--genotype".into(),
-                p.genotype.to_string(),
-                "--batch".into(),
-                p.a.final_batch.to_string(),
-                "--channels".into(),
-                p.a.final_channels.to_string(),
-                "--layers".into(),
-                p.a.final_layers.to_string(),
-                "--amp".into(),
-                if amp { "bf16" } else { "none" }.into(),
-            ]
-        } else {
-            vec![
-                "bench".into(),
-                "--only".into(),
-                name.into(),
-                "--batch".into(),
-                p.a.batch.to_string(),
-                "--channels".into(),
-                p.a.channels.to_string(),
-                "--layers".into(),
-                p.a.layers.to_string(),
-            ]
-        };
-        args.extend(["--size".into(), p.a.size.to_string(), "--device".into(), cuda.into()]);
-        args.extend(common);
-        let mut full = vec![script.display().to_string()];
-        full.extend(args);
-        results.add(label, name, measured_row(py, &full, label));
-    }
-    let _ = std::fs::remove_file(&script);
-    Ok(())
+    kinds
+        .into_iter()
+        .map(|(step, channels_last, amp)| {
+            let label = match (channels_last, amp) {
+                (_, true) => TORCH_BF16,
+                (true, false) => TORCH_CL,
+                (false, false) => TORCH,
+            };
+            let mut args: Vec<String> = vec![script.display().to_string()];
+            if step == Step::FinalTrainStep {
+                args.extend([
+                    "bench-final".into(),
+                    "--genotype".into(),
+                    p.genotype.to_string(),
+                    "--batch".into(),
+                    p.a.final_batch.to_string(),
+                    "--channels".into(),
+                    p.a.final_channels.to_string(),
+                    "--layers".into(),
+                    p.a.final_layers.to_string(),
+                    "--amp".into(),
+                    if amp { "bf16" } else { "none" }.into(),
+                ]);
+            } else {
+                args.extend([
+                    "bench".into(),
+                    "--only".into(),
+                    step.name().into(),
+                    "--batch".into(),
+                    p.a.batch.to_string(),
+                    "--channels".into(),
+                    p.a.channels.to_string(),
+                    "--layers".into(),
+                    p.a.layers.to_string(),
+                ]);
+            }
+            args.extend(["--size".into(), p.a.size.to_string(), "--device".into(), cuda.into()]);
+            args.extend(["--repeats".into(), p.a.repeats.to_string(), "--threads".into(), p.threads.to_string()]);
+            if channels_last {
+                args.push("--channels-last".into());
+            }
+            Job { label: label.into(), step, program: py.into(), args }
+        })
+        .collect()
 }
 
-/// Our rows, one process per variant and measurement (each peak memory its own; an out-of-memory kill loses only
+/// Our measurements, one process per variant and step (each peak memory its own; an out-of-memory kill loses only
 /// its row).
-fn our_rows(p: &Plan, results: &mut Results) -> Result<()> {
+fn our_jobs(p: &Plan) -> Result<Vec<Job>> {
     let exe = std::env::current_exe().context("finding the darts binary")?.display().to_string();
+    let mut jobs = Vec::new();
     for v in &p.variants {
         for &step in &p.only {
             let name = step.name();
@@ -319,53 +373,95 @@ fn our_rows(p: &Plan, results: &mut Results) -> Result<()> {
             ] {
                 args.extend([flag.to_string(), value]);
             }
-            results.add(&v.label(), name, measured_row(&exe, &args, &v.label()));
+            jobs.push(Job { label: v.label(), step, program: exe.clone(), args });
         }
     }
-    Ok(())
+    Ok(jobs)
 }
 
-/// The comparison table on stdout, and the rows as JSON when asked.
-fn print_table(p: &Plan, results: &Results) -> Result<()> {
-    let (rows, failures) = (&results.rows, &results.failures);
-    // The columns: the reference in each precision measured, then ours, each of ours compared with the
-    // reference in its own precision.
+/// The comparison table on stdout (medians over rounds; ratios taken within each round, their median and
+/// spread), the ATen calls per step, and the rows as JSON when asked.
+fn print_table(p: &Plan, results: &Results, rounds: usize) -> Result<()> {
     let bf16 = |v: &Variant| v.precision == darts::native::Precision::Bf16;
-    let mut columns: Vec<(String, Option<&str>)> = vec![(TORCH.into(), None)];
+    let mut columns: Vec<String> = vec![TORCH.into(), TORCH_CL.into()];
     if p.variants.iter().any(bf16) {
-        columns.push((TORCH_BF16.into(), None));
+        columns.push(TORCH_BF16.into());
     }
-    for v in &p.variants {
-        columns.push((v.label(), Some(if bf16(v) { TORCH_BF16 } else { TORCH })));
-    }
+    columns.extend(p.variants.iter().map(Variant::label));
     // Peak memory: the CUDA allocator's peak on a GPU, the process's peak RSS on the CPU.
     let mem = if p.device.is_cuda() { "GPU peak MiB" } else { "peak RSS MiB" };
-    let header: Vec<String> = columns.iter().map(|(i, _)| format!("{i} median ms ({mem})")).collect();
-    println!("| step | {} | ratio to PyTorch |", header.join(" | "));
-    println!("|---|{}---|", "---:|".repeat(columns.len()));
+    println!("median of {rounds} interleaved round(s); a ratio is ours / the reference's in the same round");
+    let header: Vec<String> = columns.iter().map(|i| format!("{i} ms ({mem})")).collect();
+    println!("| step | {} | ratio to PyTorch channels-last | ratio to PyTorch NCHW |", header.join(" | "));
+    println!("|---|{}---|---|", "---:|".repeat(columns.len()));
+    let failed =
+        |i: &str, name: &str| results.failures.iter().find(|(f, n, _)| f == i && n == name).map(|(_, _, w)| w.clone());
     for name in p.only.iter().map(|s| s.name()) {
-        let find = |imp: &str| rows.iter().find(|r| r.implementation == imp && r.name == name);
-        let failed = |i: &str| failures.iter().find(|(f, n, _)| f == i && n == name).map(|(_, _, w)| w.clone());
         let cells: Vec<String> = columns
             .iter()
-            .map(|(i, _)| match find(i) {
-                Some(r) => format!("{:.1} ({:.0})", r.median_ms, r.peak_cuda_mb.unwrap_or(r.peak_rss_mb)),
-                None => failed(i).unwrap_or_else(|| "-".into()),
+            .map(|i| {
+                let rows = results.of(i, name);
+                if rows.is_empty() {
+                    return failed(i, name).unwrap_or_else(|| "-".into());
+                }
+                let ms = median(rows.iter().map(|(_, r)| r.median_ms).collect());
+                let mem = rows.iter().map(|(_, r)| r.peak_cuda_mb.unwrap_or(r.peak_rss_mb)).fold(0.0, f64::max);
+                format!("{ms:.1} ({mem:.0})")
             })
             .collect();
-        let ratios: Vec<String> = columns
+        let ratio_to = |reference: &str| -> Vec<String> {
+            p.variants
+                .iter()
+                .filter_map(|v| {
+                    let refs = if bf16(v) { TORCH_BF16 } else { reference };
+                    let theirs = results.of(refs, name);
+                    let per_round: Vec<f64> = results
+                        .of(&v.label(), name)
+                        .iter()
+                        .filter_map(|(k, o)| {
+                            theirs.iter().find(|(kt, _)| kt == k).map(|(_, t)| o.median_ms / t.median_ms)
+                        })
+                        .collect();
+                    if per_round.is_empty() {
+                        return None;
+                    }
+                    let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = per_round.iter().copied().fold(0.0, f64::max);
+                    Some(format!("{}: {:.2} ({lo:.2}-{hi:.2})", v.label(), median(per_round)))
+                })
+                .collect()
+        };
+        println!(
+            "| {name} | {} | {} | {} |",
+            cells.join(" | "),
+            ratio_to(TORCH_CL).join(", "),
+            ratio_to(TORCH).join(", ")
+        );
+    }
+    println!();
+    println!("ATen operator calls per step (torch.profiler's aten:: events; does not drift with the machine):");
+    println!("| step | {} |", columns.join(" | "));
+    println!("|---|{}", "---:|".repeat(columns.len()));
+    for name in p.only.iter().map(|s| s.name()) {
+        let cells: Vec<String> = columns
             .iter()
-            .filter_map(|(i, reference)| {
-                let (o, t) = (find(i)?, find((*reference)?)?);
-                Some(format!("{}: {:.2}", i, o.median_ms / t.median_ms))
-            })
+            .map(|i| results.of(i, name).first().and_then(|(_, r)| r.aten_calls).map_or("-".into(), |n| n.to_string()))
             .collect();
-        println!("| {name} | {} | {} |", cells.join(" | "), ratios.join(", "));
+        println!("| {name} | {} |", cells.join(" | "));
     }
     if let Some(path) = &p.a.json {
         let failures: Vec<_> =
-            failures.iter().map(|(i, n, w)| serde_json::json!({"impl": i, "name": n, "why": w})).collect();
-        let json = serde_json::json!({"rows": rows, "failures": failures});
+            results.failures.iter().map(|(i, n, w)| serde_json::json!({"impl": i, "name": n, "why": w})).collect();
+        let rows: Vec<_> = results
+            .rows
+            .iter()
+            .map(|(k, r)| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["round"] = serde_json::json!(k);
+                v
+            })
+            .collect();
+        let json = serde_json::json!({"rounds": rounds, "rows": rows, "failures": failures});
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
@@ -419,7 +515,8 @@ fn deploy_bench(
     shape: DataShape,
 ) -> Result<()> {
     use darts::deploy::bench::{bench_inference, InferencePlan};
-    anyhow::ensure!(a.rounds >= 1, "--rounds {}: use at least 1", a.rounds);
+    let rounds = a.rounds.unwrap_or(5);
+    anyhow::ensure!(rounds >= 1, "--rounds {rounds}: use at least 1");
     anyhow::ensure!(a.deploy_batches.iter().all(|&b| b >= 1), "--deploy-batches: sizes of at least 1");
     let ort = if a.no_pytorch {
         None
@@ -440,7 +537,7 @@ fn deploy_bench(
         network,
         shape,
         batches: a.deploy_batches.clone(),
-        rounds: a.rounds,
+        rounds,
         threads,
         ort: ort.map(|py| (py, script)),
     };
@@ -448,7 +545,7 @@ fn deploy_bench(
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "inference, {} {}x{} on {}x{}x{} images, {threads} thread(s), median of {} interleaved rounds",
-        a.final_genotype, a.final_channels, a.final_layers, shape.channels, shape.height, shape.width, a.rounds
+        a.final_genotype, a.final_channels, a.final_layers, shape.channels, shape.height, shape.width, rounds
     );
     println!("{:<32} {:>6} {:>12} {:>22} {:>10}", "engine", "batch", "ms/batch", "spread (ms)", "images/s");
     for &b in &a.deploy_batches {
