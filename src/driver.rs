@@ -29,7 +29,7 @@ pub struct RunOptions {
     pub checkpoint_every: Option<usize>,
     /// Also write a checkpoint inside an epoch when this many minutes have passed since the last (one process).
     pub checkpoint_minutes: Option<f64>,
-    /// Set by a signal handler: checkpoint where the loop is and stop (one process only).
+    /// Set by a signal handler: checkpoint where the loop is and stop (in a data-parallel run, all ranks at once).
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -50,16 +50,8 @@ impl RunOptions {
         }
     }
 
-    /// How the loops checkpoint inside epochs: refused for a data-parallel run (each rank's streams would have
-    /// to be saved), where a stop is left to the launcher.
+    /// How the loops checkpoint inside epochs (in a data-parallel run every rank takes part, rank 0 writes).
     pub fn mid_epoch(&self) -> Result<crate::interrupt::MidEpoch> {
-        if self.dist.is_some() {
-            anyhow::ensure!(
-                self.checkpoint_every.is_none() && self.checkpoint_minutes.is_none(),
-                "--checkpoint-every is not available in a data-parallel run yet: checkpoints come at the end of epochs"
-            );
-            return Ok(crate::interrupt::MidEpoch::default());
-        }
         if let Some(m) = self.checkpoint_minutes {
             anyhow::ensure!(m.is_finite() && m > 0.0, "--checkpoint-minutes {m}: give a positive number of minutes");
         }
@@ -67,7 +59,7 @@ impl RunOptions {
             anyhow::bail!("--checkpoint-every 0: give a number of steps of at least 1");
         }
         Ok(crate::interrupt::MidEpoch {
-            dir: Some(self.out_dir.clone()),
+            dir: self.writes().then(|| self.out_dir.clone()),
             every: self.checkpoint_every,
             every_seconds: self.checkpoint_minutes.map(|m| m * 60.0),
             last: None,

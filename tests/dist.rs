@@ -504,3 +504,80 @@ fn a_gdas_search_runs_data_parallel() {
     g.unwrap().validate().unwrap();
     assert!(outs[1].stdout.is_empty() && !outs[0].stdout.is_empty());
 }
+
+/// Inside an epoch on two processes, for a training and a search: SIGTERM to one rank stops both at the same step
+/// after a checkpoint that holds every rank's place in the data and its BatchNorm statistics (exit code 75); the
+/// same command continues, and the run ends with the bytes of an uninterrupted two-process run.
+#[test]
+fn data_parallel_runs_stopped_inside_an_epoch_continue_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &Path, rank: usize, port: u16| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(["train", "--genotype", "DARTS_V2", "--limit", "600", "--channels", "4", "--layers", "3"]);
+        cmd.args(["--epochs", "2", "--batch-size", "32", "--seed", "9", "--threads", "1", "--quiet"]);
+        cmd.args(["--checkpoint-every", "3", "--drop-path", "0.2", "--device", "cpu", "--out"]).arg(out);
+        torchrun_env(&mut cmd, rank, 2, port);
+        cmd
+    };
+    let search = |out: &Path, rank: usize, port: u16| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(["search", "--preset", "quick", "--limit", "400", "--channels", "4", "--layers", "3"]);
+        cmd.args(["--nodes", "2", "--epochs", "2", "--batch-size", "16", "--skip-dropout", "0.3", "--seed", "9"]);
+        cmd.args(["--threads", "1", "--quiet", "--checkpoint-every", "3", "--device", "cpu", "--out"]).arg(out);
+        torchrun_env(&mut cmd, rank, 2, port);
+        cmd
+    };
+    type Make<'a> = &'a dyn Fn(&Path, usize, u16) -> Command;
+    for (kind, command, files) in [
+        ("train", &train as Make, &["checkpoint.safetensors", "model-last.safetensors"][..]),
+        ("search", &search as Make, &["checkpoint.safetensors", "genotype.json"][..]),
+    ] {
+        let (whole, broken) = (dir.path().join(format!("{kind}-whole")), dir.path().join(format!("{kind}-broken")));
+        let port = free_port();
+        let outs = run_ranks(2, |r| command(&whole, r, port));
+        assert!(outs.iter().all(|o| o.status.success()), "{kind}: {}", String::from_utf8_lossy(&outs[0].stderr));
+        let port = free_port();
+        let ranks: Vec<_> = (0..2)
+            .map(|r| command(&broken, r, port).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+            .collect();
+        // The first checkpoint comes after step 3 of the first epoch: stop there, by signalling rank 1 only.
+        let started = std::time::Instant::now();
+        while !broken.join("checkpoint.safetensors").is_file() {
+            assert!(started.elapsed().as_secs() < 120, "{kind}: no checkpoint was written");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let pid = ranks[1].id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        for (r, o) in outs.iter().enumerate() {
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(75), "{kind} rank {r} did not stop at the agreed step: {e}");
+            assert!(e.contains("stopped by a signal in epoch 1"), "{kind} rank {r}: {e}");
+        }
+        // A single process cannot take over a two-process position.
+        let mut alone = command(&broken, 0, free_port());
+        alone.env_remove("WORLD_SIZE").env_remove("RANK").env_remove("LOCAL_RANK");
+        let o = alone.output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains("2 processes"), "{kind}: {e}");
+        let port = free_port();
+        let again = run_ranks(2, |r| command(&broken, r, port));
+        assert!(again.iter().all(|o| o.status.success()), "{kind}: {}", String::from_utf8_lossy(&again[0].stderr));
+        for file in files {
+            let same = std::fs::read(whole.join(file)).unwrap() == std::fs::read(broken.join(file)).unwrap();
+            assert!(same, "{kind}: {file} differs from the uninterrupted run's");
+        }
+        // The epochs' training loss and accuracy sum every rank's running sums, rank 1's from the checkpoint.
+        let sums = |d: &Path| -> Vec<(f64, f64)> {
+            std::fs::read_to_string(d.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    (v["train_loss"].as_f64().unwrap(), v["train_acc"].as_f64().unwrap())
+                })
+                .collect()
+        };
+        assert_eq!(sums(&whole), sums(&broken), "{kind}: the epochs' training metrics");
+    }
+}

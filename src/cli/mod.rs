@@ -84,7 +84,8 @@ impl Runtime {
     ) -> anyhow::Result<darts::run::RunOptions> {
         let (device, dist) = self.launch()?;
         let mut opts = self.options(run_dir(given, kind, dist.is_some())?, device);
-        opts.stop = if dist.is_none() { Some(darts::interrupt::stop_on_signals()?) } else { None };
+        // Under torchrun too: it passes SIGTERM on to every worker, and the ranks agree to stop at one step.
+        opts.stop = Some(darts::interrupt::stop_on_signals()?);
         opts.dist = dist;
         opts.stop_after = control.stop_after;
         opts.checkpoint_every = control.checkpoint_every;

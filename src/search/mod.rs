@@ -4,7 +4,7 @@
 use crate::architect::Architect;
 use crate::data::{self, Dataset, Split};
 use crate::genotype::Genotype;
-use crate::interrupt::{Interrupted, MidEpoch, Position};
+use crate::interrupt::{gather_positions, Interrupted, MidEpoch, Position, RankPositions};
 use crate::native::{cuda_peak_mb, reset_cuda_peak};
 use crate::optim::{clip_grad_norm, cosine_lr, Sgd};
 use crate::params::{copy_checked, read_checkpoint, Params};
@@ -45,6 +45,8 @@ pub struct Search {
     pub stopped_early: bool,
     /// Where inside the current epoch a resumed search continues (from a mid-epoch checkpoint).
     resume_at: Option<Position>,
+    /// Every rank's place, from a checkpoint written inside an epoch of a data-parallel run.
+    rank_resume: Option<RankPositions>,
     /// Checkpoints inside epochs, and the stop a signal asks for.
     pub mid_epoch: MidEpoch,
 }
@@ -58,6 +60,8 @@ struct CheckpointMeta {
     stopped_early: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     position: Option<Position>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ranks: Option<RankPositions>,
 }
 
 impl Search {
@@ -114,6 +118,7 @@ impl Search {
             epoch: 0,
             stopped_early: false,
             resume_at: None,
+            rank_resume: None,
             mid_epoch: MidEpoch::default(),
         })
     }
@@ -216,6 +221,10 @@ impl Search {
         // Batches (and the alpha step's batches) are made on a loader thread, in the same order and from the
         // same random stream as they would be here.
         // Inside an epoch (a checkpoint written mid-epoch): the streams and sums where it stopped.
+        if let Some(r) = self.rank_resume.take() {
+            let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
+            self.resume_at = Some(r.take(rank, world)?);
+        }
         let resume_at = self.resume_at.take();
         let (first, before_s, before_wait) = match &resume_at {
             Some(p) => {
@@ -259,7 +268,8 @@ impl Search {
             self.sgd.step(&self.params.weights, &grads);
             meter.record(step, &loss, &logits, &yt, bar, &nan_hint)?;
             steps += 1;
-            if self.mid_epoch.due(steps, n) {
+            let (due, stop) = self.mid_epoch.decide(steps, n, dist.as_deref())?;
+            if due {
                 let position = Position {
                     step: steps,
                     loader: Position::word(loader_pos),
@@ -269,10 +279,14 @@ impl Search {
                     seconds: before_s + start.elapsed().as_secs_f64(),
                     waited: before_wait + batches.waited().as_secs_f64(),
                 };
+                let ranks = match &dist {
+                    Some(d) => Some(gather_positions(d, &position)?),
+                    None => None,
+                };
                 if let Some(dir) = self.mid_epoch.dir.clone() {
-                    self.save_checkpoint_at(&dir, Some(position))?;
+                    self.save_checkpoint_at(&dir, Some(position), ranks)?;
                 }
-                if self.mid_epoch.stop_asked() {
+                if stop {
                     return Err(Interrupted { epoch, step: steps }.into());
                 }
             }
@@ -359,17 +373,18 @@ impl Search {
     /// Writes weights, BN statistics, alphas, both optimisers' state and the epoch to `dir/checkpoint.safetensors`
     /// atomically (a temporary file renamed over the old one).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        self.save_checkpoint_at(dir, None)
+        self.save_checkpoint_at(dir, None, None)
     }
 
-    /// [`Search::save_checkpoint`] inside the epoch, at `position`.
-    fn save_checkpoint_at(&self, dir: &Path, position: Option<Position>) -> Result<()> {
+    /// [`Search::save_checkpoint`] inside the epoch, at `position` (and every rank's, in a data-parallel run).
+    fn save_checkpoint_at(&self, dir: &Path, position: Option<Position>, ranks: Option<RankPositions>) -> Result<()> {
         let meta = CheckpointMeta {
             epoch: self.epoch,
             adam_steps: self.architect.adam.step_count,
             config: self.config.clone(),
             stopped_early: self.stopped_early,
             position,
+            ranks,
         };
         let meta = serde_json::to_vec(&meta)?;
         let mut named: Vec<(String, Tensor)> = vec![("meta".into(), Tensor::from_slice(&meta))];
@@ -410,6 +425,7 @@ impl Search {
         s.epoch = meta.epoch;
         s.stopped_early = meta.stopped_early;
         s.resume_at = meta.position;
+        s.rank_resume = meta.ranks;
         Ok(s)
     }
 }

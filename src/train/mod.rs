@@ -3,7 +3,7 @@
 use crate::data::Split;
 use crate::data::{self, Augment, Dataset};
 use crate::evaluate::{evaluate, evaluate_sums, score_indices, EvalResult};
-use crate::interrupt::{Interrupted, MidEpoch, Position};
+use crate::interrupt::{gather_positions, Interrupted, MidEpoch, Position, RankPositions};
 use crate::native::{cuda_peak_mb, reset_cuda_peak, with_precision};
 use crate::network::{count_parameters_without_auxiliary, drop_path_masks, loss_with_auxiliary, Network};
 use crate::optim::{clip_grad_norm, Sgd};
@@ -50,6 +50,8 @@ pub struct Trainer {
     dist: Option<std::sync::Arc<crate::dist::Dist>>,
     /// Where inside the current epoch a resumed run continues (from a mid-epoch checkpoint).
     resume_at: Option<Position>,
+    /// Every rank's place, from a checkpoint written inside an epoch of a data-parallel run.
+    rank_resume: Option<RankPositions>,
     /// Checkpoints inside epochs, and the stop a signal asks for.
     pub mid_epoch: MidEpoch,
 }
@@ -63,6 +65,8 @@ struct Meta {
     config: TrainConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     position: Option<Position>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ranks: Option<RankPositions>,
 }
 
 impl Trainer {
@@ -121,6 +125,7 @@ impl Trainer {
             best: None,
             dist: None,
             resume_at: None,
+            rank_resume: None,
             mid_epoch: MidEpoch::default(),
         })
     }
@@ -179,6 +184,9 @@ impl Trainer {
         }
         let augment = Augment { cutout: cfg.cutout, ..cfg.dataset.default_augment() };
         let mut meter = StepMeter::new(self.device, batches.len(), bar);
+        if let Some(r) = self.rank_resume.take() {
+            self.resume_at = Some(r.take(rank, world)?);
+        }
         let resume_at = self.resume_at.take();
         let nan_hint = format!(
             "the last checkpoint (end of epoch {epoch}) is intact, but a run's settings are fixed: start a new run \
@@ -232,7 +240,8 @@ impl Trainer {
             let main_loss = logits.detach().cross_entropy_for_logits(&y);
             meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
             steps += 1;
-            if self.mid_epoch.due(steps, n) {
+            let (due, stop) = self.mid_epoch.decide(steps, n, dist.as_deref())?;
+            if due {
                 let position = Position {
                     step: steps,
                     loader: Position::word(loader_pos),
@@ -242,10 +251,14 @@ impl Trainer {
                     seconds: before_s + start.elapsed().as_secs_f64(),
                     waited: before_wait + loader.waited().as_secs_f64(),
                 };
+                let ranks = match &dist {
+                    Some(d) => Some(gather_positions(d, &position)?),
+                    None => None,
+                };
                 if let Some(dir) = self.mid_epoch.dir.clone() {
-                    self.save_checkpoint_at(&dir, Some(position))?;
+                    self.save_checkpoint_at(&dir, Some(position), ranks)?;
                 }
-                if self.mid_epoch.stop_asked() {
+                if stop {
                     return Err(Interrupted { epoch, step: steps }.into());
                 }
             }
@@ -345,12 +358,12 @@ impl Trainer {
 
     /// Writes the training state (model, optimiser, epoch, best epoch) to `dir/checkpoint.safetensors`.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        self.save_checkpoint_at(dir, None)
+        self.save_checkpoint_at(dir, None, None)
     }
 
-    /// [`Trainer::save_checkpoint`] inside the epoch, at `position`.
-    fn save_checkpoint_at(&self, dir: &Path, position: Option<Position>) -> Result<()> {
-        let meta = Meta { epoch: self.epoch, best: self.best, config: self.config.clone(), position };
+    /// [`Trainer::save_checkpoint`] inside the epoch, at `position` (and every rank's, in a data-parallel run).
+    fn save_checkpoint_at(&self, dir: &Path, position: Option<Position>, ranks: Option<RankPositions>) -> Result<()> {
+        let meta = Meta { epoch: self.epoch, best: self.best, config: self.config.clone(), position, ranks };
         let meta = serde_json::to_vec(&meta)?;
         let mut named = self.params.named();
         named.push(("meta".into(), Tensor::from_slice(&meta)));
@@ -368,6 +381,7 @@ impl Trainer {
         t.epoch = meta.epoch;
         t.best = meta.best;
         t.resume_at = meta.position;
+        t.rank_resume = meta.ranks;
         Ok(t)
     }
 
