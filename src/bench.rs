@@ -379,8 +379,6 @@ pub fn profile_search(
     device: Device,
     variant: &Variant,
 ) -> (Vec<ProfileRow>, f64) {
-    use crate::ops::Op;
-    use std::collections::BTreeMap;
     let (space, vs, net) = variant.supernet(space, shape, device);
     let weights = Params::of(&vs).weights;
     let cfg = crate::search::SearchConfig::default();
@@ -397,10 +395,71 @@ pub fn profile_search(
     let records = crate::profile::collect(|| {
         let _ = net.forward_t(&x, true);
     });
-    // Forward time and calls by name; op calls grouped by (op, input shape, stride) for the isolated timing.
+    let rows = profile_rows(&records, step_ms, device, repeats, variant.channels_last, |p, op, c, stride| {
+        crate::ops::Op::new(p, op, c, stride, false, true, space.activation)
+    });
+    (rows, step_ms)
+}
+
+/// Where a training step of the final network (forward with drop path and the auxiliary head, backward, SGD, as
+/// `bench_final` times it) spends its time, by op type: forward times from the timing points in a real forward
+/// pass, forward + backward by measuring each op alone (affine BN, as in the final network) at every shape it
+/// meets. Returns the rows and the whole step's time in ms.
+pub fn profile_final(
+    genotype: &crate::genotype::Genotype,
+    cfg: &crate::network::NetworkConfig,
+    shape: &DataShape,
+    (batch, repeats): (i64, usize),
+    device: Device,
+    variant: &Variant,
+) -> (Vec<ProfileRow>, f64) {
+    use crate::network::{drop_path_masks, loss_with_auxiliary, set_channels_last, Network};
+    use rand::SeedableRng;
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let mut net = Network::new(&vs.root(), genotype, cfg, shape);
+    set_channels_last(&mut net, &vs, variant.channels_last);
+    let r = crate::recipe::Recipe::DartsCifar.hyper();
+    net.drop_path_prob = r.drop_path;
+    let weights = Params::of(&vs).weights;
+    let mut sgd = Sgd::new(&weights, r.lr, r.momentum, r.weight_decay);
+    let x =
+        Tensor::randn([batch, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, device));
+    let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut masks = || drop_path_masks(net.drop_sites(), batch as usize, r.drop_path, &mut rng).to_device(device);
+    let (_, step_ms) = time_ms(device, repeats, || {
+        let m = masks();
+        let (logits, aux) = net.forward_masked(&x, true, Some(&m));
+        let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, r.aux_weight, r.label_smoothing);
+        let mut g = Tensor::run_backward(&[loss], &weights, false, false);
+        let _ = clip_grad_norm(&mut g, r.grad_clip);
+        sgd.step(&weights, &g);
+    });
+    let m = masks();
+    let records = crate::profile::collect(|| {
+        let _ = net.forward_masked(&x, true, Some(&m));
+    });
+    let rows = profile_rows(&records, step_ms, device, repeats, variant.channels_last, |p, op, c, stride| {
+        crate::ops::Op::new(p, op, c, stride, true, false, crate::space::Activation::Relu)
+    });
+    (rows, step_ms)
+}
+
+/// The profile's rows from a forward pass's timing `records` and the step's time: forward time and calls by name,
+/// and each op measured alone, forward and backward, at every (input shape, stride) it met, built by `make`.
+fn profile_rows(
+    records: &[crate::profile::Record],
+    step_ms: f64,
+    device: Device,
+    repeats: usize,
+    channels_last: bool,
+    make: impl Fn(&nn::Path, crate::space::OpKind, i64, i64) -> crate::ops::Op,
+) -> Vec<ProfileRow> {
+    use std::collections::BTreeMap;
     let mut by_name: BTreeMap<&'static str, (usize, f64)> = BTreeMap::new();
     let mut shapes: BTreeMap<(String, Vec<i64>, i64), (crate::space::OpKind, usize)> = BTreeMap::new();
-    for r in &records {
+    for r in records {
         let e = by_name.entry(r.name).or_insert((0, 0.0));
         e.0 += 1;
         e.1 += r.seconds * 1e3;
@@ -411,10 +470,10 @@ pub fn profile_search(
     let mut isolated: BTreeMap<String, f64> = BTreeMap::new();
     for ((name, input, stride), (op, count)) in &shapes {
         let vs1 = nn::VarStore::new(device);
-        let o = Op::new(&vs1.root(), *op, input[1], *stride, false, true, space.activation);
-        crate::set_vars_channels_last(&vs1, variant.channels_last);
+        let o = make(&vs1.root(), *op, input[1], *stride);
+        crate::set_vars_channels_last(&vs1, channels_last);
         let xi = Tensor::randn(input.as_slice(), (Kind::Float, device));
-        let xi = if variant.channels_last { crate::channels_last(&xi) } else { xi }.set_requires_grad(true);
+        let xi = if channels_last { crate::channels_last(&xi) } else { xi }.set_requires_grad(true);
         let mut inputs = vs1.trainable_variables();
         inputs.push(xi.shallow_clone());
         let (_, ms) = time_ms(device, repeats.max(3), || {
@@ -448,5 +507,5 @@ pub fn profile_search(
         forward_backward_ms: step_ms - ops_total,
         share: (step_ms - ops_total) / step_ms,
     });
-    (rows, step_ms)
+    rows
 }

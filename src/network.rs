@@ -93,6 +93,8 @@ pub struct Cell {
     pub(crate) preprocess0: Preprocess,
     pub(crate) preprocess1: ReluConvBn,
     pub(crate) ops: Vec<Op>,
+    /// The genotype's op of each entry of `ops` (for the profile).
+    kinds: Vec<crate::space::OpKind>,
     pub(crate) indices: Vec<usize>,
     pub(crate) concat: Vec<usize>,
 }
@@ -139,7 +141,8 @@ impl Cell {
             })
             .collect();
         let indices = gene.iter().map(|&(_, i)| i).collect();
-        Cell { reduction, preprocess0, preprocess1, ops, indices, concat: concat.clone() }
+        let kinds = gene.iter().map(|&(k, _)| k).collect();
+        Cell { reduction, preprocess0, preprocess1, ops, kinds, indices, concat: concat.clone() }
     }
 
     /// Number of states concatenated into the output.
@@ -161,12 +164,18 @@ impl Cell {
         mut drop: Option<(f64, &Tensor, &mut i64)>,
         train: bool,
     ) -> Tensor {
-        let mut states = vec![self.preprocess0.forward_t(s0, train), self.preprocess1.forward_t(s1, train)];
+        use crate::profile::time;
+        let mut states = vec![
+            time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train)),
+            time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train)),
+        ];
         for i in 0..self.ops.len() / 2 {
             let mut sum: Option<Tensor> = None;
             for k in [2 * i, 2 * i + 1] {
-                let op = &self.ops[k];
-                let mut h = op.forward_t(&states[self.indices[k]], train);
+                let (op, kind) = (&self.ops[k], self.kinds[k]);
+                let input = &states[self.indices[k]];
+                let stride = if self.reduction && self.indices[k] < 2 { 2 } else { 1 };
+                let mut h = time(kind.name(), Some(kind), stride, input, || op.forward_t(input, train));
                 if let (true, false, Some((p, masks, row))) = (train, op.is_identity(), drop.as_mut()) {
                     h = drop_path(&h, &masks.get(**row), *p);
                     **row += 1;
@@ -314,10 +323,18 @@ impl Network {
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         let (mut s0, mut s1) = match &self.stem {
             NetStem::Cifar(stem) => {
-                let s = stem.forward_t(&x, train);
+                let s = crate::profile::time("stem", None, 1, &x, || stem.forward_t(&x, train));
                 (s.shallow_clone(), s)
             }
-            NetStem::ImageNet(stem) => stem.forward_t(&x, train),
+            NetStem::ImageNet(stem) => {
+                let mut s0 = None;
+                let s1 = crate::profile::time("stem", None, 1, &x, || {
+                    let (a, b) = stem.forward_t(&x, train);
+                    s0 = Some(a);
+                    b
+                });
+                (s0.expect("the stem ran"), s1)
+            }
         };
         let mut aux = None;
         let mut row = 0i64;
@@ -327,10 +344,15 @@ impl Network {
             let out = cell.forward_t(&s0, &s1, drop, train);
             (s0, s1) = (s1, out);
             if i == self.aux_after && train {
-                aux = self.aux.as_ref().map(|h| h.forward_t(&s1, train));
+                aux = self
+                    .aux
+                    .as_ref()
+                    .map(|h| crate::profile::time("auxiliary_head", None, 1, &s1, || h.forward_t(&s1, train)));
             }
         }
-        let logits = s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier);
+        let logits = crate::profile::time("classifier", None, 1, &s1, || {
+            s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier)
+        });
         (logits, aux)
     }
 }

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// op type (first variant of --variants; "auto": the device's best layout).
     #[arg(long)]
     profile: bool,
+    /// With --profile: the final network's training step (--final-genotype, --final-channels, --final-layers,
+    /// --final-batch) instead of the supernet's.
+    #[arg(long, requires = "profile")]
+    final_network: bool,
     /// Instead of the comparison: inference speed of the final network (--final-genotype, --final-channels,
     /// --final-layers, images of --size) in libtorch, tract and ONNX Runtime (from the venv, when it has it), at
     /// the --deploy-batches sizes, interleaved over --rounds rounds.
@@ -174,6 +178,9 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
         } else {
             variants[0].clone()
         };
+        if a.final_network {
+            return profile_final(&a, &v, &genotype, &final_cfg, &shape, device, threads);
+        }
         return profile(&a, &v, &space, &shape, device, threads);
     }
     eprintln!(
@@ -487,6 +494,35 @@ fn profile(
         v.label()
     );
     let (rows, step_ms) = darts::bench::profile_search(space, shape, a.batch, a.repeats, device, v);
+    print_profile(a, v, &rows, step_ms)
+}
+
+/// `darts bench --profile --final-network`: where a training step of the final network spends its time.
+fn profile_final(
+    a: &BenchArgs,
+    v: &Variant,
+    genotype: &darts::genotype::Genotype,
+    cfg: &NetworkConfig,
+    shape: &DataShape,
+    device: tch::Device,
+    threads: i32,
+) -> Result<()> {
+    eprintln!(
+        "profile of one training step of the final network: {} {}x{} cells, batch {} x 3x{}x{}, {}, {threads} threads",
+        a.final_genotype,
+        a.final_channels,
+        a.final_layers,
+        a.final_batch,
+        a.size,
+        a.size,
+        v.label()
+    );
+    let (rows, step_ms) = darts::bench::profile_final(genotype, cfg, shape, (a.final_batch, a.repeats), device, v);
+    print_profile(a, v, &rows, step_ms)
+}
+
+/// The profile table on stdout, and as JSON when asked.
+fn print_profile(a: &BenchArgs, v: &Variant, rows: &[darts::bench::ProfileRow], step_ms: f64) -> Result<()> {
     let num = |v: f64, pct: bool| match (v.is_nan(), pct) {
         (true, _) => "-".to_string(),
         (false, true) => format!("{:.1}%", 100.0 * v),
@@ -494,7 +530,7 @@ fn profile(
     };
     println!("| op | calls | forward in the step, ms | forward + backward alone, ms | share of the step |");
     println!("|---|---:|---:|---:|---:|");
-    for r in &rows {
+    for r in rows {
         let (f, fb, sh) = (num(r.forward_ms, false), num(r.forward_backward_ms, false), num(r.share, true));
         println!("| {} | {} | {f} | {fb} | {sh} |", r.name, r.calls);
     }
