@@ -100,8 +100,9 @@ pub fn run(a: RunArgs, rt: &super::Runtime) -> Result<()> {
     if writes {
         eprintln!("run directory {}", root.display());
     }
-    // Alone, SIGTERM/SIGINT checkpoint where the stage is and stop; the same command continues.
-    let stop = if dist.is_none() { Some(darts::interrupt::stop_on_signals()?) } else { None };
+    // SIGTERM/SIGINT checkpoint where the stage is and stop (in a data-parallel run every rank at the same step);
+    // the same command continues.
+    let stop = Some(darts::interrupt::stop_on_signals()?);
     let opts = |sub: &str| darts::run::RunOptions {
         dist: dist.clone(),
         stop: stop.clone(),
