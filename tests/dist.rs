@@ -581,3 +581,25 @@ fn data_parallel_runs_stopped_inside_an_epoch_continue_bit_for_bit() {
         assert_eq!(sums(&whole), sums(&broken), "{kind}: the epochs' training metrics");
     }
 }
+
+/// `darts bench --data-parallel` runs a training and a search epoch alone and on two processes and prints both
+/// rows with their all-reduce share.
+#[test]
+fn bench_data_parallel_prints_both_epochs() {
+    let out = Command::new(env!("CARGO_BIN_EXE_darts"))
+        .args(["bench", "--data-parallel", "--rounds", "1", "--dp-limit", "96", "--batch", "16", "--channels", "4"])
+        .args(["--layers", "3", "--final-channels", "4", "--final-layers", "3", "--final-batch", "16"])
+        .args(["--threads", "2"])
+        .env("OMP_WAIT_POLICY", "PASSIVE")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for row in ["| training epoch |", "| search epoch (first order) |"] {
+        let line = text.lines().find(|l| l.starts_with(row)).unwrap_or_else(|| panic!("no {row} in {text}"));
+        let cells: Vec<&str> = line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        let share: f64 = cells[4].trim_end_matches('%').parse().unwrap();
+        assert!(share > 0.0 && share < 100.0, "{line}");
+        assert!(cells[3].ends_with('x'), "{line}");
+    }
+}

@@ -69,6 +69,18 @@ pub struct BenchArgs {
     /// the --deploy-batches sizes, interleaved over --rounds rounds.
     #[arg(long)]
     deploy: bool,
+    /// Instead of the comparison: an epoch of training (--final-genotype, --final-channels, --final-layers,
+    /// --final-batch) and of first-order search (--batch, --channels, --layers) on --world processes x
+    /// (--threads / --world) threads against one process x --threads threads, interleaved over --rounds rounds,
+    /// with the share of the epoch spent in all-reduces.
+    #[arg(long)]
+    data_parallel: bool,
+    /// Processes for --data-parallel.
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    /// Training examples of the --data-parallel epochs.
+    #[arg(long, default_value_t = 1024)]
+    dp_limit: usize,
     /// Batch sizes for --deploy.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
     deploy_batches: Vec<usize>,
@@ -142,6 +154,16 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let final_cfg = NetworkConfig { channels: a.final_channels, layers: a.final_layers, ..Default::default() };
     if a.deploy {
         return deploy_bench(&a, threads as usize, genotype, final_cfg, shape);
+    }
+    if a.data_parallel {
+        return super::bench_dp::bench_data_parallel(&super::bench_dp::DpPlan {
+            world: a.world,
+            threads: threads as usize,
+            rounds: a.rounds.unwrap_or(3),
+            limit: a.dp_limit,
+            search: (a.batch, a.channels, a.layers),
+            train: (a.final_batch, a.final_channels, a.final_layers, a.final_genotype.clone()),
+        });
     }
     if let Some(kind) = a.one {
         let variant = Variant::of(kind, rt.layout.channels_last(device));

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 mod args;
 mod baseline;
 mod bench;
+mod bench_dp;
 mod compare;
 mod data;
 mod deploy;
