@@ -64,6 +64,14 @@ fn run(exe: &str, args: &[String], dir: &Path, world: usize, threads: usize) -> 
     epoch_seconds(dir)
 }
 
+/// One kind of epoch's measurements over the rounds: alone, data-parallel, and the all-reduce share.
+struct Measured {
+    name: String,
+    alone: Vec<f64>,
+    dp: Vec<f64>,
+    comm_share: Vec<f64>,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -133,7 +141,7 @@ pub fn bench_data_parallel(p: &DpPlan) -> Result<()> {
         ),
     ];
     let per_rank = p.threads / p.world;
-    let mut results: Vec<(String, Vec<f64>, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut results: Vec<Measured> = Vec::new();
     for (name, args) in &kinds {
         let (mut alone, mut dp, mut comm) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..p.rounds {
@@ -153,7 +161,7 @@ pub fn bench_data_parallel(p: &DpPlan) -> Result<()> {
                 }
             }
         }
-        results.push((name.to_string(), alone, dp, comm));
+        results.push(Measured { name: name.to_string(), alone, dp, comm_share: comm });
     }
     let _ = std::fs::remove_dir_all(&tmp);
     println!(
@@ -162,14 +170,15 @@ pub fn bench_data_parallel(p: &DpPlan) -> Result<()> {
         p.limit, p.threads, p.world
     );
     println!("|---|---:|---:|---:|---:|");
-    for (name, alone, dp, comm) in results {
-        let ratios: Vec<f64> = alone.iter().zip(&dp).map(|(a, d)| a / d).collect();
+    for m in results {
+        let ratios: Vec<f64> = m.alone.iter().zip(&m.dp).map(|(a, d)| a / d).collect();
         println!(
-            "| {name} | {:.1} s | {:.1} s | {:.2}x | {:.1}% |",
-            median(alone),
-            median(dp),
+            "| {} | {:.1} s | {:.1} s | {:.2}x | {:.1}% |",
+            m.name,
+            median(m.alone),
+            median(m.dp),
             median(ratios),
-            100.0 * median(comm)
+            100.0 * median(m.comm_share)
         );
     }
     Ok(())
