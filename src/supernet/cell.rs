@@ -1,0 +1,249 @@
+//! One search cell: the MixedOp on each edge (with partial channels, GDAS sampling, skip dropout and the
+//! auxiliary skip), the weights a pass gives each cell type, and the pass's seeds.
+
+use crate::ops::{Op, Preprocess, ReluConvBn};
+use crate::space::{OpKind, SearchSpace};
+use tch::nn;
+use tch::{Device, Tensor};
+
+/// PC-DARTS' channel shuffle: `[n, c, h, w]` viewed as `[n, groups, c / groups, h, w]`, groups and
+/// channels-per-group swapped.
+pub fn channel_shuffle(x: &Tensor, groups: i64) -> Tensor {
+    let s = x.size();
+    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+    x.reshape([n, groups, c / groups, h, w]).transpose(1, 2).reshape([n, c, h, w])
+}
+
+/// One cell type's architecture weights for a forward pass.
+#[derive(Debug)]
+pub struct CellWeights {
+    /// softmax(alpha) (DARTS), or GDAS's hard one-hot weights with the softmax's gradient, `[edges, ops]`.
+    pub ops: Tensor,
+    /// Edge normalisation: the per-node softmax of beta, `[edges]`.
+    pub edges: Option<Tensor>,
+    /// GDAS: the op each edge runs (the others only pass their weight's gradient).
+    pub choices: Option<Vec<usize>>,
+}
+
+/// GDAS's sample for one cell type (Dong & Yang, CVPR 2019): per edge, the op maximising
+/// `(log_softmax(alpha) + g) / tau` with Gumbel noise `g` drawn from `seed` (no noise without a seed: the
+/// strongest op), and hard weights `one_hot - p.detach() + p` with `p = softmax((log_softmax(alpha) + g) / tau)`:
+/// one-hot forward, the softmax's gradient backward. The noise is drawn on the CPU from the seed, so the sample
+/// is the same on every device.
+pub fn gumbel_hard(alpha: &Tensor, tau: f64, seed: Option<u64>) -> (Tensor, Vec<usize>) {
+    use rand::{Rng, SeedableRng};
+    let (rows, cols) = (alpha.size()[0], alpha.size()[1]);
+    let noise: Vec<f32> = match seed {
+        Some(seed) => {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            // u in (0, 1): -ln(-ln u) is finite (GDAS redraws when its noise is infinite).
+            (0..rows * cols)
+                .map(|_| {
+                    let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+                    -(-u.ln()).ln() as f32
+                })
+                .collect()
+        }
+        None => vec![0.0; (rows * cols) as usize],
+    };
+    let g = Tensor::from_slice(&noise).reshape([rows, cols]).to_kind(alpha.kind()).to_device(alpha.device());
+    let probs = ((alpha.log_softmax(-1, alpha.kind()) + g) / tau).softmax(-1, alpha.kind());
+    let index = probs.argmax(-1, false);
+    let choices: Vec<usize> = Vec::<i64>::try_from(index.to_device(Device::Cpu))
+        .expect("argmax indices")
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let one_hot = probs.zeros_like().scatter_value(-1, &index.unsqueeze(-1), 1.0);
+    (one_hot - probs.detach() + probs, choices)
+}
+
+/// How a forward pass treats the supernet's edges.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pass {
+    /// Training mode (batch statistics in BN, dropout on).
+    pub train: bool,
+    /// P-DARTS: the dropout rate on the identity op's output (training mode only; 0: off).
+    pub skip_dropout: f64,
+    /// DARTS-: the weight of the auxiliary skip connection added to every edge (where the space has one).
+    pub aux_skip: f64,
+    /// The seed of the pass's random draws (skip dropout masks, GDAS samples); each cell and each edge in it
+    /// derive their own ([`Pass::derive`]).
+    pub seed: u64,
+}
+
+impl Pass {
+    /// The same pass for part `k` (a cell, an edge): its own seed, unrelated to its neighbours'.
+    pub fn derive(self, k: usize) -> Pass {
+        Pass { seed: splitmix64(self.seed ^ splitmix64(k as u64)), ..self }
+    }
+}
+
+/// splitmix64's output function: consecutive inputs give unrelated outputs.
+pub(super) fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A continuous relaxation of one edge: sum over ops of softmax(alpha)_op * op(x). With partial channels
+/// (K > 1, PC-DARTS) the ops see the first C/K channels only; the others bypass them (max-pooled 2x2 on a
+/// reducing edge) and the two parts are concatenated and channel-shuffled. With DARTS-'s auxiliary skip
+/// connection, `aux_skip * skip(x)` is added to the result (identity, or FactorizedReduce on a reducing edge).
+#[derive(Debug)]
+pub struct MixedOp {
+    pub(super) ops: Vec<Op>,
+    kinds: Vec<OpKind>,
+    partial: i64,
+    stride: i64,
+    pub(super) aux: Option<Op>,
+}
+
+impl MixedOp {
+    pub(super) fn new(p: &nn::Path, space: &SearchSpace, c: i64, stride: i64) -> MixedOp {
+        let ops_path = p / "_ops";
+        let partial = space.partial_channels as i64;
+        let ops = space
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(k, &kind)| Op::new(&(&ops_path / k), kind, c / partial, stride, false, true, space.activation));
+        // DARTS- names it `auxiliary_op`: FactorizedReduce(C, C, affine=False) on a reducing edge, else Identity.
+        let aux = space
+            .auxiliary_skip
+            .then(|| Op::new(&(p / "auxiliary_op"), OpKind::SkipConnect, c, stride, false, true, space.activation));
+        MixedOp { ops: ops.collect(), kinds: space.ops.clone(), partial, stride, aux }
+    }
+
+    /// `weights` is this edge's row of softmax(alpha); with `choice` (GDAS) its row of hard weights, and only
+    /// that op runs: `w[k] * op_k(x) + sum of the other w[j]` (they are 0 forward, and carry their gradient).
+    pub fn forward_t(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+        let y = self.relaxed(x, weights, pass, choice);
+        match &self.aux {
+            Some(aux) => {
+                let skip =
+                    crate::profile::time("auxiliary_skip", None, self.stride, x, || aux.forward_t(x, pass.train));
+                y + skip * pass.aux_skip
+            }
+            None => y,
+        }
+    }
+
+    fn relaxed(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+        if self.partial == 1 {
+            return self.mix(x, weights, pass, choice);
+        }
+        let c = x.size()[1];
+        // A channel slice of a channels-last tensor is dense in neither layout, and the shuffle's reshape
+        // returns NCHW: both are copied dense in the layout the rest of the network uses.
+        let nhwc = x.dim() == 4 && x.stride()[1] == 1 && c > 1;
+        let dense = |t: Tensor| if nhwc { crate::channels_last(&t) } else { t.contiguous() };
+        let seen = dense(x.narrow(1, 0, c / self.partial));
+        let bypass = x.narrow(1, c / self.partial, c - c / self.partial);
+        let mixed = self.mix(&seen, weights, pass, choice);
+        // ceil_mode: odd sizes give the ops' ceil(h/2) too (the original code fails on odd sizes).
+        let bypass = if self.stride == 2 { bypass.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], true) } else { bypass };
+        dense(channel_shuffle(&Tensor::cat(&[mixed, bypass], 1), self.partial))
+    }
+
+    fn mix(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+        if let Some(k) = choice {
+            let rest = weights.sum(weights.kind()) - weights.get(k as i64);
+            return self.weighted_op(k, x, weights, pass) + rest;
+        }
+        let mut out: Option<Tensor> = None;
+        for (k, op) in self.ops.iter().enumerate() {
+            // The zero op adds nothing to the sum and nothing to any gradient: skip its work.
+            if op.is_zero() {
+                continue;
+            }
+            let y = self.weighted_op(k, x, weights, pass);
+            out = Some(match out {
+                None => y,
+                Some(acc) => acc + y,
+            });
+        }
+        out.expect("the op set has an op besides none (validated)")
+    }
+
+    /// `weights[k] * op_k(x)`, with the skip dropout on the identity.
+    fn weighted_op(&self, k: usize, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
+        let (op, kind) = (&self.ops[k], self.kinds[k]);
+        let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, pass.train));
+        // P-DARTS: dropout after the parameter-free identity, so that it cannot win by training fastest.
+        let y = if pass.train && pass.skip_dropout > 0.0 && op.is_identity() {
+            // As `Tensor::dropout`, with the mask from this edge's own seed.
+            let keep = 1.0 - pass.skip_dropout;
+            let mask = crate::native::bernoulli_mask(&y, keep, pass.seed).unwrap_or_else(|e| panic!("{e:#}"));
+            y * (mask / keep)
+        } else {
+            y
+        };
+        y * weights.get(k as i64)
+    }
+}
+
+/// A search cell: two preprocessed inputs, `nodes` intermediate nodes each summing MixedOps over all
+/// predecessors, output = concat of the intermediate nodes.
+#[derive(Debug)]
+pub struct SearchCell {
+    /// Whether this is a reduction cell.
+    pub reduction: bool,
+    preprocess0: Preprocess,
+    preprocess1: ReluConvBn,
+    edges: Vec<MixedOp>,
+    nodes: usize,
+}
+
+impl SearchCell {
+    pub(super) fn new(
+        p: &nn::Path,
+        space: &SearchSpace,
+        c_pp: i64,
+        c_p: i64,
+        c: i64,
+        reduction: bool,
+        reduction_prev: bool,
+    ) -> Self {
+        let preprocess0 = Preprocess::new(&(p / "preprocess0"), c_pp, c, reduction_prev, false, space.activation);
+        let preprocess1 = ReluConvBn::new(&(p / "preprocess1"), c_p, c, 1, 1, 0, false, space.activation);
+        let ops = p / "_ops";
+        let mut edges = Vec::new();
+        for i in 0..space.nodes {
+            for j in 0..2 + i {
+                let stride = if reduction && j < 2 { 2 } else { 1 };
+                edges.push(MixedOp::new(&(&ops / edges.len()), space, c, stride));
+            }
+        }
+        SearchCell { reduction, preprocess0, preprocess1, edges, nodes: space.nodes }
+    }
+
+    /// `weights`: this cell type's architecture weights for the pass.
+    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, weights: &CellWeights, pass: Pass) -> Tensor {
+        let train = pass.train;
+        let s0 = crate::profile::time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train));
+        let s1 = crate::profile::time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train));
+        let mut states = vec![s0, s1];
+        let mut offset = 0;
+        for _ in 0..self.nodes {
+            let mut sum: Option<Tensor> = None;
+            for (j, h) in states.iter().enumerate() {
+                let e = (offset + j) as i64;
+                let choice = weights.choices.as_ref().map(|c| c[offset + j]);
+                let y = self.edges[offset + j].forward_t(h, &weights.ops.get(e), pass.derive(offset + j), choice);
+                let y = match &weights.edges {
+                    Some(b) => y * b.get(e),
+                    None => y,
+                };
+                sum = Some(match sum {
+                    None => y,
+                    Some(acc) => acc + y,
+                });
+            }
+            offset += states.len();
+            states.push(sum.expect("a node has at least two inputs"));
+        }
+        Tensor::cat(&states[2..], 1)
+    }
+}
