@@ -454,6 +454,7 @@ pub fn evaluate_model_in(
     layout: crate::Layout,
     dist: Option<std::sync::Arc<crate::dist::Dist>>,
 ) -> Result<crate::evaluate::EvalResult> {
+    let dir = &rundir::training_dir(dir);
     let cfg_path = dir.join(rundir::TRAIN_CONFIG);
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{} is not a training run directory (no train-config.json)", dir.display()))?;

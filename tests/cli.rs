@@ -204,6 +204,13 @@ fn the_whole_pipeline_runs_and_a_second_invocation_continues_it() {
     assert!(html.contains(&format!("{:.2}%", 100.0 * top1)), "the report shows the final test accuracy");
     assert!(html.contains("multiply-accumulates") && html.contains(searched.trim()), "counts and genotype");
     opens_in_a_browser(&dir.path().join("report.html"), 9);
+    // The run directory stands for its trained model: eval, export and predict find train/ in it.
+    let (ok, stdout3, err) = darts(&["eval", "--model", out, "--device", "cpu"]);
+    assert!(ok, "{err}");
+    let evaluated: serde_json::Value = serde_json::from_str(stdout3.trim()).unwrap();
+    assert_eq!(evaluated["top1"], summary["test"]["top1"], "eval of the run directory tests its training");
+    let (ok, _, err) = darts(&["export", "--model", out, "--which", "best"]);
+    assert!(ok && dir.path().join("train/model-best.onnx").is_file(), "{err}");
     let (ok, stdout2, err) = darts(&args);
     assert!(ok, "{err}");
     assert!(err.contains("search already finished"), "{err}");

@@ -15,7 +15,7 @@ pub enum Format {
 /// Arguments of `darts export`.
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// A training run directory (from `darts train` or `darts run`).
+    /// A training run directory (from `darts train`), or a `darts run` directory (its training stage).
     #[arg(long)]
     model: PathBuf,
     /// Which weights: last (after the last epoch) or best (chosen on the held-out validation split; runs trained
@@ -49,7 +49,7 @@ pub fn export(a: ExportArgs, rt: &super::Runtime) -> Result<()> {
         Which::Last => "last",
         Which::Best => "best",
     };
-    let out = a.out.unwrap_or_else(|| a.model.join(format!("model-{which}.onnx")));
+    let out = a.out.unwrap_or_else(|| darts::rundir::training_dir(&a.model).join(format!("model-{which}.onnx")));
     // Check the file before writing it: tract runs it and must give the network's own logits.
     let diff = darts::deploy::runtime::check_against_torch(&model, &bytes, opts)?;
     darts::rundir::write_atomically(&out, &bytes)?;

@@ -180,12 +180,14 @@ pub struct TrainedModel {
 }
 
 impl TrainedModel {
-    /// Loads `which` weights of the training run in `dir` onto `device`.
+    /// Loads `which` weights of the training run in `dir` (or of the training stage of a `darts run` directory)
+    /// onto `device`.
     pub fn load(dir: &Path, which: Which, device: Device) -> Result<TrainedModel> {
+        let dir = &rundir::training_dir(dir);
         let cfg_path = dir.join(rundir::TRAIN_CONFIG);
         if !cfg_path.is_file() {
             bail!(
-                "{} is not a training run directory (no {}): give the directory of a darts train or darts run",
+                "{} is not a training run directory (no {}): give the directory of a darts train or a darts run",
                 dir.display(),
                 rundir::TRAIN_CONFIG
             );

@@ -59,6 +59,17 @@ pub const MODEL_BEST: &str = "model-best.safetensors";
 /// The model card of a training run (input, normalisation, class names: what a deployer needs).
 pub const MODEL_CARD: &str = "model-card.json";
 
+/// The training run directory of `dir`: `dir` itself when it holds a training, else the training stage of a
+/// `darts run` directory (`dir/train`); `dir` unchanged when neither (the caller's error names it).
+pub fn training_dir(dir: &Path) -> PathBuf {
+    let stage = dir.join(TRAIN_STAGE);
+    if !dir.join(TRAIN_CONFIG).is_file() && stage.join(TRAIN_CONFIG).is_file() {
+        stage
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 /// Which trained weights of a training run directory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Which {
