@@ -3,9 +3,9 @@
 //! and multiply-accumulate counts.
 
 use crate::genotype::Genotype;
-use crate::ops::{batch_norm, Conv, ConvSpec, Op, Preprocess, ReluConvBn, Stem};
+use crate::ops::{batch_norm, fold_batch_norm, Bn, Conv, ConvSpec, Op, Preprocess, ReluConvBn, Stem};
 use crate::space::{Activation, DataShape};
-use tch::nn::{self, ModuleT};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 /// The macro shape of a final network.
@@ -51,11 +51,11 @@ impl NetworkConfig {
 #[derive(Debug)]
 pub(crate) struct ImageNetStem {
     pub(crate) conv0a: Conv,
-    pub(crate) bn0a: nn::BatchNorm,
+    pub(crate) bn0a: Bn,
     pub(crate) conv0b: Conv,
-    pub(crate) bn0b: nn::BatchNorm,
+    pub(crate) bn0b: Bn,
     pub(crate) conv1: Conv,
-    pub(crate) bn1: nn::BatchNorm,
+    pub(crate) bn1: Bn,
 }
 
 impl ImageNetStem {
@@ -197,9 +197,9 @@ impl Cell {
 #[derive(Debug)]
 pub struct AuxiliaryHead {
     conv1: Conv,
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     conv2: Conv,
-    bn2: Option<nn::BatchNorm>,
+    bn2: Option<Bn>,
     classifier: nn::Linear,
     imagenet: bool,
 }
@@ -354,6 +354,30 @@ impl Network {
             s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier)
         });
         (logits, aux)
+    }
+}
+
+impl Network {
+    /// Folds every BatchNorm that follows a convolution into it (stem, preprocessing, the cells' ops; the
+    /// auxiliary head, unused in evaluation, stays): evaluation-mode outputs equal to float rounding, fewer
+    /// kernels. For inference only: the weights change and the network no longer trains as before, nor exports.
+    pub fn fold_batch_norm(&mut self) {
+        match &mut self.stem {
+            NetStem::Cifar(stem) => stem.fold_batch_norm(),
+            NetStem::ImageNet(stem) => {
+                let s = &mut **stem;
+                fold_batch_norm(&mut [&mut s.conv0a], &mut s.bn0a);
+                fold_batch_norm(&mut [&mut s.conv0b], &mut s.bn0b);
+                fold_batch_norm(&mut [&mut s.conv1], &mut s.bn1);
+            }
+        }
+        for cell in &mut self.cells {
+            cell.preprocess0.fold_batch_norm();
+            cell.preprocess1.fold_batch_norm();
+            for op in &mut cell.ops {
+                op.fold_batch_norm();
+            }
+        }
     }
 }
 

@@ -24,6 +24,8 @@ pub fn count_conv_macs(f: impl FnOnce()) -> u64 {
 pub struct Conv {
     /// The kernel, `[c_out, c_in / groups, kh, kw]`.
     pub weight: Tensor,
+    /// A bias, only where a BatchNorm was folded into the convolution for inference ([`fold_batch_norm`]).
+    pub(crate) bias: Option<Tensor>,
     pub(crate) stride: [i64; 2],
     pub(crate) padding: [i64; 2],
     pub(crate) dilation: [i64; 2],
@@ -62,7 +64,7 @@ impl Conv {
             &[c_out, c_in / s.groups, s.kernel[0], s.kernel[1]],
             nn::Init::Uniform { lo: -bound, up: bound },
         );
-        Conv { weight, stride: s.stride, padding: s.padding, dilation: s.dilation, groups: s.groups }
+        Conv { weight, bias: None, stride: s.stride, padding: s.padding, dilation: s.dilation, groups: s.groups }
     }
 
     /// Applies the convolution.
@@ -75,9 +77,9 @@ impl Conv {
             // take every second pixel, then a 1x1 convolution with stride 1.
             let (h, w) = (x.size()[2], x.size()[3]);
             let sub = crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2));
-            sub.conv2d(&self.weight, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
+            sub.conv2d(&self.weight, self.bias.as_ref(), [1, 1], [0, 0], [1, 1], 1)
         } else {
-            x.conv2d(&self.weight, None::<Tensor>, self.stride, self.padding, self.dilation, self.groups)
+            x.conv2d(&self.weight, self.bias.as_ref(), self.stride, self.padding, self.dilation, self.groups)
         };
         MACS.with(|m| {
             if let Some(n) = m.get() {
@@ -120,7 +122,8 @@ impl Conv {
         let k = self.weight.size()[2];
         let pad = [(k - 1) / 2, (k - 1) / 2];
         let (n, c, h, w) = (x.size()[0], x.size()[1], x.size()[2], x.size()[3]);
-        let conv = |t: &Tensor| t.conv2d(&self.weight, None::<Tensor>, [1, 1], pad, [1, 1], self.groups);
+        // Each output pixel comes from exactly one phase: the bias is added once.
+        let conv = |t: &Tensor| t.conv2d(&self.weight, self.bias.as_ref(), [1, 1], pad, [1, 1], self.groups);
         if self.stride[0] == 2 {
             return conv(&x.slice(2, 0, None, 2).slice(3, 0, None, 2));
         }
@@ -139,8 +142,8 @@ impl Conv {
 }
 
 /// Batch normalisation as PyTorch's `nn.BatchNorm2d(c, affine=affine)`.
-pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> nn::BatchNorm {
-    nn::batch_norm2d(
+pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> Bn {
+    let bn = nn::batch_norm2d(
         p,
         c,
         nn::BatchNormConfig {
@@ -149,7 +152,85 @@ pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> nn::BatchNorm {
             bs_init: nn::Init::Const(0.0),
             ..Default::default()
         },
-    )
+    );
+    Bn { bn, folded: false }
+}
+
+/// BatchNorm's epsilon in every darts network (PyTorch's default).
+pub const BN_EPS: f64 = 1e-5;
+
+/// A BatchNorm (tch's, whose fields it derefs to) that inference may fold into the convolution before it: then it
+/// is the identity, and the convolution carries its scale and shift.
+#[derive(Debug)]
+pub struct Bn {
+    bn: nn::BatchNorm,
+    folded: bool,
+}
+
+impl std::ops::Deref for Bn {
+    type Target = nn::BatchNorm;
+    fn deref(&self) -> &nn::BatchNorm {
+        &self.bn
+    }
+}
+
+impl Bn {
+    /// Applies it (the identity once folded).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        if self.folded {
+            x.shallow_clone()
+        } else {
+            self.bn.forward_t(x, train)
+        }
+    }
+
+    /// Whether it was folded into a convolution.
+    pub fn is_folded(&self) -> bool {
+        self.folded
+    }
+
+    /// The evaluation-mode BN as `y = scale * x + shift` per channel (in the statistics' precision).
+    pub fn scale_shift(&self) -> (Tensor, Tensor) {
+        tch::no_grad(|| {
+            let inv = (&self.bn.running_var + BN_EPS).rsqrt();
+            let scale = match &self.bn.ws {
+                Some(w) => w * &inv,
+                None => inv,
+            };
+            let shift = -&self.bn.running_mean * &scale;
+            let shift = match &self.bn.bs {
+                Some(b) => shift + b,
+                None => shift,
+            };
+            (scale, shift)
+        })
+    }
+}
+
+/// Folds `bn` (evaluation mode: its running statistics) into the convolutions whose concatenated outputs it
+/// normalises: each kernel scaled per output channel, the shift as a bias; `bn` becomes the identity. For
+/// inference only: the network no longer trains as before.
+pub fn fold_batch_norm(convs: &mut [&mut Conv], bn: &mut Bn) {
+    if bn.folded {
+        return;
+    }
+    let (scale, shift) = bn.scale_shift();
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for conv in convs.iter_mut() {
+            let c = conv.weight.size()[0];
+            let s = scale.narrow(0, offset, c).to_kind(conv.weight.kind());
+            let scaled = &conv.weight * s.view([-1, 1, 1, 1]);
+            conv.weight.copy_(&scaled);
+            let b = shift.narrow(0, offset, c).to_kind(conv.weight.kind());
+            conv.bias = Some(match conv.bias.take() {
+                Some(old) => old * &s + b,
+                None => b,
+            });
+            offset += c;
+        }
+    });
+    bn.folded = true;
 }
 
 /// ReLU, convolution, BN (the original `ReLUConvBN`; the cells' preprocessing).
@@ -157,7 +238,7 @@ pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> nn::BatchNorm {
 pub struct ReluConvBn {
     pub(crate) act: Activation,
     pub(crate) conv: Conv,
-    pub(crate) bn: nn::BatchNorm,
+    pub(crate) bn: Bn,
 }
 
 impl ReluConvBn {
@@ -184,6 +265,11 @@ impl ReluConvBn {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         self.bn.forward_t(&self.conv.forward(&self.act.apply(x)), train)
     }
+
+    /// Folds the BN into the convolution (inference only).
+    pub fn fold_batch_norm(&mut self) {
+        fold_batch_norm(&mut [&mut self.conv], &mut self.bn);
+    }
 }
 
 /// Halves the spatial size with two offset stride-2 1x1 convolutions (the original `FactorizedReduce`).
@@ -192,7 +278,7 @@ pub struct FactorizedReduce {
     pub(crate) act: Activation,
     pub(crate) conv_1: Conv,
     pub(crate) conv_2: Conv,
-    pub(crate) bn: nn::BatchNorm,
+    pub(crate) bn: Bn,
 }
 
 impl FactorizedReduce {
@@ -214,6 +300,11 @@ impl FactorizedReduce {
         let shifted = if h % 2 == 1 || w % 2 == 1 { shifted.constant_pad_nd([0, w % 2, 0, h % 2]) } else { shifted };
         let out = Tensor::cat(&[self.conv_1.forward(&x), self.conv_2.forward(&shifted)], 1);
         self.bn.forward_t(&out, train)
+    }
+
+    /// Folds the BN into both convolutions, each taking its half of the channels (inference only).
+    pub fn fold_batch_norm(&mut self) {
+        fold_batch_norm(&mut [&mut self.conv_1, &mut self.conv_2], &mut self.bn);
     }
 }
 
@@ -244,13 +335,21 @@ impl Preprocess {
             Preprocess::Conv(c) => c.forward_t(x, train),
         }
     }
+
+    /// Folds its BN into its convolution(s) (inference only).
+    pub fn fold_batch_norm(&mut self) {
+        match self {
+            Preprocess::Reduce(fr) => fr.fold_batch_norm(),
+            Preprocess::Conv(c) => c.fold_batch_norm(),
+        }
+    }
 }
 
 /// The stem: a 3x3 convolution from the image channels to `c` channels, then BN (affine).
 #[derive(Debug)]
 pub struct Stem {
     pub(crate) conv: Conv,
-    pub(crate) bn: nn::BatchNorm,
+    pub(crate) bn: Bn,
 }
 
 impl Stem {
@@ -262,6 +361,11 @@ impl Stem {
     /// Applies it.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         self.bn.forward_t(&self.conv.forward(x), train)
+    }
+
+    /// Folds the BN into the convolution (inference only).
+    pub fn fold_batch_norm(&mut self) {
+        fold_batch_norm(&mut [&mut self.conv], &mut self.bn);
     }
 }
 
@@ -278,21 +382,21 @@ pub enum Op {
         /// 1 or 2.
         stride: i64,
         /// The BN (affine = false) that follows pooling during search.
-        bn: Option<nn::BatchNorm>,
+        bn: Option<Bn>,
     },
     /// 3x3 average pooling (padding not counted), with the search-time BN when present.
     AvgPool {
         /// 1 or 2.
         stride: i64,
         /// The BN (affine = false) that follows pooling during search.
-        bn: Option<nn::BatchNorm>,
+        bn: Option<Bn>,
     },
     /// Identity.
     Identity,
     /// FactorizedReduce (skip_connect on a reducing edge).
     Reduce(FactorizedReduce),
     /// A chain of (ReLU, convolutions, BN) blocks: sep, dil and 7x1-1x7 convolutions.
-    Convs(Activation, Vec<(Vec<Conv>, nn::BatchNorm)>),
+    Convs(Activation, Vec<(Vec<Conv>, Bn)>),
 }
 
 impl Op {
@@ -353,6 +457,21 @@ impl Op {
                     )],
                 )
             }
+        }
+    }
+
+    /// Folds every BN that follows a convolution into it (inference only); a pooling op's search-time BN stays.
+    pub fn fold_batch_norm(&mut self) {
+        match self {
+            Op::Reduce(fr) => fr.fold_batch_norm(),
+            Op::Convs(_, blocks) => {
+                for (convs, bn) in blocks {
+                    if let Some(last) = convs.last_mut() {
+                        fold_batch_norm(&mut [last], bn);
+                    }
+                }
+            }
+            Op::Zero { .. } | Op::MaxPool { .. } | Op::AvgPool { .. } | Op::Identity => {}
         }
     }
 

@@ -128,6 +128,32 @@ fn every_op_and_odd_sizes_give_the_networks_logits_in_tract() {
     }
 }
 
+/// darts predict's libtorch network: BatchNorm folded into the convolutions gives the network's evaluation-mode
+/// logits (every op kind, odd sizes, both variants, NCHW and channels-last), and such a network refuses export.
+#[test]
+fn folding_batch_norm_keeps_the_evaluation_logits() {
+    let g = every_op();
+    let cases = [
+        (NetworkConfig { channels: 4, layers: 5, auxiliary: true, stem_multiplier: 3, imagenet: false }, 9, 1),
+        (NetworkConfig { channels: 4, layers: 4, ..NetworkConfig::imagenet() }, 33, 3),
+    ];
+    for (i, (cfg, size, channels)) in cases.into_iter().enumerate() {
+        let shape = DataShape { channels, height: size, width: size, classes: 7 };
+        let (vs, mut net) = trained_like(&g, &cfg, &shape, 40 + i as i64);
+        let x = Tensor::randn([3, channels as i64, size as i64, size as i64], (Kind::Float, Device::Cpu));
+        let want = tch::no_grad(|| net.forward_t(&x, false).0);
+        net.fold_batch_norm();
+        for cl in [false, true] {
+            darts::network::set_channels_last(&mut net, &vs, cl);
+            let got = tch::no_grad(|| net.forward_t(&x, false).0);
+            let d = max_rel_diff(&got, &want);
+            assert!(d < 1e-4, "case {i}, channels-last {cl}: folded logits differ by {d:e}");
+        }
+        let err = onnx::export(&net, &card(&g, &cfg, shape), ExportOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("folded"), "{err}");
+    }
+}
+
 #[test]
 fn published_cells_export_with_their_parameter_counts() {
     let cifar = DataShape { channels: 3, height: 32, width: 32, classes: 10 };

@@ -83,6 +83,11 @@ pub fn bench_inference(plan: &InferencePlan, dir: &Path, mut log: impl FnMut(&st
         files.push((if fold { "folded" } else { "nodes" }, path));
         tract.push((format!("tract, {name}"), tract_plan(&bytes, &card)?));
     }
+    let mut folded_vs = nn::VarStore::new(Device::Cpu);
+    let mut folded = Network::new(&folded_vs.root(), &plan.genotype, &plan.network, &plan.shape);
+    folded_vs.copy(&vs)?;
+    folded.fold_batch_norm();
+    crate::network::set_channels_last(&mut folded, &folded_vs, true);
     let mut ort = match &plan.ort {
         Some((py, script)) => {
             let mut cmd = std::process::Command::new(py);
@@ -138,6 +143,11 @@ pub fn bench_inference(plan: &InferencePlan, dir: &Path, mut log: impl FnMut(&st
                     Ok(())
                 })?;
             }
+            // The network darts predict runs: BatchNorm folded, channels-last.
+            measure("libtorch channels-last, BN folded".into(), &mut || {
+                let _ = tch::no_grad(|| folded.forward_t(&x, false).0);
+                Ok(())
+            })?;
             for (name, p) in &tract {
                 let input = TractTensor::from_shape(&[batch, s.channels, s.height, s.width], &flat)?;
                 measure(name.clone(), &mut || {

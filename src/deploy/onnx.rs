@@ -5,19 +5,17 @@
 
 use super::ModelCard;
 use crate::network::{Cell, NetStem, Network};
-use crate::ops::{Conv, FactorizedReduce, Op, Preprocess, ReluConvBn};
+use crate::ops::{Bn, Conv, FactorizedReduce, Op, Preprocess, ReluConvBn, BN_EPS};
 use crate::space::Activation;
 use anyhow::{bail, Result};
 use prost::Message;
-use tch::{nn, Kind, Tensor};
+use tch::{Kind, Tensor};
 use tract_onnx::pb;
 
 /// The ONNX operator set the exported graphs use.
 pub const OPSET: i64 = 17;
 /// The ONNX IR version written (IR 8 goes with opset 17 and is read by every runtime of the last years).
 pub const IR_VERSION: i64 = 8;
-/// BatchNorm's epsilon in every darts network (PyTorch's default).
-const BN_EPS: f64 = 1e-5;
 /// Name of the graph's input.
 pub const INPUT: &str = "input";
 /// Name of the graph's logits output.
@@ -182,7 +180,7 @@ impl Builder {
         Value { name, h: out(x.h, 0), w: out(x.w, 1) }
     }
 
-    fn batch_norm(&mut self, bn: &nn::BatchNorm, x: &Value) -> Result<Value> {
+    fn batch_norm(&mut self, bn: &Bn, x: &Value) -> Result<Value> {
         let (mean, var, gamma, beta) = bn_values(bn)?;
         let c = mean.len() as i64;
         let inputs = [
@@ -198,7 +196,10 @@ impl Builder {
     }
 
     /// Convolutions whose concatenated outputs a BatchNorm follows, with the BN folded into them or after them.
-    fn convs_bn(&mut self, convs: &[(&Conv, &Value, [i64; 2])], bn: &nn::BatchNorm, fold: bool) -> Result<Value> {
+    fn convs_bn(&mut self, convs: &[(&Conv, &Value, [i64; 2])], bn: &Bn, fold: bool) -> Result<Value> {
+        if bn.is_folded() || convs.iter().any(|(c, _, _)| c.bias.is_some()) {
+            bail!("this network's BatchNorms were folded for inference: export it as loaded, before folding");
+        }
         let (scale, shift) = bn_affine(bn)?;
         let mut outs = Vec::new();
         let mut offset = 0usize;
@@ -329,7 +330,7 @@ impl Builder {
 /// A BatchNorm's running mean and variance and its affine weight and bias (1 and 0 without affine).
 type BnValues = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
-fn bn_values(bn: &nn::BatchNorm) -> Result<BnValues> {
+fn bn_values(bn: &Bn) -> Result<BnValues> {
     let mean = floats(&bn.running_mean)?;
     let var = floats(&bn.running_var)?;
     let c = mean.len();
@@ -345,7 +346,7 @@ fn bn_values(bn: &nn::BatchNorm) -> Result<BnValues> {
 }
 
 /// A BatchNorm in evaluation mode as `y = scale * x + shift` per channel.
-fn bn_affine(bn: &nn::BatchNorm) -> Result<(Vec<f32>, Vec<f32>)> {
+fn bn_affine(bn: &Bn) -> Result<(Vec<f32>, Vec<f32>)> {
     let (mean, var, gamma, beta) = bn_values(bn)?;
     let (scale, shift) = (0..mean.len())
         .map(|i| {

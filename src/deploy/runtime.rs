@@ -75,9 +75,13 @@ impl Engine {
             let plan = tract_plan(&bytes, &card)?;
             return Ok(Engine::Tract { plan, card: Box::new(card), normalize_inside: opts.normalize_inside });
         }
-        let trained = TrainedModel::load(model, which, device)?;
+        let mut trained = TrainedModel::load(model, which, device)?;
         Ok(match kind {
-            EngineKind::Torch => Engine::Torch(Box::new(trained)),
+            EngineKind::Torch => {
+                // Inference only: BatchNorm folded into the convolutions (the same outputs, fewer kernels).
+                trained.net.fold_batch_norm();
+                Engine::Torch(Box::new(trained))
+            }
             EngineKind::Tract => {
                 let opts = onnx::ExportOptions::default();
                 let bytes = onnx::to_bytes(&trained.to_onnx(opts)?);
