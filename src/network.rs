@@ -81,7 +81,7 @@ impl ImageNetStem {
 
 #[derive(Debug)]
 pub(crate) enum NetStem {
-    Cifar(Stem),
+    Cifar(Box<Stem>),
     ImageNet(Box<ImageNetStem>),
 }
 
@@ -275,7 +275,7 @@ impl Network {
             (NetStem::ImageNet(Box::new(ImageNetStem::new(p, shape.channels as i64, c))), c, true)
         } else {
             let c_stem = cfg.stem_multiplier as i64 * c;
-            (NetStem::Cifar(Stem::new(&(p / "stem"), shape.channels as i64, c_stem)), c_stem, false)
+            (NetStem::Cifar(Box::new(Stem::new(&(p / "stem"), shape.channels as i64, c_stem))), c_stem, false)
         };
         let (mut c_pp, mut c_p) = (c_stem, c_stem);
         let mut c_curr = c;
