@@ -315,6 +315,24 @@ fn a_trained_model_exports_and_predicts_png_files_as_darts_eval_scores_them() {
         }
     }
 
+    // darts eval on the ONNX file (tract, the test set its card names) scores as on the run directory.
+    let (ok, out, err) = darts(&["eval", "--model", onnx_file.to_str().unwrap(), "--limit", "96"]);
+    assert!(ok, "{err}");
+    let on_onnx: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(on_onnx["top1"], eval["top1"], "darts eval of the ONNX file");
+    assert_eq!(on_onnx["examples"], 96);
+    let (l1, l2) = (on_onnx["loss"].as_f64().unwrap(), eval["loss"].as_f64().unwrap());
+    assert!((l1 - l2).abs() < 1e-4 * l2.max(1.0), "test loss {l1} in tract, {l2} in libtorch");
+    let inside = dir.path().join("inside.onnx");
+    let (ok, _, err) = darts(&["export", "--model", r, "--normalize-inside", "--out", inside.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = darts(&["eval", "--model", inside.to_str().unwrap(), "--limit", "96"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["top1"], eval["top1"], "darts eval of the ONNX file that normalises inside");
+    let (ok, _, err) = darts(&["eval", "--model", r, "--limit", "96"]);
+    assert!(!ok && err.contains("ONNX file"), "{err}");
+
     // ONNX Runtime on the same images, normalised as the card says, scores as darts eval.
     let py = common::darts_python();
     let has_ort = std::process::Command::new(&py).args(["-c", "import onnxruntime"]).output().unwrap();

@@ -98,19 +98,43 @@ pub fn run(a: TrainArgs, rt: &super::Runtime) -> Result<()> {
 /// Arguments of `darts eval`.
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
-    /// A training run directory (from `darts train` or `darts run`).
+    /// A training run directory (from `darts train` or `darts run`), or an ONNX file from `darts export` (run in
+    /// tract on the test set of the dataset it was trained on).
     #[arg(long)]
     model: PathBuf,
     /// Which weights: last (after the last epoch) or best (the epoch of best accuracy on the held-out
     /// validation split; runs trained with --valid-portion only).
     #[arg(long, value_enum, default_value = "last")]
     which: run::Which,
+    /// An ONNX file's test data: where the dataset is (when not found by itself; image folders always).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// An ONNX file's test data: only the first N test examples (as the training's --limit).
+    #[arg(long)]
+    limit: Option<usize>,
 }
 
 pub fn eval(a: EvalArgs, rt: &super::Runtime) -> Result<()> {
-    let (device, dist) = rt.launch()?;
+    let is_onnx = a.model.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    if !is_onnx && (a.data_dir.is_some() || a.limit.is_some()) {
+        anyhow::bail!(
+            "--data-dir and --limit are for an ONNX file: a run directory evaluates on the data of its \
+             train-config.json"
+        );
+    }
+    let (device, dist) = if is_onnx {
+        rt.single_process("eval of an ONNX file")?;
+        darts::deploy::runtime::set_tract_threads(rt.threads.map_or(1, |t| t.max(1) as usize));
+        (tch::Device::Cpu, None)
+    } else {
+        rt.launch()?
+    };
     let writes = dist.as_ref().is_none_or(|d| d.is_writer());
-    let r = run::evaluate_model_in(&a.model, a.which, device, rt.layout, dist)?;
+    let r = if is_onnx {
+        darts::deploy::runtime::evaluate_onnx(&a.model, a.data_dir.as_deref(), a.limit)?
+    } else {
+        run::evaluate_model_in(&a.model, a.which, device, rt.layout, dist)?
+    };
     if !writes {
         return Ok(());
     }

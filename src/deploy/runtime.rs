@@ -164,3 +164,59 @@ pub fn check_against_torch(model: &TrainedModel, bytes: &[u8], opts: onnx::Expor
     }
     Ok(diff)
 }
+
+/// Evaluates an ONNX file written by `darts export` in tract on the test set of the dataset its card names
+/// (`data_dir` where the data is not found by itself, the first `limit` examples): loss, top-1 and top-5, as
+/// `darts eval` reports them for the run directory.
+pub fn evaluate_onnx(
+    path: &Path,
+    data_dir: Option<&Path>,
+    limit: Option<usize>,
+) -> Result<crate::evaluate::EvalResult> {
+    use tch::{Kind, Tensor};
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let proto = onnx::from_bytes(&bytes).with_context(|| format!("{} is not an ONNX model", path.display()))?;
+    let (card, opts) = ModelCard::from_onnx(&proto)?;
+    let kind: crate::data::DatasetKind = serde_json::from_value(serde_json::json!(card.dataset))
+        .with_context(|| format!("the model was trained on {:?}, which this darts does not know", card.dataset))?;
+    let s = card.shape;
+    let size = (kind == crate::data::DatasetKind::Folder).then_some(s.height);
+    let test = crate::data::load_with(kind, data_dir, false, size)?.truncated(limit);
+    if (test.shape.channels, test.shape.height, test.shape.width) != (s.channels, s.height, s.width) {
+        anyhow::bail!(
+            "the test images are {}x{}x{}, the model takes {}x{}x{}: give the --data-dir it was trained on",
+            test.shape.channels,
+            test.shape.height,
+            test.shape.width,
+            s.channels,
+            s.height,
+            s.width
+        );
+    }
+    let engine = Engine::Tract {
+        plan: tract_plan(&bytes, &card)?,
+        card: Box::new(card.clone()),
+        normalize_inside: opts.normalize_inside,
+    };
+    let (mut loss, mut top1, mut top5) = (0.0, 0.0, 0.0);
+    let all: Vec<usize> = (0..test.len()).collect();
+    for idx in all.chunks(64) {
+        let (x, y) = test.batch(idx, None, tch::Device::Cpu);
+        let x = if opts.normalize_inside {
+            let ix = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            test.images.index_select(0, &ix).to_kind(Kind::Float) / 255.0
+        } else {
+            x
+        };
+        let flat = Vec::<f32>::try_from(x.contiguous().flatten(0, -1))?;
+        let rows = engine.logits(&flat, idx.len())?;
+        let logits = Tensor::from_slice(&rows.concat()).reshape([idx.len() as i64, -1]);
+        loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * idx.len() as f64;
+        top1 += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]) as f64;
+        if s.classes > 5 {
+            let (_, top) = logits.topk(5, -1, true, true);
+            top5 += top.eq_tensor(&y.unsqueeze(1)).any_dim(1, false).sum(Kind::Int64).int64_value(&[]) as f64;
+        }
+    }
+    Ok(crate::evaluate::EvalResult::from_sums([loss, top1, top5, test.len() as f64], s.classes))
+}
