@@ -603,3 +603,57 @@ fn bench_data_parallel_prints_both_epochs() {
         assert!(cells[3].ends_with('x'), "{line}");
     }
 }
+
+/// Two "nodes" on this machine, one torchrun each (`--nnodes 2 --node-rank 0/1`, one process per node, the
+/// store at node 0's address): every process has LOCAL_RANK 0 and its own global RANK, as on a cluster; the
+/// training runs, rank 0 alone writes, and the result equals a one-node two-process run of the same command.
+#[test]
+fn darts_train_runs_on_two_torchrun_nodes() {
+    let torchrun = format!("{}/venv/bin/torchrun", common::darts_cache());
+    assert!(Path::new(&torchrun).is_file(), "{torchrun} missing: run scripts/setup.sh first");
+    let dir = tempfile::tempdir().unwrap();
+    let darts_args = |out: &Path| -> Vec<String> {
+        let mut v: Vec<String> = ["train", "--genotype", "DARTS_V2", "--limit", "64", "--channels", "4", "--layers"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(
+            ["3", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet", "--device", "cpu", "--out"]
+                .map(String::from),
+        );
+        v.push(out.display().to_string());
+        v
+    };
+    let (nodes, one) = (dir.path().join("nodes"), dir.path().join("one"));
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..2)
+        .map(|node| {
+            Command::new(&torchrun)
+                .args(["--no-python", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", &node.to_string()])
+                .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+                .arg(env!("CARGO_BIN_EXE_darts"))
+                .args(darts_args(&nodes))
+                .env("OMP_WAIT_POLICY", "PASSIVE")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (node, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "node {node}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let port = free_port();
+    let outs = run_ranks(2, |r| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_darts"));
+        cmd.args(darts_args(&one));
+        torchrun_env(&mut cmd, r, 2, port);
+        cmd
+    });
+    assert!(outs.iter().all(|o| o.status.success()), "{}", String::from_utf8_lossy(&outs[0].stderr));
+    for file in ["checkpoint.safetensors", "model-last.safetensors"] {
+        let same = std::fs::read(nodes.join(file)).unwrap() == std::fs::read(one.join(file)).unwrap();
+        assert!(same, "{file}: two nodes and one node of two processes differ");
+    }
+}
