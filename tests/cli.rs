@@ -512,6 +512,37 @@ fn a_search_and_a_training_run_on_an_image_folder() {
         serde_json::from_str(&std::fs::read_to_string(t.join("network.json")).unwrap()).unwrap();
     assert_eq!(net["input"], serde_json::json!([3, 16, 16]));
     assert_eq!(net["classes"], 2);
+    // The model card names the classes by folder; predict resizes any image (a JPEG of another size and a
+    // grayscale PNG, converted to RGB) and names its classes, the same through libtorch and the ONNX file.
+    let card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("model-card.json")).unwrap()).unwrap();
+    assert_eq!(card["class_names"], serde_json::json!(["cats", "dogs"]));
+    let photos = out.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    image::RgbImage::from_fn(40, 33, |x, y| image::Rgb([(x * 5) as u8, (y * 7) as u8, 200]))
+        .save(photos.join("big.jpg"))
+        .unwrap();
+    image::GrayImage::from_fn(9, 9, |x, _| image::Luma([(x * 20) as u8])).save(photos.join("small.png")).unwrap();
+    let p = photos.to_str().unwrap();
+    let tr = t.to_str().unwrap();
+    let (ok, torch, err) = darts(&["predict", "--model", tr, "--json", "--top-k", "2", p]);
+    assert!(ok, "{err}");
+    let onnx = out.path().join("m.onnx");
+    let (ok, _, err) = darts(&["export", "--model", tr, "--out", onnx.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, tract, err) = darts(&["predict", "--model", onnx.to_str().unwrap(), "--json", "--top-k", "2", p]);
+    assert!(ok, "{err}");
+    let parse =
+        |text: &str| -> Vec<serde_json::Value> { text.lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
+    let (a, b) = (parse(&torch), parse(&tract));
+    assert_eq!(a.len(), 2, "{torch}");
+    for (x, y) in a.iter().zip(&b) {
+        let names: Vec<&str> = x["top"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert!(names.contains(&"cats") && names.contains(&"dogs"), "{x}");
+        assert_eq!(x["top"][0]["class"], y["top"][0]["class"], "libtorch {x}, tract {y}");
+        let (px, py) = (x["top"][0]["probability"].as_f64().unwrap(), y["top"][0]["probability"].as_f64().unwrap());
+        assert!((px - py).abs() < 1e-4, "libtorch {x}, tract {y}");
+    }
 }
 
 /// A run's settings are fixed: `--resume` with a flag that would change them is refused, naming the flag.
