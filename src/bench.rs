@@ -294,8 +294,69 @@ pub fn bench_search(
     rows
 }
 
-/// Times one training step of the final network (forward with auxiliary head and drop path, backward,
-/// clipping, SGD) for `genotype` at `cfg` on `batch` random images of `shape`, in `variant`'s layout and precision.
+/// One training step of the final network as the trainer runs it, on random images: DARTS's CIFAR recipe (what
+/// `darts train` starts from, which the PyTorch reference uses too), drop path at its final rate, the auxiliary
+/// head; forward and loss in a chosen precision, backward outside autocast.
+struct FinalStep {
+    _vs: nn::VarStore,
+    net: crate::network::Network,
+    weights: Vec<Tensor>,
+    sgd: Sgd,
+    x: Tensor,
+    y: Tensor,
+    rng: rand_chacha::ChaCha8Rng,
+    hyper: crate::recipe::Hyper,
+    device: Device,
+}
+
+impl FinalStep {
+    fn new(
+        genotype: &crate::genotype::Genotype,
+        cfg: &crate::network::NetworkConfig,
+        shape: &DataShape,
+        batch: i64,
+        device: Device,
+        channels_last: bool,
+    ) -> FinalStep {
+        use rand::SeedableRng;
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(device);
+        let mut net = crate::network::Network::new(&vs.root(), genotype, cfg, shape);
+        crate::network::set_channels_last(&mut net, &vs, channels_last);
+        let hyper = crate::recipe::Recipe::DartsCifar.hyper();
+        net.drop_path_prob = hyper.drop_path;
+        let weights = Params::of(&vs).weights;
+        let sgd = Sgd::new(&weights, hyper.lr, hyper.momentum, hyper.weight_decay);
+        let (c, h, w) = (shape.channels as i64, shape.height as i64, shape.width as i64);
+        let x = Tensor::randn([batch, c, h, w], (Kind::Float, device));
+        let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
+        let rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        FinalStep { _vs: vs, net, weights, sgd, x, y, rng, hyper, device }
+    }
+
+    /// The next step's drop-path masks.
+    fn masks(&mut self) -> Tensor {
+        let n = self.x.size()[0] as usize;
+        crate::network::drop_path_masks(self.net.drop_sites(), n, self.hyper.drop_path, &mut self.rng)
+            .to_device(self.device)
+    }
+
+    fn step(&mut self, precision: Precision) -> anyhow::Result<()> {
+        let masks = self.masks();
+        let r = &self.hyper;
+        let loss = with_precision(self.device, precision, || {
+            let (logits, aux) = self.net.forward_masked(&self.x, true, Some(&masks));
+            crate::network::loss_with_auxiliary(&logits, aux.as_ref(), &self.y, r.aux_weight, r.label_smoothing)
+        })?;
+        let mut g = Tensor::run_backward(&[loss], &self.weights, false, false);
+        let _ = clip_grad_norm(&mut g, r.grad_clip);
+        self.sgd.step(&self.weights, &g);
+        Ok(())
+    }
+}
+
+/// Measures one training step of the final network for `genotype` (see [`FinalStep`]) in `variant`'s layout and
+/// precision.
 pub fn bench_final(
     genotype: &crate::genotype::Genotype,
     cfg: &crate::network::NetworkConfig,
@@ -304,37 +365,11 @@ pub fn bench_final(
     device: Device,
     variant: &Variant,
 ) -> anyhow::Result<BenchRow> {
-    use crate::network::{drop_path_masks, loss_with_auxiliary, set_channels_last, Network};
-    use rand::SeedableRng;
-    tch::manual_seed(0);
-    let vs = nn::VarStore::new(device);
-    let mut net = Network::new(&vs.root(), genotype, cfg, shape);
-    set_channels_last(&mut net, &vs, variant.channels_last);
-    // DARTS's CIFAR recipe (what `darts train` starts from), which the PyTorch reference uses too; drop path at
-    // its final rate.
-    let r = crate::recipe::Recipe::DartsCifar.hyper();
-    net.drop_path_prob = r.drop_path;
-    let weights = Params::of(&vs).weights;
-    let mut sgd = Sgd::new(&weights, r.lr, r.momentum, r.weight_decay);
-    let x =
-        Tensor::randn([batch, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, device));
-    let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    // The step as the trainer runs it: forward and loss in the variant's precision, backward outside autocast.
+    let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant.channels_last);
     let mut failed = None;
     let (min_ms, median_ms, aten_calls) = measure(device, repeats, || {
-        let masks = drop_path_masks(net.drop_sites(), batch as usize, r.drop_path, &mut rng).to_device(device);
-        let loss = with_precision(device, variant.precision, || {
-            let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
-            loss_with_auxiliary(&logits, aux.as_ref(), &y, r.aux_weight, r.label_smoothing)
-        });
-        match loss {
-            Ok(loss) => {
-                let mut g = Tensor::run_backward(&[loss], &weights, false, false);
-                let _ = clip_grad_norm(&mut g, r.grad_clip);
-                sgd.step(&weights, &g);
-            }
-            Err(e) => failed = Some(e),
+        if let Err(e) = s.step(variant.precision) {
+            failed = Some(e);
         }
     });
     if let Some(e) = failed {
@@ -412,38 +447,25 @@ pub fn profile_final(
     (batch, repeats): (i64, usize),
     device: Device,
     variant: &Variant,
-) -> (Vec<ProfileRow>, f64) {
-    use crate::network::{drop_path_masks, loss_with_auxiliary, set_channels_last, Network};
-    use rand::SeedableRng;
-    tch::manual_seed(0);
-    let vs = nn::VarStore::new(device);
-    let mut net = Network::new(&vs.root(), genotype, cfg, shape);
-    set_channels_last(&mut net, &vs, variant.channels_last);
-    let r = crate::recipe::Recipe::DartsCifar.hyper();
-    net.drop_path_prob = r.drop_path;
-    let weights = Params::of(&vs).weights;
-    let mut sgd = Sgd::new(&weights, r.lr, r.momentum, r.weight_decay);
-    let x =
-        Tensor::randn([batch, shape.channels as i64, shape.height as i64, shape.width as i64], (Kind::Float, device));
-    let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut masks = || drop_path_masks(net.drop_sites(), batch as usize, r.drop_path, &mut rng).to_device(device);
+) -> anyhow::Result<(Vec<ProfileRow>, f64)> {
+    let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant.channels_last);
+    let mut failed = None;
     let (_, step_ms) = time_ms(device, repeats, || {
-        let m = masks();
-        let (logits, aux) = net.forward_masked(&x, true, Some(&m));
-        let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, r.aux_weight, r.label_smoothing);
-        let mut g = Tensor::run_backward(&[loss], &weights, false, false);
-        let _ = clip_grad_norm(&mut g, r.grad_clip);
-        sgd.step(&weights, &g);
+        if let Err(e) = s.step(variant.precision) {
+            failed = Some(e);
+        }
     });
-    let m = masks();
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let m = s.masks();
     let records = crate::profile::collect(|| {
-        let _ = net.forward_masked(&x, true, Some(&m));
+        let _ = s.net.forward_masked(&s.x, true, Some(&m));
     });
     let rows = profile_rows(&records, step_ms, device, repeats, variant.channels_last, |p, op, c, stride| {
         crate::ops::Op::new(p, op, c, stride, true, false, crate::space::Activation::Relu)
     });
-    (rows, step_ms)
+    Ok((rows, step_ms))
 }
 
 /// The profile's rows from a forward pass's timing `records` and the step's time: forward time and calls by name,

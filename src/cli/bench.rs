@@ -539,7 +539,7 @@ fn profile_final(
         a.size,
         v.label()
     );
-    let (rows, step_ms) = darts::bench::profile_final(genotype, cfg, shape, (a.final_batch, a.repeats), device, v);
+    let (rows, step_ms) = darts::bench::profile_final(genotype, cfg, shape, (a.final_batch, a.repeats), device, v)?;
     print_profile(a, v, &rows, step_ms)
 }
 
