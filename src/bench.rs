@@ -353,6 +353,17 @@ impl FinalStep {
         self.sgd.step(&self.weights, &g);
         Ok(())
     }
+
+    /// `timer` applied to the step (in `precision`); the first failing step's error instead, if one failed.
+    fn timed<T>(&mut self, precision: Precision, timer: impl FnOnce(&mut dyn FnMut()) -> T) -> anyhow::Result<T> {
+        let mut failed = None;
+        let t = timer(&mut || {
+            if let Err(e) = self.step(precision) {
+                failed.get_or_insert(e);
+            }
+        });
+        failed.map_or(Ok(t), Err)
+    }
 }
 
 /// Measures one training step of the final network for `genotype` (see [`FinalStep`]) in `variant`'s layout and
@@ -366,15 +377,7 @@ pub fn bench_final(
     variant: &Variant,
 ) -> anyhow::Result<BenchRow> {
     let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant.channels_last);
-    let mut failed = None;
-    let (min_ms, median_ms, aten_calls) = measure(device, repeats, || {
-        if let Err(e) = s.step(variant.precision) {
-            failed = Some(e);
-        }
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    let (min_ms, median_ms, aten_calls) = s.timed(variant.precision, |f| measure(device, repeats, f))?;
     Ok(BenchRow {
         implementation: variant.label(),
         name: Step::FinalTrainStep.name().into(),
@@ -449,15 +452,7 @@ pub fn profile_final(
     variant: &Variant,
 ) -> anyhow::Result<(Vec<ProfileRow>, f64)> {
     let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant.channels_last);
-    let mut failed = None;
-    let (_, step_ms) = time_ms(device, repeats, || {
-        if let Err(e) = s.step(variant.precision) {
-            failed = Some(e);
-        }
-    });
-    if let Some(e) = failed {
-        return Err(e);
-    }
+    let (_, step_ms) = s.timed(variant.precision, |f| time_ms(device, repeats, f))?;
     let m = s.masks();
     let records = crate::profile::collect(|| {
         let _ = s.net.forward_masked(&s.x, true, Some(&m));
