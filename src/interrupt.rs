@@ -94,21 +94,23 @@ impl Position {
     }
 }
 
-/// Gathers every rank's `own` position for a checkpoint inside an epoch of a data-parallel run: every rank calls
-/// it at the same step; rank 0 writes the result.
-pub fn gather_positions(d: &crate::dist::Dist, own: &Position) -> anyhow::Result<RankPositions> {
+/// Gathers every rank's `own` position for a checkpoint inside an epoch of a data-parallel run (`dist`; None for
+/// one process): every rank calls it at the same step; rank 0 writes the result.
+pub fn gather_positions(dist: Option<&crate::dist::Dist>, own: &Position) -> anyhow::Result<Option<RankPositions>> {
+    let Some(d) = dist else { return Ok(None) };
     let (rank, world) = (d.rank(), d.world());
     let mut rows = vec![0.0; world * POSITION_F64S];
     rows[rank * POSITION_F64S..(rank + 1) * POSITION_F64S].copy_from_slice(&own.to_f64s()?);
     // Every other row is zero: the sum is each rank's own values, exactly.
     let all = d.sum_f64(&rows)?;
-    Ok(RankPositions { world, positions: all.chunks(POSITION_F64S).map(Position::from_f64s).collect() })
+    Ok(Some(RankPositions { world, positions: all.chunks(POSITION_F64S).map(Position::from_f64s).collect() }))
 }
 
 impl RankPositions {
-    /// The position of rank `rank` of `world` processes; an error when the run now has another number of
-    /// processes.
-    pub fn take(self, rank: usize, world: usize) -> anyhow::Result<Position> {
+    /// This process's position in the run of `dist` (None: one process); an error when the run now has another
+    /// number of processes.
+    pub fn take(self, dist: Option<&crate::dist::Dist>) -> anyhow::Result<Position> {
+        let (rank, world) = dist.map_or((0, 1), |d| (d.rank(), d.world()));
         let w = self.world;
         anyhow::ensure!(
             w == world,

@@ -222,8 +222,7 @@ impl Search {
         // same random stream as they would be here.
         // Inside an epoch (a checkpoint written mid-epoch): the streams and sums where it stopped.
         if let Some(r) = self.rank_resume.take() {
-            let (rank, world) = dist.as_ref().map_or((0, 1), |d| (d.rank(), d.world()));
-            self.resume_at = Some(r.take(rank, world)?);
+            self.resume_at = Some(r.take(dist.as_deref())?);
         }
         let resume_at = self.resume_at.take();
         let (first, before_s, before_wait) = match &resume_at {
@@ -279,10 +278,7 @@ impl Search {
                     seconds: before_s + start.elapsed().as_secs_f64(),
                     waited: before_wait + batches.waited().as_secs_f64(),
                 };
-                let ranks = match &dist {
-                    Some(d) => Some(gather_positions(d, &position)?),
-                    None => None,
-                };
+                let ranks = gather_positions(dist.as_deref(), &position)?;
                 if let Some(dir) = self.mid_epoch.dir.clone() {
                     self.save_checkpoint_at(&dir, Some(position), ranks)?;
                 }

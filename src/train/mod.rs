@@ -185,7 +185,7 @@ impl Trainer {
         let augment = Augment { cutout: cfg.cutout, ..cfg.dataset.default_augment() };
         let mut meter = StepMeter::new(self.device, batches.len(), bar);
         if let Some(r) = self.rank_resume.take() {
-            self.resume_at = Some(r.take(rank, world)?);
+            self.resume_at = Some(r.take(dist.as_deref())?);
         }
         let resume_at = self.resume_at.take();
         let nan_hint = format!(
@@ -251,10 +251,7 @@ impl Trainer {
                     seconds: before_s + start.elapsed().as_secs_f64(),
                     waited: before_wait + loader.waited().as_secs_f64(),
                 };
-                let ranks = match &dist {
-                    Some(d) => Some(gather_positions(d, &position)?),
-                    None => None,
-                };
+                let ranks = gather_positions(dist.as_deref(), &position)?;
                 if let Some(dir) = self.mid_epoch.dir.clone() {
                     self.save_checkpoint_at(&dir, Some(position), ranks)?;
                 }
