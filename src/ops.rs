@@ -189,17 +189,19 @@ impl Bn {
         self.folded
     }
 
-    /// The evaluation-mode BN as `y = scale * x + shift` per channel (in the statistics' precision).
+    /// The evaluation-mode BN as `y = scale * x + shift` per channel, computed in double precision (so that
+    /// folded weights round once); float64 tensors on the BN's device.
     pub fn scale_shift(&self) -> (Tensor, Tensor) {
         tch::no_grad(|| {
-            let inv = (&self.bn.running_var + BN_EPS).rsqrt();
+            let f64 = |t: &Tensor| t.to_kind(tch::Kind::Double);
+            let scale = (f64(&self.bn.running_var) + BN_EPS).rsqrt();
             let scale = match &self.bn.ws {
-                Some(w) => w * &inv,
-                None => inv,
+                Some(w) => f64(w) * scale,
+                None => scale,
             };
-            let shift = -&self.bn.running_mean * &scale;
+            let shift = -f64(&self.bn.running_mean) * &scale;
             let shift = match &self.bn.bs {
-                Some(b) => shift + b,
+                Some(b) => shift + f64(b),
                 None => shift,
             };
             (scale, shift)

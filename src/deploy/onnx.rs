@@ -345,17 +345,10 @@ fn bn_values(bn: &Bn) -> Result<BnValues> {
     Ok((mean, var, gamma, beta))
 }
 
-/// A BatchNorm in evaluation mode as `y = scale * x + shift` per channel.
+/// A BatchNorm in evaluation mode as `y = scale * x + shift` per channel (the values inference folds with).
 fn bn_affine(bn: &Bn) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (mean, var, gamma, beta) = bn_values(bn)?;
-    let (scale, shift) = (0..mean.len())
-        .map(|i| {
-            // In double precision, so that the folded weights round once.
-            let s = gamma[i] as f64 / (var[i] as f64 + BN_EPS).sqrt();
-            (s as f32, (beta[i] as f64 - mean[i] as f64 * s) as f32)
-        })
-        .unzip();
-    Ok((scale, shift))
+    let (scale, shift) = bn.scale_shift();
+    Ok((floats(&scale)?, floats(&shift)?))
 }
 
 fn tensor_type(dims: &[Option<i64>]) -> pb::TypeProto {
