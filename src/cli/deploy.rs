@@ -119,8 +119,7 @@ pub fn predict(a: PredictArgs, rt: &super::Runtime) -> Result<()> {
     let device = if kind == EngineKind::Torch { rt.device()? } else { tch::Device::Cpu };
     let engine = Engine::load(&a.model, a.which, kind, device)?;
     if kind == EngineKind::Tract {
-        // tract runs faster on one thread than on two on a 2-core machine (README, Deploy); --threads overrides.
-        darts::deploy::runtime::set_tract_threads(rt.threads.map_or(1, |t| t.max(1) as usize));
+        rt.set_tract_threads();
     }
     let files = darts::deploy::image::collect(&a.images)?;
     if files.is_empty() {

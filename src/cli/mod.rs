@@ -106,6 +106,11 @@ impl Runtime {
         Ok(())
     }
 
+    /// Runs tract on `--threads` threads, else on one (faster than two on a 2-core machine: README, Deploy).
+    pub fn set_tract_threads(&self) {
+        darts::deploy::runtime::set_tract_threads(self.threads.map_or(1, |t| t.max(1) as usize));
+    }
+
     /// Whether progress bars are off.
     pub fn quiet(&self) -> bool {
         self.quiet

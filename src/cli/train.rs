@@ -124,7 +124,7 @@ pub fn eval(a: EvalArgs, rt: &super::Runtime) -> Result<()> {
     }
     let (device, dist) = if is_onnx {
         rt.single_process("eval of an ONNX file")?;
-        darts::deploy::runtime::set_tract_threads(rt.threads.map_or(1, |t| t.max(1) as usize));
+        rt.set_tract_threads();
         (tch::Device::Cpu, None)
     } else {
         rt.launch()?
