@@ -34,6 +34,15 @@ fn main() {
     } else {
         println!("cargo:warning=gloo's headers (libgloo-dev) not found: darts is built without multi-process runs");
     }
+    // NCCL (ProcessGroupNCCL, in libtorch_cuda): nccl.h from the nvidia-nccl wheel torch depends on, CUDA's
+    // runtime headers from its CUDA wheels (cu13 layout, or cu12's per-library folders).
+    let nccl = nccl_includes(lib.as_deref());
+    if let (Some(dirs), true) = (&nccl, gloo.join("gloo/config.h").is_file()) {
+        for d in dirs {
+            build.include(d);
+        }
+        build.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("DARTS_NCCL", None);
+    }
     build.compile("darts_shim");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os != "linux" {
@@ -47,6 +56,45 @@ fn main() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
             println!("cargo:rustc-link-arg=-ltorch_cuda");
             println!("cargo:rustc-link-arg=-Wl,--as-needed");
+        }
+        if nccl.is_some() {
+            // The shim's NCCL group calls c10::cuda directly.
+            println!("cargo:rustc-link-arg=-lc10_cuda");
+        }
+    }
+}
+
+/// The include folders the shim's NCCL backend needs (nccl.h, CUDA's headers), or None when this libtorch
+/// has no CUDA (no libtorch_cuda) or the headers are not there; `DARTS_NCCL_INCLUDE` and `DARTS_CUDA_INCLUDE`
+/// name them elsewhere.
+fn nccl_includes(lib: Option<&std::path::Path>) -> Option<Vec<std::path::PathBuf>> {
+    use std::path::PathBuf;
+    println!("cargo:rerun-if-env-changed=DARTS_NCCL_INCLUDE");
+    println!("cargo:rerun-if-env-changed=DARTS_CUDA_INCLUDE");
+    let lib = lib?;
+    if !lib.join("libtorch_cuda.so").exists() {
+        return None;
+    }
+    let nvidia = lib.parent()?.parent()?.join("nvidia");
+    let pick = |var: &str, headers: &[&str], candidates: &[PathBuf]| -> Option<PathBuf> {
+        let given = std::env::var_os(var).map(PathBuf::from);
+        given.into_iter().chain(candidates.iter().cloned()).find(|d| headers.iter().all(|h| d.join(h).is_file()))
+    };
+    let nccl = pick("DARTS_NCCL_INCLUDE", &["nccl.h"], &[nvidia.join("nccl/include")]);
+    // CUDA's runtime, compiler (crt/) and CCCL (nv/target) headers: scripts/setup.sh adds the last two to the wheel's.
+    let cuda = pick(
+        "DARTS_CUDA_INCLUDE",
+        &["cuda_runtime_api.h", "crt/host_config.h", "nv/target"],
+        &[nvidia.join("cu13/include"), "/usr/local/cuda/include".into()],
+    );
+    match (nccl, cuda) {
+        (Some(n), Some(c)) => {
+            println!("cargo:rerun-if-changed={}", n.join("nccl.h").display());
+            Some(vec![n, c])
+        }
+        _ => {
+            println!("cargo:warning=nccl.h or CUDA's headers not found: darts is built without NCCL (Gloo only)");
+            None
         }
     }
 }

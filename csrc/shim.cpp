@@ -16,12 +16,19 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #endif
+#ifdef DARTS_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 namespace {
 thread_local std::string last_error;
@@ -143,20 +150,35 @@ int darts_bernoulli_mask(const at::Tensor* like, double keep, uint64_t seed, at:
 namespace {
 std::atomic<int64_t> aten_calls{0};
 at::CallbackHandle aten_counter = 0;
+// Calls per operator name, kept only when counting was started with names (darts_count_aten_start(1)).
+std::atomic<bool> aten_by_name{false};
+std::mutex aten_names_mutex;
+std::unordered_map<std::string, int64_t> aten_names;
+std::string aten_names_text;
 }  // namespace
 
 // Starts counting calls of aten:: operators on every thread (nested calls of composite operators included, the
 // autograd engine's backward nodes not: they are not aten:: operators), as torch.profiler lists them. Returns 0 or -1.
-int darts_count_aten_start() {
+// With `by_name`, also counts each operator's calls (darts_count_aten_names lists them).
+int darts_count_aten_start(int by_name) {
   return guarded([&] {
     if (aten_counter != 0) {
       at::removeCallback(aten_counter);
     }
     aten_calls = 0;
+    {
+      std::lock_guard<std::mutex> lock(aten_names_mutex);
+      aten_names.clear();
+    }
+    aten_by_name = by_name != 0;
     auto cb = at::RecordFunctionCallback(
                   [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
                     if (std::strncmp(fn.name(), "aten::", 6) == 0) {
                       aten_calls.fetch_add(1, std::memory_order_relaxed);
+                      if (aten_by_name.load(std::memory_order_relaxed)) {
+                        std::lock_guard<std::mutex> lock(aten_names_mutex);
+                        aten_names[fn.name()] += 1;
+                      }
                     }
                     return nullptr;
                   })
@@ -173,6 +195,18 @@ int64_t darts_count_aten_stop() {
     aten_counter = 0;
   }
   return aten_calls.load();
+}
+
+// The calls per operator name of the last count started with names, as lines "count name", most called first.
+// The text stays valid until the next call.
+const char* darts_count_aten_names() {
+  std::lock_guard<std::mutex> lock(aten_names_mutex);
+  std::vector<std::pair<int64_t, std::string>> rows;
+  for (const auto& kv : aten_names) rows.emplace_back(kv.second, kv.first);
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  aten_names_text.clear();
+  for (const auto& r : rows) aten_names_text += std::to_string(r.first) + " " + r.second + "\n";
+  return aten_names_text.c_str();
 }
 
 // ---- torch.distributed (c10d): a process group over a TCPStore, and the collectives darts uses ----
@@ -195,12 +229,22 @@ int darts_dist_available() {
 #endif
 }
 
+// Whether this build has c10d's NCCL backend (1) or not (0).
+int darts_nccl_available() {
+#ifdef DARTS_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Joins the process group of `world` processes as `rank`: a TCPStore at host:port (served by this process when
-// `is_server`, else by rank 0 or torchrun's agent), its keys under `prefix`, and a Gloo backend whose device binds
-// to `bind` (an address or host name), or to interface `iface` when that is not empty. Waits up to `timeout_ms`
-// for the others. Writes the group to `*out`. Returns 0, or -1 (see darts_last_error).
+// `is_server`, else by rank 0 or torchrun's agent), its keys under `prefix`, and a backend: Gloo (`backend` 0),
+// whose device binds to `bind` (an address or host name), or to interface `iface` when that is not empty; or
+// NCCL (`backend` 1) on CUDA device `cuda_device`, which becomes this thread's current device. Waits up to
+// `timeout_ms` for the others. Writes the group to `*out`. Returns 0, or -1 (see darts_last_error).
 int darts_pg_new(const char* host, int port, int is_server, int rank, int world, const char* bind, const char* iface,
-                 const char* prefix, int64_t timeout_ms, void** out) {
+                 const char* prefix, int64_t timeout_ms, int backend, int cuda_device, void** out) {
 #ifdef DARTS_DIST
   return guarded([&] {
     c10d::TCPStoreOptions opts;
@@ -211,14 +255,29 @@ int darts_pg_new(const char* host, int port, int is_server, int rank, int world,
     opts.timeout = std::chrono::milliseconds(timeout_ms);
     c10::intrusive_ptr<c10d::Store> tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    if (backend == 1) {
+#ifdef DARTS_NCCL
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda_device));
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = std::chrono::milliseconds(timeout_ms);
+      auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+      // Bound to its GPU, as torch.distributed's device_id: communicators are made for it, barriers use it.
+      nccl->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device)));
+      *out = new ProcessGroup{tcp, nccl};
+      return 0;
+#else
+      last_error = "this darts was built without NCCL (nccl.h and CUDA's headers were missing at build time)";
+      return -1;
+#endif
+    }
     auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
     if (iface != nullptr && iface[0] != 0) {
       options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
     } else {
       options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(bind));
     }
-    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
-    *out = new ProcessGroup{tcp, backend};
+    auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    *out = new ProcessGroup{tcp, gloo};
     return 0;
   });
 #else

@@ -21,6 +21,16 @@ if ! "$DARTS_VENV/bin/python" -c 'import onnx, onnxruntime' >/dev/null 2>&1; the
   "$DARTS_VENV/bin/python" -m pip install -q --disable-pip-version-check "onnx==1.23.2" "onnxruntime==1.32.0" || \
     echo "darts setup: could not install onnx/onnxruntime (the export tests then use tract only)" >&2
 fi
+cu13="$("$DARTS_VENV/bin/python" -c 'import os, torch; d = os.path.dirname(torch.__file__); print(os.path.join(d, "..", "nvidia", "cu13", "include") if torch.version.cuda else "")' 2>/dev/null || true)"
+if [ -n "$cu13" ] && [ -d "$cu13" ] && { [ ! -f "$cu13/crt/host_config.h" ] || [ ! -f "$cu13/nv/target" ]; }; then
+  # ProcessGroupNCCL's headers read CUDA's compiler and CCCL headers, which torch's runtime wheels leave out: the
+  # two small header wheels of the same CUDA release (darts' shim then builds c10d's NCCL backend).
+  rt="$("$DARTS_VENV/bin/python" -c 'import importlib.metadata as m; v = m.version("nvidia-cuda-runtime").split("."); print(v[0] + "." + v[1])' 2>/dev/null || true)"
+  echo "darts setup: installing CUDA $rt's crt and CCCL headers into $DARTS_VENV (once; for NCCL runs)" >&2
+  [ -n "$rt" ] && "$DARTS_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+    "nvidia-cuda-crt==$rt.*" "nvidia-cuda-cccl==$rt.*" || \
+    echo "darts setup: could not install CUDA's headers (darts then builds without NCCL; Gloo still works)" >&2
+fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   # Optional: the full Fashion-MNIST from Debian (the built-in subset needs nothing).
   (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \

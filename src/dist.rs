@@ -1,15 +1,17 @@
 //! torch.distributed (c10d) for data-parallel runs: the process group torchrun's environment describes (`RANK`,
 //! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; SLURM jobs set the same), joined through libtorch's
-//! own TCPStore and ProcessGroupGloo (via `csrc/shim.cpp`), and the collectives darts needs: gradients averaged
-//! in a few large flattened buckets, broadcasts, and a check that every rank holds the same weights.
+//! own TCPStore and ProcessGroupNCCL (CUDA) or ProcessGroupGloo (CPU) via `csrc/shim.cpp`, and the collectives
+//! darts needs: gradients averaged in a few large flattened buckets, broadcasts, and a check that every rank holds
+//! the same weights.
 
 use anyhow::{bail, Context, Result};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 extern "C" {
     fn darts_last_error() -> *const c_char;
     fn darts_dist_available() -> c_int;
+    fn darts_nccl_available() -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn darts_pg_new(
         host: *const c_char,
@@ -21,6 +23,8 @@ extern "C" {
         iface: *const c_char,
         prefix: *const c_char,
         timeout_ms: i64,
+        backend: c_int,
+        cuda_device: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
     fn darts_pg_allreduce_sum(pg: *mut c_void, tensors: *const *const c_void, n: c_int) -> c_int;
@@ -43,6 +47,56 @@ const PEER_GONE: &str = "(another rank stopped or hangs: see its own output; the
 /// Gradients are averaged in buckets of about this many bytes (as DDP's reducer: few large calls).
 pub const BUCKET_BYTES: usize = 25 << 20;
 
+/// The c10d backend a process group runs its collectives on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// ProcessGroupGloo: CPU tensors (the default on the CPU).
+    Gloo,
+    /// ProcessGroupNCCL: CUDA tensors, one GPU per process (the default on CUDA).
+    Nccl,
+}
+
+impl Backend {
+    /// The backend for a run on `device`: `DARTS_DIST_BACKEND` (`gloo` or `nccl`) when set, else NCCL on CUDA
+    /// where this build has it and Gloo otherwise; NCCL on the CPU is refused.
+    pub fn choose(device: Device, requested: Option<&str>) -> Result<Backend> {
+        let cuda = matches!(device, Device::Cuda(_));
+        let backend = match requested.map(|r| r.trim().to_ascii_lowercase()) {
+            None => {
+                if cuda && Dist::nccl_available() {
+                    Backend::Nccl
+                } else {
+                    Backend::Gloo
+                }
+            }
+            Some(r) if r == "gloo" => Backend::Gloo,
+            Some(r) if r == "nccl" => Backend::Nccl,
+            Some(r) => bail!("DARTS_DIST_BACKEND={r:?}: use gloo or nccl"),
+        };
+        if backend == Backend::Nccl {
+            if !cuda {
+                bail!("DARTS_DIST_BACKEND=nccl needs CUDA tensors: run with --device cuda, or use gloo on the CPU");
+            }
+            if !Dist::nccl_available() {
+                bail!(
+                    "DARTS_DIST_BACKEND=nccl: this darts was built without NCCL (nccl.h and CUDA's headers, from the \
+                     torch wheel's nvidia packages, were missing at build time): rebuild after scripts/setup.sh, \
+                     or use gloo"
+                );
+            }
+        }
+        Ok(backend)
+    }
+
+    /// The backend's name as c10d spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
 /// Where this process stands in a multi-process run, as torchrun (or SLURM) says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
@@ -64,14 +118,19 @@ pub struct Launch {
 
 impl Launch {
     /// The launch a process environment describes (`var` reads a variable): None without `WORLD_SIZE` or with a
-    /// world of 1 (a plain single-process run); an error naming the variable when one is missing or malformed.
+    /// world of 1 (a plain single-process run), unless `DARTS_DIST_BACKEND` asks for a process group anyway (a
+    /// world of one process that runs every collective: how the NCCL path is checked on a single GPU); an error
+    /// naming the variable when one is missing or malformed.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
         let Some(world) = var("WORLD_SIZE") else { return Ok(None) };
         let num = |name: &str, text: &str| -> Result<usize> {
             text.trim().parse().with_context(|| format!("{name}={text:?} is not a number (torchrun sets it)"))
         };
         let world = num("WORLD_SIZE", &world)?;
-        if world <= 1 {
+        if world == 0 {
+            bail!("WORLD_SIZE=0: a run has at least one process");
+        }
+        if world == 1 && var("DARTS_DIST_BACKEND").is_none() {
             return Ok(None);
         }
         let need = |name: &str| {
@@ -112,12 +171,17 @@ pub struct Dist {
     pg: *mut c_void,
     /// How this process was launched.
     pub launch: Launch,
+    /// The backend its collectives run on.
+    pub backend: Backend,
+    /// Where the values darts makes on the host (metrics, checksums, positions) go for a collective: the GPU for
+    /// NCCL, the CPU for Gloo.
+    device: Device,
     /// Nanoseconds spent in collectives.
     comm_nanos: std::sync::atomic::AtomicU64,
 }
 
 // SAFETY: the process group is only used through `&self` calls that wait for their collective; libtorch's
-// ProcessGroupGloo is safe to call from any thread.
+// ProcessGroupGloo and ProcessGroupNCCL are safe to call from any thread.
 unsafe impl Send for Dist {}
 // SAFETY: as above.
 unsafe impl Sync for Dist {}
@@ -140,10 +204,17 @@ impl Dist {
         unsafe { darts_dist_available() == 1 }
     }
 
-    /// Joins the process group of `launch` (Gloo; its device binds to 127.0.0.1 when the rendezvous host is a
-    /// loopback address, to `GLOO_SOCKET_IFNAME` when set, else to this host's name), waiting up to
-    /// `timeout_s` seconds for the other processes.
-    pub fn join(launch: Launch, timeout_s: u64) -> Result<Dist> {
+    /// Whether this build of darts has c10d's NCCL backend.
+    pub fn nccl_available() -> bool {
+        // SAFETY: a plain query.
+        unsafe { darts_nccl_available() == 1 }
+    }
+
+    /// Joins the process group of `launch` for a run on `device`, on the backend [`Backend::choose`] picks
+    /// (`DARTS_DIST_BACKEND` from the environment): NCCL on the CUDA device, or Gloo, whose device binds to
+    /// 127.0.0.1 when the rendezvous host is a loopback address, to `GLOO_SOCKET_IFNAME` when set, else to this
+    /// host's name. Waits up to `timeout_s` seconds for the other processes.
+    pub fn join(launch: Launch, timeout_s: u64, device: Device) -> Result<Dist> {
         if !Dist::available() {
             bail!(
                 "WORLD_SIZE={}: this darts was built without c10d (gloo's headers were missing at build time): \
@@ -151,6 +222,11 @@ impl Dist {
                 launch.world
             );
         }
+        let backend = Backend::choose(device, std::env::var("DARTS_DIST_BACKEND").ok().as_deref())?;
+        let (comm_device, cuda_index) = match (backend, device) {
+            (Backend::Nccl, Device::Cuda(i)) => (device, i as c_int),
+            _ => (Device::Cpu, 0),
+        };
         let loopback = ["127.", "localhost", "::1"].iter().any(|p| launch.master_addr.starts_with(p));
         let bind = if loopback { "127.0.0.1".to_string() } else { hostname() };
         let iface = std::env::var("GLOO_SOCKET_IFNAME").unwrap_or_default();
@@ -171,20 +247,23 @@ impl Dist {
                 iface_c.as_ptr(),
                 prefix.as_ptr(),
                 (timeout_s * 1000) as i64,
+                c_int::from(backend == Backend::Nccl),
+                cuda_index,
                 &mut pg,
             )
         };
         if rc != 0 || pg.is_null() {
             bail!(
-                "rank {} of {}: could not join the process group at {}:{} within {timeout_s} s: {}",
+                "rank {} of {}: could not join the {} process group at {}:{} within {timeout_s} s: {}",
                 launch.rank,
                 launch.world,
+                backend.name(),
                 launch.master_addr,
                 launch.master_port,
                 last_error()
             );
         }
-        Ok(Dist { pg, launch, comm_nanos: std::sync::atomic::AtomicU64::new(0) })
+        Ok(Dist { pg, launch, backend, device: comm_device, comm_nanos: std::sync::atomic::AtomicU64::new(0) })
     }
 
     /// This process's rank.
@@ -241,7 +320,7 @@ impl Dist {
 
     /// Sums scalars over all processes (metrics: losses times counts, correct predictions, counts).
     pub fn sum_f64(&self, values: &[f64]) -> Result<Vec<f64>> {
-        let t = Tensor::from_slice(values);
+        let t = Tensor::from_slice(values).to_device(self.device);
         self.all_reduce_sum(&[&t])?;
         Ok(Vec::<f64>::try_from(&t)?)
     }
@@ -303,7 +382,7 @@ impl Dist {
 
     /// Compares `values` with rank 0's, exactly: how many ranks hold others, and whether this one does.
     fn differ_from_rank0(&self, values: &[f64]) -> Result<(f64, bool)> {
-        let ours = Tensor::from_slice(values);
+        let ours = Tensor::from_slice(values).to_device(self.device);
         let theirs = ours.copy();
         self.broadcast(&[&theirs], 0)?;
         let differs = !ours.equal(&theirs);
@@ -441,5 +520,31 @@ mod tests {
         assert!(e.contains("RANK=2"), "{e}");
         let e = Launch::from_vars(env(&[("WORLD_SIZE", "two")])).unwrap_err().to_string();
         assert!(e.contains("WORLD_SIZE"), "{e}");
+        let e = Launch::from_vars(env(&[("WORLD_SIZE", "0")])).unwrap_err().to_string();
+        assert!(e.contains("WORLD_SIZE=0"), "{e}");
+        // A world of one joins a group only when a backend is asked for (the single-GPU check of NCCL).
+        let one = Launch::from_vars(env(&[
+            ("WORLD_SIZE", "1"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("DARTS_DIST_BACKEND", "nccl"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!((one.rank, one.world, one.local_rank), (0, 1, 0));
+    }
+
+    #[test]
+    fn the_backend_follows_the_device_and_refuses_impossible_requests() {
+        assert_eq!(Backend::choose(Device::Cpu, None).unwrap(), Backend::Gloo);
+        assert_eq!(Backend::choose(Device::Cpu, Some("Gloo")).unwrap(), Backend::Gloo);
+        let want = if Dist::nccl_available() { Backend::Nccl } else { Backend::Gloo };
+        assert_eq!(Backend::choose(Device::Cuda(0), None).unwrap(), want);
+        assert_eq!(Backend::choose(Device::Cuda(1), Some("gloo")).unwrap(), Backend::Gloo);
+        let e = Backend::choose(Device::Cpu, Some("nccl")).unwrap_err().to_string();
+        assert!(e.contains("--device cuda"), "{e}");
+        let e = Backend::choose(Device::Cpu, Some("mpi")).unwrap_err().to_string();
+        assert!(e.contains("gloo or nccl"), "{e}");
     }
 }

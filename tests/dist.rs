@@ -38,7 +38,7 @@ fn run_ranks(world: usize, make: impl Fn(usize) -> Command) -> Vec<Output> {
 /// One rank of `collectives_agree_with_hand_computed_values`: runs the collectives, writes what it got.
 fn collectives_worker(out: &Path) {
     let launch = Launch::from_env().unwrap().expect("torchrun's variables");
-    let d = Dist::join(launch, 60).unwrap();
+    let d = Dist::join(launch, 60, tch::Device::Cpu).unwrap();
     let r = d.rank() as f64;
     // Rank r holds gradients (r + 1) * [1, 2, 3] and [[r]], from 10 (r + 1) examples: the average weighted by
     // examples is (10 [1, 2, 3] + 20 [2, 4, 6]) / 30 = [5/3, 10/3, 5] and (10 * 0 + 20 * 1) / 30 = 2/3.
@@ -308,7 +308,7 @@ fn shard_of(x: &Tensor, rank: usize) -> Tensor {
 /// A rank of `the_data_parallel_hypergradient_is_the_shard_average_at_every_step`: its shards' second-order
 /// hypergradient, averaged over the two processes.
 fn hypergradient_worker(out: &Path) {
-    let d = std::sync::Arc::new(Dist::join(Launch::from_env().unwrap().unwrap(), 60).unwrap());
+    let d = std::sync::Arc::new(Dist::join(Launch::from_env().unwrap().unwrap(), 60, tch::Device::Cpu).unwrap());
     let f = fixture();
     let r = d.rank();
     let mut arch = Architect::new(&f.net, Order::Second, 3e-4, (0.5, 0.999), 1e-3);
@@ -656,4 +656,50 @@ fn darts_train_runs_on_two_torchrun_nodes() {
         let same = std::fs::read(nodes.join(file)).unwrap() == std::fs::read(one.join(file)).unwrap();
         assert!(same, "{file}: two nodes and one node of two processes differ");
     }
+}
+
+/// A world of one process that still joins a group (`DARTS_DIST_BACKEND`: how gpu-check runs NCCL on a single
+/// GPU) runs every collective and ends with the plain run's checkpoint, up to the rounding of the averages
+/// (sums and divisions by one); NCCL on the CPU is refused with what to do instead.
+#[test]
+fn a_world_of_one_joins_a_group_when_a_backend_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &Path, backend: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_darts"));
+        c.args(["train", "--genotype", "DARTS_V2", "--limit", "64", "--channels", "4", "--layers", "3"])
+            .args(["--epochs", "1", "--batch-size", "16", "--threads", "1", "--quiet", "--device", "cpu", "--out"])
+            .arg(out);
+        if let Some(b) = backend {
+            torchrun_env(&mut c, 0, 1, free_port());
+            c.env("DARTS_DIST_BACKEND", b);
+        }
+        c.output().unwrap()
+    };
+    let (plain, grouped) = (dir.path().join("plain"), dir.path().join("grouped"));
+    let o = train(&plain, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train(&grouped, Some("gloo"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap()
+    };
+    let (a, b) = (metrics(&plain), metrics(&grouped));
+    assert!(a.get("comm_seconds").is_none_or(|v| v.is_null()), "the plain run joined no group: {a}");
+    assert!(b["comm_seconds"].as_f64().is_some(), "the world of one ran collectives: {b}");
+    let (la, lb) = (a["train_loss"].as_f64().unwrap(), b["train_loss"].as_f64().unwrap());
+    assert!((la - lb).abs() <= 1e-5 * la.abs(), "train loss {la} alone, {lb} in a group of one");
+    let read = |d: &Path| {
+        let mut v = Tensor::read_safetensors(d.join("checkpoint.safetensors")).unwrap();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    for ((n, x), (_, y)) in read(&plain).iter().zip(&read(&grouped)) {
+        if x.is_floating_point() {
+            let diff = (x - y).abs().max().double_value(&[]);
+            assert!(diff <= 1e-4, "{n}: {diff}");
+        }
+    }
+    let o = train(&dir.path().join("nccl"), Some("nccl"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--device cuda"), "{err}");
 }

@@ -72,7 +72,7 @@ impl Runtime {
             other => other,
         };
         let timeout = std::env::var("DARTS_DIST_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
-        Ok((device, Some(std::sync::Arc::new(darts::dist::Dist::join(launch, timeout)?))))
+        Ok((device, Some(std::sync::Arc::new(darts::dist::Dist::join(launch, timeout, device)?))))
     }
 
     /// The run options of a search or training in `given` (else a fresh directory for `kind`): the device and
