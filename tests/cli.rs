@@ -627,16 +627,36 @@ fn train_takes_recipes_and_schedules_from_the_command_line() {
 }
 
 /// Killed with SIGKILL at seeded random moments (before the first checkpoint, inside epochs, while writing), a
-/// search checkpointing every 2 steps and continued by running the same command again ends with the checkpoint bytes of an uninterrupted run;
-/// the metrics have one line per epoch.
+/// search checkpointing every 2 steps and continued by running the same command again ends with the checkpoint
+/// bytes of an uninterrupted run; the metrics have one line per epoch.
 #[test]
 fn a_search_killed_again_and_again_ends_as_an_uninterrupted_one() {
+    // Checkpoints after every 2 steps too: kills also land between checkpoints inside epochs.
+    killed_again_and_again(
+        "search --preset quick --limit 96 --channels 4 --layers 3 --nodes 2 --epochs 4 --batch-size 16 --seed 9 \
+         --checkpoint-every 2",
+        17,
+    );
+}
+
+/// The same for a training from scratch (drop path and cutout draw from their streams, so a resume that lost
+/// their positions would differ).
+#[test]
+fn a_training_killed_again_and_again_ends_as_an_uninterrupted_one() {
+    killed_again_and_again(
+        "train --genotype DARTS_V2 --limit 128 --channels 4 --layers 3 --epochs 4 --batch-size 16 --seed 9 \
+         --drop-path 0.2 --cutout 8 --checkpoint-every 2",
+        23,
+    );
+}
+
+/// Runs `command` (4 epochs) once whole, then again and again, killed with SIGKILL at moments drawn from `seed`
+/// until it has been killed at least 10 times and finishes; compares the two runs' final checkpoints, metrics
+/// lines and leftover temporary files.
+fn killed_again_and_again(command: &str, seed: u64) {
     use rand::{Rng, SeedableRng};
     let args = |out: &str| -> Vec<String> {
-        // Checkpoints after every 2 steps too: kills also land between checkpoints inside epochs.
-        let a = "search --preset quick --limit 96 --channels 4 --layers 3 --nodes 2 --epochs 4 --batch-size 16 \
-                 --seed 9 --checkpoint-every 2";
-        let mut v: Vec<String> = a.split_whitespace().map(String::from).collect();
+        let mut v: Vec<String> = command.split_whitespace().map(String::from).collect();
         v.extend(["--threads", "1", "--device", "cpu", "--quiet", "--out", out].map(String::from));
         v
     };
@@ -645,11 +665,11 @@ fn a_search_killed_again_and_again_ends_as_an_uninterrupted_one() {
     let (ok, _, err) = darts(&args(whole.path().to_str().unwrap()).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{err}");
     let one_run = started.elapsed().as_secs_f64();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let (mut kills, mut runs) = (0, 0);
     loop {
         runs += 1;
-        assert!(runs < 60, "the search never finished");
+        assert!(runs < 60, "the run never finished");
         let mut child = Command::new(env!("CARGO_BIN_EXE_darts"))
             .args(args(killed.path().to_str().unwrap()))
             .stdout(std::process::Stdio::null())
