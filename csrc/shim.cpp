@@ -145,6 +145,78 @@ int darts_bernoulli_mask(const at::Tensor* like, double keep, uint64_t seed, at:
   });
 }
 
+// ---- The optimiser's step as few kernels: PyTorch's fused SGD and multi-tensor clipping ----
+
+namespace {
+std::vector<at::Tensor> tensor_list(const at::Tensor* const* ts, int n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int i = 0; i < n; i++) v.push_back(*ts[i]);
+  return v;
+}
+}  // namespace
+
+// SGD with momentum and L2 weight decay on `n` parameters in place: `buf = momentum * buf + (g + wd * p)`,
+// `p -= lr * buf`. Parameters whose gradient and buffer share their memory layout go through PyTorch's fused
+// kernel (`torch.optim.SGD(fused=True)`: one pass over each tensor, one operator call for all); any other goes
+// through the same three steps as separate operators. Returns 0, or -1.
+int darts_sgd_step(const at::Tensor* const* params, const at::Tensor* const* grads, const at::Tensor* const* bufs,
+                   int n, double lr, double momentum, double weight_decay) {
+  return guarded([&] {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> p, g, b;
+    for (int i = 0; i < n; i++) {
+      const at::Tensor &P = *params[i], &B = *bufs[i];
+      at::Tensor G = *grads[i];
+      bool fused = momentum != 0.0 && P.is_non_overlapping_and_dense() && B.strides() == P.strides() &&
+                   G.scalar_type() == P.scalar_type() && B.scalar_type() == P.scalar_type() &&
+                   G.device() == P.device() && B.device() == P.device();
+      if (fused && G.strides() != P.strides()) {
+        // A gradient laid out unlike its parameter (convolution_backward may return NCHW for a channels-last
+        // kernel): one copy into the parameter's layout, so that the kernel's element i is the same entry in all.
+        at::Tensor same = at::empty_like(P);
+        same.copy_(G);
+        G = same;
+      }
+      if (fused) {
+        p.push_back(P);
+        g.push_back(G);
+        b.push_back(B);
+      } else {
+        auto d = G + P * weight_decay;
+        at::Tensor buf = B;
+        buf.mul_(momentum).add_(d);
+        at::Tensor param = P;
+        param.sub_(buf * lr);
+      }
+    }
+    if (!p.empty()) {
+      at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, 0.0, false, false, false);
+    }
+    return 0;
+  });
+}
+
+// Scales `n` gradients in place so that their global L2 norm is at most `max_norm`, as
+// torch.nn.utils.clip_grad_norm_ (`max_norm / (norm + 1e-6)` clamped to 1), with multi-tensor operators: the
+// norms in one call, the scaling in one. Writes the norm before clipping (a float32 0-d tensor) to `*total`.
+int darts_clip_grad_norm(const at::Tensor* const* grads, int n, double max_norm, at::Tensor** total) {
+  return guarded([&] {
+    at::NoGradGuard no_grad;
+    auto gs = tensor_list(grads, n);
+    std::vector<at::Tensor> norms = at::_foreach_norm(gs, 2);
+    for (auto& t : norms) {
+      if (t.scalar_type() != at::kFloat) t = t.to(at::kFloat);
+    }
+    at::Tensor all = norms.size() == 1 ? norms[0] : at::stack(norms).norm();
+    // As darts computed it one tensor at a time (tch's `max_norm / t` is `(t / max_norm)^-1`): the same bits.
+    at::Tensor coef = at::pow((all + 1e-6) / max_norm, -1).clamp_max(1.0);
+    at::_foreach_mul_(gs, coef);
+    *total = new at::Tensor(std::move(all));
+    return 0;
+  });
+}
+
 // ---- Counting ATen operator calls: the events torch.profiler records, through the same RecordFunction hooks ----
 
 namespace {

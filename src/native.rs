@@ -21,6 +21,16 @@ extern "C" {
     fn darts_cuda_reset_peak(index: c_int) -> c_int;
     // Tensors are tch's `C_tensor` pointers (libtorch's `at::Tensor*`), passed untyped.
     fn darts_bernoulli_mask(like: *const c_void, keep: f64, seed: u64, out: *mut *mut c_void) -> c_int;
+    fn darts_sgd_step(
+        params: *const *const c_void,
+        grads: *const *const c_void,
+        bufs: *const *const c_void,
+        n: c_int,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> c_int;
+    fn darts_clip_grad_norm(grads: *const *const c_void, n: c_int, max_norm: f64, total: *mut *mut c_void) -> c_int;
     fn darts_count_aten_start(by_name: c_int) -> c_int;
     fn darts_count_aten_stop() -> i64;
     fn darts_count_aten_names() -> *const c_char;
@@ -58,6 +68,36 @@ pub fn count_aten_calls_by_name<R>(f: impl FnOnce() -> R) -> Result<(R, u64, Vec
         .filter_map(|l| l.split_once(' ').and_then(|(c, name)| Some((c.parse().ok()?, name.to_string()))))
         .collect();
     Ok((r, n.max(0) as u64, rows))
+}
+
+fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
+    ts.iter().map(|t| t.as_ptr().cast::<c_void>()).collect()
+}
+
+/// SGD's step on `params` in place with their `grads` and momentum `buffers` (the same length, all defined):
+/// `buf = momentum * buf + (g + weight_decay * p)`, `p -= lr * buf`, through PyTorch's fused SGD kernel (one
+/// operator call, one pass over each tensor) wherever a parameter, its gradient and its buffer share a layout.
+pub fn sgd_step(params: &[&Tensor], grads: &[&Tensor], buffers: &[&Tensor], lr: f64, momentum: f64, weight_decay: f64) {
+    assert!(params.len() == grads.len() && grads.len() == buffers.len(), "one gradient and buffer per parameter");
+    let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(buffers));
+    // SAFETY: live tensors (tch's C_tensor is libtorch's at::Tensor*), updated in place by libtorch's own
+    // operators; the shim catches every C++ exception.
+    let rc =
+        unsafe { darts_sgd_step(p.as_ptr(), g.as_ptr(), b.as_ptr(), p.len() as c_int, lr, momentum, weight_decay) };
+    // A libtorch failure here (out of memory) panics as tch's own operators do; the binary reports it.
+    assert!(rc == 0, "SGD step failed: {}", last_error());
+}
+
+/// Scales `grads` (all defined) in place so that their global L2 norm is at most `max_norm`, with multi-tensor
+/// operators; returns the norm before clipping as a float32 0-d tensor.
+pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Tensor {
+    let g = ptrs(grads);
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: live tensors; the shim writes a newly allocated tensor to `out` on success.
+    let rc = unsafe { darts_clip_grad_norm(g.as_ptr(), g.len() as c_int, max_norm, &mut out) };
+    assert!(rc == 0 && !out.is_null(), "gradient clipping failed: {}", last_error());
+    // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over.
+    unsafe { Tensor::from_ptr(out.cast()) }
 }
 
 /// A tensor shaped, laid out and placed like `like`, of 1s with probability `keep` and 0s otherwise (libtorch's

@@ -26,7 +26,30 @@ impl Sgd {
     /// One step: `buf = momentum * buf + (g + wd * p)`, `p -= lr * buf`. A parameter whose gradient is undefined
     /// (the loss did not reach it: GDAS's unsampled ops) is left alone, momentum and decay included, as
     /// PyTorch's SGD skips parameters whose `.grad` is None.
+    ///
+    /// All parameters in one call of PyTorch's fused SGD kernel (`torch.optim.SGD(fused=True)`), where each
+    /// parameter, gradient and buffer share a memory layout; the same operations one by one otherwise.
     pub fn step(&mut self, params: &[Tensor], grads: &[Tensor]) {
+        let (mut p, mut g, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        for ((param, grad), buf) in params.iter().zip(grads).zip(self.buffers.iter_mut()) {
+            if buf.stride() != param.stride() && buf.size() == param.size() {
+                // A buffer laid out unlike its parameter (made before a change of layout, or read from a
+                // checkpoint): the same values in the parameter's layout, once, so that the fused kernel takes it.
+                let same = param.empty_like();
+                tch::no_grad(|| same.shallow_clone().copy_(buf));
+                *buf = same;
+            }
+            if grad.defined() {
+                p.push(param);
+                g.push(grad);
+                b.push(&*buf);
+            }
+        }
+        crate::native::sgd_step(&p, &g, &b, self.lr, self.momentum, self.weight_decay);
+    }
+
+    /// The same step as [`Sgd::step`], one operator at a time (the reference the fused step is tested against).
+    pub fn step_unfused(&mut self, params: &[Tensor], grads: &[Tensor]) {
         tch::no_grad(|| {
             for ((p, g), buf) in params.iter().zip(grads).zip(self.buffers.iter_mut()) {
                 if !g.defined() {
@@ -95,7 +118,19 @@ impl Adam {
 /// `clip_grad_norm_`: coefficient `max_norm / (norm + 1e-6)` clamped to 1), with no host round trip.
 /// Returns the norm before clipping as a 0-d tensor. Undefined gradients (parameters the loss did not reach)
 /// are left out, as PyTorch leaves out parameters whose `.grad` is None.
+///
+/// The norms in one multi-tensor call and the scaling in another (`torch._foreach_norm`, `_foreach_mul_`, as
+/// PyTorch's `clip_grad_norm_` on GPUs), the same operations per tensor as [`clip_grad_norm_unfused`].
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Tensor {
+    let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
+    if defined.is_empty() {
+        return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+    }
+    crate::native::clip_grad_norm(&defined, max_norm)
+}
+
+/// [`clip_grad_norm`] one tensor at a time (the reference the multi-tensor one is tested against).
+pub fn clip_grad_norm_unfused(grads: &mut [Tensor], max_norm: f64) -> Tensor {
     let norms: Vec<Tensor> = grads.iter().filter(|g| g.defined()).map(|g| g.norm().to_kind(Kind::Float)).collect();
     let Some(first) = norms.first() else { return Tensor::zeros([], (Kind::Float, tch::Device::Cpu)) };
     let total = if norms.len() == 1 { first.shallow_clone() } else { Tensor::stack(&norms, 0).norm() };
@@ -207,6 +242,59 @@ mod tests {
         adam.step(&[&q], &[Tensor::new()]);
         assert_eq!(q.double_value(&[0]), 3.0);
         assert_eq!(clip_grad_norm(&mut [Tensor::new()], 1.0).double_value(&[]), 0.0);
+    }
+
+    /// The fused SGD step and the multi-tensor clipping against the same operations one tensor at a time, over
+    /// several steps, on float32 tensors in NCHW and channels-last layouts and a gradient whose layout differs
+    /// from its parameter's (which takes the per-tensor path), a momentum buffer already non-zero.
+    #[test]
+    fn the_fused_step_and_clipping_equal_the_per_tensor_ones() {
+        tch::manual_seed(5);
+        let shapes: [&[i64]; 4] = [&[8, 4, 3, 3], &[16], &[5, 7], &[6, 2, 5, 5]];
+        let make = || -> Vec<Tensor> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let t = Tensor::randn(*s, (Kind::Float, Device::Cpu));
+                    if i == 0 {
+                        crate::channels_last(&t)
+                    } else {
+                        t
+                    }
+                })
+                .collect()
+        };
+        let params = make();
+        let twins: Vec<Tensor> = params.iter().map(|p| p.copy()).collect();
+        let (mut a, mut b) = (Sgd::new(&params, 0.05, 0.9, 3e-4), Sgd::new(&twins, 0.05, 0.9, 3e-4));
+        for (x, y) in a.buffers.iter_mut().zip(b.buffers.iter_mut()) {
+            let r = x.rand_like();
+            x.copy_(&r);
+            y.copy_(&r);
+        }
+        for step in 0..4 {
+            let mut g = make();
+            // The last gradient laid out unlike its parameter (channels-last against NCHW).
+            g[3] = crate::channels_last(&g[3]);
+            let mut h: Vec<Tensor> = g.iter().map(|t| t.copy()).collect();
+            let (na, nb) = (clip_grad_norm(&mut g, 1.5), clip_grad_norm_unfused(&mut h, 1.5));
+            assert!(na.equal(&nb), "step {step}: norms {na:?} {nb:?}");
+            for (x, y) in g.iter().zip(&h) {
+                assert!(x.equal(y), "step {step}: clipped gradients differ");
+            }
+            a.step(&params, &g);
+            b.step_unfused(&twins, &h);
+            for (i, (x, y)) in params.iter().zip(&twins).enumerate() {
+                let d = (x - y).abs().max().double_value(&[]);
+                assert!(d <= 1e-6, "step {step}, tensor {i}: {d}");
+                let d = (&a.buffers[i] - &b.buffers[i]).abs().max().double_value(&[]);
+                assert!(d <= 1e-6, "step {step}, buffer {i}: {d}");
+            }
+            assert_eq!(params[0].stride(), crate::channels_last(&params[0]).stride());
+        }
+        // The step moved the parameters (a step that did nothing would pass the comparison above).
+        assert!((&params[2] - &make()[2]).abs().max().double_value(&[]) > 0.0);
     }
 
     #[test]
