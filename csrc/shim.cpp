@@ -217,6 +217,49 @@ int darts_clip_grad_norm(const at::Tensor* const* grads, int n, double max_norm,
   });
 }
 
+// The second-order architect's updates of the weights as multi-tensor operators (torch._foreach_*): a handful of
+// operator calls for all weights instead of several per weight.
+
+// `dst[i] = base[i] + alpha * dir[i]` for `n` tensors, in place in `dst` (the finite differences' w +- R v).
+// Returns 0, or -1.
+int darts_foreach_axpy(const at::Tensor* const* dst, const at::Tensor* const* base, const at::Tensor* const* dir,
+                       int n, double alpha) {
+  return guarded([&] {
+    at::NoGradGuard no_grad;
+    auto d = tensor_list(dst, n);
+    at::_foreach_copy_(d, tensor_list(base, n));
+    at::_foreach_add_(d, tensor_list(dir, n), alpha);
+    return 0;
+  });
+}
+
+// The unrolled weights of DARTS's second order, in place in `weights`: `w = theta - eta * (momentum * buf + g +
+// weight_decay * theta)` for `n` tensors. Returns 0, or -1.
+int darts_unrolled_step(const at::Tensor* const* weights, const at::Tensor* const* theta, const at::Tensor* const* grads,
+                        const at::Tensor* const* bufs, int n, double eta, double momentum, double weight_decay) {
+  return guarded([&] {
+    at::NoGradGuard no_grad;
+    auto th = tensor_list(theta, n);
+    std::vector<at::Tensor> step = at::_foreach_mul(tensor_list(bufs, n), momentum);
+    at::_foreach_add_(step, tensor_list(grads, n));
+    at::_foreach_add_(step, th, weight_decay);
+    auto w = tensor_list(weights, n);
+    at::_foreach_copy_(w, th);
+    at::_foreach_add_(w, step, -eta);
+    return 0;
+  });
+}
+
+// Copies `src[i]` into `dst[i]` for `n` tensors (restoring saved weights or statistics). Returns 0, or -1.
+int darts_foreach_copy(const at::Tensor* const* dst, const at::Tensor* const* src, int n) {
+  return guarded([&] {
+    at::NoGradGuard no_grad;
+    auto d = tensor_list(dst, n);
+    at::_foreach_copy_(d, tensor_list(src, n));
+    return 0;
+  });
+}
+
 // ---- Counting ATen operator calls: the events torch.profiler records, through the same RecordFunction hooks ----
 
 namespace {

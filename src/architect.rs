@@ -50,11 +50,9 @@ fn snapshot(ts: &[Tensor]) -> Vec<Tensor> {
 }
 
 fn restore(ts: &[Tensor], saved: &[Tensor]) {
-    tch::no_grad(|| {
-        for (t, s) in ts.iter().zip(saved) {
-            t.shallow_clone().copy_(s);
-        }
-    })
+    if !ts.is_empty() {
+        crate::native::foreach_copy(ts, saved);
+    }
 }
 
 /// grad_alpha of the training-mode loss on (x, y).
@@ -94,14 +92,10 @@ fn finite_difference_hvp_with(
     reduce: Reduce,
 ) -> anyhow::Result<Vec<Tensor>> {
     let saved = snapshot(weights);
+    // R = r / |v| (the original's `R = r / _concat(vector).norm()`), read once on the host for the shifts.
     let big_r = (r / global_norm(v)).to_kind(weights[0].kind());
-    let shift = |sign: f64| {
-        tch::no_grad(|| {
-            for ((w, s), vi) in weights.iter().zip(&saved).zip(v) {
-                w.shallow_clone().copy_(&(s + vi * &big_r * sign));
-            }
-        })
-    };
+    let r_host = big_r.to_kind(Kind::Double).double_value(&[]);
+    let shift = |sign: f64| crate::native::foreach_axpy(weights, &saved, v, sign * r_host);
     let masks = net.sample_stream();
     shift(1.0);
     let mut gp = alpha_grads(net, x, y);
@@ -181,12 +175,7 @@ impl Architect {
                 let (_, _, mut g) = net.loss_grads(x_train, y_train, &w_refs);
                 reduce(&mut g, examples(x_train))?;
                 let theta = snapshot(weights);
-                tch::no_grad(|| {
-                    for (((w, t), gi), buf) in weights.iter().zip(&theta).zip(&g).zip(&sgd.buffers) {
-                        let step = buf * sgd.momentum + gi + t * sgd.weight_decay;
-                        w.shallow_clone().copy_(&(t - step * eta));
-                    }
-                });
+                crate::native::unrolled_step(weights, &theta, &g, &sgd.buffers, (eta, sgd.momentum, sgd.weight_decay));
                 // The unrolled model is a copy in the original: its forward must not move our BN statistics.
                 let stats = snapshot(buffers);
                 let mut inputs: Vec<&Tensor> = net.alphas.tensors();

@@ -31,6 +31,25 @@ extern "C" {
         weight_decay: f64,
     ) -> c_int;
     fn darts_clip_grad_norm(grads: *const *const c_void, n: c_int, max_norm: f64, total: *mut *mut c_void) -> c_int;
+    fn darts_foreach_axpy(
+        dst: *const *const c_void,
+        base: *const *const c_void,
+        dir: *const *const c_void,
+        n: c_int,
+        alpha: f64,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn darts_unrolled_step(
+        weights: *const *const c_void,
+        theta: *const *const c_void,
+        grads: *const *const c_void,
+        bufs: *const *const c_void,
+        n: c_int,
+        eta: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> c_int;
+    fn darts_foreach_copy(dst: *const *const c_void, src: *const *const c_void, n: c_int) -> c_int;
     fn darts_count_aten_start(by_name: c_int) -> c_int;
     fn darts_count_aten_stop() -> i64;
     fn darts_count_aten_names() -> *const c_char;
@@ -52,8 +71,11 @@ pub fn count_aten_calls<R>(f: impl FnOnce() -> R) -> Result<(R, u64)> {
     Ok((r, n))
 }
 
+/// Calls per ATen operator name, most called first.
+pub type CallsByName = Vec<(u64, String)>;
+
 /// As [`count_aten_calls`], with the calls per operator name, most called first.
-pub fn count_aten_calls_by_name<R>(f: impl FnOnce() -> R) -> Result<(R, u64, Vec<(u64, String)>)> {
+pub fn count_aten_calls_by_name<R>(f: impl FnOnce() -> R) -> Result<(R, u64, CallsByName)> {
     // SAFETY: a plain flag; the shim catches C++ exceptions.
     if unsafe { darts_count_aten_start(1) } != 0 {
         bail!("could not count ATen calls: {}", last_error());
@@ -98,6 +120,47 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Tensor {
     assert!(rc == 0 && !out.is_null(), "gradient clipping failed: {}", last_error());
     // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over.
     unsafe { Tensor::from_ptr(out.cast()) }
+}
+
+/// `dst[i] = base[i] + alpha * dir[i]` in place for every `i` (multi-tensor operators; the lists have one length).
+pub fn foreach_axpy(dst: &[Tensor], base: &[Tensor], dir: &[Tensor], alpha: f64) {
+    assert!(dst.len() == base.len() && base.len() == dir.len(), "lists of one length");
+    let (d, b, v) = (owned_ptrs(dst), owned_ptrs(base), owned_ptrs(dir));
+    // SAFETY: live tensors, written in place by libtorch's operators; the shim catches C++ exceptions.
+    let rc = unsafe { darts_foreach_axpy(d.as_ptr(), b.as_ptr(), v.as_ptr(), d.len() as c_int, alpha) };
+    assert!(rc == 0, "a multi-tensor update failed: {}", last_error());
+}
+
+/// DARTS's unrolled weights in place: `weights[i] = theta[i] - eta * (momentum * bufs[i] + grads[i] +
+/// weight_decay * theta[i])` for every `i` (multi-tensor operators).
+pub fn unrolled_step(
+    weights: &[Tensor],
+    theta: &[Tensor],
+    grads: &[Tensor],
+    bufs: &[Tensor],
+    (eta, momentum, weight_decay): (f64, f64, f64),
+) {
+    let n = weights.len();
+    assert!(theta.len() == n && grads.len() == n && bufs.len() == n, "lists of one length");
+    let (w, t, g, b) = (owned_ptrs(weights), owned_ptrs(theta), owned_ptrs(grads), owned_ptrs(bufs));
+    // SAFETY: as in foreach_axpy.
+    let rc = unsafe {
+        darts_unrolled_step(w.as_ptr(), t.as_ptr(), g.as_ptr(), b.as_ptr(), n as c_int, eta, momentum, weight_decay)
+    };
+    assert!(rc == 0, "the unrolled step failed: {}", last_error());
+}
+
+/// Copies `src[i]` into `dst[i]` for every `i` (multi-tensor operators).
+pub fn foreach_copy(dst: &[Tensor], src: &[Tensor]) {
+    assert_eq!(dst.len(), src.len(), "lists of one length");
+    let (d, s) = (owned_ptrs(dst), owned_ptrs(src));
+    // SAFETY: as in foreach_axpy.
+    let rc = unsafe { darts_foreach_copy(d.as_ptr(), s.as_ptr(), d.len() as c_int) };
+    assert!(rc == 0, "a multi-tensor copy failed: {}", last_error());
+}
+
+fn owned_ptrs(ts: &[Tensor]) -> Vec<*const c_void> {
+    ts.iter().map(|t| t.as_ptr().cast::<c_void>()).collect()
 }
 
 /// A tensor shaped, laid out and placed like `like`, of 1s with probability `keep` and 0s otherwise (libtorch's
