@@ -101,7 +101,14 @@ pub struct Cell {
 
 /// Drop path: multiplies each example by its keep mask (0 or 1, `[n]`) and rescales by 1 / (1 - p).
 pub fn drop_path(x: &Tensor, keep_mask: &Tensor, p: f64) -> Tensor {
-    x / (1.0 - p) * keep_mask.view([-1, 1, 1, 1]).to_kind(x.kind())
+    x * drop_path_scale(keep_mask, p, x.kind())
+}
+
+/// Drop path's factor per example, `[n, 1, 1, 1]`: the keep mask over 1 - p (the original divides the whole map
+/// by 1 - p, then multiplies by the mask; one small division instead keeps drop path to one pass over the map,
+/// equal to float rounding).
+pub fn drop_path_scale(keep_mask: &Tensor, p: f64, kind: Kind) -> Tensor {
+    keep_mask.view([-1, 1, 1, 1]).to_kind(kind) / (1.0 - p)
 }
 
 /// Keep masks for one step, `[sites, n]`: each entry 1 with probability 1 - p, drawn from `rng` (not from
@@ -175,14 +182,18 @@ impl Cell {
                 let (op, kind) = (&self.ops[k], self.kinds[k]);
                 let input = &states[self.indices[k]];
                 let stride = if self.reduction && self.indices[k] < 2 { 2 } else { 1 };
-                let mut h = time(kind.name(), Some(kind), stride, input, || op.forward_t(input, train));
+                let h = time(kind.name(), Some(kind), stride, input, || op.forward_t(input, train));
+                let mut scale = None;
                 if let (true, false, Some((p, masks, row))) = (train, op.is_identity(), drop.as_mut()) {
-                    h = drop_path(&h, &masks.get(**row), *p);
+                    scale = Some(drop_path_scale(&masks.get(**row), *p, h.kind()));
                     **row += 1;
                 }
-                sum = Some(match sum {
-                    None => h,
-                    Some(s) => s + h,
+                // The node's sum with drop path's factor in the same pass (addcmul: s + h * scale).
+                sum = Some(match (sum, scale) {
+                    (None, None) => h,
+                    (None, Some(f)) => h * f,
+                    (Some(s), None) => s + h,
+                    (Some(s), Some(f)) => s.addcmul(&h, &f),
                 });
             }
             states.push(sum.expect("two ops per node"));
