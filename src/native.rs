@@ -97,8 +97,9 @@ fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
 }
 
 /// SGD's step on `params` in place with their `grads` and momentum `buffers` (the same length, all defined):
-/// `buf = momentum * buf + (g + weight_decay * p)`, `p -= lr * buf`, through PyTorch's fused SGD kernel (one
-/// operator call, one pass over each tensor) wherever a parameter, its gradient and its buffer share a layout.
+/// `buf = momentum * buf + (g + weight_decay * p)`, `p -= lr * buf`: on CUDA through PyTorch's fused SGD kernel
+/// (one multi-tensor launch) wherever a parameter and its buffer share a layout, on the CPU as four operators a
+/// tensor (see `darts_sgd_step` in the shim for why).
 pub fn sgd_step(params: &[&Tensor], grads: &[&Tensor], buffers: &[&Tensor], lr: f64, momentum: f64, weight_decay: f64) {
     assert!(params.len() == grads.len() && grads.len() == buffers.len(), "one gradient and buffer per parameter");
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(buffers));

@@ -27,14 +27,15 @@ impl Sgd {
     /// (the loss did not reach it: GDAS's unsampled ops) is left alone, momentum and decay included, as
     /// PyTorch's SGD skips parameters whose `.grad` is None.
     ///
-    /// All parameters in one call of PyTorch's fused SGD kernel (`torch.optim.SGD(fused=True)`), where each
-    /// parameter, gradient and buffer share a memory layout; the same operations one by one otherwise.
+    /// Through the shim: on CUDA one call of PyTorch's fused SGD kernel (`torch.optim.SGD(fused=True)`) for every
+    /// parameter whose buffer shares its layout; on the CPU four operators a tensor with the scalars as `alpha`
+    /// (no scalar tensors: 1.8x faster than tch's `tensor * f64`, and faster than the fused kernel there).
     pub fn step(&mut self, params: &[Tensor], grads: &[Tensor]) {
         let (mut p, mut g, mut b) = (Vec::new(), Vec::new(), Vec::new());
         for ((param, grad), buf) in params.iter().zip(grads).zip(self.buffers.iter_mut()) {
             if buf.stride() != param.stride() && buf.size() == param.size() {
                 // A buffer laid out unlike its parameter (made before a change of layout, or read from a
-                // checkpoint): the same values in the parameter's layout, once, so that the fused kernel takes it.
+                // checkpoint): the same values in the parameter's layout, once, so that CUDA's fused kernel takes it.
                 let same = param.empty_like();
                 tch::no_grad(|| same.shallow_clone().copy_(buf));
                 *buf = same;
@@ -244,9 +245,9 @@ mod tests {
         assert_eq!(clip_grad_norm(&mut [Tensor::new()], 1.0).double_value(&[]), 0.0);
     }
 
-    /// The fused SGD step and the multi-tensor clipping against the same operations one tensor at a time, over
+    /// The shim's SGD step and the multi-tensor clipping against tch's operations one tensor at a time, over
     /// several steps, on float32 tensors in NCHW and channels-last layouts and a gradient whose layout differs
-    /// from its parameter's (which takes the per-tensor path), a momentum buffer already non-zero.
+    /// from its parameter's, a momentum buffer already non-zero.
     #[test]
     fn the_fused_step_and_clipping_equal_the_per_tensor_ones() {
         tch::manual_seed(5);
