@@ -193,10 +193,6 @@ impl Drop for Dist {
     }
 }
 
-fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
-    ts.iter().map(|t| t.as_ptr().cast::<c_void>()).collect()
-}
-
 impl Dist {
     /// Whether this build of darts has c10d.
     pub fn available() -> bool {
@@ -292,7 +288,7 @@ impl Dist {
     }
 
     fn all_reduce_one(&self, t: &Tensor) -> Result<()> {
-        let p = ptrs(&[t]);
+        let p = crate::native::ptrs(&[t]);
         // SAFETY: live tensors; the call waits for the collective to finish before returning.
         if unsafe { darts_pg_allreduce_sum(self.pg, p.as_ptr(), p.len() as c_int) } != 0 {
             bail!("rank {}: all-reduce failed: {} {PEER_GONE}", self.rank(), last_error());
@@ -301,7 +297,7 @@ impl Dist {
     }
 
     fn broadcast_one(&self, t: &Tensor, root: usize) -> Result<()> {
-        let p = ptrs(&[t]);
+        let p = crate::native::ptrs(&[t]);
         // SAFETY: as in all_reduce_sum.
         if unsafe { darts_pg_broadcast(self.pg, p.as_ptr(), p.len() as c_int, root as c_int) } != 0 {
             bail!("rank {}: broadcast failed: {} {PEER_GONE}", self.rank(), last_error());

@@ -92,8 +92,9 @@ pub fn count_aten_calls_by_name<R>(f: impl FnOnce() -> R) -> Result<(R, u64, Cal
     Ok((r, n.max(0) as u64, rows))
 }
 
-fn ptrs(ts: &[&Tensor]) -> Vec<*const c_void> {
-    ts.iter().map(|t| t.as_ptr().cast::<c_void>()).collect()
+/// The libtorch `at::Tensor*` behind each of `ts`, for the shim's list arguments (valid while `ts` lives).
+pub(crate) fn ptrs<T: std::borrow::Borrow<Tensor>>(ts: &[T]) -> Vec<*const c_void> {
+    ts.iter().map(|t| t.borrow().as_ptr().cast::<c_void>()).collect()
 }
 
 /// SGD's step on `params` in place with their `grads` and momentum `buffers` (the same length, all defined):
@@ -126,7 +127,7 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Tensor {
 /// `dst[i] = base[i] + alpha * dir[i]` in place for every `i` (multi-tensor operators; the lists have one length).
 pub fn foreach_axpy(dst: &[Tensor], base: &[Tensor], dir: &[Tensor], alpha: f64) {
     assert!(dst.len() == base.len() && base.len() == dir.len(), "lists of one length");
-    let (d, b, v) = (owned_ptrs(dst), owned_ptrs(base), owned_ptrs(dir));
+    let (d, b, v) = (ptrs(dst), ptrs(base), ptrs(dir));
     // SAFETY: live tensors, written in place by libtorch's operators; the shim catches C++ exceptions.
     let rc = unsafe { darts_foreach_axpy(d.as_ptr(), b.as_ptr(), v.as_ptr(), d.len() as c_int, alpha) };
     assert!(rc == 0, "a multi-tensor update failed: {}", last_error());
@@ -143,7 +144,7 @@ pub fn unrolled_step(
 ) {
     let n = weights.len();
     assert!(theta.len() == n && grads.len() == n && bufs.len() == n, "lists of one length");
-    let (w, t, g, b) = (owned_ptrs(weights), owned_ptrs(theta), owned_ptrs(grads), owned_ptrs(bufs));
+    let (w, t, g, b) = (ptrs(weights), ptrs(theta), ptrs(grads), ptrs(bufs));
     // SAFETY: as in foreach_axpy.
     let rc = unsafe {
         darts_unrolled_step(w.as_ptr(), t.as_ptr(), g.as_ptr(), b.as_ptr(), n as c_int, eta, momentum, weight_decay)
@@ -154,14 +155,10 @@ pub fn unrolled_step(
 /// Copies `src[i]` into `dst[i]` for every `i` (multi-tensor operators).
 pub fn foreach_copy(dst: &[Tensor], src: &[Tensor]) {
     assert_eq!(dst.len(), src.len(), "lists of one length");
-    let (d, s) = (owned_ptrs(dst), owned_ptrs(src));
+    let (d, s) = (ptrs(dst), ptrs(src));
     // SAFETY: as in foreach_axpy.
     let rc = unsafe { darts_foreach_copy(d.as_ptr(), s.as_ptr(), d.len() as c_int) };
     assert!(rc == 0, "a multi-tensor copy failed: {}", last_error());
-}
-
-fn owned_ptrs(ts: &[Tensor]) -> Vec<*const c_void> {
-    ts.iter().map(|t| t.as_ptr().cast::<c_void>()).collect()
 }
 
 /// A tensor shaped, laid out and placed like `like`, of 1s with probability `keep` and 0s otherwise (libtorch's
