@@ -407,8 +407,7 @@ int darts_pg_new(const char* host, int port, int is_server, int rank, int world,
 int darts_pg_allreduce_sum(void* pg, const at::Tensor* const* tensors, int n) {
 #ifdef DARTS_DIST
   return guarded([&] {
-    std::vector<at::Tensor> ts;
-    for (int i = 0; i < n; i++) ts.push_back(*tensors[i]);
+    auto ts = tensor_list(tensors, n);
     auto work = static_cast<ProcessGroup*>(pg)->backend->allreduce(ts);
     work->wait();
     return 0;
@@ -423,8 +422,7 @@ int darts_pg_allreduce_sum(void* pg, const at::Tensor* const* tensors, int n) {
 int darts_pg_broadcast(void* pg, const at::Tensor* const* tensors, int n, int root) {
 #ifdef DARTS_DIST
   return guarded([&] {
-    std::vector<at::Tensor> ts;
-    for (int i = 0; i < n; i++) ts.push_back(*tensors[i]);
+    auto ts = tensor_list(tensors, n);
     c10d::BroadcastOptions o;
     o.rootRank = root;
     auto work = static_cast<ProcessGroup*>(pg)->backend->broadcast(ts, o);
