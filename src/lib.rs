@@ -5,6 +5,7 @@
 //! with [`architect`] computing alpha's hypergradient) -> [`genotype`] (the discrete cells derived from alpha).
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod architect;
 pub mod baseline;
 pub mod bench;
