@@ -312,11 +312,15 @@ impl FactorizedReduce {
     /// Applies the op. On an odd height or width the shifted branch is zero-padded at the end so that both
     /// branches give ceil(size / 2), the size every other strided op gives (the original fails there).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = self.act.apply(x);
+        self.forward_activated(&self.act.apply(x), train)
+    }
+
+    /// [`FactorizedReduce::forward_t`] from `act(x)` already computed (edges reading one state share it).
+    pub fn forward_activated(&self, x: &Tensor, train: bool) -> Tensor {
         let (h, w) = (x.size()[2], x.size()[3]);
         let shifted = x.narrow(2, 1, h - 1).narrow(3, 1, w - 1);
         let shifted = if h % 2 == 1 || w % 2 == 1 { shifted.constant_pad_nd([0, w % 2, 0, h % 2]) } else { shifted };
-        let out = Tensor::cat(&[self.conv_1.forward(&x), self.conv_2.forward(&shifted)], 1);
+        let out = Tensor::cat(&[self.conv_1.forward(x), self.conv_2.forward(&shifted)], 1);
         self.bn.forward_t(&out, train)
     }
 
@@ -529,19 +533,42 @@ impl Op {
             }
             Op::Identity => x.shallow_clone(),
             Op::Reduce(fr) => fr.forward_t(x, train),
-            Op::Convs(act, blocks) => {
-                let mut y = x.shallow_clone();
-                for (convs, bn) in blocks {
-                    y = act.apply(&y);
-                    for conv in convs {
-                        y = conv.forward(&y);
-                    }
-                    y = bn.forward_t(&y, train);
-                }
-                y
-            }
+            Op::Convs(act, blocks) => convs_forward(*act, blocks, act.apply(x), train),
         }
     }
+
+    /// The activation the op begins with: the convolution chains' and FactorizedReduce's.
+    pub fn activation(&self) -> Option<Activation> {
+        match self {
+            Op::Convs(act, _) => Some(*act),
+            Op::Reduce(fr) => Some(fr.act),
+            _ => None,
+        }
+    }
+
+    /// [`Op::forward_t`] of an op that begins with its activation ([`Op::activation`]) from `act(x)` already
+    /// computed, so that the edges reading one state can share it; `None` for the other ops.
+    pub fn forward_activated(&self, activated: &Tensor, train: bool) -> Option<Tensor> {
+        match self {
+            Op::Convs(act, blocks) => Some(convs_forward(*act, blocks, activated.shallow_clone(), train)),
+            Op::Reduce(fr) => Some(fr.forward_activated(activated, train)),
+            _ => None,
+        }
+    }
+}
+
+/// A chain of (activation, convolutions, BN) blocks on `y`, the first block's activation already applied.
+fn convs_forward(act: Activation, blocks: &[(Vec<Conv>, Bn)], mut y: Tensor, train: bool) -> Tensor {
+    for (i, (convs, bn)) in blocks.iter().enumerate() {
+        if i > 0 {
+            y = act.apply(&y);
+        }
+        for conv in convs {
+            y = conv.forward(&y);
+        }
+        y = bn.forward_t(&y, train);
+    }
+    y
 }
 
 #[cfg(test)]

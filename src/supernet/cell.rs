@@ -1,6 +1,7 @@
 //! One search cell: the MixedOp on each edge (with partial channels, GDAS sampling, skip dropout and the
 //! auxiliary skip), the weights a pass gives each cell type, and the pass's seeds.
 
+use super::shared::{copy_statistics, dense_like, EdgeInput};
 use crate::ops::{Op, Preprocess, ReluConvBn};
 use crate::space::{OpKind, SearchSpace};
 use tch::nn;
@@ -119,38 +120,40 @@ impl MixedOp {
     /// `weights` is this edge's row of softmax(alpha); with `choice` (GDAS) its row of hard weights, and only
     /// that op runs: `w[k] * op_k(x) + sum of the other w[j]` (they are 0 forward, and carry their gradient).
     pub fn forward_t(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
-        let y = self.relaxed(x, weights, pass, choice);
+        let input = EdgeInput::new(x, self.partial, pass.train, choice.is_some());
+        let y = self.forward_input(&input, weights, pass, choice);
+        copy_statistics(std::slice::from_ref(&input));
+        y
+    }
+
+    /// [`MixedOp::forward_t`] on a state shared with the other edges that read it ([`EdgeInput`]).
+    pub fn forward_input(&self, input: &EdgeInput, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+        let y = self.relaxed(input, weights, pass, choice);
         match &self.aux {
             Some(aux) => {
+                let x = input.full();
                 let skip =
-                    crate::profile::time("auxiliary_skip", None, self.stride, x, || aux.forward_t(x, pass.train));
+                    crate::profile::time("auxiliary_skip", None, self.stride, x, || input.apply_full(aux, pass.train));
                 y + skip * pass.aux_skip
             }
             None => y,
         }
     }
 
-    fn relaxed(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+    fn relaxed(&self, input: &EdgeInput, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
         if self.partial == 1 {
-            return self.mix(x, weights, pass, choice);
+            return self.mix(input, weights, pass, choice);
         }
-        let c = x.size()[1];
-        // A channel slice of a channels-last tensor is dense in neither layout, and the shuffle's reshape
-        // returns NCHW: both are copied dense in the layout the rest of the network uses.
-        let nhwc = x.dim() == 4 && x.stride()[1] == 1 && c > 1;
-        let dense = |t: Tensor| if nhwc { crate::channels_last(&t) } else { t.contiguous() };
-        let seen = dense(x.narrow(1, 0, c / self.partial));
-        let bypass = x.narrow(1, c / self.partial, c - c / self.partial);
-        let mixed = self.mix(&seen, weights, pass, choice);
-        // ceil_mode: odd sizes give the ops' ceil(h/2) too (the original code fails on odd sizes).
-        let bypass = if self.stride == 2 { bypass.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], true) } else { bypass };
-        dense(channel_shuffle(&Tensor::cat(&[mixed, bypass], 1), self.partial))
+        let mixed = self.mix(input, weights, pass, choice);
+        // The shuffle's reshape returns NCHW: copied dense in the layout the rest of the network uses.
+        let x = input.full();
+        dense_like(x, &channel_shuffle(&Tensor::cat(&[mixed, input.bypass(self.stride)], 1), self.partial))
     }
 
-    fn mix(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
+    fn mix(&self, input: &EdgeInput, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
         if let Some(k) = choice {
             let rest = weights.sum(weights.kind()) - weights.get(k as i64);
-            return self.weighted_op(k, x, weights, pass) + rest;
+            return self.weighted_op(k, input, weights, pass) + rest;
         }
         let mut out: Option<Tensor> = None;
         for (k, op) in self.ops.iter().enumerate() {
@@ -158,7 +161,7 @@ impl MixedOp {
             if op.is_zero() {
                 continue;
             }
-            let y = self.weighted_op(k, x, weights, pass);
+            let y = self.weighted_op(k, input, weights, pass);
             out = Some(match out {
                 None => y,
                 Some(acc) => acc + y,
@@ -168,9 +171,10 @@ impl MixedOp {
     }
 
     /// `weights[k] * op_k(x)`, with the skip dropout on the identity.
-    fn weighted_op(&self, k: usize, x: &Tensor, weights: &Tensor, pass: Pass) -> Tensor {
+    fn weighted_op(&self, k: usize, input: &EdgeInput, weights: &Tensor, pass: Pass) -> Tensor {
         let (op, kind) = (&self.ops[k], self.kinds[k]);
-        let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || op.forward_t(x, pass.train));
+        let x = input.seen();
+        let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || input.apply(op, pass.train));
         // P-DARTS: dropout after the parameter-free identity, so that it cannot win by training fastest.
         let y = if pass.train && pass.skip_dropout > 0.0 && op.is_identity() {
             // As `Tensor::dropout`, with the mask from this edge's own seed.
@@ -219,19 +223,31 @@ impl SearchCell {
         SearchCell { reduction, preprocess0, preprocess1, edges, nodes: space.nodes }
     }
 
-    /// `weights`: this cell type's architecture weights for the pass.
-    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, weights: &CellWeights, pass: Pass) -> Tensor {
+    /// `weights`: this cell type's architecture weights for the pass. With `share` the edges reading one state
+    /// share its activation, pooling and (in training mode) pooling BN ([`EdgeInput`]); without, every edge
+    /// computes its ops from scratch as the original code (the reference the tests compare with).
+    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, weights: &CellWeights, pass: Pass, share: bool) -> Tensor {
         let train = pass.train;
         let s0 = crate::profile::time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train));
         let s1 = crate::profile::time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train));
-        let mut states = vec![s0, s1];
+        let partial = self.edges[0].partial;
+        let gdas = weights.choices.is_some();
+        let input = |x: &Tensor| {
+            if share {
+                EdgeInput::new(x, partial, train, gdas)
+            } else {
+                EdgeInput::unshared(x, partial)
+            }
+        };
+        let mut states = vec![input(&s0), input(&s1)];
         let mut offset = 0;
         for _ in 0..self.nodes {
             let mut sum: Option<Tensor> = None;
             for (j, h) in states.iter().enumerate() {
                 let e = (offset + j) as i64;
                 let choice = weights.choices.as_ref().map(|c| c[offset + j]);
-                let y = self.edges[offset + j].forward_t(h, &weights.ops.get(e), pass.derive(offset + j), choice);
+                let edge = &self.edges[offset + j];
+                let y = edge.forward_input(h, &weights.ops.get(e), pass.derive(offset + j), choice);
                 let y = match &weights.edges {
                     Some(b) => y * b.get(e),
                     None => y,
@@ -242,8 +258,10 @@ impl SearchCell {
                 });
             }
             offset += states.len();
-            states.push(sum.expect("a node has at least two inputs"));
+            states.push(input(&sum.expect("a node has at least two inputs")));
         }
-        Tensor::cat(&states[2..], 1)
+        copy_statistics(&states);
+        let nodes: Vec<&Tensor> = states[2..].iter().map(|s| s.full()).collect();
+        Tensor::cat(&nodes, 1)
     }
 }

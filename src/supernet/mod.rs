@@ -5,9 +5,11 @@
 
 mod alphas;
 mod cell;
+mod shared;
 
 pub use alphas::*;
 pub use cell::*;
+pub use shared::EdgeInput;
 
 use crate::ops::Stem;
 use crate::space::{DataShape, SearchSpace};
@@ -40,6 +42,9 @@ pub struct SearchNetwork {
     pub aux_skip: f64,
     /// GDAS: the Gumbel-softmax temperature; `Some` makes every edge run one sampled op (see [`gumbel_hard`]).
     pub gdas_tau: Option<f64>,
+    /// The edges reading one state share its activation, pooling and pooling BN ([`EdgeInput`]; the default);
+    /// off, every edge computes its ops from scratch as the original code (the reference of the tests).
+    pub share_edge_inputs: bool,
     sample_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
     buffers: Vec<Tensor>,
@@ -89,6 +94,7 @@ impl SearchNetwork {
             skip_dropout: 0.0,
             aux_skip: 1.0,
             gdas_tau: None,
+            share_edge_inputs: true,
             sample_stream: std::sync::atomic::AtomicU64::new(0),
             buffers: Vec::new(),
         }
@@ -103,7 +109,7 @@ impl SearchNetwork {
         let (mut s0, mut s1) = (stem.shallow_clone(), stem);
         for (i, cell) in self.cells.iter().enumerate() {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
-            let out = cell.forward_t(&s0, &s1, w, pass.derive(i));
+            let out = cell.forward_t(&s0, &s1, w, pass.derive(i), self.share_edge_inputs);
             (s0, s1) = (s1, out);
         }
         crate::profile::time("classifier", None, 1, &s1, || {
@@ -181,7 +187,7 @@ impl SearchNetwork {
             for (i, cell) in self.cells.iter().enumerate() {
                 let w = self.cell_weights(cell.reduction, pass);
                 let n = states.len();
-                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, pass.derive(i));
+                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, pass.derive(i), self.share_edge_inputs);
                 states.push(out);
             }
             states
@@ -221,7 +227,7 @@ impl SearchNetwork {
             let g_out = upstream[i + 2].take().expect("every cell output feeds a later cell or the head");
             let (a, b) = (leaf(&states[i]), leaf(&states[i + 1]));
             let w = self.cell_weights(cell.reduction, pass);
-            let out = cell.forward_t(&a, &b, &w, pass.derive(i));
+            let out = cell.forward_t(&a, &b, &w, pass.derive(i), self.share_edge_inputs);
             let g = backward((out * g_out).sum(Kind::Float), &[&a, &b]);
             add(&mut upstream[i], &g[0]);
             add(&mut upstream[i + 1], &g[1]);
