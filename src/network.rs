@@ -5,6 +5,8 @@
 use crate::genotype::Genotype;
 use crate::ops::{batch_norm, fold_batch_norm, Bn, Conv, ConvSpec, Op, Preprocess, ReluConvBn, Stem};
 use crate::space::{Activation, DataShape};
+use crate::supernet::EdgeInput;
+use std::rc::Rc;
 use tch::nn;
 use tch::{Kind, Tensor};
 
@@ -164,25 +166,30 @@ impl Cell {
 
     /// Applies the cell; with `drop` = (p, masks, next row) drop path applies to every non-identity op in
     /// training, each taking the next row of the masks.
+    /// `s0` and `s1` share their activation with the other cell (or the auxiliary head) that reads them, and with
+    /// `share` the ops reading one state share its activation and pooling ([`EdgeInput`]).
     pub fn forward_t(
         &self,
-        s0: &Tensor,
-        s1: &Tensor,
+        s0: &EdgeInput,
+        s1: &EdgeInput,
         mut drop: Option<(f64, &Tensor, &mut i64)>,
         train: bool,
+        share: bool,
     ) -> Tensor {
         use crate::profile::time;
+        let (p0, p1) = (&self.preprocess0, &self.preprocess1);
         let mut states = vec![
-            time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train)),
-            time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train)),
+            time("preprocess", None, 1, s0.full(), || p0.forward_activated(&s0.activated(p0.activation()), train)),
+            time("preprocess", None, 1, s1.full(), || p1.forward_activated(&s1.activated(p1.act), train)),
         ];
+        let mut inputs: Vec<EdgeInput> = states.iter().map(|s| EdgeInput::plain(s, share)).collect();
         for i in 0..self.ops.len() / 2 {
             let mut sum: Option<Tensor> = None;
             for k in [2 * i, 2 * i + 1] {
                 let (op, kind) = (&self.ops[k], self.kinds[k]);
-                let input = &states[self.indices[k]];
+                let input = &inputs[self.indices[k]];
                 let stride = if self.reduction && self.indices[k] < 2 { 2 } else { 1 };
-                let h = time(kind.name(), Some(kind), stride, input, || op.forward_t(input, train));
+                let h = time(kind.name(), Some(kind), stride, input.full(), || input.apply(op, train));
                 let mut scale = None;
                 if let (true, false, Some((p, masks, row))) = (train, op.is_identity(), drop.as_mut()) {
                     scale = Some(drop_path_scale(&masks.get(**row), *p, h.kind()));
@@ -196,7 +203,9 @@ impl Cell {
                     (Some(s), Some(f)) => s.addcmul(&h, &f),
                 });
             }
-            states.push(sum.expect("two ops per node"));
+            let node = sum.expect("two ops per node");
+            inputs.push(EdgeInput::plain(&node, share));
+            states.push(node);
         }
         let out: Vec<&Tensor> = self.concat.iter().map(|&i| &states[i]).collect();
         Tensor::cat(&out, 1)
@@ -245,7 +254,11 @@ impl AuxiliaryHead {
     /// Logits from the 2/3-depth feature map. Pooling is 5x5 with stride 3 (CIFAR, on 8x8 maps) or 2
     /// (ImageNet, on 7x7 maps) as the original; on other sizes an adaptive pool to 2x2 keeps the head's shape.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = x.relu();
+        self.forward_activated(&x.relu(), train)
+    }
+
+    /// [`AuxiliaryHead::forward_t`] from `relu(x)` already computed (shared with the next cells' preprocessing).
+    pub fn forward_activated(&self, x: &Tensor, train: bool) -> Tensor {
         let (h, w) = (x.size()[2], x.size()[3]);
         let x = match (self.imagenet, h, w) {
             (false, 8, 8) => x.avg_pool2d([5, 5], [3, 3], [0, 0], false, false, None),
@@ -275,6 +288,9 @@ pub struct Network {
     pub drop_path_prob: f64,
     /// Feed the network channels-last activations (set with the kernels by `set_channels_last`).
     pub channels_last: bool,
+    /// The readers of one state share its activation and pooling ([`EdgeInput`]; the default); off, every op
+    /// computes from scratch as the original code (the reference of the tests).
+    pub share_inputs: bool,
 }
 
 impl Network {
@@ -310,7 +326,16 @@ impl Network {
             .auxiliary
             .then(|| AuxiliaryHead::new(&(p / "auxiliary_head"), c_aux, shape.classes as i64, cfg.imagenet));
         let classifier = linear(p / "classifier", c_p, shape.classes as i64);
-        Network { stem, cells, aux, aux_after: 2 * layers / 3, classifier, drop_path_prob: 0.0, channels_last: false }
+        Network {
+            stem,
+            cells,
+            aux,
+            aux_after: 2 * layers / 3,
+            classifier,
+            drop_path_prob: 0.0,
+            channels_last: false,
+            share_inputs: true,
+        }
     }
 
     /// Features entering the classifier.
@@ -332,11 +357,9 @@ impl Network {
     /// [`drop_path_masks`]) when training.
     pub fn forward_masked(&self, x: &Tensor, train: bool, masks: Option<&Tensor>) -> (Tensor, Option<Tensor>) {
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
-        let (mut s0, mut s1) = match &self.stem {
-            NetStem::Cifar(stem) => {
-                let s = crate::profile::time("stem", None, 1, &x, || stem.forward_t(&x, train));
-                (s.shallow_clone(), s)
-            }
+        // CIFAR: both inputs of the first cell are the stem's output (None: the same as s1).
+        let (s0, s1) = match &self.stem {
+            NetStem::Cifar(stem) => (None, crate::profile::time("stem", None, 1, &x, || stem.forward_t(&x, train))),
             NetStem::ImageNet(stem) => {
                 let mut s0 = None;
                 let s1 = crate::profile::time("stem", None, 1, &x, || {
@@ -344,24 +367,32 @@ impl Network {
                     s0 = Some(a);
                     b
                 });
-                (s0.expect("the stem ran"), s1)
+                (Some(s0.expect("the stem ran")), s1)
             }
         };
         let mut aux = None;
         let mut row = 0i64;
         let p = self.drop_path_prob;
+        let share = self.share_inputs;
+        let mut s1 = Rc::new(EdgeInput::plain(&s1, share));
+        let mut s0 = match s0 {
+            Some(s0) => Rc::new(EdgeInput::plain(&s0, share)),
+            None => Rc::clone(&s1),
+        };
         for (i, cell) in self.cells.iter().enumerate() {
             let drop = masks.filter(|_| p > 0.0).map(|m| (p, m, &mut row));
-            let out = cell.forward_t(&s0, &s1, drop, train);
-            (s0, s1) = (s1, out);
+            let out = cell.forward_t(&s0, &s1, drop, train, share);
+            (s0, s1) = (s1, Rc::new(EdgeInput::plain(&out, share)));
             if i == self.aux_after && train {
-                aux = self
-                    .aux
-                    .as_ref()
-                    .map(|h| crate::profile::time("auxiliary_head", None, 1, &s1, || h.forward_t(&s1, train)));
+                aux = self.aux.as_ref().map(|h| {
+                    crate::profile::time("auxiliary_head", None, 1, &out, || {
+                        h.forward_activated(&s1.activated(Activation::Relu), train)
+                    })
+                });
             }
         }
-        let logits = crate::profile::time("classifier", None, 1, &s1, || {
+        let s1 = s1.full();
+        let logits = crate::profile::time("classifier", None, 1, s1, || {
             s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier)
         });
         (logits, aux)

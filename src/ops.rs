@@ -281,7 +281,12 @@ impl ReluConvBn {
     }
     /// Applies ReLU, conv, BN.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.bn.forward_t(&self.conv.forward(&self.act.apply(x)), train)
+        self.forward_activated(&self.act.apply(x), train)
+    }
+
+    /// [`ReluConvBn::forward_t`] from `act(x)` already computed (the two cells reading a cell's output share it).
+    pub fn forward_activated(&self, x: &Tensor, train: bool) -> Tensor {
+        self.bn.forward_t(&self.conv.forward(x), train)
     }
 
     /// Folds the BN into the convolution (inference only).
@@ -352,9 +357,22 @@ impl Preprocess {
 
     /// Applies it.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_activated(&self.activation().apply(x), train)
+    }
+
+    /// The activation it begins with.
+    pub fn activation(&self) -> Activation {
         match self {
-            Preprocess::Reduce(fr) => fr.forward_t(x, train),
-            Preprocess::Conv(c) => c.forward_t(x, train),
+            Preprocess::Reduce(fr) => fr.act,
+            Preprocess::Conv(c) => c.act,
+        }
+    }
+
+    /// [`Preprocess::forward_t`] from `act(x)` already computed (the two cells reading a cell's output share it).
+    pub fn forward_activated(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Preprocess::Reduce(fr) => fr.forward_activated(x, train),
+            Preprocess::Conv(c) => c.forward_activated(x, train),
         }
     }
 

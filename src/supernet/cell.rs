@@ -226,10 +226,16 @@ impl SearchCell {
     /// `weights`: this cell type's architecture weights for the pass. With `share` the edges reading one state
     /// share its activation, pooling and (in training mode) pooling BN ([`EdgeInput`]); without, every edge
     /// computes its ops from scratch as the original code (the reference the tests compare with).
-    pub fn forward_t(&self, s0: &Tensor, s1: &Tensor, weights: &CellWeights, pass: Pass, share: bool) -> Tensor {
+    /// `s0` and `s1` share their activation with the other cell that reads them ([`EdgeInput::activated`]).
+    pub fn forward_t(&self, s0: &EdgeInput, s1: &EdgeInput, weights: &CellWeights, pass: Pass, share: bool) -> Tensor {
         let train = pass.train;
-        let s0 = crate::profile::time("preprocess", None, 1, s0, || self.preprocess0.forward_t(s0, train));
-        let s1 = crate::profile::time("preprocess", None, 1, s1, || self.preprocess1.forward_t(s1, train));
+        let (p0, p1) = (&self.preprocess0, &self.preprocess1);
+        let s0 = crate::profile::time("preprocess", None, 1, s0.full(), || {
+            p0.forward_activated(&s0.activated(p0.activation()), train)
+        });
+        let s1 = crate::profile::time("preprocess", None, 1, s1.full(), || {
+            p1.forward_activated(&s1.activated(p1.act), train)
+        });
         let partial = self.edges[0].partial;
         let gdas = weights.choices.is_some();
         let input = |x: &Tensor| {

@@ -13,6 +13,7 @@ pub use shared::EdgeInput;
 
 use crate::ops::Stem;
 use crate::space::{DataShape, SearchSpace};
+use std::rc::Rc;
 use tch::nn;
 use tch::{Kind, Tensor};
 
@@ -106,13 +107,16 @@ impl SearchNetwork {
         let (w_normal, w_reduce) = (self.cell_weights(false, pass), self.cell_weights(true, pass));
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         let stem = crate::profile::time("stem", None, 1, &x, || self.stem.forward_t(&x, train));
-        let (mut s0, mut s1) = (stem.shallow_clone(), stem);
+        let share = self.share_edge_inputs;
+        let stem = Rc::new(EdgeInput::plain(&stem, share));
+        let (mut s0, mut s1) = (Rc::clone(&stem), stem);
         for (i, cell) in self.cells.iter().enumerate() {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
-            let out = cell.forward_t(&s0, &s1, w, pass.derive(i), self.share_edge_inputs);
-            (s0, s1) = (s1, out);
+            let out = cell.forward_t(&s0, &s1, w, pass.derive(i), share);
+            (s0, s1) = (s1, Rc::new(EdgeInput::plain(&out, share)));
         }
-        crate::profile::time("classifier", None, 1, &s1, || {
+        let s1 = s1.full();
+        crate::profile::time("classifier", None, 1, s1, || {
             s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier)
         })
     }
@@ -181,16 +185,17 @@ impl SearchNetwork {
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
         // Forward without a graph: the cell boundaries are all that is kept.
         let pass = self.pass(true);
+        let share = self.share_edge_inputs;
         let states = tch::no_grad(|| {
-            let stem = self.stem.forward_t(&x, true);
-            let mut states = vec![stem.shallow_clone(), stem];
+            let stem = Rc::new(EdgeInput::plain(&self.stem.forward_t(&x, true), share));
+            let mut states = vec![Rc::clone(&stem), stem];
             for (i, cell) in self.cells.iter().enumerate() {
                 let w = self.cell_weights(cell.reduction, pass);
                 let n = states.len();
-                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, pass.derive(i), self.share_edge_inputs);
-                states.push(out);
+                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, pass.derive(i), share);
+                states.push(Rc::new(EdgeInput::plain(&out, share)));
             }
-            states
+            states.iter().map(|s| s.full().shallow_clone()).collect::<Vec<Tensor>>()
         });
         let stats: Vec<Tensor> = tch::no_grad(|| self.buffers.iter().map(|b| b.copy()).collect());
         let leaf = |t: &Tensor| t.detach().set_requires_grad(true);
@@ -227,7 +232,8 @@ impl SearchNetwork {
             let g_out = upstream[i + 2].take().expect("every cell output feeds a later cell or the head");
             let (a, b) = (leaf(&states[i]), leaf(&states[i + 1]));
             let w = self.cell_weights(cell.reduction, pass);
-            let out = cell.forward_t(&a, &b, &w, pass.derive(i), self.share_edge_inputs);
+            let (sa, sb) = (EdgeInput::plain(&a, share), EdgeInput::plain(&b, share));
+            let out = cell.forward_t(&sa, &sb, &w, pass.derive(i), share);
             let g = backward((out * g_out).sum(Kind::Float), &[&a, &b]);
             add(&mut upstream[i], &g[0]);
             add(&mut upstream[i + 1], &g[1]);

@@ -68,6 +68,23 @@ impl EdgeInput {
         EdgeInput { share: false, share_bn: false, ..EdgeInput::new(x, partial, false, false) }
     }
 
+    /// Of a final network's state or a cell's output: all ops see all of it, and no op has a BN to share.
+    pub fn plain(x: &Tensor, share: bool) -> EdgeInput {
+        match share {
+            true => EdgeInput::new(x, 1, false, false),
+            false => EdgeInput::unshared(x, 1),
+        }
+    }
+
+    /// `act(x)` of the whole state, computed once for every reader that begins with it (the preprocessing of
+    /// the two cells reading a cell's output, the auxiliary head).
+    pub fn activated(&self, act: Activation) -> Tensor {
+        match self.share {
+            true => shared_activation(&self.act_full, act, &self.x),
+            false => act.apply(&self.x),
+        }
+    }
+
     /// The whole state.
     pub fn full(&self) -> &Tensor {
         &self.x
@@ -117,11 +134,19 @@ impl EdgeInput {
             Op::AvgPool { stride, bn } => self.pool(1, *stride, bn.as_ref(), train),
             _ => match op.activation() {
                 Some(act) => {
-                    let a = shared_activation(&self.act_seen, act, self.seen());
+                    let a = self.activated_seen(act);
                     op.forward_activated(&a, train).expect("an op with an activation starts from it")
                 }
                 None => op.forward_t(self.seen(), train),
             },
+        }
+    }
+
+    /// `act(seen)`, shared (one tensor with [`EdgeInput::activated`] when the ops see the whole state).
+    fn activated_seen(&self, act: Activation) -> Tensor {
+        match self.partial {
+            1 => shared_activation(&self.act_full, act, &self.x),
+            _ => shared_activation(&self.act_seen, act, self.seen()),
         }
     }
 
