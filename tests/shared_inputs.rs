@@ -163,7 +163,7 @@ fn shared_inputs_give_the_unshared_final_networks_values_and_gradients() {
         let buffers: Vec<Tensor> = vs.variables().into_values().filter(|t| !t.requires_grad()).collect();
         let before: Vec<Tensor> = buffers.iter().map(|t| t.copy()).collect();
         let mut run = |share: bool| {
-            tch::no_grad(|| buffers.iter().zip(&before).for_each(|(t, b)| _ = t.shallow_clone().copy_(b)));
+            tch::no_grad(|| buffers.iter().zip(&before).for_each(|(t, b)| t.shallow_clone().copy_(b)));
             net.share_inputs = share;
             let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
             assert!(aux.is_some(), "{name}: the auxiliary head ran");
