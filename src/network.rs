@@ -291,6 +291,8 @@ pub struct Network {
     /// The readers of one state share its activation and pooling ([`EdgeInput`]; the default); off, every op
     /// computes from scratch as the original code (the reference of the tests).
     pub share_inputs: bool,
+    /// Run the auxiliary head in training mode (when it exists); off when its loss would weigh 0.
+    pub auxiliary_in_training: bool,
 }
 
 impl Network {
@@ -335,6 +337,7 @@ impl Network {
             drop_path_prob: 0.0,
             channels_last: false,
             share_inputs: true,
+            auxiliary_in_training: true,
         }
     }
 
@@ -348,7 +351,8 @@ impl Network {
         self.cells.iter().map(Cell::drop_sites).sum()
     }
 
-    /// (logits, auxiliary logits in training when the head exists), without drop path.
+    /// (logits, auxiliary logits in training when the head exists and [`Network::auxiliary_in_training`]), without
+    /// drop path.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> (Tensor, Option<Tensor>) {
         self.forward_masked(x, train, None)
     }
@@ -383,7 +387,7 @@ impl Network {
             let drop = masks.filter(|_| p > 0.0).map(|m| (p, m, &mut row));
             let out = cell.forward_t(&s0, &s1, drop, train, share);
             (s0, s1) = (s1, Rc::new(EdgeInput::plain(&out, share)));
-            if i == self.aux_after && train {
+            if i == self.aux_after && train && self.auxiliary_in_training {
                 aux = self.aux.as_ref().map(|h| {
                     crate::profile::time("auxiliary_head", None, 1, &out, || {
                         h.forward_activated(&s1.activated(Activation::Relu), train)

@@ -58,6 +58,13 @@ fn forward_with_auxiliary_head_on_fashion_mnist_shapes() {
     assert_eq!(aux.unwrap().size(), vec![4, 10]);
     let (_, aux) = net.forward_t(&x, false);
     assert!(aux.is_none());
+    // A head whose loss weighs 0 is not run: the same logits (same masks), no auxiliary ones.
+    net.auxiliary_in_training = false;
+    let (without, aux) = net.forward_masked(&x, true, Some(&masks));
+    assert!(aux.is_none());
+    net.auxiliary_in_training = true;
+    let (with, _) = net.forward_masked(&x, true, Some(&masks));
+    assert!(without.allclose(&with, 1e-5, 1e-6, false));
 }
 
 #[test]

@@ -399,3 +399,49 @@ fn a_search_stopped_inside_an_epoch_resumes_bit_for_bit() {
     }
     assert_eq!(metric(b.path(), "train_loss"), metric(a.path(), "train_loss"));
 }
+
+/// The supernet's shared edge inputs (the default) against the unshared supernet (every edge from scratch, as the
+/// original code): a search from one seed, first and second order, ends with the same genotype and with alphas
+/// that differ no more than float rounding makes them differ: float32 gradients summed in another order differ
+/// in their last bits, Adam divides each by its own running magnitude and the second order's finite differences
+/// divide by a small step (and near-uniform alphas' gradients are differences of nearly equal terms), so the
+/// yardstick is how far the unshared search moves from itself on one thread instead of several (libtorch's
+/// reductions split otherwise: the same maths, other rounding).
+#[test]
+fn sharing_edge_inputs_leaves_a_search_from_one_seed_unchanged() {
+    for order in [Order::First, Order::Second] {
+        let run = |share: bool, one_thread: bool| {
+            let threads = tch::get_num_threads();
+            if one_thread {
+                tch::set_num_threads(1);
+            }
+            let space = SearchSpace { channels: 4, layers: 3, nodes: 3, ..Default::default() };
+            let mut s = Search::new(SearchConfig { order, space, ..tiny(2) }, Device::Cpu).unwrap();
+            s.net.share_edge_inputs = share;
+            let init = s.net.alphas.normal.detach().copy();
+            for _ in 0..2 {
+                s.run_epoch(None).unwrap();
+            }
+            let moved = (s.net.alphas.normal.detach() - init).abs().max().double_value(&[]);
+            tch::set_num_threads(threads);
+            (s.net.alphas.normal.detach().copy(), s.net.alphas.reduce.detach().copy(), s.genotype(), moved)
+        };
+        let diff = |a: &(Tensor, Tensor, _, f64), b: &(Tensor, Tensor, _, f64)| {
+            (&a.0 - &b.0).abs().max().max_other(&(&a.1 - &b.1).abs().max()).double_value(&[])
+        };
+        let shared = run(true, false);
+        let unshared = run(false, false);
+        let one_thread = run(false, true);
+        let (moved, rounding) = (shared.3, diff(&unshared, &one_thread));
+        assert!(moved > 1e-4, "{order:?}: alpha moved by {moved} only");
+        let d = diff(&shared, &unshared);
+        assert!(
+            d < 0.1 * moved && d < 10.0 * rounding.max(1e-7),
+            "{order:?}: alphas differ by {d} (moved {moved}, rounding {rounding})"
+        );
+        eprintln!(
+            "{order:?}: moved {moved:.3e}, shared against unshared {d:.3e}, unshared on one thread and on several {rounding:.3e}"
+        );
+        assert_eq!(shared.2, unshared.2, "{order:?}");
+    }
+}

@@ -169,6 +169,8 @@ impl Trainer {
         let lr = cfg.lr_at(epoch);
         self.sgd.lr = lr;
         self.net.drop_path_prob = cfg.drop_path_at(epoch);
+        // A head whose loss weighs 0 is not run (its weights get zero gradients, as 0 times its loss gave them).
+        self.net.auxiliary_in_training = cfg.aux_weight > 0.0;
         let mut rng =
             ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(epoch as u64));
         let mut batches = data::shuffled_batches(&self.train_indices, cfg.batch_size, &mut rng);
@@ -236,6 +238,11 @@ impl Trainer {
                 (logits.to_kind(Kind::Float), loss)
             })?;
             let mut grads = Tensor::run_backward(&[&loss], &self.params.weights, false, false);
+            for (g, w) in grads.iter_mut().zip(&self.params.weights) {
+                if !g.defined() {
+                    *g = w.zeros_like();
+                }
+            }
             self.step(&mut grads, sizes[step] as f64)?;
             let main_loss = logits.detach().cross_entropy_for_logits(&y);
             meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
