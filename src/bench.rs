@@ -366,7 +366,7 @@ impl FinalStep {
     }
 }
 
-/// Measures one training step of the final network for `genotype` (see [`FinalStep`]) in `variant`'s layout and
+/// Measures one training step of the final network for `genotype` (see `FinalStep`) in `variant`'s layout and
 /// precision.
 pub fn bench_final(
     genotype: &crate::genotype::Genotype,

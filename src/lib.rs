@@ -30,6 +30,7 @@ pub mod report;
 pub mod run;
 pub mod rundir;
 pub mod search;
+pub mod shared;
 pub mod space;
 pub mod supernet;
 pub mod train;

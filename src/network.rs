@@ -4,8 +4,8 @@
 
 use crate::genotype::Genotype;
 use crate::ops::{batch_norm, fold_batch_norm, Bn, Conv, ConvSpec, Op, Preprocess, ReluConvBn, Stem};
+use crate::shared::EdgeInput;
 use crate::space::{Activation, DataShape};
-use crate::supernet::EdgeInput;
 use std::rc::Rc;
 use tch::nn;
 use tch::{Kind, Tensor};

@@ -1,8 +1,8 @@
 //! One search cell: the MixedOp on each edge (with partial channels, GDAS sampling, skip dropout and the
 //! auxiliary skip), the weights a pass gives each cell type, and the pass's seeds.
 
-use super::shared::{copy_statistics, dense_like, EdgeInput};
 use crate::ops::{Op, Preprocess, ReluConvBn};
+use crate::shared::{copy_statistics, dense_like, EdgeInput};
 use crate::space::{OpKind, SearchSpace};
 use tch::nn;
 use tch::{Device, Tensor};

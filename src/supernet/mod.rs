@@ -5,13 +5,12 @@
 
 mod alphas;
 mod cell;
-mod shared;
 
 pub use alphas::*;
 pub use cell::*;
-pub use shared::EdgeInput;
 
 use crate::ops::Stem;
+use crate::shared::EdgeInput;
 use crate::space::{DataShape, SearchSpace};
 use std::rc::Rc;
 use tch::nn;

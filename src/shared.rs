@@ -1,4 +1,5 @@
-//! What the edges reading one state share within a forward pass of a search cell.
+//! What the readers of one state share within a forward pass: the edges of a search cell, the ops of a final cell,
+//! the two cells (and the auxiliary head) that read a cell's output.
 //!
 //! In the original `model_search.py` every edge computes its ops from scratch, so a state read by four edges is
 //! activated (ReLU) four times per convolution op and pooled four times per pooling op, and every pooling
@@ -212,7 +213,7 @@ fn shared_activation(cell: &OnceCell<(Activation, Tensor)>, act: Activation, x: 
 
 /// `t` (a channel slice of `like`) copied dense in `like`'s layout: a channel slice of a channels-last tensor is
 /// dense in neither layout.
-pub(super) fn dense_like(like: &Tensor, t: &Tensor) -> Tensor {
+pub(crate) fn dense_like(like: &Tensor, t: &Tensor) -> Tensor {
     let nhwc = like.dim() == 4 && like.stride()[1] == 1 && like.size()[1] > 1;
     if nhwc {
         crate::channels_last(t)
