@@ -7,6 +7,7 @@ use std::path::Path;
 const CORE: &[&str] = &[
     "space",
     "ops",
+    "shared",
     "supernet",
     "architect",
     "genotype",
