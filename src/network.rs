@@ -166,23 +166,21 @@ impl Cell {
 
     /// Applies the cell; with `drop` = (p, masks, next row) drop path applies to every non-identity op in
     /// training, each taking the next row of the masks.
-    /// `s0` and `s1` share their activation with the other cell (or the auxiliary head) that reads them, and with
-    /// `share` the ops reading one state share its activation and pooling ([`EdgeInput`]).
+    /// `s0` and `s1` share their activation with the other cell (or the auxiliary head) that reads them, and when
+    /// they share ([`EdgeInput::shares`]) the ops reading one state share its activation and pooling.
     pub fn forward_t(
         &self,
         s0: &EdgeInput,
         s1: &EdgeInput,
         mut drop: Option<(f64, &Tensor, &mut i64)>,
         train: bool,
-        share: bool,
     ) -> Tensor {
         use crate::profile::time;
         let (p0, p1) = (&self.preprocess0, &self.preprocess1);
-        let mut states = vec![
-            time("preprocess", None, 1, s0.full(), || p0.forward_activated(&s0.activated(p0.activation()), train)),
-            time("preprocess", None, 1, s1.full(), || p1.forward_activated(&s1.activated(p1.act), train)),
-        ];
-        let mut inputs: Vec<EdgeInput> = states.iter().map(|s| EdgeInput::plain(s, share)).collect();
+        let share = s1.shares();
+        let s0 = time("preprocess", None, 1, s0.full(), || p0.forward_activated(&s0.activated(p0.activation()), train));
+        let s1 = time("preprocess", None, 1, s1.full(), || p1.forward_activated(&s1.activated(p1.act), train));
+        let mut inputs = vec![EdgeInput::plain(&s0, share), EdgeInput::plain(&s1, share)];
         for i in 0..self.ops.len() / 2 {
             let mut sum: Option<Tensor> = None;
             for k in [2 * i, 2 * i + 1] {
@@ -203,11 +201,9 @@ impl Cell {
                     (Some(s), Some(f)) => s.addcmul(&h, &f),
                 });
             }
-            let node = sum.expect("two ops per node");
-            inputs.push(EdgeInput::plain(&node, share));
-            states.push(node);
+            inputs.push(EdgeInput::plain(&sum.expect("two ops per node"), share));
         }
-        let out: Vec<&Tensor> = self.concat.iter().map(|&i| &states[i]).collect();
+        let out: Vec<&Tensor> = self.concat.iter().map(|&i| inputs[i].full()).collect();
         Tensor::cat(&out, 1)
     }
 }
@@ -385,7 +381,7 @@ impl Network {
         };
         for (i, cell) in self.cells.iter().enumerate() {
             let drop = masks.filter(|_| p > 0.0).map(|m| (p, m, &mut row));
-            let out = cell.forward_t(&s0, &s1, drop, train, share);
+            let out = cell.forward_t(&s0, &s1, drop, train);
             (s0, s1) = (s1, Rc::new(EdgeInput::plain(&out, share)));
             if i == self.aux_after && train && self.auxiliary_in_training {
                 aux = self.aux.as_ref().map(|h| {

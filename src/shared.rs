@@ -86,6 +86,11 @@ impl EdgeInput {
         }
     }
 
+    /// Whether its readers share what they compute alike ([`EdgeInput::new`]) or not ([`EdgeInput::unshared`]).
+    pub fn shares(&self) -> bool {
+        self.share
+    }
+
     /// The whole state.
     pub fn full(&self) -> &Tensor {
         &self.x
@@ -196,7 +201,7 @@ impl EdgeInput {
     }
 
     /// The running statistics to copy ((destination, source) pairs) for the BNs that took a shared output.
-    pub fn take_copies(&self) -> Vec<(Tensor, Tensor)> {
+    fn take_copies(&self) -> Vec<(Tensor, Tensor)> {
         std::mem::take(&mut *self.copies.borrow_mut())
     }
 }

@@ -223,12 +223,12 @@ impl SearchCell {
         SearchCell { reduction, preprocess0, preprocess1, edges, nodes: space.nodes }
     }
 
-    /// `weights`: this cell type's architecture weights for the pass. With `share` the edges reading one state
-    /// share its activation, pooling and (in training mode) pooling BN ([`EdgeInput`]); without, every edge
+    /// `weights`: this cell type's architecture weights for the pass. `s0` and `s1` share their activation with the
+    /// other cell that reads them ([`EdgeInput::activated`]); when they share ([`EdgeInput::shares`]) the edges
+    /// reading one state share its activation, pooling and (in training mode) pooling BN; when not, every edge
     /// computes its ops from scratch as the original code (the reference the tests compare with).
-    /// `s0` and `s1` share their activation with the other cell that reads them ([`EdgeInput::activated`]).
-    pub fn forward_t(&self, s0: &EdgeInput, s1: &EdgeInput, weights: &CellWeights, pass: Pass, share: bool) -> Tensor {
-        let train = pass.train;
+    pub fn forward_t(&self, s0: &EdgeInput, s1: &EdgeInput, weights: &CellWeights, pass: Pass) -> Tensor {
+        let (train, share) = (pass.train, s1.shares());
         let (p0, p1) = (&self.preprocess0, &self.preprocess1);
         let s0 = crate::profile::time("preprocess", None, 1, s0.full(), || {
             p0.forward_activated(&s0.activated(p0.activation()), train)

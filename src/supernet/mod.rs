@@ -111,7 +111,7 @@ impl SearchNetwork {
         let (mut s0, mut s1) = (Rc::clone(&stem), stem);
         for (i, cell) in self.cells.iter().enumerate() {
             let w = if cell.reduction { &w_reduce } else { &w_normal };
-            let out = cell.forward_t(&s0, &s1, w, pass.derive(i), share);
+            let out = cell.forward_t(&s0, &s1, w, pass.derive(i));
             (s0, s1) = (s1, Rc::new(EdgeInput::plain(&out, share)));
         }
         let s1 = s1.full();
@@ -191,7 +191,7 @@ impl SearchNetwork {
             for (i, cell) in self.cells.iter().enumerate() {
                 let w = self.cell_weights(cell.reduction, pass);
                 let n = states.len();
-                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, pass.derive(i), share);
+                let out = cell.forward_t(&states[n - 2], &states[n - 1], &w, pass.derive(i));
                 states.push(Rc::new(EdgeInput::plain(&out, share)));
             }
             states.iter().map(|s| s.full().shallow_clone()).collect::<Vec<Tensor>>()
@@ -232,7 +232,7 @@ impl SearchNetwork {
             let (a, b) = (leaf(&states[i]), leaf(&states[i + 1]));
             let w = self.cell_weights(cell.reduction, pass);
             let (sa, sb) = (EdgeInput::plain(&a, share), EdgeInput::plain(&b, share));
-            let out = cell.forward_t(&sa, &sb, &w, pass.derive(i), share);
+            let out = cell.forward_t(&sa, &sb, &w, pass.derive(i));
             let g = backward((out * g_out).sum(Kind::Float), &[&a, &b]);
             add(&mut upstream[i], &g[0]);
             add(&mut upstream[i + 1], &g[1]);
