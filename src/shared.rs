@@ -19,7 +19,8 @@
 //!
 //! Forward values are the same bits as the unshared network's; gradients are the same sums, added in another
 //! order (a ReLU's backward once on the sum of its consumers' gradients instead of once per consumer).
-//! [`EdgeInput::unshared`] computes everything per edge, as the original: the reference the tests compare with.
+//! An [`EdgeInput`] made with `share` false computes everything per edge, as the original: the reference the tests
+//! compare with.
 
 use crate::ops::{Bn, Op};
 use crate::space::Activation;
@@ -47,12 +48,13 @@ pub struct EdgeInput {
 
 impl EdgeInput {
     /// State `x` read by edges that see its first C/`partial` channels (PC-DARTS; 1: all), in training mode
-    /// (`train`), with `gdas` when each edge runs one sampled op.
-    pub fn new(x: &Tensor, partial: i64, train: bool, gdas: bool) -> EdgeInput {
+    /// (`train`), with `gdas` when each edge runs one sampled op. Without `share` nothing is shared: every edge
+    /// computes its ops from scratch, as the original code.
+    pub fn new(x: &Tensor, share: bool, partial: i64, train: bool, gdas: bool) -> EdgeInput {
         EdgeInput {
             x: x.shallow_clone(),
-            share: true,
-            share_bn: train && !gdas,
+            share,
+            share_bn: share && train && !gdas,
             partial,
             seen: OnceCell::new(),
             act_seen: OnceCell::new(),
@@ -64,17 +66,9 @@ impl EdgeInput {
         }
     }
 
-    /// The same state with nothing shared: every edge computes its ops from scratch, as the original code.
-    pub fn unshared(x: &Tensor, partial: i64) -> EdgeInput {
-        EdgeInput { share: false, share_bn: false, ..EdgeInput::new(x, partial, false, false) }
-    }
-
     /// Of a final network's state or a cell's output: all ops see all of it, and no op has a BN to share.
     pub fn plain(x: &Tensor, share: bool) -> EdgeInput {
-        match share {
-            true => EdgeInput::new(x, 1, false, false),
-            false => EdgeInput::unshared(x, 1),
-        }
+        EdgeInput::new(x, share, 1, false, false)
     }
 
     /// `act(x)` of the whole state, computed once for every reader that begins with it (the preprocessing of
@@ -86,7 +80,7 @@ impl EdgeInput {
         }
     }
 
-    /// Whether its readers share what they compute alike ([`EdgeInput::new`]) or not ([`EdgeInput::unshared`]).
+    /// Whether its readers share what they compute alike ([`EdgeInput::new`]'s `share`).
     pub fn shares(&self) -> bool {
         self.share
     }
@@ -97,7 +91,7 @@ impl EdgeInput {
     }
 
     /// Whether the ops see a channel slice (PC-DARTS).
-    pub fn is_partial(&self) -> bool {
+    fn is_partial(&self) -> bool {
         self.partial > 1
     }
 

@@ -120,7 +120,7 @@ impl MixedOp {
     /// `weights` is this edge's row of softmax(alpha); with `choice` (GDAS) its row of hard weights, and only
     /// that op runs: `w[k] * op_k(x) + sum of the other w[j]` (they are 0 forward, and carry their gradient).
     pub fn forward_t(&self, x: &Tensor, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
-        let input = EdgeInput::new(x, self.partial, pass.train, choice.is_some());
+        let input = EdgeInput::new(x, true, self.partial, pass.train, choice.is_some());
         let y = self.forward_input(&input, weights, pass, choice);
         copy_statistics(std::slice::from_ref(&input));
         y
@@ -238,13 +238,7 @@ impl SearchCell {
         });
         let partial = self.edges[0].partial;
         let gdas = weights.choices.is_some();
-        let input = |x: &Tensor| {
-            if share {
-                EdgeInput::new(x, partial, train, gdas)
-            } else {
-                EdgeInput::unshared(x, partial)
-            }
-        };
+        let input = |x: &Tensor| EdgeInput::new(x, share, partial, train, gdas);
         let mut states = vec![input(&s0), input(&s1)];
         let mut offset = 0;
         for _ in 0..self.nodes {
