@@ -36,12 +36,16 @@ fn main() {
     }
     // NCCL (ProcessGroupNCCL, in libtorch_cuda): nccl.h from the nvidia-nccl wheel torch depends on, CUDA's
     // runtime headers from its CUDA wheels (cu13 layout, or cu12's per-library folders).
+    // The same CUDA headers give the shim CUDA graphs (ATen/cuda/CUDAGraph.h), with or without c10d.
     let nccl = nccl_includes(lib.as_deref());
-    if let (Some(dirs), true) = (&nccl, gloo.join("gloo/config.h").is_file()) {
+    if let Some(dirs) = &nccl {
         for d in dirs {
             build.include(d);
         }
-        build.define("USE_C10D_NCCL", None).define("USE_CUDA", None).define("DARTS_NCCL", None);
+        build.define("USE_CUDA", None).define("DARTS_CUDA", None);
+        if gloo.join("gloo/config.h").is_file() {
+            build.define("USE_C10D_NCCL", None).define("DARTS_NCCL", None);
+        }
     }
     build.compile("darts_shim");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
@@ -58,7 +62,7 @@ fn main() {
             println!("cargo:rustc-link-arg=-Wl,--as-needed");
         }
         if nccl.is_some() {
-            // The shim's NCCL group calls c10::cuda directly.
+            // The shim's NCCL group and CUDA graphs call c10::cuda directly.
             println!("cargo:rustc-link-arg=-lc10_cuda");
         }
     }

@@ -97,7 +97,16 @@ pub fn time_ms(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64
 }
 
 /// [`time_ms`], then one more run of `f` counting its ATen operator calls.
-pub fn measure(device: Device, repeats: usize, mut f: impl FnMut()) -> (f64, f64, Option<u64>) {
+pub fn measure(device: Device, repeats: usize, f: impl FnMut()) -> (f64, f64, Option<u64>) {
+    measure_after(device, 0, repeats, f)
+}
+
+/// [`measure`] after `warmups` more untimed runs (a CUDA graph is captured on the third call: warm-up twice,
+/// capture, then replays).
+pub fn measure_after(device: Device, warmups: usize, repeats: usize, mut f: impl FnMut()) -> (f64, f64, Option<u64>) {
+    for _ in 0..warmups {
+        f();
+    }
     let (min_ms, median_ms) = time_ms(device, repeats, &mut f);
     let calls = crate::native::count_aten_calls(|| {
         f();
@@ -123,6 +132,8 @@ pub enum VariantKind {
     Bf16,
     /// GDAS: one sampled op per edge.
     Gdas,
+    /// Each pass replayed as a CUDA graph (`--cuda-graphs`; the device's best layout; CUDA only).
+    CudaGraphs,
 }
 
 impl VariantKind {
@@ -136,6 +147,7 @@ impl VariantKind {
             VariantKind::PcDartsCheckpoint => "pc-darts-checkpoint",
             VariantKind::Bf16 => "bf16",
             VariantKind::Gdas => "gdas",
+            VariantKind::CudaGraphs => "cuda-graphs",
         }
     }
 }
@@ -159,6 +171,8 @@ pub struct Variant {
     pub edge_normalization: bool,
     /// GDAS (one sampled op per edge) at this temperature.
     pub gdas_tau: Option<f64>,
+    /// Each pass replayed as a CUDA graph.
+    pub cuda_graphs: bool,
 }
 
 impl Variant {
@@ -175,6 +189,7 @@ impl Variant {
             edge_normalization: partial_channels > 1,
             precision: Precision::Fp32,
             gdas_tau: None,
+            cuda_graphs: false,
         };
         match kind {
             VariantKind::Nchw => v(false, false, 1),
@@ -184,6 +199,7 @@ impl Variant {
             VariantKind::PcDartsCheckpoint => v(best, true, 4),
             VariantKind::Bf16 => Variant { precision: Precision::Bf16, ..v(best, false, 1) },
             VariantKind::Gdas => Variant { gdas_tau: Some(1.0), ..v(best, false, 1) },
+            VariantKind::CudaGraphs => Variant { cuda_graphs: true, ..v(best, false, 1) },
         }
     }
 
@@ -211,6 +227,7 @@ impl Variant {
         set_channels_last(&mut net, &vs, self.channels_last);
         crate::supernet::set_checkpoint_cells(&mut net, &vs, self.checkpoint_cells);
         net.gdas_tau = self.gdas_tau;
+        crate::supernet::set_cuda_graphs(&mut net, self.cuda_graphs);
         (space, vs, net)
     }
 
@@ -256,6 +273,7 @@ pub fn bench_search(
     let xv = Tensor::randn([batch, ch, h, w], opts);
     let yv = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
     let mut rows = Vec::new();
+    let warm = if variant.cuda_graphs { 3 } else { 0 };
     for &step in only.iter().filter(|s| variant.has_step(**s)) {
         let weight_step = |sgd: &mut Sgd| {
             let w: Vec<&Tensor> = weights.iter().collect();
@@ -264,14 +282,14 @@ pub fn bench_search(
             sgd.step(&weights, &g);
         };
         let (min_ms, median_ms, aten_calls) = match step {
-            Step::Forward => measure(device, repeats, || {
+            Step::Forward => measure_after(device, warm, repeats, || {
                 let _ = tch::no_grad(|| net.forward_t(&x, true));
             }),
-            Step::ForwardBackwardSgd => measure(device, repeats, || weight_step(&mut sgd)),
+            Step::ForwardBackwardSgd => measure_after(device, warm, repeats, || weight_step(&mut sgd)),
             Step::FirstOrderStep | Step::SecondOrderStep => {
                 let order = if step == Step::FirstOrderStep { Order::First } else { Order::Second };
                 let mut arch = Architect::new(&net, order, c.arch_lr, c.arch_betas, c.arch_weight_decay);
-                measure(device, repeats, || {
+                measure_after(device, warm, repeats, || {
                     arch.step(&net, &weights, &buffers, &sgd, (&x, &y), (&xv, &yv), c.lr)
                         .expect("a process alone cannot fail to reduce");
                     weight_step(&mut sgd);
@@ -307,6 +325,7 @@ struct FinalStep {
     rng: rand_chacha::ChaCha8Rng,
     hyper: crate::recipe::Hyper,
     device: Device,
+    graph: crate::graphs::Graphed,
 }
 
 impl FinalStep {
@@ -316,13 +335,13 @@ impl FinalStep {
         shape: &DataShape,
         batch: i64,
         device: Device,
-        channels_last: bool,
+        variant: &Variant,
     ) -> FinalStep {
         use rand::SeedableRng;
         tch::manual_seed(0);
         let vs = nn::VarStore::new(device);
         let mut net = crate::network::Network::new(&vs.root(), genotype, cfg, shape);
-        crate::network::set_channels_last(&mut net, &vs, channels_last);
+        crate::network::set_channels_last(&mut net, &vs, variant.channels_last);
         let hyper = crate::recipe::Recipe::DartsCifar.hyper();
         net.drop_path_prob = hyper.drop_path;
         let weights = Params::of(&vs).weights;
@@ -331,7 +350,11 @@ impl FinalStep {
         let x = Tensor::randn([batch, c, h, w], (Kind::Float, device));
         let y = Tensor::randint(shape.classes as i64, [batch], (Kind::Int64, device));
         let rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        FinalStep { _vs: vs, net, weights, sgd, x, y, rng, hyper, device }
+        let graph = match variant.cuda_graphs {
+            true => crate::graphs::Graphed::on("the final network's training pass", device),
+            false => crate::graphs::Graphed::eager("the final network's training pass"),
+        };
+        FinalStep { _vs: vs, net, weights, sgd, x, y, rng, hyper, device, graph }
     }
 
     /// The next step's drop-path masks.
@@ -343,13 +366,18 @@ impl FinalStep {
 
     fn step(&mut self, precision: Precision) -> anyhow::Result<()> {
         let masks = self.masks();
-        let r = &self.hyper;
-        let loss = with_precision(self.device, precision, || {
-            let (logits, aux) = self.net.forward_masked(&self.x, true, Some(&masks));
-            crate::network::loss_with_auxiliary(&logits, aux.as_ref(), &self.y, r.aux_weight, r.label_smoothing)
-        })?;
-        let mut g = Tensor::run_backward(&[loss], &self.weights, false, false);
-        let _ = clip_grad_norm(&mut g, r.grad_clip);
+        let (r, net, weights, device) = (&self.hyper, &self.net, &self.weights, self.device);
+        // As the trainer runs it: the forward and backward pass (a CUDA graph in the cuda-graphs variant), then
+        // clipping and SGD.
+        let mut pass = |t: &[Tensor]| -> anyhow::Result<Vec<Tensor>> {
+            let loss = with_precision(device, precision, || {
+                let (logits, aux) = net.forward_masked(&t[0], true, Some(&t[2]));
+                crate::network::loss_with_auxiliary(&logits, aux.as_ref(), &t[1], r.aux_weight, r.label_smoothing)
+            })?;
+            Ok(Tensor::run_backward(&[loss], weights, false, false))
+        };
+        let mut g = self.graph.run(precision as u64, &[&self.x, &self.y, &masks], &mut pass)?;
+        let _ = clip_grad_norm(&mut g, self.hyper.grad_clip);
         self.sgd.step(&self.weights, &g);
         Ok(())
     }
@@ -376,8 +404,9 @@ pub fn bench_final(
     device: Device,
     variant: &Variant,
 ) -> anyhow::Result<BenchRow> {
-    let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant.channels_last);
-    let (min_ms, median_ms, aten_calls) = s.timed(variant.precision, |f| measure(device, repeats, f))?;
+    let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant);
+    let warm = if variant.cuda_graphs { 3 } else { 0 };
+    let (min_ms, median_ms, aten_calls) = s.timed(variant.precision, |f| measure_after(device, warm, repeats, f))?;
     Ok(BenchRow {
         implementation: variant.label(),
         name: Step::FinalTrainStep.name().into(),
@@ -451,7 +480,7 @@ pub fn profile_final(
     device: Device,
     variant: &Variant,
 ) -> anyhow::Result<(Vec<ProfileRow>, f64)> {
-    let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant.channels_last);
+    let mut s = FinalStep::new(genotype, cfg, shape, batch, device, variant);
     let (_, step_ms) = s.timed(variant.precision, |f| time_ms(device, repeats, f))?;
     let m = s.masks();
     let records = crate::profile::collect(|| {

@@ -23,6 +23,8 @@ pub struct RunOptions {
     pub layout: crate::Layout,
     /// Turn on gradient checkpointing of cells when resuming a search (starting one, the config decides).
     pub checkpoint_cells: bool,
+    /// Replay each step's passes as CUDA graphs (`--cuda-graphs`; same results, fewer launches).
+    pub cuda_graphs: bool,
     /// The process group of a data-parallel run (rank 0 writes the run directory, every rank computes).
     pub dist: Option<std::sync::Arc<crate::dist::Dist>>,
     /// Also write a checkpoint after every this many steps inside an epoch (one process only).
@@ -43,6 +45,7 @@ impl RunOptions {
             stop_after: None,
             layout: crate::Layout::Auto,
             checkpoint_cells: false,
+            cuda_graphs: false,
             dist: None,
             checkpoint_every: None,
             checkpoint_minutes: None,

@@ -17,6 +17,7 @@ pub mod dist;
 pub mod driver;
 pub mod evaluate;
 pub mod genotype;
+pub mod graphs;
 pub mod interrupt;
 pub mod native;
 pub mod network;

@@ -110,6 +110,7 @@ pub fn start(config: SearchConfig, opts: &RunOptions) -> Result<RunOutcome> {
     if let Some(d) = &opts.dist {
         search.set_dist(d.clone())?;
     }
+    search.set_cuda_graphs(opts.cuda_graphs)?;
     if opts.writes() {
         rundir::write_json(&opts.out_dir.join(rundir::CONFIG), &search.config)?;
         let _ = std::fs::remove_file(opts.out_dir.join(rundir::METRICS));
@@ -149,6 +150,7 @@ pub fn resume(opts: &RunOptions) -> Result<RunOutcome> {
     if let Some(d) = &opts.dist {
         search.set_dist(d.clone())?;
     }
+    search.set_cuda_graphs(opts.cuda_graphs)?;
     if opts.writes() {
         rundir::keep_records(&opts.out_dir.join(rundir::METRICS), search.epoch)?;
         eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), search.epoch + 1, search.config.epochs);
@@ -357,6 +359,7 @@ pub fn start_training(config: TrainConfig, opts: &RunOptions) -> Result<TrainOut
     if let Some(d) = &opts.dist {
         trainer.set_dist(d.clone());
     }
+    trainer.set_cuda_graphs(opts.cuda_graphs)?;
     if opts.writes() {
         rundir::write_json(&opts.out_dir.join(rundir::TRAIN_CONFIG), &trainer.config)?;
         rundir::write_genotype(&opts.out_dir, &trainer.config.genotype)?;
@@ -396,6 +399,7 @@ pub fn resume_training(opts: &RunOptions) -> Result<TrainOutcome> {
     if let Some(d) = &opts.dist {
         trainer.set_dist(d.clone());
     }
+    trainer.set_cuda_graphs(opts.cuda_graphs)?;
     if opts.writes() {
         rundir::keep_records(&opts.out_dir.join(rundir::METRICS), trainer.epoch)?;
         eprintln!("resuming {} at epoch {} of {}", opts.out_dir.display(), trainer.epoch + 1, trainer.config.epochs);

@@ -63,6 +63,33 @@ fn impossible_settings_are_refused_with_a_reason() {
 }
 
 #[test]
+fn cuda_graphs_off_a_gpu_are_refused_before_a_run_directory_is_made() {
+    for cmd in [
+        vec!["search", "--preset", "quick"],
+        vec!["train", "--genotype", "DARTS_V2"],
+        vec!["run", "--preset", "quick"],
+        vec!["bench", "--variants", "cuda-graphs", "--no-pytorch"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
+        let mut a = cmd.clone();
+        a.extend(["--device", "cpu", "--cuda-graphs", "--quiet", "--out", out.to_str().unwrap()]);
+        if cmd[0] == "bench" {
+            a.truncate(a.len() - 2);
+            a.retain(|x| *x != "--cuda-graphs");
+        }
+        let (ok, _, err) = darts(&a);
+        assert!(!ok, "{cmd:?} was accepted");
+        assert!(
+            err.contains("cuda-graphs") && err.contains("CUDA device") && err.contains("the CPU"),
+            "{cmd:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{cmd:?}: {err}");
+        assert!(!out.exists(), "{cmd:?} made {}", out.display());
+    }
+}
+
+#[test]
 fn a_small_search_writes_its_artefacts_and_resume_of_a_finished_run_is_harmless() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();

@@ -20,6 +20,7 @@ const CORE: &[&str] = &[
     "recipe",
     "zoo",
     "native",
+    "graphs",
     "profile",
     "progress",
     "viz",

@@ -165,7 +165,16 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             train: (a.final_batch, a.final_channels, a.final_layers, a.final_genotype.clone()),
         });
     }
+    let graphs_here = |kinds: &[VariantKind]| -> Result<()> {
+        match darts::graphs::unavailable_on(device) {
+            Some(why) if kinds.contains(&VariantKind::CudaGraphs) => {
+                anyhow::bail!("--variants cuda-graphs: {why}; leave it out, or bench on a GPU (--device cuda)")
+            }
+            _ => Ok(()),
+        }
+    };
     if let Some(kind) = a.one {
+        graphs_here(&[kind])?;
         let variant = Variant::of(kind, rt.layout.channels_last(device));
         let print = |r: &BenchRow| println!("{}", serde_json::to_string(r).unwrap_or_default());
         if variant.has_search() {
@@ -187,6 +196,7 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     } else {
         a.variants.clone()
     };
+    graphs_here(&kinds)?;
     let variants: Vec<Variant> = kinds.iter().map(|&k| Variant::of(k, rt.layout.channels_last(device))).collect();
     for v in &variants {
         SearchSpace { partial_channels: v.partial_channels, ..space.clone() }

@@ -41,6 +41,10 @@ pub struct Runtime {
     /// Memory layout: auto (channels-last on CPU, NCHW on CUDA), nchw or channels-last.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     pub layout: darts::Layout,
+    /// Replay each search and training step's passes as CUDA graphs (same results, one launch per pass instead
+    /// of thousands; GPU only; GDAS, skip dropout and data-parallel runs stay eager).
+    #[arg(long, global = true)]
+    pub cuda_graphs: bool,
 }
 
 impl Runtime {
@@ -55,8 +59,12 @@ impl Runtime {
 
     /// The device and process group of a data-parallel run when torchrun's environment describes one (the
     /// device: GPU `LOCAL_RANK` where the device is CUDA), else the device alone.
+    /// Refuses `--cuda-graphs` off a CUDA device.
     pub fn launch(&self) -> anyhow::Result<(tch::Device, Option<std::sync::Arc<darts::dist::Dist>>)> {
         let device = self.device()?;
+        if let Some(why) = self.cuda_graphs.then(|| darts::graphs::unavailable_on(device)).flatten() {
+            anyhow::bail!("--cuda-graphs: {why}; drop --cuda-graphs, or run on a GPU (--device cuda)");
+        }
         let Some(launch) = darts::dist::Launch::from_env()? else { return Ok((device, None)) };
         let device = match device {
             tch::Device::Cuda(_) => {
@@ -121,6 +129,7 @@ impl Runtime {
         darts::run::RunOptions {
             progress: !self.quiet,
             layout: self.layout,
+            cuda_graphs: self.cuda_graphs,
             ..darts::run::RunOptions::new(out_dir, device)
         }
     }

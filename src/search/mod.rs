@@ -128,6 +128,29 @@ impl Search {
         crate::supernet::set_channels_last(&mut self.net, &self.vs, on);
     }
 
+    /// Replays the passes of each step as CUDA graphs (`--cuda-graphs`; see [`crate::supernet::set_cuda_graphs`]):
+    /// the same computation launched as one graph per pass. Passes whose samples or masks the host draws (GDAS,
+    /// skip dropout) and data-parallel searches stay eager, with a message. Refused off a CUDA device.
+    pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
+        if on {
+            if let Some(why) = crate::graphs::unavailable_on(self.device) {
+                anyhow::bail!("--cuda-graphs: {why}; drop --cuda-graphs, or run on a GPU (--device cuda)");
+            }
+            if self.architect.dist.is_some() {
+                eprintln!("--cuda-graphs: a data-parallel search runs eagerly (its gradients are averaged over c10d)");
+                return Ok(());
+            }
+            if self.config.gdas.is_some() || self.config.skip_dropout > 0.0 {
+                eprintln!(
+                    "--cuda-graphs: GDAS's samples and skip dropout's masks are drawn on the host each pass: the \
+                     passes that draw them run eagerly"
+                );
+            }
+        }
+        crate::supernet::set_cuda_graphs(&mut self.net, on);
+        Ok(())
+    }
+
     /// Gradient checkpointing of cells on or off (same results; recorded in the next checkpoint's config).
     pub fn set_checkpoint_cells(&mut self, on: bool) {
         self.config.checkpoint_cells = on;

@@ -48,6 +48,9 @@ pub struct SearchNetwork {
     sample_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
     buffers: Vec<Tensor>,
+    /// CUDA graphs of [`SearchNetwork::loss_grads`], one for each list of tensors it differentiates
+    /// ([`set_cuda_graphs`]); None: eager.
+    graphs: Option<std::sync::Mutex<crate::graphs::ByIdentity>>,
 }
 
 impl SearchNetwork {
@@ -97,6 +100,7 @@ impl SearchNetwork {
             share_edge_inputs: true,
             sample_stream: std::sync::atomic::AtomicU64::new(0),
             buffers: Vec::new(),
+            graphs: None,
         }
     }
 
@@ -174,7 +178,36 @@ impl SearchNetwork {
     /// the cells from last to first, recomputing each cell's forward from its saved inputs and back-propagating
     /// through it alone, so that at most one cell's activations are alive at a time. The BN running statistics end as after one forward pass, and the
     /// gradients are those of the plain pass (a test compares them).
+    ///
+    /// With [`set_cuda_graphs`] the pass is replayed as a CUDA graph, one per list `wrt` (the weights, the alphas,
+    /// both), except where the host decides per pass (GDAS's samples, skip dropout's masks): eager there.
     pub fn loss_grads(&self, x: &Tensor, y: &Tensor, wrt: &[&Tensor]) -> (Tensor, Tensor, Vec<Tensor>) {
+        match &self.graphs {
+            Some(graphs) if self.skip_dropout == 0.0 && self.gdas_tau.is_none() => {
+                let id: Vec<usize> = wrt.iter().map(|t| t.data_ptr() as usize).collect();
+                let mut graphs = graphs.lock().unwrap_or_else(|e| e.into_inner());
+                let graph = graphs.get(id, || {
+                    let name = format!("the search's pass differentiating {} tensors", wrt.len());
+                    crate::graphs::Graphed::on(&name, x.device())
+                });
+                // The host values a pass bakes in (DARTS-'s auxiliary skip weight decays by epoch).
+                let key = self.aux_skip.to_bits();
+                let mut pass = |t: &[Tensor]| {
+                    let (loss, logits, grads) = self.loss_grads_eager(&t[0], &t[1], wrt);
+                    Ok([loss, logits].into_iter().chain(grads).collect())
+                };
+                let mut out = graph.run(key, &[x, y], &mut pass).unwrap_or_else(|e| panic!("{e:#}"));
+                let grads = out.split_off(2);
+                let logits = out.pop().expect("logits");
+                let loss = out.pop().expect("loss");
+                (loss, logits, grads)
+            }
+            _ => self.loss_grads_eager(x, y, wrt),
+        }
+    }
+
+    /// [`SearchNetwork::loss_grads`] without graphs.
+    fn loss_grads_eager(&self, x: &Tensor, y: &Tensor, wrt: &[&Tensor]) -> (Tensor, Tensor, Vec<Tensor>) {
         if !self.checkpoint_cells {
             let logits = self.forward_t(x, true);
             let loss = logits.cross_entropy_for_logits(y);
@@ -255,6 +288,7 @@ impl SearchNetwork {
 /// Turns gradient checkpointing of cells on or off for `net`, whose weights and BN statistics are in `vs`.
 pub fn set_checkpoint_cells(net: &mut SearchNetwork, vs: &nn::VarStore, on: bool) {
     net.checkpoint_cells = on;
+    net.graphs = net.graphs.take().map(|_| Default::default());
     net.buffers = if on { crate::params::Params::of(vs).buffers } else { Vec::new() };
 }
 
@@ -262,6 +296,15 @@ pub fn set_checkpoint_cells(net: &mut SearchNetwork, vs: &nn::VarStore, on: bool
 pub fn set_channels_last(net: &mut SearchNetwork, vs: &nn::VarStore, on: bool) {
     net.channels_last = on;
     crate::set_vars_channels_last(vs, on);
+    // The graphs read the tensors they were captured with: the next passes capture afresh.
+    net.graphs = net.graphs.take().map(|_| Default::default());
+}
+
+/// Replays [`SearchNetwork::loss_grads`] as CUDA graphs (`on`) or runs it eagerly. Each pass is captured again
+/// when its batch's shape or the auxiliary skip weight changes; each graph keeps its own activation memory
+/// (about one eager pass's worth: two graphs in a first-order search, three in a second-order one).
+pub fn set_cuda_graphs(net: &mut SearchNetwork, on: bool) {
+    net.graphs = on.then(Default::default);
 }
 
 /// Total number of trainable weight parameters.

@@ -54,6 +54,8 @@ pub struct Trainer {
     rank_resume: Option<RankPositions>,
     /// Checkpoints inside epochs, and the stop a signal asks for.
     pub mid_epoch: MidEpoch,
+    /// The training step's forward and backward pass, replayed as a CUDA graph when asked for.
+    graph: crate::graphs::Graphed,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -127,12 +129,34 @@ impl Trainer {
             resume_at: None,
             rank_resume: None,
             mid_epoch: MidEpoch::default(),
+            graph: crate::graphs::Graphed::eager("the training step"),
         })
     }
 
     /// Uses channels-last kernels and activations (`on`) or NCHW; the maths is the same.
     pub fn set_channels_last(&mut self, on: bool) {
         crate::network::set_channels_last(&mut self.net, &self.vs, on);
+    }
+
+    /// Replays each training step's forward and backward pass as a CUDA graph (`--cuda-graphs`): captured again
+    /// each epoch (its drop-path rate is baked in) and for a batch of another size (the last, short one gets its
+    /// own graph). The SGD step, clipping and the metrics stay eager: they are a handful of multi-tensor kernels.
+    /// Data-parallel runs stay eager (their gradient average goes through c10d between backward and SGD), with a
+    /// message. Refused off a CUDA device.
+    pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.graph = crate::graphs::Graphed::eager("the training step");
+            return Ok(());
+        }
+        if let Some(why) = crate::graphs::unavailable_on(self.device) {
+            anyhow::bail!("--cuda-graphs: {why}; drop --cuda-graphs, or run on a GPU (--device cuda)");
+        }
+        if self.dist.is_some() {
+            eprintln!("--cuda-graphs: a data-parallel training runs eagerly (its gradients are averaged over c10d)");
+            return Ok(());
+        }
+        self.graph = crate::graphs::Graphed::on("the training step", self.device);
+        Ok(())
     }
 
     /// The training set (all of it, the validation split included).
@@ -232,17 +256,27 @@ impl Trainer {
             });
             // The forward pass and the loss in the configured precision; backward outside the autocast region, as
             // torch.autocast prescribes (its casts are recorded in the graph, so gradients reach float32 weights).
-            let (logits, loss) = with_precision(self.device, cfg.precision, || {
-                let (logits, aux) = self.net.forward_masked(&x, true, masks.as_ref());
-                let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, cfg.aux_weight, cfg.label_smoothing);
-                (logits.to_kind(Kind::Float), loss)
-            })?;
-            let mut grads = Tensor::run_backward(&[&loss], &self.params.weights, false, false);
-            for (g, w) in grads.iter_mut().zip(&self.params.weights) {
-                if !g.defined() {
-                    *g = w.zeros_like();
+            let (net, weights, device) = (&self.net, &self.params.weights, self.device);
+            let mut pass = |t: &[Tensor]| -> Result<Vec<Tensor>> {
+                let (x, y, masks) = (&t[0], &t[1], t.get(2));
+                let (logits, loss) = with_precision(device, cfg.precision, || {
+                    let (logits, aux) = net.forward_masked(x, true, masks);
+                    let loss = loss_with_auxiliary(&logits, aux.as_ref(), y, cfg.aux_weight, cfg.label_smoothing);
+                    (logits.to_kind(Kind::Float), loss)
+                })?;
+                let mut out = vec![logits.detach()];
+                for (g, w) in Tensor::run_backward(&[&loss], weights, false, false).into_iter().zip(weights) {
+                    out.push(if g.defined() { g } else { w.zeros_like() });
                 }
-            }
+                Ok(out)
+            };
+            let mut inputs = vec![&x, &y];
+            inputs.extend(masks.as_ref());
+            // The host values the pass bakes in: the drop-path rate (per epoch) and whether the head runs.
+            let key = self.net.drop_path_prob.to_bits() ^ u64::from(self.net.auxiliary_in_training);
+            let mut out = self.graph.run(key, &inputs, &mut pass)?;
+            let mut grads = out.split_off(1);
+            let logits = out.pop().expect("the logits");
             self.step(&mut grads, sizes[step] as f64)?;
             let main_loss = logits.detach().cross_entropy_for_logits(&y);
             meter.record(step, &main_loss, &logits, &y, bar, &nan_hint)?;
