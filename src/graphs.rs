@@ -50,7 +50,7 @@ pub fn unavailable_on(device: Device) -> Option<String> {
     }
 }
 
-/// One `at::cuda::CUDAGraph` with its side stream.
+/// One `at::cuda::CUDAGraph` with its side stream (in unit tests, a null pointer is a stand-in that runs nothing).
 struct Graph(*mut c_void);
 
 // SAFETY: the graph object is only used by the thread that holds `Graphed` (moving it between threads is safe:
@@ -59,13 +59,35 @@ unsafe impl Send for Graph {}
 
 impl Drop for Graph {
     fn drop(&mut self) {
-        // SAFETY: made by darts_graph_new, freed once.
-        unsafe { darts_graph_free(self.0) }
+        if !self.0.is_null() {
+            // SAFETY: made by darts_graph_new, freed once.
+            unsafe { darts_graph_free(self.0) }
+        }
     }
+}
+
+/// What the shim does to a graph.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Enter,
+    Exit,
+    Begin,
+    End,
+    Replay,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Unit tests: `Some(fail)` makes stand-in graphs whose capture fails when `fail`.
+    static STAND_IN: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 impl Graph {
     fn new(device: Device) -> Result<Graph, String> {
+        #[cfg(test)]
+        if STAND_IN.get().is_some() {
+            return Ok(Graph(std::ptr::null_mut()));
+        }
         let Device::Cuda(index) = device else { return Err(format!("no CUDA graph on {device:?}")) };
         let mut p = std::ptr::null_mut();
         // SAFETY: writes a new graph to `p` or fails.
@@ -76,7 +98,21 @@ impl Graph {
         Ok(Graph(p))
     }
 
-    fn call(&self, what: &str, f: unsafe extern "C" fn(*mut c_void) -> c_int) -> Result<(), String> {
+    fn call(&self, op: Op) -> Result<(), String> {
+        let (f, what): (unsafe extern "C" fn(*mut c_void) -> c_int, &str) = match op {
+            Op::Enter => (darts_graph_enter, "could not switch to the graph's side stream"),
+            Op::Exit => (darts_graph_exit, "could not switch back from the graph's side stream"),
+            Op::Begin => (darts_graph_capture_begin, "could not begin the capture"),
+            Op::End => (darts_graph_capture_end, "the capture failed"),
+            Op::Replay => (darts_graph_replay, "replaying the CUDA graph failed"),
+        };
+        #[cfg(test)]
+        if self.0.is_null() {
+            return match (op, STAND_IN.get()) {
+                (Op::End, Some(true)) => Err(format!("{what}: a stand-in failure")),
+                _ => Ok(()),
+            };
+        }
         // SAFETY: `self.0` is a live graph.
         if unsafe { f(self.0) } != 0 {
             return Err(format!("{what}: {}", last_error()));
@@ -86,7 +122,7 @@ impl Graph {
 
     /// Makes the side stream current until the guard is dropped.
     fn side_stream(&self) -> Result<SideStream<'_>, String> {
-        self.call("could not switch to the graph's side stream", darts_graph_enter)?;
+        self.call(Op::Enter)?;
         Ok(SideStream(self))
     }
 }
@@ -96,7 +132,7 @@ struct SideStream<'a>(&'a Graph);
 
 impl Drop for SideStream<'_> {
     fn drop(&mut self) {
-        let _ = self.0.call("could not switch back from the graph's side stream", darts_graph_exit);
+        let _ = self.0.call(Op::Exit);
     }
 }
 
@@ -199,7 +235,7 @@ impl Graphed {
                     s.copy_(t);
                 }
             });
-            if let Err(e) = c.graph.call("replaying the CUDA graph failed", darts_graph_replay) {
+            if let Err(e) = c.graph.call(Op::Replay) {
                 anyhow::bail!("{}: {e}", self.name);
             }
             self.replays += 1;
@@ -247,13 +283,13 @@ impl Graphed {
         });
         let outcome = {
             let _side = graph.side_stream()?;
-            graph.call("could not begin the capture", darts_graph_capture_begin)?;
+            graph.call(Op::Begin)?;
             // A failing operation inside the capture panics in tch: caught, quietly, and reported as the reason.
             let hook = std::panic::take_hook();
             std::panic::set_hook(Box::new(|_| {}));
             let run = catch_unwind(AssertUnwindSafe(|| f(&statics)));
             std::panic::set_hook(hook);
-            let end = graph.call("the capture failed", darts_graph_capture_end);
+            let end = graph.call(Op::End);
             match (run, end) {
                 (Ok(Ok(outputs)), Ok(())) => Ok(outputs),
                 (Ok(Err(e)), _) => Err(format!("{e:#}")),
@@ -262,7 +298,7 @@ impl Graphed {
             }
         };
         let outputs = outcome?;
-        graph.call("replaying the CUDA graph failed", darts_graph_replay)?;
+        graph.call(Op::Replay)?;
         if self.captures == 0 {
             eprintln!("CUDA graphs: {} captured; its later calls replay the graph", self.name);
         }
@@ -330,6 +366,93 @@ mod tests {
         let x = Tensor::zeros([2], (Kind::Float, Device::Cpu));
         let e = g.run(0, &[&x], &mut |_| anyhow::bail!("bad batch")).unwrap_err();
         assert_eq!(e.to_string(), "bad batch");
+    }
+
+    /// A graphed function on stand-in graphs (the capture runs `f` on the CPU, a replay runs nothing).
+    fn stand_in(fail: bool) -> Graphed {
+        STAND_IN.set(Some(fail));
+        Graphed { off: None, device: Device::Cuda(0), ..Graphed::eager("the stand-in step") }
+    }
+
+    #[test]
+    fn warm_up_twice_then_capture_on_static_inputs_then_replay_with_the_inputs_copied_in() {
+        let mut g = stand_in(false);
+        let mut calls = Vec::new();
+        let mut seen_ptrs = Vec::new();
+        let mut outs = Vec::new();
+        for i in 0..6 {
+            let x = Tensor::from_slice(&[i as f32, 1.0]);
+            let out = g
+                .run(7, &[&x], &mut |t| {
+                    calls.push(i);
+                    seen_ptrs.push(t[0].data_ptr() as usize == x.data_ptr() as usize);
+                    Ok(vec![&t[0] * 2.0])
+                })
+                .unwrap();
+            outs.push(out.into_iter().next().unwrap());
+            if i >= 2 {
+                let statics = &g.captured.as_ref().expect("captured at the third call").inputs[0];
+                assert_eq!(Vec::<f32>::try_from(statics).unwrap(), vec![i as f32, 1.0], "call {i}");
+            }
+        }
+        // Two warm-up calls on the given tensors, the capture on static copies, then no calls: replays.
+        assert_eq!(calls, vec![0, 1, 2]);
+        assert_eq!(seen_ptrs, vec![true, true, false]);
+        assert_eq!(g.counts(), (1, 3));
+        // A replay hands back the captured outputs (a real replay rewrites them; the stand-in does not).
+        for o in &outs[3..] {
+            assert_eq!(o.data_ptr(), outs[2].data_ptr());
+        }
+        // Another key (a baked-in host value) or shape: one warm-up call, then a new capture.
+        calls.clear();
+        let y = Tensor::from_slice(&[5.0f32, 1.0]);
+        for _ in 0..3 {
+            g.run(8, &[&y], &mut |t| {
+                calls.push(8);
+                Ok(vec![t[0].shallow_clone()])
+            })
+            .unwrap();
+        }
+        let z = Tensor::from_slice(&[5.0f32, 1.0, 2.0]);
+        for _ in 0..3 {
+            g.run(8, &[&z], &mut |t| {
+                calls.push(9);
+                Ok(vec![t[0].shallow_clone()])
+            })
+            .unwrap();
+        }
+        assert_eq!(calls, vec![8, 8, 9, 9]);
+        assert_eq!(g.counts(), (3, 5));
+        STAND_IN.set(None);
+    }
+
+    #[test]
+    fn a_failed_capture_turns_graphs_off_and_the_call_runs_eagerly() {
+        let mut g = stand_in(true);
+        let x = Tensor::from_slice(&[3.0f32]);
+        let mut calls = 0;
+        for _ in 0..5 {
+            let out = g
+                .run(0, &[&x], &mut |t| {
+                    calls += 1;
+                    Ok(vec![&t[0] + 1.0])
+                })
+                .unwrap();
+            assert_eq!(Vec::<f32>::try_from(&out[0]).unwrap(), vec![4.0]);
+        }
+        // Two warm-ups, the capture and its eager rerun, then two eager calls.
+        assert_eq!(calls, 6);
+        assert!(g.off_reason().unwrap().contains("stand-in failure"), "{:?}", g.off_reason());
+        assert_eq!(g.counts(), (0, 0));
+        // An error inside the capture is reported the same way, and the eager rerun's error reaches the caller.
+        let mut g = stand_in(false);
+        for _ in 0..2 {
+            g.run(0, &[&x], &mut |t| Ok(vec![t[0].shallow_clone()])).unwrap();
+        }
+        let e = g.run(0, &[&x], &mut |_| anyhow::bail!("a host copy")).unwrap_err();
+        assert_eq!(e.to_string(), "a host copy");
+        assert_eq!(g.off_reason(), Some("a host copy"));
+        STAND_IN.set(None);
     }
 
     #[test]
