@@ -385,7 +385,7 @@ mod tests {
             let out = g
                 .run(7, &[&x], &mut |t| {
                     calls.push(i);
-                    seen_ptrs.push(t[0].data_ptr() as usize == x.data_ptr() as usize);
+                    seen_ptrs.push(std::ptr::eq(t[0].data_ptr(), x.data_ptr()));
                     Ok(vec![&t[0] * 2.0])
                 })
                 .unwrap();
