@@ -309,6 +309,18 @@ impl Graphed {
     }
 }
 
+/// Fresh copies of `ts` (undefined ones stay undefined), in one multi-tensor copy: what a caller may keep across
+/// the next replay, which rewrites a graph's outputs in place.
+pub fn copies(ts: &[Tensor]) -> Vec<Tensor> {
+    let out: Vec<Tensor> = ts.iter().map(|t| if t.defined() { t.empty_like() } else { Tensor::new() }).collect();
+    let (dst, src): (Vec<Tensor>, Vec<Tensor>) =
+        out.iter().zip(ts).filter(|(_, t)| t.defined()).map(|(d, t)| (d.shallow_clone(), t.shallow_clone())).unzip();
+    if !dst.is_empty() {
+        tch::no_grad(|| crate::native::foreach_copy(&dst, &src));
+    }
+    out
+}
+
 /// Graphed functions told apart by an identity (such as the addresses of the tensors a pass differentiates),
 /// each made on its first use.
 #[derive(Debug, Default)]
@@ -453,6 +465,21 @@ mod tests {
         assert_eq!(e.to_string(), "a host copy");
         assert_eq!(g.off_reason(), Some("a host copy"));
         STAND_IN.set(None);
+    }
+
+    #[test]
+    fn copies_are_fresh_and_keep_undefined_tensors_undefined() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0]);
+        let b = Tensor::from_slice(&[3.0f64]).reshape([1, 1]);
+        let c = copies(&[a.shallow_clone(), Tensor::new(), b.shallow_clone()]);
+        assert!(!c[1].defined());
+        assert_eq!(Vec::<f32>::try_from(&c[0]).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(
+            (c[2].size(), c[2].kind(), f64::try_from(&c[2].reshape([-1])).unwrap()),
+            (vec![1, 1], Kind::Double, 3.0)
+        );
+        let _ = a.shallow_clone().fill_(0.0);
+        assert_eq!(Vec::<f32>::try_from(&c[0]).unwrap(), vec![1.0, 2.0], "a copy, not a view");
     }
 
     #[test]

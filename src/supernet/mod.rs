@@ -196,7 +196,10 @@ impl SearchNetwork {
                     let (loss, logits, grads) = self.loss_grads_eager(&t[0], &t[1], wrt);
                     Ok([loss, logits].into_iter().chain(grads).collect())
                 };
-                let mut out = graph.run(key, &[x, y], &mut pass).unwrap_or_else(|e| panic!("{e:#}"));
+                let out = graph.run(key, &[x, y], &mut pass).unwrap_or_else(|e| panic!("{e:#}"));
+                // The next replay rewrites the graph's outputs, and callers keep results across passes (the finite
+                // differences keep the first gradient while the same graph computes the second): copies.
+                let mut out = crate::graphs::copies(&out);
                 let grads = out.split_off(2);
                 let logits = out.pop().expect("logits");
                 let loss = out.pop().expect("loss");

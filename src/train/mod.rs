@@ -139,8 +139,9 @@ impl Trainer {
     }
 
     /// Replays each training step's forward and backward pass as a CUDA graph (`--cuda-graphs`): captured again
-    /// each epoch (its drop-path rate is baked in) and for a batch of another size (the last, short one gets its
-    /// own graph). The SGD step, clipping and the metrics stay eager: they are a handful of multi-tensor kernels.
+    /// each epoch (its drop-path rate is baked in); a batch of another size (the last, short one) runs eagerly as
+    /// that shape's warm-up. The SGD step, clipping and the metrics stay eager: a handful of multi-tensor kernels,
+    /// which use the graph's outputs before the next replay rewrites them.
     /// Data-parallel runs stay eager (their gradient average goes through c10d between backward and SGD), with a
     /// message. Refused off a CUDA device.
     pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
@@ -273,7 +274,12 @@ impl Trainer {
             let mut inputs = vec![&x, &y];
             inputs.extend(masks.as_ref());
             // The host values the pass bakes in: the drop-path rate (per epoch) and whether the head runs.
-            let key = self.net.drop_path_prob.to_bits() ^ u64::from(self.net.auxiliary_in_training);
+            let key = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::hash::DefaultHasher::new();
+                (self.net.drop_path_prob.to_bits(), self.net.auxiliary_in_training).hash(&mut h);
+                h.finish()
+            };
             let mut out = self.graph.run(key, &inputs, &mut pass)?;
             let mut grads = out.split_off(1);
             let logits = out.pop().expect("the logits");
