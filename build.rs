@@ -23,6 +23,10 @@ fn main() {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // OpenMP: the shim's own kernels (the fused mixed sum) split their work with at::parallel_for, which
+        // runs serially unless compiled with OpenMP; libtorch's libgomp (torch/lib) is linked below.
+        .flag("-fopenmp")
+        .flag("-O3")
         .warnings(false);
     // c10d (torch.distributed): the wheel ships its headers and symbols but not gloo's headers; Debian's
     // libgloo-dev has them (scripts/setup.sh installs it). Without them darts builds without multi-process runs.
@@ -55,6 +59,13 @@ fn main() {
     if let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") {
         let lib = std::path::PathBuf::from(lib);
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+        // The OpenMP runtime libtorch itself loads (one libgomp in the process), for the shim's parallel regions.
+        let gomp = lib.join("libgomp.so.1");
+        if gomp.is_file() {
+            println!("cargo:rustc-link-arg={}", gomp.display());
+        } else {
+            println!("cargo:rustc-link-lib=gomp");
+        }
         println!("cargo:rustc-link-arg=-Wl,--enable-new-dtags");
         if lib.join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed");

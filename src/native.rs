@@ -50,6 +50,7 @@ extern "C" {
         weight_decay: f64,
     ) -> c_int;
     fn darts_foreach_copy(dst: *const *const c_void, src: *const *const c_void, n: c_int) -> c_int;
+    fn darts_mixed_sum(w: *const c_void, ys: *const *const c_void, n: c_int, out: *mut *mut c_void) -> c_int;
     fn darts_count_aten_start(by_name: c_int) -> c_int;
     fn darts_count_aten_stop() -> i64;
     fn darts_count_aten_names() -> *const c_char;
@@ -159,6 +160,37 @@ pub fn foreach_copy(dst: &[Tensor], src: &[Tensor]) {
     // SAFETY: as in foreach_axpy.
     let rc = unsafe { darts_foreach_copy(d.as_ptr(), s.as_ptr(), d.len() as c_int) };
     assert!(rc == 0, "a multi-tensor copy failed: {}", last_error());
+}
+
+/// DARTS's relaxed node, `sum_k w[k] * ys[k]`: the candidate ops' outputs of every edge into one node, each
+/// weighted by its architecture weight. `w` is a vector of `ys.len()` weights (differentiable: softmax(alpha)
+/// rows, times the edge weights with edge normalisation), every `ys[k]` of one shape.
+///
+/// On the CPU in float32 or float64, with every `ys[k]` in one dense layout, this is one autograd node of the
+/// shim (`darts_mixed_sum`): one pass over the inputs forward, one over the output's gradient backward (each
+/// `ys[k]`'s gradient `w[k] * g` written and `<g, ys[k]>` for `w`'s taken in the same sweep), instead of a
+/// multiplication and an addition per op forward and three kernels per op backward. Its sums run in blocks in a
+/// fixed order, so the result does not depend on the number of threads. Elsewhere (CUDA, other dtypes, mixed
+/// layouts) the same sum as ATen operators, [`mixed_sum_ops`].
+pub fn mixed_sum(w: &Tensor, ys: &[Tensor]) -> Tensor {
+    assert_eq!(w.size(), [ys.len() as i64], "one weight per term");
+    let p = ptrs(ys);
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: `w` and every `ys[k]` are live tensors (tch's C_tensor is libtorch's at::Tensor*); the shim only
+    // reads them, writes a newly allocated tensor to `out` when it returns 0, and catches every C++ exception.
+    let rc = unsafe { darts_mixed_sum(w.as_ptr().cast(), p.as_ptr(), p.len() as c_int, &mut out) };
+    match rc {
+        // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
+        0 if !out.is_null() => unsafe { Tensor::from_ptr(out.cast()) },
+        1 => mixed_sum_ops(w, ys),
+        _ => panic!("the fused mixed sum failed: {}", last_error()),
+    }
+}
+
+/// [`mixed_sum`] as ATen operators, in the same order: `w[0] * ys[0] + w[1] * ys[1] + ...`.
+pub fn mixed_sum_ops(w: &Tensor, ys: &[Tensor]) -> Tensor {
+    let first = &ys[0] * w.get(0);
+    ys.iter().enumerate().skip(1).fold(first, |acc, (k, y)| acc + y * w.get(k as i64))
 }
 
 /// A tensor shaped, laid out and placed like `like`, of 1s with probability `keep` and 0s otherwise (libtorch's

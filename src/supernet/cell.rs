@@ -71,6 +71,9 @@ pub struct Pass {
     /// The seed of the pass's random draws (skip dropout masks, GDAS samples); each cell and each edge in it
     /// derive their own ([`Pass::derive`]).
     pub seed: u64,
+    /// Each node's weighted sum of its edges' op outputs in one pass ([`crate::native::mixed_sum`]; PC-DARTS:
+    /// each edge's); off, a product and a sum per op as the original code.
+    pub fused: bool,
 }
 
 impl Pass {
@@ -129,15 +132,34 @@ impl MixedOp {
     /// [`MixedOp::forward_t`] on a state shared with the other edges that read it ([`EdgeInput`]).
     pub fn forward_input(&self, input: &EdgeInput, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
         let y = self.relaxed(input, weights, pass, choice);
-        match &self.aux {
-            Some(aux) => {
-                let x = input.full();
-                let skip =
-                    crate::profile::time("auxiliary_skip", None, self.stride, x, || input.apply_full(aux, pass.train));
-                y + skip * pass.aux_skip
-            }
+        match self.aux_term(input, pass) {
+            Some(skip) => y + skip,
             None => y,
         }
+    }
+
+    /// DARTS-'s `aux_skip * skip(x)`, where the space has the auxiliary skip.
+    fn aux_term(&self, input: &EdgeInput, pass: Pass) -> Option<Tensor> {
+        let aux = self.aux.as_ref()?;
+        let x = input.full();
+        let skip = crate::profile::time("auxiliary_skip", None, self.stride, x, || input.apply_full(aux, pass.train));
+        Some(skip * pass.aux_skip)
+    }
+
+    /// Whether a node can sum this edge's op outputs with the other edges' in one pass: every op of the edge sees
+    /// the whole input (no partial channels) and every op runs (no GDAS sample).
+    fn fusable(&self, pass: Pass, choice: Option<usize>) -> bool {
+        pass.fused && self.partial == 1 && choice.is_none()
+    }
+
+    /// The indices of the ops that run (all but the zero op, whose term is zero).
+    fn running(&self) -> Vec<i64> {
+        (0..self.ops.len()).filter(|&k| !self.ops[k].is_zero()).map(|k| k as i64).collect()
+    }
+
+    /// The outputs of the ops that run ([`MixedOp::running`]), unweighted, with the skip dropout on the identity.
+    fn outputs(&self, input: &EdgeInput, pass: Pass) -> Vec<Tensor> {
+        self.running().into_iter().map(|k| self.op_output(k as usize, input, pass)).collect()
     }
 
     fn relaxed(&self, input: &EdgeInput, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
@@ -154,6 +176,10 @@ impl MixedOp {
         if let Some(k) = choice {
             let rest = weights.sum(weights.kind()) - weights.get(k as i64);
             return self.weighted_op(k, input, weights, pass) + rest;
+        }
+        if pass.fused {
+            let index = Tensor::from_slice(&self.running()).to_device(weights.device());
+            return crate::native::mixed_sum(&weights.index_select(0, &index), &self.outputs(input, pass));
         }
         let mut out: Option<Tensor> = None;
         for (k, op) in self.ops.iter().enumerate() {
@@ -172,6 +198,11 @@ impl MixedOp {
 
     /// `weights[k] * op_k(x)`, with the skip dropout on the identity.
     fn weighted_op(&self, k: usize, input: &EdgeInput, weights: &Tensor, pass: Pass) -> Tensor {
+        self.op_output(k, input, pass) * weights.get(k as i64)
+    }
+
+    /// `op_k(x)`, with the skip dropout on the identity.
+    fn op_output(&self, k: usize, input: &EdgeInput, pass: Pass) -> Tensor {
         let (op, kind) = (&self.ops[k], self.kinds[k]);
         let x = input.seen();
         let y = crate::profile::time(kind.name(), Some(kind), self.stride, x, || input.apply(op, pass.train));
@@ -184,7 +215,7 @@ impl MixedOp {
         } else {
             y
         };
-        y * weights.get(k as i64)
+        y
     }
 }
 
@@ -241,7 +272,38 @@ impl SearchCell {
         let input = |x: &Tensor| EdgeInput::new(x, share, partial, train, gdas);
         let mut states = vec![input(&s0), input(&s1)];
         let mut offset = 0;
+        // The fused node: every running op of every incoming edge weighted in one pass, with weights
+        // softmax(alpha) (times the edge's beta with edge normalisation), then DARTS-'s auxiliary skips.
+        let fused = self.edges[0].fusable(pass, weights.choices.as_ref().map(|c| c[0]));
+        let scaled = fused.then(|| {
+            let running = Tensor::from_slice(&self.edges[0].running()).to_device(weights.ops.device());
+            let scaled = match &weights.edges {
+                Some(b) => &weights.ops * b.unsqueeze(1),
+                None => weights.ops.shallow_clone(),
+            };
+            scaled.index_select(1, &running)
+        });
         for _ in 0..self.nodes {
+            if let Some(scaled) = &scaled {
+                let n = states.len();
+                let mut terms = Vec::new();
+                for (j, h) in states.iter().enumerate() {
+                    terms.extend(self.edges[offset + j].outputs(h, pass.derive(offset + j)));
+                }
+                let w = scaled.narrow(0, offset as i64, n as i64).reshape([-1]);
+                let mut sum = crate::native::mixed_sum(&w, &terms);
+                for (j, h) in states.iter().enumerate() {
+                    if let Some(skip) = self.edges[offset + j].aux_term(h, pass.derive(offset + j)) {
+                        sum = match &weights.edges {
+                            Some(b) => sum + skip * b.get((offset + j) as i64),
+                            None => sum + skip,
+                        };
+                    }
+                }
+                offset += n;
+                states.push(input(&sum));
+                continue;
+            }
             let mut sum: Option<Tensor> = None;
             for (j, h) in states.iter().enumerate() {
                 let e = (offset + j) as i64;
