@@ -1,7 +1,8 @@
 // The few libtorch calls tch does not expose: autocast with a chosen device type and dtype (tch's autocast only
 // switches CUDA's on, in float16), the CUDA caching allocator's statistics (peak bytes allocated/reserved), and
-// random masks drawn from a private generator with a given seed (tch only offers the global generator).
-// Every function catches C++ exceptions: nothing unwinds into Rust.
+// random masks drawn from a private generator with a given seed (tch only offers the global generator), the
+// optimiser's multi-tensor steps, c10d process groups, CUDA graphs, and DARTS's node sum as one custom autograd
+// function (tch cannot define one). Every function catches C++ exceptions: nothing unwinds into Rust.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>

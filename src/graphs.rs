@@ -50,6 +50,14 @@ pub fn unavailable_on(device: Device) -> Option<String> {
     }
 }
 
+/// Refuses `--cuda-graphs` where a step on `device` cannot be captured: the reason, and what to do instead.
+pub fn require(device: Device) -> anyhow::Result<()> {
+    match unavailable_on(device) {
+        Some(why) => anyhow::bail!("--cuda-graphs: {why}; drop --cuda-graphs, or run on a GPU (--device cuda)"),
+        None => Ok(()),
+    }
+}
+
 /// One `at::cuda::CUDAGraph` with its side stream (in unit tests, a null pointer is a stand-in that runs nothing).
 struct Graph(*mut c_void);
 

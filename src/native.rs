@@ -1,6 +1,7 @@
 //! The libtorch calls tch does not expose, through the small C++ shim in `csrc/shim.cpp`: autocast (mixed
-//! precision) with a chosen device type and dtype, the CUDA caching allocator's memory statistics, and random
-//! masks from a privately seeded generator.
+//! precision) with a chosen device type and dtype, the CUDA caching allocator's memory statistics, random
+//! masks from a privately seeded generator, multi-tensor optimiser steps, and DARTS's relaxed node sum as one
+//! fused autograd node ([`mixed_sum`]).
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::{c_char, c_int, c_void, CStr};

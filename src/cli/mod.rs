@@ -62,8 +62,8 @@ impl Runtime {
     /// Refuses `--cuda-graphs` off a CUDA device.
     pub fn launch(&self) -> anyhow::Result<(tch::Device, Option<std::sync::Arc<darts::dist::Dist>>)> {
         let device = self.device()?;
-        if let Some(why) = self.cuda_graphs.then(|| darts::graphs::unavailable_on(device)).flatten() {
-            anyhow::bail!("--cuda-graphs: {why}; drop --cuda-graphs, or run on a GPU (--device cuda)");
+        if self.cuda_graphs {
+            darts::graphs::require(device)?;
         }
         let Some(launch) = darts::dist::Launch::from_env()? else { return Ok((device, None)) };
         let device = match device {

@@ -133,9 +133,7 @@ impl Search {
     /// skip dropout) and data-parallel searches stay eager, with a message. Refused off a CUDA device.
     pub fn set_cuda_graphs(&mut self, on: bool) -> Result<()> {
         if on {
-            if let Some(why) = crate::graphs::unavailable_on(self.device) {
-                anyhow::bail!("--cuda-graphs: {why}; drop --cuda-graphs, or run on a GPU (--device cuda)");
-            }
+            crate::graphs::require(self.device)?;
             if self.architect.dist.is_some() {
                 eprintln!("--cuda-graphs: a data-parallel search runs eagerly (its gradients are averaged over c10d)");
                 return Ok(());

@@ -149,9 +149,7 @@ impl Trainer {
             self.graph = crate::graphs::Graphed::eager("the training step");
             return Ok(());
         }
-        if let Some(why) = crate::graphs::unavailable_on(self.device) {
-            anyhow::bail!("--cuda-graphs: {why}; drop --cuda-graphs, or run on a GPU (--device cuda)");
-        }
+        crate::graphs::require(self.device)?;
         if self.dist.is_some() {
             eprintln!("--cuda-graphs: a data-parallel training runs eagerly (its gradients are averaged over c10d)");
             return Ok(());
