@@ -102,6 +102,8 @@ pub struct MixedOp {
     partial: i64,
     stride: i64,
     pub(super) aux: Option<Op>,
+    /// The indices of the ops that run: all but the zero op, whose term is zero.
+    running: Vec<i64>,
 }
 
 impl MixedOp {
@@ -117,7 +119,9 @@ impl MixedOp {
         let aux = space
             .auxiliary_skip
             .then(|| Op::new(&(p / "auxiliary_op"), OpKind::SkipConnect, c, stride, false, true, space.activation));
-        MixedOp { ops: ops.collect(), kinds: space.ops.clone(), partial, stride, aux }
+        let ops: Vec<Op> = ops.collect();
+        let running = (0..ops.len()).filter(|&k| !ops[k].is_zero()).map(|k| k as i64).collect();
+        MixedOp { ops, kinds: space.ops.clone(), partial, stride, aux, running }
     }
 
     /// `weights` is this edge's row of softmax(alpha); with `choice` (GDAS) its row of hard weights, and only
@@ -152,14 +156,9 @@ impl MixedOp {
         pass.fused && self.partial == 1 && choice.is_none()
     }
 
-    /// The indices of the ops that run (all but the zero op, whose term is zero).
-    fn running(&self) -> Vec<i64> {
-        (0..self.ops.len()).filter(|&k| !self.ops[k].is_zero()).map(|k| k as i64).collect()
-    }
-
-    /// The outputs of the ops that run ([`MixedOp::running`]), unweighted, with the skip dropout on the identity.
+    /// The outputs of the ops that run (all but the zero op), unweighted, with the skip dropout on the identity.
     fn outputs(&self, input: &EdgeInput, pass: Pass) -> Vec<Tensor> {
-        self.running().into_iter().map(|k| self.op_output(k as usize, input, pass)).collect()
+        self.running.iter().map(|&k| self.op_output(k as usize, input, pass)).collect()
     }
 
     fn relaxed(&self, input: &EdgeInput, weights: &Tensor, pass: Pass, choice: Option<usize>) -> Tensor {
@@ -178,7 +177,7 @@ impl MixedOp {
             return self.weighted_op(k, input, weights, pass) + rest;
         }
         if pass.fused {
-            let index = Tensor::from_slice(&self.running()).to_device(weights.device());
+            let index = Tensor::from_slice(&self.running).to_device(weights.device());
             return crate::native::mixed_sum(&weights.index_select(0, &index), &self.outputs(input, pass));
         }
         let mut out: Option<Tensor> = None;
@@ -276,7 +275,7 @@ impl SearchCell {
         // softmax(alpha) (times the edge's beta with edge normalisation), then DARTS-'s auxiliary skips.
         let fused = self.edges[0].fusable(pass, weights.choices.as_ref().map(|c| c[0]));
         let scaled = fused.then(|| {
-            let running = Tensor::from_slice(&self.edges[0].running()).to_device(weights.ops.device());
+            let running = Tensor::from_slice(&self.edges[0].running).to_device(weights.ops.device());
             let scaled = match &weights.edges {
                 Some(b) => &weights.ops * b.unsqueeze(1),
                 None => weights.ops.shallow_clone(),
