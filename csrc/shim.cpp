@@ -296,7 +296,7 @@ bool mixed_sum_fusable(const at::Tensor& w, at::TensorList ys) {
   if (w.scalar_type() != kind) return false;
   for (const auto& y : ys) {
     if (!y.defined() || !y.device().is_cpu() || y.scalar_type() != kind || !y.is_non_overlapping_and_dense() ||
-        y.sizes() != ys[0].sizes() || y.strides() != ys[0].strides() || y.storage_offset() < 0)
+        y.sizes() != ys[0].sizes() || y.strides() != ys[0].strides())
       return false;
   }
   return true;
@@ -390,7 +390,7 @@ struct MixedSum : public torch::autograd::Function<MixedSum> {
       std::vector<at::Tensor> dots;
       for (size_t k = 0; k < m; k++) {
         if (ctx->needs_input_grad(k + 1)) out[k + 1] = g * w[k];
-        dots.push_back((g * ys[k]).sum());
+        if (ctx->needs_input_grad(0)) dots.push_back((g * ys[k]).sum());
       }
       if (ctx->needs_input_grad(0)) out[0] = at::stack(dots);
       return out;
