@@ -52,6 +52,17 @@ extern "C" {
     ) -> c_int;
     fn darts_foreach_copy(dst: *const *const c_void, src: *const *const c_void, n: c_int) -> c_int;
     fn darts_mixed_sum(w: *const c_void, ys: *const *const c_void, n: c_int, out: *mut *mut c_void) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn darts_batch_norm(
+        x: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        running_mean: *const c_void,
+        running_var: *const c_void,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut c_void,
+    ) -> c_int;
     fn darts_count_aten_start(by_name: c_int) -> c_int;
     fn darts_count_aten_stop() -> i64;
     fn darts_count_aten_names() -> *const c_char;
@@ -192,6 +203,64 @@ pub fn mixed_sum(w: &Tensor, ys: &[Tensor]) -> Tensor {
 pub fn mixed_sum_ops(w: &Tensor, ys: &[Tensor]) -> Tensor {
     let first = &ys[0] * w.get(0);
     ys.iter().enumerate().skip(1).fold(first, |acc, (k, y)| acc + y * w.get(k as i64))
+}
+
+/// Training-mode batch normalisation of the 4-d `x` (batch statistics; `weight` and `bias` both given or both
+/// absent), updating `running_mean` and `running_var` in place as PyTorch's `BatchNorm2d` does with `momentum`
+/// (the batch's unbiased variance). Same maths as ATen's `batch_norm(train=true)`.
+///
+/// On the CPU in float32 or float64, NCHW or channels-last dense, this is one autograd node of the shim
+/// (`darts_batch_norm`): one sweep for the statistics and one to normalise forward, one for the gradient's two
+/// sums and one for the input's gradient backward, over groups of rows at least 64 values wide (ATen's
+/// channels-last kernels loop over one row of C values at a time, which dominates at DARTS's widths). Sums run in
+/// float64 over fixed blocks in order, so the result does not depend on the number of threads. Elsewhere (CUDA,
+/// other dtypes and layouts) ATen's `batch_norm`, [`batch_norm_ops`].
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> Tensor {
+    let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr().cast::<c_void>());
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: every pointer is a live tensor or null (tch's C_tensor is libtorch's at::Tensor*); the shim reads
+    // them, writes only the running statistics' elements (after its checks) and a newly allocated tensor to `out`
+    // when it returns 0, and catches every C++ exception.
+    let rc = unsafe {
+        darts_batch_norm(
+            x.as_ptr().cast(),
+            ptr(weight),
+            ptr(bias),
+            running_mean.as_ptr().cast(),
+            running_var.as_ptr().cast(),
+            momentum,
+            eps,
+            &mut out,
+        )
+    };
+    match rc {
+        // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
+        0 if !out.is_null() => unsafe { Tensor::from_ptr(out.cast()) },
+        1 => batch_norm_ops(x, weight, bias, running_mean, running_var, momentum, eps),
+        _ => panic!("the fused batch norm failed: {}", last_error()),
+    }
+}
+
+/// [`batch_norm`] as ATen's `batch_norm` (training mode).
+pub fn batch_norm_ops(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> Tensor {
+    Tensor::batch_norm(x, weight, bias, Some(running_mean), Some(running_var), true, momentum, eps, true)
 }
 
 /// A tensor shaped, laid out and placed like `like`, of 1s with probability `keep` and 0s otherwise (libtorch's

@@ -166,6 +166,8 @@ pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> Bn {
             affine,
             ws_init: nn::Init::Const(1.0),
             bs_init: nn::Init::Const(0.0),
+            eps: BN_EPS,
+            momentum: BN_MOMENTUM,
             ..Default::default()
         },
     );
@@ -174,6 +176,9 @@ pub fn batch_norm(p: &nn::Path, c: i64, affine: bool) -> Bn {
 
 /// BatchNorm's epsilon in every darts network (PyTorch's default).
 pub const BN_EPS: f64 = 1e-5;
+
+/// BatchNorm's running-statistics momentum in every darts network (PyTorch's default).
+pub const BN_MOMENTUM: f64 = 0.1;
 
 /// A BatchNorm (tch's, whose fields it derefs to) that inference may fold into the convolution before it: then it
 /// is the identity, and the convolution carries its scale and shift.
@@ -191,10 +196,22 @@ impl std::ops::Deref for Bn {
 }
 
 impl Bn {
-    /// Applies it (the identity once folded).
+    /// Applies it (the identity once folded). Training mode on 4-d inputs goes through the shim's fused
+    /// kernel ([`crate::native::batch_norm`]: same maths, ATen's where it does not apply).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         if self.folded {
             x.shallow_clone()
+        } else if train && x.dim() == 4 {
+            let bn = &self.bn;
+            crate::native::batch_norm(
+                x,
+                bn.ws.as_ref(),
+                bn.bs.as_ref(),
+                &bn.running_mean,
+                &bn.running_var,
+                BN_MOMENTUM,
+                BN_EPS,
+            )
         } else {
             self.bn.forward_t(x, train)
         }
