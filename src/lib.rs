@@ -21,6 +21,7 @@ pub mod graphs;
 pub mod interrupt;
 pub mod native;
 pub mod network;
+pub mod openmp;
 pub mod ops;
 pub mod optim;
 pub mod params;

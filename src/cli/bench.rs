@@ -430,6 +430,12 @@ fn print_table(p: &Plan, results: &Results, rounds: usize) -> Result<()> {
     // Peak memory: the CUDA allocator's peak on a GPU, the process's peak RSS on the CPU.
     let mem = if p.device.is_cuda() { "GPU peak MiB" } else { "peak RSS MiB" };
     println!("median of {rounds} interleaved round(s); a ratio is ours / the reference's in the same round");
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "unset".into());
+    println!(
+        "every process (ours and the reference) ran with OMP_WAIT_POLICY={} GOMP_SPINCOUNT={}",
+        var("OMP_WAIT_POLICY"),
+        var("GOMP_SPINCOUNT")
+    );
     let header: Vec<String> = columns.iter().map(|i| format!("{i} ms ({mem})")).collect();
     println!("| step | {} | ratio to PyTorch channels-last | ratio to PyTorch NCHW |", header.join(" | "));
     println!("|---|{}---|---|", "---:|".repeat(columns.len()));

@@ -1,0 +1,64 @@
+//! How long libtorch's OpenMP threads wait for the next parallel kernel before they sleep.
+//!
+//! A search step runs tens of thousands of small parallel kernels. With `OMP_WAIT_POLICY=PASSIVE` (what this
+//! project's machines need, and what libgomp does under any sleep-first policy) each worker sleeps in the kernel
+//! after every kernel and is woken by a futex for the next: `perf` put 18% of a search step in waking and
+//! parking threads, and the step ran at half the speed it has when the workers spin briefly first. libgomp's
+//! `GOMP_SPINCOUNT` bounds that spin (PASSIVE means 0; libgomp's own default without any setting is 300,000,
+//! which is what collapses when cores are shared). libgomp reads it once, when it loads, before `main`, so the
+//! `darts` program restarts itself once with a short spin set ([`DEFAULT_SPIN_COUNT`]) when the user set none;
+//! `GOMP_SPINCOUNT=0` restores sleeping at once.
+use std::ffi::OsString;
+
+/// The spin darts sets: 10,000 of libgomp's spin iterations (well under a millisecond), measured as fast as
+/// 30,000 and 100,000 on a search step and the final network's step (2 threads, `darts bench --one`).
+pub const DEFAULT_SPIN_COUNT: &str = "10000";
+
+/// The `GOMP_SPINCOUNT` to restart with, given the environment: [`DEFAULT_SPIN_COUNT`] when none is set, else
+/// nothing (the user's setting stands).
+pub fn spin_count_to_set(mut vars: impl Iterator<Item = (OsString, OsString)>) -> Option<&'static str> {
+    if vars.any(|(k, _)| k == "GOMP_SPINCOUNT") {
+        None
+    } else {
+        Some(DEFAULT_SPIN_COUNT)
+    }
+}
+
+/// Restarts the running program (same executable, arguments and process id: `exec`) with `GOMP_SPINCOUNT` set
+/// to [`DEFAULT_SPIN_COUNT`] when the environment has none; returns at once otherwise, and also when it cannot
+/// restart (with a warning: the program then runs with libgomp's setting).
+pub fn restart_with_short_spin() {
+    let Some(spin) = spin_count_to_set(std::env::vars_os()) else {
+        return;
+    };
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let mut args = std::env::args_os();
+        let argv0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+        let err = std::process::Command::new(&exe).arg0(argv0).args(args).env("GOMP_SPINCOUNT", spin).exec();
+        eprintln!(
+            "darts: could not restart with GOMP_SPINCOUNT={spin} ({err}); OpenMP's threads sleep between kernels"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Iterator<Item = (OsString, OsString)> {
+        pairs.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn a_users_spin_count_stands_and_none_gets_the_default() {
+        assert_eq!(spin_count_to_set(env(&[("OMP_WAIT_POLICY", "PASSIVE")])), Some(DEFAULT_SPIN_COUNT));
+        assert_eq!(spin_count_to_set(env(&[])), Some(DEFAULT_SPIN_COUNT));
+        assert_eq!(spin_count_to_set(env(&[("GOMP_SPINCOUNT", "0"), ("OMP_WAIT_POLICY", "PASSIVE")])), None);
+        assert_eq!(spin_count_to_set(env(&[("GOMP_SPINCOUNT", "")])), None);
+    }
+}
