@@ -6,8 +6,8 @@
 //! parking threads, and the step ran at half the speed it has when the workers spin briefly first. libgomp's
 //! `GOMP_SPINCOUNT` bounds that spin (PASSIVE means 0; libgomp's own default without any setting is 300,000,
 //! which is what collapses when cores are shared). libgomp reads it once, when it loads, before `main`, so the
-//! `darts` program restarts itself once with a short spin set ([`DEFAULT_SPIN_COUNT`]) when the user set none;
-//! `GOMP_SPINCOUNT=0` restores sleeping at once.
+//! `darts` program restarts itself once with a short spin set ([`DEFAULT_SPIN_COUNT`]) when the user set none
+//! (and did not ask for `OMP_WAIT_POLICY=ACTIVE`); `GOMP_SPINCOUNT=0` restores sleeping at once.
 use std::ffi::OsString;
 
 /// The spin darts sets: 10,000 of libgomp's spin iterations (well under a millisecond), measured as fast as
@@ -15,13 +15,18 @@ use std::ffi::OsString;
 pub const DEFAULT_SPIN_COUNT: &str = "10000";
 
 /// The `GOMP_SPINCOUNT` to restart with, given the environment: [`DEFAULT_SPIN_COUNT`] when none is set, else
-/// nothing (the user's setting stands).
-pub fn spin_count_to_set(mut vars: impl Iterator<Item = (OsString, OsString)>) -> Option<&'static str> {
-    if vars.any(|(k, _)| k == "GOMP_SPINCOUNT") {
-        None
-    } else {
-        Some(DEFAULT_SPIN_COUNT)
+/// nothing (the user's setting stands); nothing either under `OMP_WAIT_POLICY=ACTIVE` (threads that never
+/// sleep: the user's choice).
+pub fn spin_count_to_set(vars: impl Iterator<Item = (OsString, OsString)>) -> Option<&'static str> {
+    let mut set = Some(DEFAULT_SPIN_COUNT);
+    for (k, v) in vars {
+        if k == "GOMP_SPINCOUNT"
+            || (k == "OMP_WAIT_POLICY" && v.to_string_lossy().trim().eq_ignore_ascii_case("active"))
+        {
+            set = None;
+        }
     }
+    set
 }
 
 /// Restarts the running program (same executable, arguments and process id: `exec`) with `GOMP_SPINCOUNT` set
@@ -60,5 +65,6 @@ mod tests {
         assert_eq!(spin_count_to_set(env(&[])), Some(DEFAULT_SPIN_COUNT));
         assert_eq!(spin_count_to_set(env(&[("GOMP_SPINCOUNT", "0"), ("OMP_WAIT_POLICY", "PASSIVE")])), None);
         assert_eq!(spin_count_to_set(env(&[("GOMP_SPINCOUNT", "")])), None);
+        assert_eq!(spin_count_to_set(env(&[("OMP_WAIT_POLICY", "active")])), None);
     }
 }
