@@ -325,36 +325,66 @@ DARTS_SIMD double simd_dot(const T* __restrict__ a, const T* __restrict__ b, int
 }
 
 // Over n values of period P (the constants qa, qb repeat every P values; the accumulators p1, p2 hold P):
-// p1[j] += a[i] - qa[j] and p2[j] += (a[i] - qa[j]) * (b[i] - qb[j]) with j = i mod P, in float64.
+// p1[j] += a[i] - qa[j] and p2[j] += (a[i] - qa[j]) * (b[i] - qb[j]) with j = i mod P, in float64. With a mask m
+// (not null), a[i] counts only where m[i] > 0 (a ReLU's gradient: m is its output) and is 0 elsewhere.
 template <typename T>
-DARTS_SIMD void simd_shifted_sums(const T* __restrict__ a, const T* __restrict__ b, const double* __restrict__ qa,
-                                  const double* __restrict__ qb, double* __restrict__ p1, double* __restrict__ p2,
-                                  int64_t period, int64_t n) {
+DARTS_SIMD void simd_shifted_sums(const T* __restrict__ a, const T* __restrict__ m, const T* __restrict__ b,
+                                  const double* __restrict__ qa, const double* __restrict__ qb,
+                                  double* __restrict__ p1, double* __restrict__ p2, int64_t period, int64_t n) {
   for (int64_t i0 = 0; i0 < n; i0 += period) {
     const int64_t len = std::min(period, n - i0);
     const T* __restrict__ xa = a + i0;
     const T* __restrict__ xb = b + i0;
-    for (int64_t j = 0; j < len; j++) {
-      const double da = static_cast<double>(xa[j]) - qa[j];
-      const double db = static_cast<double>(xb[j]) - qb[j];
-      p1[j] += da;
-      p2[j] += da * db;
+    if (m != nullptr) {
+      // The masked values first, in T (a select in one width vectorises; mixed with the conversions it did not).
+      const T* __restrict__ xm = m + i0;
+      T av[256];
+      for (int64_t s0 = 0; s0 < len; s0 += 256) {
+        const int64_t sl = std::min<int64_t>(256, len - s0);
+        for (int64_t j = 0; j < sl; j++) {
+          const T va = xa[s0 + j], vm = xm[s0 + j];
+          av[j] = vm > T(0) ? va : T(0);
+        }
+        for (int64_t j = 0; j < sl; j++) {
+          const double da = static_cast<double>(av[j]) - qa[s0 + j];
+          const double db = static_cast<double>(xb[s0 + j]) - qb[s0 + j];
+          p1[s0 + j] += da;
+          p2[s0 + j] += da * db;
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < len; j++) {
+        const double da = static_cast<double>(xa[j]) - qa[j];
+        const double db = static_cast<double>(xb[j]) - qb[j];
+        p1[j] += da;
+        p2[j] += da * db;
+      }
     }
   }
 }
 
 // Over n values of period P (p, q, r repeat every P values): o = a * p + r, or with b: o = a * p + b * q + r.
+// With a mask m (not null), a[i] counts only where m[i] > 0; with relu, o = max(0, ...).
 template <typename T>
-DARTS_SIMD void simd_affine(T* __restrict__ o, const T* __restrict__ a, const T* __restrict__ b,
-                            const T* __restrict__ p, const T* __restrict__ q, const T* __restrict__ r, int64_t period,
-                            int64_t n) {
+DARTS_SIMD void simd_affine(T* __restrict__ o, const T* __restrict__ a, const T* __restrict__ m,
+                            const T* __restrict__ b, const T* __restrict__ p, const T* __restrict__ q,
+                            const T* __restrict__ r, bool relu, int64_t period, int64_t n) {
   for (int64_t i0 = 0; i0 < n; i0 += period) {
     const int64_t len = std::min(period, n - i0);
     T* __restrict__ oo = o + i0;
     const T* __restrict__ xa = a + i0;
-    if (b != nullptr) {
+    if (m != nullptr && b != nullptr) {
+      const T* __restrict__ xm = m + i0;
+      const T* __restrict__ xb = b + i0;
+      for (int64_t j = 0; j < len; j++) {
+        const T va = xa[j], vm = xm[j];
+        oo[j] = (vm > T(0) ? va : T(0)) * p[j] + xb[j] * q[j] + r[j];
+      }
+    } else if (b != nullptr) {
       const T* __restrict__ xb = b + i0;
       for (int64_t j = 0; j < len; j++) oo[j] = xa[j] * p[j] + xb[j] * q[j] + r[j];
+    } else if (relu) {
+      for (int64_t j = 0; j < len; j++) oo[j] = std::max(T(0), xa[j] * p[j] + r[j]);
     } else {
       for (int64_t j = 0; j < len; j++) oo[j] = xa[j] * p[j] + r[j];
     }
@@ -550,7 +580,8 @@ bool bn_vector_ok(const at::Tensor& t, const at::Tensor& x) {
 // (with b = a: the shifted sum and sum of squares). Blocks of rows (channels-last) or planes (NCHW) in a fixed
 // order.
 template <typename T>
-void bn_sums(const T* a, const T* b, const double* sa, const double* sb, const BnView& v, double* s1, double* s2) {
+void bn_sums(const T* a, const T* mask, const T* b, const double* sa, const double* sb, const BnView& v, double* s1,
+             double* s2) {
   const int64_t C = v.c;
   if (v.channels_last) {
     const int64_t P = v.width(), br = v.block_rows(), blocks = v.blocks(), rows = v.rows();
@@ -570,7 +601,8 @@ void bn_sums(const T* a, const T* b, const double* sa, const double* sb, const B
         double* __restrict__ p2 = acc2.data();
         const double* __restrict__ qa = ra.data();
         const double* __restrict__ qb = rb.data();
-        simd_shifted_sums<T>(a + r0 * C, b + r0 * C, qa, qb, p1, p2, P, (r1 - r0) * C);
+        simd_shifted_sums<T>(a + r0 * C, mask != nullptr ? mask + r0 * C : nullptr, b + r0 * C, qa, qb, p1, p2, P,
+                             (r1 - r0) * C);
         double* out = part.data() + blk * 2 * C;
         for (int64_t j = 0; j < P; j++) {
           out[j % C] += p1[j];
@@ -598,7 +630,7 @@ void bn_sums(const T* a, const T* b, const double* sa, const double* sb, const B
         double qa[16], qb[16], p1[16] = {0.0}, p2[16] = {0.0};
         std::fill(qa, qa + 16, ca);
         std::fill(qb, qb + 16, cb);
-        simd_shifted_sums<T>(a + q * hw, b + q * hw, qa, qb, p1, p2, 16, hw);
+        simd_shifted_sums<T>(a + q * hw, mask != nullptr ? mask + q * hw : nullptr, b + q * hw, qa, qb, p1, p2, 16, hw);
         double t1 = 0.0, t2 = 0.0;
         for (int l = 0; l < 16; l++) {
           t1 += p1[l];
@@ -622,7 +654,8 @@ void bn_sums(const T* a, const T* b, const double* sa, const double* sb, const B
 
 // out = a * p[c] + b * q[c] + r[c] per channel (b may be null: then out = a * p[c] + r[c]).
 template <typename T>
-void bn_affine(const T* a, const T* b, const double* p, const double* q, const double* r, const BnView& v, T* out) {
+void bn_affine(const T* a, const T* mask, const T* b, const double* p, const double* q, const double* r, bool relu,
+               const BnView& v, T* out) {
   const int64_t C = v.c;
   if (v.channels_last) {
     const int64_t k = v.group(), P = v.width(), rows = v.rows();
@@ -638,7 +671,8 @@ void bn_affine(const T* a, const T* b, const double* p, const double* q, const d
       const T* __restrict__ pq = rq.data();
       const T* __restrict__ pr = rr.data();
       const int64_t len = std::min(rows, g1 * k) * C - g0 * P;
-      simd_affine<T>(out + g0 * P, a + g0 * P, b != nullptr ? b + g0 * P : nullptr, pp, pq, pr, P, len);
+      simd_affine<T>(out + g0 * P, a + g0 * P, mask != nullptr ? mask + g0 * P : nullptr,
+                     b != nullptr ? b + g0 * P : nullptr, pp, pq, pr, relu, P, len);
     });
   } else {
     const int64_t planes = v.n * C, hw = v.hw;
@@ -649,7 +683,8 @@ void bn_affine(const T* a, const T* b, const double* p, const double* q, const d
         std::fill(pc, pc + 16, static_cast<T>(p[c]));
         std::fill(qc, qc + 16, static_cast<T>(b != nullptr ? q[c] : 0.0));
         std::fill(rc, rc + 16, static_cast<T>(r[c]));
-        simd_affine<T>(out + s * hw, a + s * hw, b != nullptr ? b + s * hw : nullptr, pc, qc, rc, 16, hw);
+        simd_affine<T>(out + s * hw, a + s * hw, mask != nullptr ? mask + s * hw : nullptr,
+                       b != nullptr ? b + s * hw : nullptr, pc, qc, rc, relu, 16, hw);
       }
     });
   }
@@ -670,7 +705,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   // indices of needs_input_grad are x 0, weight 1, bias 2 with them and x 0 without).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& weight_arg, const std::optional<at::Tensor>& bias_arg,
-                            const at::Tensor& mean, const at::Tensor& invstd, double eps) {
+                            const at::Tensor& mean, const at::Tensor& invstd, double eps, bool relu) {
     const at::Tensor weight = weight_arg.value_or(at::Tensor());
     const at::Tensor bias = bias_arg.value_or(at::Tensor());
     BnView v;
@@ -686,10 +721,11 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
         scale[c] = is[c] * (w != nullptr ? static_cast<double>(w[c]) : 1.0);
         shift[c] = (b != nullptr ? static_cast<double>(b[c]) : 0.0) - m[c] * scale[c];
       }
-      bn_affine<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, scale.data(), nullptr, shift.data(), v,
-                          out.mutable_data_ptr<scalar_t>());
+      bn_affine<scalar_t>(x.const_data_ptr<scalar_t>(), nullptr, nullptr, scale.data(), nullptr, shift.data(), relu,
+                          v, out.mutable_data_ptr<scalar_t>());
     });
-    ctx->save_for_backward({x, weight, mean, invstd});
+    // With the ReLU, its output is the mask of the backward pass (the gradient passes where it is positive).
+    ctx->save_for_backward({x, weight, mean, invstd, relu ? out : at::Tensor()});
     ctx->saved_data["eps"] = eps;
     return out;
   }
@@ -699,7 +735,8 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& w = saved[1];
-    torch::autograd::variable_list out(6);
+    const at::Tensor& y = saved[4];  // the output, where the ReLU was fused; else undefined
+    torch::autograd::variable_list out(7);
     at::Tensor g = grads[0];
     if (!g.defined()) return out;
     const bool want_x = ctx->needs_input_grad(0);
@@ -710,6 +747,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
       // operators, the statistics recomputed from x so that their dependence on it is differentiated too.
       const double eps = ctx->saved_data["eps"].toDouble();
       const std::vector<int64_t> dims{0, 2, 3};
+      if (y.defined()) g = g * (y > 0);
       at::Tensor xmu = x - x.mean(dims, true);
       at::Tensor inv = ((xmu * xmu).mean(dims, true) + eps).rsqrt();
       at::Tensor xhat = xmu * inv;
@@ -735,7 +773,8 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
       const scalar_t* gp = g.const_data_ptr<scalar_t>();
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       // sum_g = sum(g), sum_gx = sum(g * (x - mean)).
-      bn_sums<scalar_t>(gp, xp, zero.data(), m, v, sum_g.data(), sum_gx.data());
+      const scalar_t* mp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
+      bn_sums<scalar_t>(gp, mp, xp, zero.data(), m, v, sum_g.data(), sum_gx.data());
       const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
       if (want_x) {
         // gx = (g - sum_g / n - (x - mean) * invstd^2 * sum_gx / n) * invstd * w = g * p + x * q + r.
@@ -747,7 +786,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
           r[c] = -p[c] * sum_g[c] / cnt - q[c] * m[c];
         }
         at::Tensor gx = at::empty_like(x);
-        bn_affine<scalar_t>(gp, xp, p.data(), q.data(), r.data(), v, gx.mutable_data_ptr<scalar_t>());
+        bn_affine<scalar_t>(gp, mp, xp, p.data(), q.data(), r.data(), false, v, gx.mutable_data_ptr<scalar_t>());
         out[0] = gx;
       }
       if (want_w) {
@@ -773,12 +812,13 @@ extern "C" {
 // `*out` = the training-mode BatchNorm of the 4-d `x` over its batch statistics, `weight` and `bias` (both null
 // for an affine-free BN), as one autograd node (gradients for x, weight and bias); `running_mean` and
 // `running_var` are updated in place as PyTorch's BatchNorm2d does (`momentum` times the batch's mean and
-// unbiased variance plus `1 - momentum` times the old value). Returns 0, 1 where the fused kernel does not
+// unbiased variance plus `1 - momentum` times the old value). With `relu`, `*out` is ReLU of that, in the same
+// sweep (and the backward masks the gradient by it in its own sweeps). Returns 0, 1 where the fused kernel does not
 // apply (not on the CPU, not float32/float64, not NCHW or channels-last dense, a single value per channel,
 // parameters of another dtype: nothing touched, use ATen's batch_norm), or -1.
 int darts_batch_norm(const at::Tensor* x, const at::Tensor* weight, const at::Tensor* bias,
                      const at::Tensor* running_mean, const at::Tensor* running_var, double momentum, double eps,
-                     at::Tensor** out) {
+                     int relu, at::Tensor** out) {
   return guarded([&] {
     BnView v;
     if (!bn_view(*x, &v)) return 1;
@@ -791,7 +831,7 @@ int darts_batch_norm(const at::Tensor* x, const at::Tensor* weight, const at::Te
     AT_DISPATCH_FLOATING_TYPES(x->scalar_type(), "darts_batch_norm_stats", [&] {
       const scalar_t* xp = x->const_data_ptr<scalar_t>();
       std::vector<double> first = bn_first<scalar_t>(xp, v), s1(v.c), s2(v.c);
-      bn_sums<scalar_t>(xp, xp, first.data(), first.data(), v, s1.data(), s2.data());
+      bn_sums<scalar_t>(xp, nullptr, xp, first.data(), first.data(), v, s1.data(), s2.data());
       double* m = mean.mutable_data_ptr<double>();
       double* is = invstd.mutable_data_ptr<double>();
       scalar_t* rm = running_mean->mutable_data_ptr<scalar_t>();
@@ -810,7 +850,7 @@ int darts_batch_norm(const at::Tensor* x, const at::Tensor* weight, const at::Te
       w = *weight;
       b = *bias;
     }
-    *out = new at::Tensor(BatchNormTrain::apply(*x, w, b, mean, invstd, eps));
+    *out = new at::Tensor(BatchNormTrain::apply(*x, w, b, mean, invstd, eps, relu != 0));
     return 0;
   });
 }

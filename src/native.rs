@@ -61,6 +61,7 @@ extern "C" {
         running_var: *const c_void,
         momentum: f64,
         eps: f64,
+        relu: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
     fn darts_count_aten_start(by_name: c_int) -> c_int;
@@ -225,6 +226,36 @@ pub fn batch_norm(
     momentum: f64,
     eps: f64,
 ) -> Tensor {
+    batch_norm_with(x, weight, bias, running_mean, running_var, momentum, eps, false)
+}
+
+/// `relu(`[`batch_norm`]`(...))` (the BN inside a separable convolution, which the next block's ReLU follows),
+/// with the ReLU in the kernel's normalising sweep and its gradient's mask in the backward's two sweeps: one
+/// activation and two sweeps fewer than the two operators. Elsewhere [`batch_norm_ops`] and `relu`.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_relu(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> Tensor {
+    batch_norm_with(x, weight, bias, running_mean, running_var, momentum, eps, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_with(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+    relu: bool,
+) -> Tensor {
     let ptr = |t: Option<&Tensor>| t.map_or(std::ptr::null(), |t| t.as_ptr().cast::<c_void>());
     let mut out: *mut c_void = std::ptr::null_mut();
     // SAFETY: every pointer is a live tensor or null (tch's C_tensor is libtorch's at::Tensor*); the shim reads
@@ -239,13 +270,21 @@ pub fn batch_norm(
             running_var.as_ptr().cast(),
             momentum,
             eps,
+            c_int::from(relu),
             &mut out,
         )
     };
     match rc {
         // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
         0 if !out.is_null() => unsafe { Tensor::from_ptr(out.cast()) },
-        1 => batch_norm_ops(x, weight, bias, running_mean, running_var, momentum, eps),
+        1 => {
+            let y = batch_norm_ops(x, weight, bias, running_mean, running_var, momentum, eps);
+            if relu {
+                y.relu()
+            } else {
+                y
+            }
+        }
         _ => panic!("the fused batch norm failed: {}", last_error()),
     }
 }

@@ -217,6 +217,25 @@ impl Bn {
         }
     }
 
+    /// `relu(self.forward_t(x, train))`, the ReLU fused into the BN's kernel in training mode on 4-d inputs
+    /// ([`crate::native::batch_norm_relu`]).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Tensor {
+        if !self.folded && train && x.dim() == 4 {
+            let bn = &self.bn;
+            crate::native::batch_norm_relu(
+                x,
+                bn.ws.as_ref(),
+                bn.bs.as_ref(),
+                &bn.running_mean,
+                &bn.running_var,
+                BN_MOMENTUM,
+                BN_EPS,
+            )
+        } else {
+            self.forward_t(x, train).relu()
+        }
+    }
+
     /// Whether it was folded into a convolution.
     pub fn is_folded(&self) -> bool {
         self.folded
@@ -593,15 +612,19 @@ impl Op {
 }
 
 /// A chain of (activation, convolutions, BN) blocks on `y`, the first block's activation already applied.
+/// A BN that the next block's ReLU follows is computed with it ([`Bn::forward_relu_t`]).
 fn convs_forward(act: Activation, blocks: &[(Vec<Conv>, Bn)], mut y: Tensor, train: bool) -> Tensor {
+    let mut activated = true;
     for (i, (convs, bn)) in blocks.iter().enumerate() {
-        if i > 0 {
+        if !activated {
             y = act.apply(&y);
         }
         for conv in convs {
             y = conv.forward(&y);
         }
-        y = bn.forward_t(&y, train);
+        let relu_next = act == Activation::Relu && i + 1 < blocks.len();
+        y = if relu_next { bn.forward_relu_t(&y, train) } else { bn.forward_t(&y, train) };
+        activated = relu_next;
     }
     y
 }

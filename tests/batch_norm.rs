@@ -1,7 +1,8 @@
 //! The fused training-mode BatchNorm (the shim's kernel) against values worked from BatchNorm's definition, against
 //! central differences, and against ATen's `batch_norm`: output, running statistics, every gradient, both layouts,
-//! any number of threads, inputs the kernel does not take, and a gradient of a gradient.
-use darts::native::{batch_norm, batch_norm_ops};
+//! any number of threads, inputs the kernel does not take, and a gradient of a gradient; the BN with its ReLU
+//! fused against ATen's BN followed by `relu`.
+use darts::native::{batch_norm, batch_norm_ops, batch_norm_relu};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -217,6 +218,78 @@ fn a_gradient_of_the_gradient() {
     };
     let fused = second(&|rm, rv| batch_norm(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS));
     let aten = second(&|rm, rv| batch_norm_ops(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS));
+    for (i, (p, q)) in fused.iter().zip(&aten).enumerate() {
+        assert!(max_diff(p, q) < 1e-10, "second-order gradient {i}: {}", max_diff(p, q));
+    }
+}
+
+/// The BN with the ReLU fused against ATen's BN then `relu`: output (exact zeros where negative), running
+/// statistics and every gradient, NCHW and channels-last, float64 and float32, affine or not; one thread against
+/// two; and the gradient of its gradient against ATen's.
+#[test]
+fn with_its_relu_equals_aten_then_relu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(9);
+    for kind in [Kind::Double, Kind::Float] {
+        for channels_last in [false, true] {
+            for (shape, affine) in [([4, 3, 17, 19], true), ([8, 16, 16, 16], false)] {
+                let lay = |t: Tensor| if channels_last { darts::channels_last(&t) } else { t };
+                let c = shape[1];
+                let x = leaf(lay(Tensor::randn(shape, (kind, Device::Cpu))));
+                let w = leaf(Tensor::randn([c], (kind, Device::Cpu)));
+                let b = leaf(Tensor::randn([c], (kind, Device::Cpu)));
+                let coef = lay(Tensor::randn(shape, (kind, Device::Cpu)));
+                let (wo, bo) = if affine { (Some(&w), Some(&b)) } else { (None, None) };
+                let mut wrt = vec![&x];
+                if affine {
+                    wrt.extend([&w, &b]);
+                }
+                let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+                    let (rm, rv) = running(c, kind);
+                    let y = f(&rm, &rv);
+                    let g = Tensor::run_backward(&[(&y * &coef).sum(kind)], &wrt, false, false);
+                    (y, rm, rv, g)
+                };
+                let fused = |rm: &Tensor, rv: &Tensor| batch_norm_relu(&x, wo, bo, rm, rv, MOMENTUM, EPS);
+                let aten = |rm: &Tensor, rv: &Tensor| batch_norm_ops(&x, wo, bo, rm, rv, MOMENTUM, EPS).relu();
+                let (yf, rmf, rvf, gf) = run(&fused);
+                let (ya, rma, rva, ga) = run(&aten);
+                let at = format!("{kind:?} cl={channels_last} {shape:?} affine={affine}");
+                let tol = if kind == Kind::Double { 1e-10 } else { 2e-4 };
+                assert_eq!(yf.stride(), x.stride(), "{at}: the output keeps the input's layout");
+                assert!(max_diff(&yf, &ya) <= tol, "{at}: y {}", max_diff(&yf, &ya));
+                assert!(values(&yf.min())[0] == 0.0, "{at}: the ReLU's zeros");
+                assert!(max_diff(&rmf, &rma) <= tol && max_diff(&rvf, &rva) <= tol, "{at}: running statistics");
+                for (i, (p, q)) in gf.iter().zip(&ga).enumerate() {
+                    let scale = values(&q.abs().max())[0].max(1.0);
+                    assert!(max_diff(p, q) <= tol * scale, "{at}: gradient {i}: {}", max_diff(p, q));
+                }
+                let before = tch::get_num_threads();
+                tch::set_num_threads(1);
+                let (y1, _, _, g1) = run(&fused);
+                tch::set_num_threads(2);
+                let (y2, _, _, g2) = run(&fused);
+                tch::set_num_threads(before);
+                assert!(y1.equal(&y2), "{at}: differs between 1 and 2 threads");
+                for (p, q) in g1.iter().zip(&g2) {
+                    assert!(p.equal(q), "{at}: a gradient differs between one and two threads");
+                }
+            }
+        }
+    }
+    let opts = (Kind::Double, Device::Cpu);
+    let x = leaf(darts::channels_last(&Tensor::randn([3, 4, 3, 3], opts)));
+    let w = leaf(Tensor::randn([4], opts));
+    let b = leaf(Tensor::randn([4], opts));
+    let (c, c2) = (Tensor::randn([3, 4, 3, 3], opts), Tensor::randn([3, 4, 3, 3], opts));
+    let second = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        let (rm, rv) = running(4, Kind::Double);
+        let y = f(&rm, &rv);
+        let g = Tensor::run_backward(&[(&y * &c).sum(Kind::Double)], &[&x], true, true);
+        Tensor::run_backward(&[(&g[0] * &c2).sum(Kind::Double)], &[&x, &w], false, true)
+    };
+    let fused = second(&|rm, rv| batch_norm_relu(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS));
+    let aten = second(&|rm, rv| batch_norm_ops(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS).relu());
     for (i, (p, q)) in fused.iter().zip(&aten).enumerate() {
         assert!(max_diff(p, q) < 1e-10, "second-order gradient {i}: {}", max_diff(p, q));
     }
