@@ -363,8 +363,9 @@ DARTS_SIMD void simd_shifted_sums(const T* __restrict__ a, const T* __restrict__
   }
 }
 
-// Over n values of period P (p, q, r repeat every P values): o = a * p + r, or with b: o = a * p + b * q + r.
-// With a mask m (not null), a[i] counts only where m[i] > 0; with relu, o = max(0, ...).
+// Over n values of period P (p, q, r repeat every P values): o = a * p + r (with relu: max(0, a * p + r)), or
+// with b: o = a * p + b * q + r, where with a mask m (not null) a[i] counts only where m[i] > 0. (The mask is
+// read only with b, relu only without: the BN's backward and forward.)
 template <typename T>
 DARTS_SIMD void simd_affine(T* __restrict__ o, const T* __restrict__ a, const T* __restrict__ m,
                             const T* __restrict__ b, const T* __restrict__ p, const T* __restrict__ q,
@@ -390,9 +391,7 @@ DARTS_SIMD void simd_affine(T* __restrict__ o, const T* __restrict__ a, const T*
     }
   }
 }
-}  // namespace
 
-namespace {
 constexpr int64_t kMixedBlock = 16384;
 
 bool mixed_sum_fusable(const at::Tensor& w, at::TensorList ys) {
@@ -533,7 +532,7 @@ int darts_mixed_sum(const at::Tensor* w, const at::Tensor* const* ys, int n, at:
 // cost, and BatchNorm's backward was the largest single kernel of a search step (18% of it). Here each sweep
 // runs over groups of rows at least 64 values wide with the per-channel constants repeated across the group, so
 // the inner loops are long and vectorise. Statistics and gradient sums accumulate in float64 per fixed block of
-// rows (each block shifted by the channel's first value) and the blocks are summed in order: the result does
+// rows (the statistics shifted by each channel's first value) and the blocks are summed in order: the result does
 // not depend on the number of threads. CPU, float32 or float64, NCHW or channels-last dense; darts_batch_norm
 // answers 1 for anything else and darts uses ATen's batch_norm.
 
@@ -652,7 +651,8 @@ void bn_sums(const T* a, const T* mask, const T* b, const double* sa, const doub
   }
 }
 
-// out = a * p[c] + b * q[c] + r[c] per channel (b may be null: then out = a * p[c] + r[c]).
+// out = a * p[c] + b * q[c] + r[c] per channel, a masked by `mask` where given (see simd_affine); b may be
+// null: then out = a * p[c] + r[c], or max(0, that) with relu.
 template <typename T>
 void bn_affine(const T* a, const T* mask, const T* b, const double* p, const double* q, const double* r, bool relu,
                const BnView& v, T* out) {

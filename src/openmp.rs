@@ -1,8 +1,8 @@
 //! How long libtorch's OpenMP threads wait for the next parallel kernel before they sleep.
 //!
 //! A search step runs tens of thousands of small parallel kernels. With `OMP_WAIT_POLICY=PASSIVE` (what this
-//! project's machines need, and what libgomp does under any sleep-first policy) each worker sleeps in the kernel
-//! after every kernel and is woken by a futex for the next: `perf` put 18% of a search step in waking and
+//! project's machines need) each worker sleeps in the kernel after every kernel and is woken by a futex for the
+//! next: `perf` put 18% of a search step in waking and
 //! parking threads, and the step ran at half the speed it has when the workers spin briefly first. libgomp's
 //! `GOMP_SPINCOUNT` bounds that spin (PASSIVE means 0; libgomp's own default without any setting is 300,000,
 //! which is what collapses when cores are shared). libgomp reads it once, when it loads, before `main`, so the
@@ -10,7 +10,7 @@
 //! (and did not ask for `OMP_WAIT_POLICY=ACTIVE`); `GOMP_SPINCOUNT=0` restores sleeping at once.
 use std::ffi::OsString;
 
-/// The spin darts sets: 10,000 of libgomp's spin iterations (well under a millisecond), measured as fast as
+/// The spin darts sets: 10,000 of libgomp's spin iterations (under a millisecond), measured as fast as
 /// 30,000 and 100,000 on a search step and the final network's step (2 threads, `darts bench --one`).
 pub const DEFAULT_SPIN_COUNT: &str = "10000";
 

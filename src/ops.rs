@@ -180,6 +180,9 @@ pub const BN_EPS: f64 = 1e-5;
 /// BatchNorm's running-statistics momentum in every darts network (PyTorch's default).
 pub const BN_MOMENTUM: f64 = 0.1;
 
+/// The signature of the shim's training-mode BNs ([`crate::native::batch_norm`], [`crate::native::batch_norm_relu`]).
+type BnKernel = fn(&Tensor, Option<&Tensor>, Option<&Tensor>, &Tensor, &Tensor, f64, f64) -> Tensor;
+
 /// A BatchNorm (tch's, whose fields it derefs to) that inference may fold into the convolution before it: then it
 /// is the identity, and the convolution carries its scale and shift.
 #[derive(Debug)]
@@ -202,16 +205,7 @@ impl Bn {
         if self.folded {
             x.shallow_clone()
         } else if train && x.dim() == 4 {
-            let bn = &self.bn;
-            crate::native::batch_norm(
-                x,
-                bn.ws.as_ref(),
-                bn.bs.as_ref(),
-                &bn.running_mean,
-                &bn.running_var,
-                BN_MOMENTUM,
-                BN_EPS,
-            )
+            self.fused(x, crate::native::batch_norm)
         } else {
             self.bn.forward_t(x, train)
         }
@@ -221,19 +215,16 @@ impl Bn {
     /// ([`crate::native::batch_norm_relu`]).
     pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Tensor {
         if !self.folded && train && x.dim() == 4 {
-            let bn = &self.bn;
-            crate::native::batch_norm_relu(
-                x,
-                bn.ws.as_ref(),
-                bn.bs.as_ref(),
-                &bn.running_mean,
-                &bn.running_var,
-                BN_MOMENTUM,
-                BN_EPS,
-            )
+            self.fused(x, crate::native::batch_norm_relu)
         } else {
             self.forward_t(x, train).relu()
         }
+    }
+
+    /// `kernel` (one of the shim's training-mode BNs) with this BN's parameters and running statistics.
+    fn fused(&self, x: &Tensor, kernel: BnKernel) -> Tensor {
+        let bn = &self.bn;
+        kernel(x, bn.ws.as_ref(), bn.bs.as_ref(), &bn.running_mean, &bn.running_var, BN_MOMENTUM, BN_EPS)
     }
 
     /// Whether it was folded into a convolution.
