@@ -203,24 +203,10 @@ fn other_inputs_fall_back_to_aten() {
 fn a_gradient_of_the_gradient() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(7);
-    let opts = (Kind::Double, Device::Cpu);
-    let x = leaf(darts::channels_last(&Tensor::randn([3, 4, 3, 3], opts)));
-    let w = leaf(Tensor::randn([4], opts));
-    let b = leaf(Tensor::randn([4], opts));
-    let c = Tensor::randn([3, 4, 3, 3], opts);
-    let c2 = Tensor::randn([3, 4, 3, 3], opts);
-    let second = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
-        let (rm, rv) = running(4, Kind::Double);
-        let y = f(&rm, &rv);
-        let g = Tensor::run_backward(&[(&y * &c).sum(Kind::Double)], &[&x], true, true);
-        // (x's gradient does not depend on the bias.)
-        Tensor::run_backward(&[(&g[0] * &c2).sum(Kind::Double)], &[&x, &w], false, true)
-    };
-    let fused = second(&|rm, rv| batch_norm(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS));
-    let aten = second(&|rm, rv| batch_norm_ops(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS));
-    for (i, (p, q)) in fused.iter().zip(&aten).enumerate() {
-        assert!(max_diff(p, q) < 1e-10, "second-order gradient {i}: {}", max_diff(p, q));
-    }
+    second_order_gradients_agree(
+        &|x, w, b, rm, rv| batch_norm(x, Some(w), Some(b), rm, rv, MOMENTUM, EPS),
+        &|x, w, b, rm, rv| batch_norm_ops(x, Some(w), Some(b), rm, rv, MOMENTUM, EPS),
+    );
 }
 
 /// The BN with the ReLU fused against ATen's BN then `relu`: output (exact zeros where negative), running
@@ -277,20 +263,31 @@ fn with_its_relu_equals_aten_then_relu() {
             }
         }
     }
+    second_order_gradients_agree(
+        &|x, w, b, rm, rv| batch_norm_relu(x, Some(w), Some(b), rm, rv, MOMENTUM, EPS),
+        &|x, w, b, rm, rv| batch_norm_ops(x, Some(w), Some(b), rm, rv, MOMENTUM, EPS).relu(),
+    );
+}
+
+/// An affine BN (x, weight, bias, running mean, running variance) under test or as the reference.
+type AffineBn<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor) -> Tensor;
+
+/// The gradient, with respect to x and the weight, of <x's gradient, c2> (x's gradient taken with a graph: double
+/// backward) agrees between `fused` and `reference` on a random channels-last float64 input (x's gradient does
+/// not depend on the bias).
+fn second_order_gradients_agree(fused: AffineBn, reference: AffineBn) {
     let opts = (Kind::Double, Device::Cpu);
     let x = leaf(darts::channels_last(&Tensor::randn([3, 4, 3, 3], opts)));
     let w = leaf(Tensor::randn([4], opts));
     let b = leaf(Tensor::randn([4], opts));
     let (c, c2) = (Tensor::randn([3, 4, 3, 3], opts), Tensor::randn([3, 4, 3, 3], opts));
-    let second = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+    let second = |f: AffineBn| {
         let (rm, rv) = running(4, Kind::Double);
-        let y = f(&rm, &rv);
+        let y = f(&x, &w, &b, &rm, &rv);
         let g = Tensor::run_backward(&[(&y * &c).sum(Kind::Double)], &[&x], true, true);
         Tensor::run_backward(&[(&g[0] * &c2).sum(Kind::Double)], &[&x, &w], false, true)
     };
-    let fused = second(&|rm, rv| batch_norm_relu(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS));
-    let aten = second(&|rm, rv| batch_norm_ops(&x, Some(&w), Some(&b), rm, rv, MOMENTUM, EPS).relu());
-    for (i, (p, q)) in fused.iter().zip(&aten).enumerate() {
+    for (i, (p, q)) in second(fused).iter().zip(&second(reference)).enumerate() {
         assert!(max_diff(p, q) < 1e-10, "second-order gradient {i}: {}", max_diff(p, q));
     }
 }
