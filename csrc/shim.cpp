@@ -37,10 +37,20 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <exception>
 #include <string>
 #include <unordered_map>
 #include <vector>
+
+// The fused kernels' inner loops, compiled twice (AVX2 + FMA, and the baseline x86-64 that the rest of the shim
+// targets) and picked once at load time by the CPU (GCC's function multiversioning): libtorch does the same
+// with its own kernels, and the baseline alone (SSE2) ran these loops at a quarter of the width.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DARTS_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DARTS_SIMD
+#endif
 
 namespace {
 thread_local std::string last_error;
@@ -168,12 +178,97 @@ std::vector<at::Tensor> tensor_list(const at::Tensor* const* ts, int n) {
 }
 }  // namespace
 
+}  // extern "C"
+
+namespace {
+// One SGD step over n values in place: d = g + wd * p, b = m * b + d, p -= lr * b (PyTorch's order).
+template <typename T>
+DARTS_SIMD void simd_sgd(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ b, T lr, T m, T wd, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    const T d = g[i] + wd * p[i];
+    const T bi = b[i] * m + d;
+    b[i] = bi;
+    p[i] = p[i] - lr * bi;
+  }
+}
+
+// o = w * a.
+template <typename T>
+DARTS_SIMD void simd_scale(T* __restrict__ o, const T* __restrict__ a, T w, int64_t n) {
+  for (int64_t i = 0; i < n; i++) o[i] = w * a[i];
+}
+
+// o += w * a.
+template <typename T>
+DARTS_SIMD void simd_axpy(T* __restrict__ o, const T* __restrict__ a, T w, int64_t n) {
+  for (int64_t i = 0; i < n; i++) o[i] += w * a[i];
+}
+
+// <a, b> in float64, over 16 lanes added in a fixed order (the same bits wherever the loop runs).
+template <typename T>
+DARTS_SIMD double simd_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  double lane[16] = {0.0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int l = 0; l < 16; l++) lane[l] += static_cast<double>(a[i + l]) * static_cast<double>(b[i + l]);
+  }
+  double tail = 0.0;
+  for (; i < n; i++) tail += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  double s = 0.0;
+  for (int l = 0; l < 16; l++) s += lane[l];
+  return s + tail;
+}
+
+// o *= w, in place.
+template <typename T>
+DARTS_SIMD void simd_scale_in_place(T* o, T w, int64_t n) {
+  for (int64_t i = 0; i < n; i++) o[i] *= w;
+}
+
+// The sum of squares of n values in float64, over fixed blocks (in parallel) added in order: the same bits on
+// any number of threads.
+template <typename T>
+double blocked_sum_of_squares(const T* a, int64_t n) {
+  constexpr int64_t block = 16384;
+  const int64_t blocks = (n + block - 1) / block;
+  std::vector<double> part(blocks);
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) part[b] = simd_dot<T>(a + b * block, a + b * block, std::min(block, n - b * block));
+  });
+  double s = 0.0;
+  for (double v : part) s += v;
+  return s;
+}
+
+// Whether darts_clip_grad_norm's own sweeps take the gradients: all on the CPU, float32 or float64, dense.
+bool clip_own_kernel(const std::vector<at::Tensor>& gs) {
+  for (const auto& g : gs) {
+    if (!g.device().is_cpu() || (g.scalar_type() != at::kFloat && g.scalar_type() != at::kDouble)) return false;
+    if (!g.is_non_overlapping_and_dense()) return false;
+  }
+  return true;
+}
+
+// Whether darts_sgd_step's own loop takes a parameter: CPU, float32 or float64, the parameter, its gradient and
+// its buffer dense with the same strides (element i of each is the same entry).
+bool sgd_own_kernel(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b) {
+  if (!p.device().is_cpu() || !g.device().is_cpu() || !b.device().is_cpu()) return false;
+  if (p.scalar_type() != at::kFloat && p.scalar_type() != at::kDouble) return false;
+  if (g.scalar_type() != p.scalar_type() || b.scalar_type() != p.scalar_type()) return false;
+  if (!p.is_non_overlapping_and_dense() || g.strides() != p.strides() || b.strides() != p.strides()) return false;
+  return g.sizes() == p.sizes() && b.sizes() == p.sizes();
+}
+}  // namespace
+
+extern "C" {
+
 // SGD with momentum and L2 weight decay on `n` parameters in place: `buf = momentum * buf + (g + wd * p)`,
 // `p -= lr * buf`. On CUDA, parameters whose buffer shares their memory layout go through PyTorch's fused
-// kernel (`torch.optim.SGD(fused=True)`: one multi-tensor launch for all); on the CPU, where that kernel opens a
-// parallel region per tensor and measured 3x slower than separate operators on DARTS's many small tensors,
-// and for any other parameter, the three steps as operators with their scalar as `alpha` (four calls a tensor,
-// no scalar tensors). Returns 0, or -1.
+// kernel (`torch.optim.SGD(fused=True)`: one multi-tensor launch for all); on the CPU (where that kernel opens a
+// parallel region per tensor and measured 3x slower than separate operators on DARTS's many small tensors) one
+// loop of ours over each parameter's memory, no operator call (DARTS's supernet has ~900 weight tensors: that
+// was 3,600 operator calls a step); for any other parameter, the three steps as operators with their scalar as
+// `alpha` (four calls a tensor). Returns 0, or -1.
 int darts_sgd_step(const at::Tensor* const* params, const at::Tensor* const* grads, const at::Tensor* const* bufs,
                    int n, double lr, double momentum, double weight_decay) {
   return guarded([&] {
@@ -196,6 +291,17 @@ int darts_sgd_step(const at::Tensor* const* params, const at::Tensor* const* gra
         p.push_back(P);
         g.push_back(G);
         b.push_back(B);
+      } else if (sgd_own_kernel(P, G, B)) {
+        AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "darts_sgd_step", [&] {
+          scalar_t* p = P.mutable_data_ptr<scalar_t>();
+          scalar_t* b = B.mutable_data_ptr<scalar_t>();
+          const scalar_t* gp = G.const_data_ptr<scalar_t>();
+          const scalar_t l = static_cast<scalar_t>(lr), m = static_cast<scalar_t>(momentum),
+                         wd = static_cast<scalar_t>(weight_decay);
+          at::parallel_for(0, P.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+            simd_sgd<scalar_t>(p + i0, gp + i0, b + i0, l, m, wd, i1 - i0);
+          });
+        });
       } else {
         at::Tensor d = at::add(G, P, weight_decay);
         at::Tensor buf = B;
@@ -218,6 +324,32 @@ int darts_clip_grad_norm(const at::Tensor* const* grads, int n, double max_norm,
   return guarded([&] {
     at::NoGradGuard no_grad;
     auto gs = tensor_list(grads, n);
+    if (clip_own_kernel(gs)) {
+      // Our own sweeps (no operator call; ~900 tensors in DARTS's supernet made ~4,000 calls a step): each
+      // tensor's sum of squares in float64 over fixed blocks added in order (the same bits on any number of
+      // threads), the norm sqrt of their sum, then the scaling in place where it is below 1.
+      double sumsq = 0.0;
+      for (const auto& g : gs) {
+        AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "darts_clip_norm", [&] {
+          sumsq += blocked_sum_of_squares<scalar_t>(g.const_data_ptr<scalar_t>(), g.numel());
+        });
+      }
+      const double norm = std::sqrt(sumsq);
+      const double coef = std::min(1.0, max_norm / (static_cast<double>(static_cast<float>(norm)) + 1e-6));
+      if (coef < 1.0) {
+        for (auto& g : gs) {
+          AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "darts_clip_scale", [&] {
+            scalar_t* d = g.mutable_data_ptr<scalar_t>();
+            const scalar_t c = static_cast<scalar_t>(coef);
+            at::parallel_for(0, g.numel(), 1 << 16, [&](int64_t i0, int64_t i1) { simd_scale_in_place<scalar_t>(d + i0, c, i1 - i0); });
+          });
+        }
+      }
+      at::Tensor all = at::empty({}, at::dtype(at::kFloat));
+      *all.mutable_data_ptr<float>() = static_cast<float>(norm);
+      *total = new at::Tensor(std::move(all));
+      return 0;
+    }
     std::vector<at::Tensor> norms = at::_foreach_norm(gs, 2);
     for (auto& t : norms) {
       if (t.scalar_type() != at::kFloat) t = t.to(at::kFloat);
@@ -288,41 +420,6 @@ int darts_foreach_copy(const at::Tensor* const* dst, const at::Tensor* const* sr
 }  // extern "C"
 
 namespace {
-// The fused kernels' inner loops, compiled twice (AVX2 + FMA, and the baseline x86-64 that the rest of the shim
-// targets) and picked once at load time by the CPU (GCC's function multiversioning): libtorch does the same
-// with its own kernels, and the baseline alone (SSE2) ran these loops at a quarter of the width.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DARTS_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DARTS_SIMD
-#endif
-
-// o = w * a.
-template <typename T>
-DARTS_SIMD void simd_scale(T* __restrict__ o, const T* __restrict__ a, T w, int64_t n) {
-  for (int64_t i = 0; i < n; i++) o[i] = w * a[i];
-}
-
-// o += w * a.
-template <typename T>
-DARTS_SIMD void simd_axpy(T* __restrict__ o, const T* __restrict__ a, T w, int64_t n) {
-  for (int64_t i = 0; i < n; i++) o[i] += w * a[i];
-}
-
-// <a, b> in float64, over 16 lanes added in a fixed order (the same bits wherever the loop runs).
-template <typename T>
-DARTS_SIMD double simd_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  double lane[16] = {0.0};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int l = 0; l < 16; l++) lane[l] += static_cast<double>(a[i + l]) * static_cast<double>(b[i + l]);
-  }
-  double tail = 0.0;
-  for (; i < n; i++) tail += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  double s = 0.0;
-  for (int l = 0; l < 16; l++) s += lane[l];
-  return s + tail;
-}
 
 // Over n values of period P (the constants qa, qb repeat every P values; the accumulators p1, p2 hold P):
 // p1[j] += a[i] - qa[j] and p2[j] += (a[i] - qa[j]) * (b[i] - qb[j]) with j = i mod P, in float64. With a mask m
@@ -851,6 +948,582 @@ int darts_batch_norm(const at::Tensor* x, const at::Tensor* weight, const at::Te
       b = *bias;
     }
     *out = new at::Tensor(BatchNormTrain::apply(*x, w, b, mean, invstd, eps, relu != 0));
+    return 0;
+  });
+}
+
+}  // extern "C"
+
+// ---- Depthwise convolution (the sep and dil convs' per-channel k x k kernels) on channels-last tensors ----
+//
+// libtorch reaches a depthwise convolution through five operator entries each way (conv2d, convolution,
+// _convolution, mkldnn_convolution, their allocations and a weight reorder in the backward), and a dilated one
+// has no fast CPU backward at all (darts split it into four phase images, a dozen views and copies more). At
+// DARTS's widths (8 to 144 channels) those entries and reorders, not the multiply-adds, are the cost. Here one
+// autograd node: forward and input gradient as row sweeps over the channels-last memory (every tap of the kernel
+// one multiply-add of a contiguous run of pixels, C values each, against the tap's C weights), the weight
+// gradient per example in float64 and the examples added in order, so the result does not depend on the number
+// of threads. CPU, float32 or float64, channels-last dense input, weight [C, 1, kh, kw], no bias; darts_depthwise
+// answers 1 for anything else and darts calls ATen's conv2d.
+
+namespace {
+struct DwGeom {
+  int64_t n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// The output columns ow that tap column kx reads (input column ow * s + kx * d - p inside [0, w)): [lo, hi).
+inline void dw_cols(int64_t out_w, int64_t in_w, int64_t s, int64_t off, int64_t* lo, int64_t* hi) {
+  int64_t a = off >= 0 ? 0 : (-off + s - 1) / s;
+  int64_t b = in_w - 1 - off < 0 ? 0 : (in_w - 1 - off) / s + 1;
+  *lo = std::min(a, out_w);
+  *hi = std::min(out_w, b);
+}
+
+// For i < n: o[i * os + c] += w[c] * a[i * as + c], c < C.
+template <typename T>
+DARTS_SIMD void simd_tap(T* __restrict__ o, int64_t os, const T* __restrict__ a, int64_t as,
+                         const T* __restrict__ w, int64_t C, int64_t n) {
+  for (int64_t i = 0; i < n; i++) {
+    T* oi = o + i * os;
+    const T* ai = a + i * as;
+    for (int64_t c = 0; c < C; c++) oi[c] += w[c] * ai[c];
+  }
+}
+
+// Stride 1 along the row: o[j] += w[j mod R] * a[j] for j < n, w holding the C weights repeated to R >= 64
+// values, so that the loop runs over whole rows of pixels at full vector width however narrow C is.
+template <typename T>
+DARTS_SIMD void simd_tap_flat(T* __restrict__ o, const T* __restrict__ a, const T* __restrict__ w, int64_t R,
+                              int64_t n) {
+  int64_t j = 0;
+  for (; j + R <= n; j += R) {
+    for (int64_t r = 0; r < R; r++) o[j + r] += w[r] * a[j + r];
+  }
+  for (int64_t r = 0; j + r < n; r++) o[j + r] += w[r] * a[j + r];
+}
+
+// Vectors of L lanes of T (GCC's vector extension: registers in either clone, AVX in the x86-64-v3 one) for the
+// depthwise kernels, loaded and stored unaligned; L = 1 is T itself (the channels past the last whole vector).
+template <typename T, int L>
+struct Lanes {
+  typedef T type __attribute__((vector_size(L * sizeof(T))));
+};
+template <typename T>
+struct Lanes<T, 1> {
+  typedef T type;
+};
+template <typename V, typename T>
+inline V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Channels [cb, cb + L) of one output row of a depthwise convolution: o[ow * C + c] = sum over the taps t < nt
+// of w[t][c] * rows[t][(ow * s + off[t]) * C + c], the taps' input columns inside [0, in_w) for every ow in
+// [lo, hi) (others: dw_row_edge). Four pixels at a time, their sums in registers across all taps.
+template <typename T, int L>
+inline void dw_row_lanes(T* o, const T* const* rows, const int64_t* off, const T* const* w, int64_t nt, int64_t C,
+                         int64_t s, int64_t lo, int64_t hi, int64_t cb) {
+  typedef typename Lanes<T, L>::type V;
+  int64_t ow = lo;
+  for (; ow + 4 <= hi; ow += 4) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t t = 0; t < nt; t++) {
+      const V wv = vload<V>(w[t] + cb);
+      const T* xp = rows[t] + (ow * s + off[t]) * C + cb;
+      a0 += wv * vload<V>(xp);
+      a1 += wv * vload<V>(xp + s * C);
+      a2 += wv * vload<V>(xp + 2 * s * C);
+      a3 += wv * vload<V>(xp + 3 * s * C);
+    }
+    vstore(o + ow * C + cb, a0);
+    vstore(o + (ow + 1) * C + cb, a1);
+    vstore(o + (ow + 2) * C + cb, a2);
+    vstore(o + (ow + 3) * C + cb, a3);
+  }
+  for (; ow < hi; ow++) {
+    V a = {};
+    for (int64_t t = 0; t < nt; t++) a += vload<V>(w[t] + cb) * vload<V>(rows[t] + (ow * s + off[t]) * C + cb);
+    vstore(o + ow * C + cb, a);
+  }
+}
+
+// One output row of a depthwise convolution (see dw_row_lanes), every column: the interior by vectors of
+// channels, the columns where some tap leaves the image one at a time with the check.
+template <typename T>
+DARTS_SIMD void dw_row(T* __restrict__ o, const T* const* rows, const int64_t* off, const T* const* w, int64_t nt,
+                       int64_t C, int64_t out_w, int64_t s, int64_t in_w) {
+  constexpr int VL = 32 / sizeof(T), VH = 16 / sizeof(T);
+  int64_t lo = 0, hi = out_w;
+  for (int64_t t = 0; t < nt; t++) {
+    int64_t a, b;
+    dw_cols(out_w, in_w, s, off[t], &a, &b);
+    lo = std::max(lo, a);
+    hi = std::min(hi, b);
+  }
+  if (hi < lo) hi = lo;  // no column where every tap is inside (lo <= out_w: dw_cols clamps it)
+  auto checked = [&](int64_t ow) {
+    T* op = o + ow * C;
+    for (int64_t c = 0; c < C; c++) op[c] = T(0);
+    for (int64_t t = 0; t < nt; t++) {
+      const int64_t ix = ow * s + off[t];
+      if (ix < 0 || ix >= in_w) continue;
+      const T* xp = rows[t] + ix * C;
+      const T* wp = w[t];
+      for (int64_t c = 0; c < C; c++) op[c] += wp[c] * xp[c];
+    }
+  };
+  for (int64_t ow = 0; ow < lo; ow++) checked(ow);
+  int64_t cb = 0;
+  for (; cb + VL <= C; cb += VL) dw_row_lanes<T, VL>(o, rows, off, w, nt, C, s, lo, hi, cb);
+  for (; cb + VH <= C; cb += VH) dw_row_lanes<T, VH>(o, rows, off, w, nt, C, s, lo, hi, cb);
+  for (; cb < C; cb++) dw_row_lanes<T, 1>(o, rows, off, w, nt, C, s, lo, hi, cb);
+  for (int64_t ow = hi; ow < out_w; ow++) checked(ow);
+}
+
+// Channels [cb, cb + L) of the weight gradient's sums over one output row, taps [t0, t1) (at most 12: their
+// sums stay in registers): acc[t][c] += sum over ow in [lo, hi) of g[ow * C + c] * rows[t][(ow * s + off[t]) * C +
+// c], each g vector loaded once for all the taps.
+template <typename T, int L>
+inline void dw_dot_lanes(T* acc, int64_t R, const T* g, const T* const* rows, const int64_t* off, const int64_t* tap,
+                         int64_t t0, int64_t t1, int64_t C, int64_t s, int64_t lo, int64_t hi, int64_t cb) {
+  typedef typename Lanes<T, L>::type V;
+  V a[12];
+  for (int64_t t = t0; t < t1; t++) a[t - t0] = V{};
+  for (int64_t ow = lo; ow < hi; ow++) {
+    const V gv = vload<V>(g + ow * C + cb);
+    for (int64_t t = t0; t < t1; t++) a[t - t0] += gv * vload<V>(rows[t] + (ow * s + off[t]) * C + cb);
+  }
+  for (int64_t t = t0; t < t1; t++) {
+    T* at = acc + tap[t] * R + cb;
+    vstore(at, vload<V>(at) + a[t - t0]);
+  }
+}
+
+// The weight gradient's sums over one output row, every tap of the row (tap[t]: its index in acc's [taps][R]).
+template <typename T>
+DARTS_SIMD void dw_dot_row(T* __restrict__ acc, int64_t R, const T* g, const T* const* rows, const int64_t* off,
+                           const int64_t* tap, int64_t nt, int64_t C, int64_t out_w, int64_t s, int64_t in_w) {
+  constexpr int VL = 32 / sizeof(T), VH = 16 / sizeof(T);
+  int64_t lo = 0, hi = out_w;
+  for (int64_t t = 0; t < nt; t++) {
+    int64_t a, b;
+    dw_cols(out_w, in_w, s, off[t], &a, &b);
+    lo = std::max(lo, a);
+    hi = std::min(hi, b);
+  }
+  if (hi < lo) hi = lo;  // no column where every tap is inside (lo <= out_w: dw_cols clamps it)
+  auto checked = [&](int64_t ow) {
+    const T* gp = g + ow * C;
+    for (int64_t t = 0; t < nt; t++) {
+      const int64_t ix = ow * s + off[t];
+      if (ix < 0 || ix >= in_w) continue;
+      const T* xp = rows[t] + ix * C;
+      T* at = acc + tap[t] * R;
+      for (int64_t c = 0; c < C; c++) at[c] += gp[c] * xp[c];
+    }
+  };
+  for (int64_t ow = 0; ow < lo; ow++) checked(ow);
+  for (int64_t ow = hi; ow < out_w; ow++) checked(ow);
+  for (int64_t t0 = 0; t0 < nt; t0 += 12) {
+    const int64_t t1 = std::min(nt, t0 + 12);
+    int64_t cb = 0;
+    for (; cb + VL <= C; cb += VL) dw_dot_lanes<T, VL>(acc, R, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
+    for (; cb + VH <= C; cb += VH) dw_dot_lanes<T, VH>(acc, R, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
+    for (; cb < C; cb++) dw_dot_lanes<T, 1>(acc, R, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
+  }
+}
+
+bool dw_geometry(const at::Tensor& x, const at::Tensor& w, const int64_t* s, const int64_t* p, const int64_t* d,
+                 DwGeom* g) {
+  if (!x.device().is_cpu() || x.dim() != 4 || w.dim() != 4 || !w.device().is_cpu()) return false;
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
+  if (w.scalar_type() != x.scalar_type()) return false;
+  const int64_t c = x.size(1);
+  if (c < 2 || w.size(0) != c || w.size(1) != 1) return false;
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) || x.numel() == 0) return false;
+  for (int i = 0; i < 2; i++) {
+    if (s[i] < 1 || p[i] < 0 || d[i] < 1) return false;
+  }
+  *g = DwGeom{x.size(0), c, x.size(2), x.size(3), 0, 0, w.size(2), w.size(3), s[0], s[1], p[0], p[1], d[0], d[1]};
+  g->oh = (g->h + 2 * g->ph - g->dh * (g->kh - 1) - 1) / g->sh + 1;
+  g->ow = (g->w + 2 * g->pw - g->dw * (g->kw - 1) - 1) / g->sw + 1;
+  return g->oh > 0 && g->ow > 0 && g->kh > 0 && g->kw > 0;
+}
+
+// Values per tap in dw_taps: C repeated to at least 64.
+inline int64_t dw_period(int64_t c) { return c * std::max<int64_t>(1, (64 + c - 1) / c); }
+
+// The weight as [kh * kw, R]: each tap's C weights contiguous and repeated to R = dw_period(C) values.
+template <typename T>
+std::vector<T> dw_taps(const at::Tensor& w, const DwGeom& g) {
+  const int64_t R = dw_period(g.c);
+  std::vector<T> t(g.kh * g.kw * R);
+  const T* wp = w.const_data_ptr<T>();
+  const auto st = w.strides();
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t y = 0; y < g.kh; y++)
+      for (int64_t x = 0; x < g.kw; x++) t[(y * g.kw + x) * R + r] = wp[(r % g.c) * st[0] + y * st[2] + x * st[3]];
+  return t;
+}
+
+template <typename T>
+void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
+  const int64_t R = dw_period(g.c);
+  const int64_t rows_n = g.n * g.oh;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.ow * g.c * g.kh * g.kw));
+  at::parallel_for(0, rows_n, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
+    std::vector<int64_t> off(g.kh * g.kw);
+    for (int64_t r = r0; r < r1; r++) {
+      const int64_t n = r / g.oh, oy = r % g.oh;
+      int64_t nt = 0;
+      for (int64_t ky = 0; ky < g.kh; ky++) {
+        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+        if (iy < 0 || iy >= g.h) continue;
+        for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
+          rows[nt] = x + (n * g.h + iy) * g.w * g.c;
+          off[nt] = kx * g.dw - g.pw;
+          w[nt] = taps + (ky * g.kw + kx) * R;
+        }
+      }
+      dw_row<T>(out + r * g.ow * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.ow, g.sw, g.w);
+    }
+  });
+}
+
+// gx (optional) and the per-example weight gradient partials (optional, [n][kh * kw * C] float64), one example
+// per task.
+template <typename T>
+void dw_backward(const T* x, const T* taps, const T* gout, const DwGeom& g, T* gx, double* gw_part) {
+  const int64_t R = dw_period(g.c);
+  at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<T> acc(g.kh * g.kw * R);  // one example's weight-gradient sums, per tap
+    std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
+    std::vector<int64_t> off(g.kh * g.kw), tap(g.kh * g.kw);
+    for (int64_t n = n0; n < n1; n++) {
+      const T* gn = gout + n * g.oh * g.ow * g.c;
+      if (gx != nullptr && g.sh == 1 && g.sw == 1) {
+        // Stride 1: gx[iy, ix] = sum over taps of w[ky, kx] * g[iy + ph - ky * dh, ix + pw - kx * dw], the
+        // forward's row kernel over the output's gradient.
+        for (int64_t iy = 0; iy < g.h; iy++) {
+          int64_t nt = 0;
+          for (int64_t ky = 0; ky < g.kh; ky++) {
+            const int64_t oy = iy + g.ph - ky * g.dh;
+            if (oy < 0 || oy >= g.oh) continue;
+            for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
+              rows[nt] = gn + oy * g.ow * g.c;
+              off[nt] = g.pw - kx * g.dw;
+              w[nt] = taps + (ky * g.kw + kx) * R;
+            }
+          }
+          dw_row<T>(gx + (n * g.h + iy) * g.w * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.w, 1, g.ow);
+        }
+      } else if (gx != nullptr) {
+        for (int64_t iy = 0; iy < g.h; iy++) {
+          T* o = gx + (n * g.h + iy) * g.w * g.c;
+          std::fill(o, o + g.w * g.c, T(0));
+          for (int64_t ky = 0; ky < g.kh; ky++) {
+            const int64_t num = iy + g.ph - ky * g.dh;
+            if (num < 0 || num % g.sh != 0 || num / g.sh >= g.oh) continue;
+            const T* gr = gn + (num / g.sh) * g.ow * g.c;
+            for (int64_t kx = 0; kx < g.kw; kx++) {
+              const int64_t off = kx * g.dw - g.pw;
+              int64_t lo, hi;
+              dw_cols(g.ow, g.w, g.sw, off, &lo, &hi);
+              if (lo >= hi) continue;
+              // Output column ow sends its gradient to input column ow * s + off.
+              const T* tw = taps + (ky * g.kw + kx) * R;
+              if (g.sw == 1) {
+                simd_tap_flat<T>(o + (lo + off) * g.c, gr + lo * g.c, tw, R, (hi - lo) * g.c);
+              } else {
+                simd_tap<T>(o + (lo * g.sw + off) * g.c, g.sw * g.c, gr + lo * g.c, g.c, tw, g.c, hi - lo);
+              }
+            }
+          }
+        }
+      }
+      if (gw_part != nullptr) {
+        double* part = gw_part + n * g.kh * g.kw * g.c;
+        std::fill(part, part + g.kh * g.kw * g.c, 0.0);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t oy = 0; oy < g.oh; oy++) {
+          int64_t nt = 0;
+          for (int64_t ky = 0; ky < g.kh; ky++) {
+            const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+            if (iy < 0 || iy >= g.h) continue;
+            for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
+              rows[nt] = x + (n * g.h + iy) * g.w * g.c;
+              off[nt] = kx * g.dw - g.pw;
+              tap[nt] = ky * g.kw + kx;
+            }
+          }
+          dw_dot_row<T>(acc.data(), R, gn + oy * g.ow * g.c, rows.data(), off.data(), tap.data(), nt, g.c, g.ow, g.sw,
+                        g.w);
+        }
+        for (int64_t t = 0; t < g.kh * g.kw; t++) {
+          for (int64_t c = 0; c < g.c; c++) part[t * g.c + c] = static_cast<double>(acc[t * R + c]);
+        }
+      }
+    }
+  });
+}
+
+struct DepthwiseConv : public torch::autograd::Function<DepthwiseConv> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+    DwGeom g;
+    TORCH_CHECK(dw_geometry(x, w, stride.data(), padding.data(), dilation.data(), &g),
+                "darts_depthwise: not a fusable input");
+    at::Tensor out = at::empty({g.n, g.c, g.oh, g.ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_depthwise", [&] {
+      std::vector<scalar_t> taps = dw_taps<scalar_t>(w, g);
+      dw_forward<scalar_t>(x.const_data_ptr<scalar_t>(), taps.data(), g, out.mutable_data_ptr<scalar_t>());
+    });
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const std::vector<int64_t> s = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> p = ctx->saved_data["padding"].toIntVector();
+    const std::vector<int64_t> d = ctx->saved_data["dilation"].toIntVector();
+    torch::autograd::variable_list out(5);
+    at::Tensor g = grads[0];
+    if (!g.defined()) return out;
+    const bool want_x = ctx->needs_input_grad(0), want_w = ctx->needs_input_grad(1);
+    if (!want_x && !want_w) return out;
+    if (at::GradMode::is_enabled()) {
+      // A graph of the backward pass is wanted (double backward): ATen's differentiable convolution_backward.
+      auto r = at::convolution_backward(g, x, w, std::nullopt, s, p, d, false, {0, 0}, x.size(1),
+                                        {want_x, want_w, false});
+      out[0] = std::get<0>(r);
+      out[1] = std::get<1>(r);
+      return out;
+    }
+    DwGeom geo;
+    TORCH_CHECK(dw_geometry(x, w, s.data(), p.data(), d.data(), &geo), "darts_depthwise: not a fusable input");
+    if (!g.is_contiguous(at::MemoryFormat::ChannelsLast)) g = g.contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor gx = want_x ? at::empty_like(x) : at::Tensor();
+    std::vector<double> part(want_w ? geo.n * geo.kh * geo.kw * geo.c : 0);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_depthwise_backward", [&] {
+      std::vector<scalar_t> taps = dw_taps<scalar_t>(w, geo);
+      dw_backward<scalar_t>(x.const_data_ptr<scalar_t>(), taps.data(), g.const_data_ptr<scalar_t>(), geo,
+                            want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr, want_w ? part.data() : nullptr);
+      if (want_w) {
+        at::Tensor gw = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+        scalar_t* gp = gw.mutable_data_ptr<scalar_t>();
+        const int64_t taps_n = geo.kh * geo.kw;
+        for (int64_t t = 0; t < taps_n; t++) {
+          for (int64_t c = 0; c < geo.c; c++) {
+            double sum = 0.0;
+            for (int64_t n = 0; n < geo.n; n++) sum += part[(n * taps_n + t) * geo.c + c];
+            gp[c * taps_n + t] = static_cast<scalar_t>(sum);
+          }
+        }
+        out[1] = gw;
+      }
+    });
+    out[0] = gx;
+    return out;
+  }
+};
+}  // namespace
+
+extern "C" {
+
+// `*out` = the depthwise convolution of the channels-last `x` [N, C, H, W] with `w` [C, 1, kh, kw] (no bias),
+// stride (sh, sw), zero padding (ph, pw) and dilation (dh, dw), channels-last, as one autograd node (gradients for
+// x and w). Returns 0, 1 where the kernel does not apply (not on the CPU, not float32/float64, not channels-last
+// dense, not depthwise, an empty output: nothing touched, use ATen's conv2d with groups = C), or -1.
+int darts_depthwise(const at::Tensor* x, const at::Tensor* w, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                    int64_t dh, int64_t dw, at::Tensor** out) {
+  return guarded([&] {
+    const int64_t s[2] = {sh, sw}, p[2] = {ph, pw}, d[2] = {dh, dw};
+    DwGeom g;
+    if (!dw_geometry(*x, *w, s, p, d, &g)) return 1;
+    *out = new at::Tensor(DepthwiseConv::apply(*x, *w, at::IntArrayRef(s, 2), at::IntArrayRef(p, 2),
+                                               at::IntArrayRef(d, 2)));
+    return 0;
+  });
+}
+
+}  // extern "C"
+
+// ---- Pointwise (1x1) convolution on channels-last tensors as one matrix product each way ----
+//
+// In channels-last memory a 1x1 convolution is the product of the [N*H*W, Cin] pixels and the [Cout, Cin]
+// weight's transpose. libtorch reaches it through the same five operator entries as any convolution (and
+// reorders the weight's gradient), which at DARTS's sizes costs about what the product does. Here one autograd
+// node: forward one BLAS sgemm/dgemm per block of pixels (the MKL that libtorch itself calls, single-threaded
+// inside libtorch's parallel region), backward two (the input's gradient G W, the weight's G^T X). CPU, float32
+// or float64, channels-last dense input, weight [Cout, Cin, 1, 1] dense, stride 1, no padding, no bias;
+// darts_pointwise answers 1 for anything else.
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+// MKL's thread count for calls from this thread (0: the global setting); returns the previous one.
+int MKL_Set_Num_Threads_Local(int nt);  // the C entry (the lower-case names are Fortran's, by pointer)
+}
+
+namespace {
+// MKL single-threaded on this thread while alive (the blocks' products run inside libtorch's parallel region:
+// the same sequential code whatever the number of threads, so the same bits).
+struct SequentialBlas {
+  int prev = MKL_Set_Num_Threads_Local(1);
+  ~SequentialBlas() { MKL_Set_Num_Threads_Local(prev); }
+};
+
+// Column-major C (m x n, ldc) = op(A) op(B), BLAS's convention.
+void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+               int64_t ldb, float* c, int64_t ldc) {
+  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
+}
+void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
+               int64_t ldb, double* c, int64_t ldc) {
+  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
+  const double one = 1.0, zero = 0.0;
+  dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
+}
+
+// Pixels per block of the pointwise products: each block one single-threaded BLAS call inside libtorch's
+// parallel region (BLAS's own threading opened a region per call and kept per-thread packing buffers of the
+// whole [N*H*W, C] operands, +70 to +150 MiB of peak memory on two threads), and the weight's gradient summed
+// over the blocks in order, so the result does not depend on the number of threads.
+constexpr int64_t kPwBlock = 2048;
+
+// Y (m x cout, row-major) = X (m x cin, row-major) W^T (W: cout x cin, row-major), by blocks of pixels.
+template <typename T>
+void pw_forward(const T* x, const T* w, int64_t m, int64_t cin, int64_t cout, T* y) {
+  const int64_t blocks = (m + kPwBlock - 1) / kPwBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    SequentialBlas sequential;
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t r0 = b * kPwBlock, rows = std::min(kPwBlock, m - r0);
+      // Column-major: Y^T (cout x rows) = W (cout x cin, stored as its transpose) X^T (cin x rows).
+      blas_gemm('T', 'N', cout, rows, cin, w, cin, x + r0 * cin, cin, y + r0 * cout, cout);
+    }
+  });
+}
+
+// gX (m x cin) = G (m x cout) W (cout x cin), and gW (cout x cin) = G^T X summed over the blocks in order
+// (either may be null: not wanted).
+template <typename T>
+void pw_backward(const T* x, const T* w, const T* g, int64_t m, int64_t cin, int64_t cout, T* gx, T* gw) {
+  const int64_t blocks = (m + kPwBlock - 1) / kPwBlock;
+  std::vector<T> part_v(gw != nullptr ? blocks * cin * cout : 0);
+  T* part = part_v.data();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    SequentialBlas sequential;
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t r0 = b * kPwBlock, rows = std::min(kPwBlock, m - r0);
+      // gX^T (cin x rows) = W^T (cin x cout, as stored) G^T (cout x rows).
+      if (gx != nullptr) blas_gemm('N', 'N', cin, rows, cout, w, cin, g + r0 * cout, cout, gx + r0 * cin, cin);
+      // gW^T (cin x cout) = X^T (cin x rows) G (rows x cout, stored as its transpose).
+      if (gw != nullptr) {
+        blas_gemm('N', 'T', cin, cout, rows, x + r0 * cin, cin, g + r0 * cout, cout, part + b * cin * cout, cin);
+      }
+    }
+  });
+  if (gw != nullptr) {
+    const int64_t n = cin * cout;
+    std::vector<double> sum(n, 0.0);
+    for (int64_t b = 0; b < blocks; b++) {
+      const T* pb = part + b * n;
+      for (int64_t i = 0; i < n; i++) sum[i] += static_cast<double>(pb[i]);
+    }
+    for (int64_t i = 0; i < n; i++) gw[i] = static_cast<T>(sum[i]);
+  }
+}
+
+bool pw_fusable(const at::Tensor& x, const at::Tensor& w) {
+  if (!x.device().is_cpu() || !w.device().is_cpu() || x.dim() != 4 || w.dim() != 4) return false;
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
+  if (w.scalar_type() != x.scalar_type() || x.numel() == 0) return false;
+  const int64_t cin = x.size(1), cout = w.size(0);
+  if (w.size(1) != cin || w.size(2) != 1 || w.size(3) != 1 || cout < 1) return false;
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  if ((cout > 1 && w.stride(0) != cin) || (cin > 1 && w.stride(1) != 1)) return false;
+  const int64_t limit = std::numeric_limits<int>::max();
+  return x.numel() / cin <= limit && cin <= limit && cout <= limit && x.numel() <= limit && (x.numel() / cin) * cout <= limit;
+}
+
+struct PointwiseConv : public torch::autograd::Function<PointwiseConv> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    TORCH_CHECK(pw_fusable(x, w), "darts_pointwise: not a fusable input");
+    const int64_t cin = x.size(1), cout = w.size(0), m = x.numel() / cin;
+    at::Tensor out = at::empty({x.size(0), cout, x.size(2), x.size(3)},
+                               x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_pointwise", [&] {
+      pw_forward<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), m, cin, cout,
+                           out.mutable_data_ptr<scalar_t>());
+    });
+    ctx->save_for_backward({x, w});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    torch::autograd::variable_list out(2);
+    at::Tensor g = grads[0];
+    if (!g.defined()) return out;
+    const bool want_x = ctx->needs_input_grad(0), want_w = ctx->needs_input_grad(1);
+    if (at::GradMode::is_enabled()) {
+      // A graph of the backward pass is wanted (double backward): ATen's differentiable convolution_backward.
+      auto r = at::convolution_backward(g, x, w, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1,
+                                        {want_x, want_w, false});
+      out[0] = std::get<0>(r);
+      out[1] = std::get<1>(r);
+      return out;
+    }
+    if (!g.is_contiguous(at::MemoryFormat::ChannelsLast)) g = g.contiguous(at::MemoryFormat::ChannelsLast);
+    const int64_t cin = x.size(1), cout = w.size(0), m = x.numel() / cin;
+    at::Tensor gx = want_x ? at::empty_like(x) : at::Tensor();
+    at::Tensor gw = want_w ? at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous)) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_pointwise_backward", [&] {
+      pw_backward<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), m,
+                            cin, cout, want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                            want_w ? gw.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+    out[0] = gx;
+    out[1] = gw;
+    return out;
+  }
+};
+}  // namespace
+
+extern "C" {
+
+// `*out` = the 1x1 convolution (stride 1, no padding, no bias) of the channels-last `x` [N, Cin, H, W] with `w`
+// [Cout, Cin, 1, 1], channels-last, as one autograd node (gradients for x and w). Returns 0, 1 where it does not
+// apply (not on the CPU, not float32/float64, not channels-last dense, sizes past BLAS's 32-bit ints: nothing
+// touched, use ATen's conv2d), or -1.
+int darts_pointwise(const at::Tensor* x, const at::Tensor* w, at::Tensor** out) {
+  return guarded([&] {
+    if (!pw_fusable(*x, *w)) return 1;
+    *out = new at::Tensor(PointwiseConv::apply(*x, *w));
     return 0;
   });
 }

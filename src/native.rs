@@ -64,6 +64,19 @@ extern "C" {
         relu: c_int,
         out: *mut *mut c_void,
     ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn darts_depthwise(
+        x: *const c_void,
+        w: *const c_void,
+        sh: i64,
+        sw: i64,
+        ph: i64,
+        pw: i64,
+        dh: i64,
+        dw: i64,
+        out: *mut *mut c_void,
+    ) -> c_int;
+    fn darts_pointwise(x: *const c_void, w: *const c_void, out: *mut *mut c_void) -> c_int;
     fn darts_count_aten_start(by_name: c_int) -> c_int;
     fn darts_count_aten_stop() -> i64;
     fn darts_count_aten_names() -> *const c_char;
@@ -113,8 +126,9 @@ pub(crate) fn ptrs<T: std::borrow::Borrow<Tensor>>(ts: &[T]) -> Vec<*const c_voi
 
 /// SGD's step on `params` in place with their `grads` and momentum `buffers` (the same length, all defined):
 /// `buf = momentum * buf + (g + weight_decay * p)`, `p -= lr * buf`: on CUDA through PyTorch's fused SGD kernel
-/// (one multi-tensor launch) wherever a parameter and its buffer share a layout, on the CPU as four operators a
-/// tensor (see `darts_sgd_step` in the shim for why).
+/// (one multi-tensor launch) wherever a parameter and its buffer share a layout; on the CPU one loop of the shim's
+/// over each float32/float64 parameter whose gradient and buffer share its layout (no operator call), four
+/// operators a tensor for any other (see `darts_sgd_step` in the shim).
 pub fn sgd_step(params: &[&Tensor], grads: &[&Tensor], buffers: &[&Tensor], lr: f64, momentum: f64, weight_decay: f64) {
     assert!(params.len() == grads.len() && grads.len() == buffers.len(), "one gradient and buffer per parameter");
     let (p, g, b) = (ptrs(params), ptrs(grads), ptrs(buffers));
@@ -126,8 +140,11 @@ pub fn sgd_step(params: &[&Tensor], grads: &[&Tensor], buffers: &[&Tensor], lr: 
     assert!(rc == 0, "SGD step failed: {}", last_error());
 }
 
-/// Scales `grads` (all defined) in place so that their global L2 norm is at most `max_norm`, with multi-tensor
-/// operators; returns the norm before clipping as a float32 0-d tensor.
+/// Scales `grads` (all defined) in place so that their global L2 norm is at most `max_norm` (times
+/// `max_norm / (norm + 1e-6)` where that is below 1, as `torch.nn.utils.clip_grad_norm_`); returns the norm before
+/// clipping as a float32 0-d tensor. On the CPU (float32/float64, dense) the shim's own sweeps: the sum of squares
+/// in float64 over fixed blocks (the same bits on any number of threads), no operator call; elsewhere
+/// multi-tensor operators.
 pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Tensor {
     let g = ptrs(grads);
     let mut out: *mut c_void = std::ptr::null_mut();
@@ -243,6 +260,62 @@ pub fn batch_norm_relu(
     eps: f64,
 ) -> Tensor {
     batch_norm_with(x, weight, bias, running_mean, running_var, momentum, eps, true)
+}
+
+/// The depthwise convolution of `x` [N, C, H, W] with `w` [C, 1, kh, kw] (no bias) as the shim's own kernel
+/// (`darts_depthwise`), one autograd node with gradients for both: on the CPU, float32 or float64, `x`
+/// channels-last dense. Every tap of the kernel is one multiply-add over a run of pixels in the channels-last
+/// memory, with dilation and stride read directly (no phase split); the weight's gradient is summed per example in
+/// float64 and the examples added in order, so the result does not depend on the number of threads; double
+/// backward goes through ATen's convolution_backward. `None` where the kernel does not apply (another device,
+/// dtype or layout): call ATen's conv2d with `groups = C`.
+pub fn depthwise_conv(
+    x: &Tensor,
+    w: &Tensor,
+    stride: [i64; 2],
+    padding: [i64; 2],
+    dilation: [i64; 2],
+) -> Option<Tensor> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: live tensors (tch's C_tensor is libtorch's at::Tensor*), only read; the shim writes a newly
+    // allocated tensor to `out` when it returns 0 and catches every C++ exception.
+    let rc = unsafe {
+        darts_depthwise(
+            x.as_ptr().cast(),
+            w.as_ptr().cast(),
+            stride[0],
+            stride[1],
+            padding[0],
+            padding[1],
+            dilation[0],
+            dilation[1],
+            &mut out,
+        )
+    };
+    match rc {
+        // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
+        0 if !out.is_null() => Some(unsafe { Tensor::from_ptr(out.cast()) }),
+        1 => None,
+        _ => panic!("the depthwise convolution failed: {}", last_error()),
+    }
+}
+
+/// The 1x1 convolution of `x` [N, Cin, H, W] with `w` [Cout, Cin, 1, 1] (stride 1, no padding, no bias) as the
+/// shim's own autograd node (`darts_pointwise`): in channels-last memory the product of the [N*H*W, Cin] pixels
+/// and the weight's transpose, one BLAS call forward (libtorch's own MKL, on its threads) and two backward,
+/// instead of libtorch's convolution entry points. On the CPU, float32 or float64, `x` channels-last dense;
+/// double backward through ATen's convolution_backward. `None` where it does not apply: call ATen's conv2d.
+pub fn pointwise_conv(x: &Tensor, w: &Tensor) -> Option<Tensor> {
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: live tensors, only read; the shim writes a newly allocated tensor to `out` when it returns 0 and
+    // catches every C++ exception.
+    let rc = unsafe { darts_pointwise(x.as_ptr().cast(), w.as_ptr().cast(), &mut out) };
+    match rc {
+        // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
+        0 if !out.is_null() => Some(unsafe { Tensor::from_ptr(out.cast()) }),
+        1 => None,
+        _ => panic!("the pointwise convolution failed: {}", last_error()),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

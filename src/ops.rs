@@ -69,18 +69,7 @@ impl Conv {
 
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = if self.is_dilated_depthwise() && x.device() == tch::Device::Cpu {
-            self.dilated_depthwise_by_phases(x)
-        } else if self.is_strided_pointwise() && x.device() == tch::Device::Cpu && x.stride()[1] == 1 {
-            // libtorch 2.11's CPU kernel for a channels-last 1x1 convolution with stride 2 corrupts the heap
-            // for small channel counts (seen with 2 to 6 input channels, also from Python). The same maths:
-            // take every second pixel, then a 1x1 convolution with stride 1.
-            let (h, w) = (x.size()[2], x.size()[3]);
-            let sub = crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2));
-            sub.conv2d(&self.weight, self.bias.as_ref(), [1, 1], [0, 0], [1, 1], 1)
-        } else {
-            x.conv2d(&self.weight, self.bias.as_ref(), self.stride, self.padding, self.dilation, self.groups)
-        };
+        let y = self.forward_own(x).unwrap_or_else(|| self.forward_aten(x));
         MACS.with(|m| {
             if let Some(n) = m.get() {
                 // Per example: every output element takes c_in/groups * kh * kw multiply-adds.
@@ -94,10 +83,61 @@ impl Conv {
 }
 
 impl Conv {
+    /// The shim's own kernels on the CPU: a depthwise convolution ([`crate::native::depthwise_conv`]) or a 1x1
+    /// one with stride 1 or 2 ([`crate::native::pointwise_conv`], stride 2 on every second pixel), both without
+    /// bias; `None` for any other convolution or input (another device, dtype or layout).
+    fn forward_own(&self, x: &Tensor) -> Option<Tensor> {
+        if x.device() != tch::Device::Cpu || self.bias.is_some() {
+            return None;
+        }
+        if self.is_depthwise() {
+            return crate::native::depthwise_conv(x, &self.weight, self.stride, self.padding, self.dilation);
+        }
+        let k = self.weight.size();
+        if k[2] != 1 || k[3] != 1 || self.groups != 1 || self.padding != [0, 0] || self.dilation != [1, 1] {
+            return None;
+        }
+        match self.stride {
+            [1, 1] => crate::native::pointwise_conv(x, &self.weight),
+            [2, 2] if x.stride()[1] == 1 => {
+                let (h, w) = (x.size()[2], x.size()[3]);
+                crate::native::pointwise_conv(
+                    &crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2)),
+                    &self.weight,
+                )
+            }
+            _ => None,
+        }
+    }
+
+    /// The convolution as libtorch's conv2d (a dilated depthwise one on the CPU by phases, a strided 1x1 one on
+    /// every second pixel).
+    fn forward_aten(&self, x: &Tensor) -> Tensor {
+        if self.is_dilated_depthwise() && x.device() == tch::Device::Cpu {
+            self.dilated_depthwise_by_phases(x)
+        } else if self.is_strided_pointwise() && x.device() == tch::Device::Cpu && x.stride()[1] == 1 {
+            // libtorch 2.11's CPU kernel for a channels-last 1x1 convolution with stride 2 corrupts the heap
+            // for small channel counts (seen with 2 to 6 input channels, also from Python). The same maths:
+            // take every second pixel, then a 1x1 convolution with stride 1.
+            let (h, w) = (x.size()[2], x.size()[3]);
+            let sub = crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2));
+            sub.conv2d(&self.weight, self.bias.as_ref(), [1, 1], [0, 0], [1, 1], 1)
+        } else {
+            x.conv2d(&self.weight, self.bias.as_ref(), self.stride, self.padding, self.dilation, self.groups)
+        }
+    }
+
     /// A 1x1 convolution with stride 2 and no padding (FactorizedReduce's).
     fn is_strided_pointwise(&self) -> bool {
         let k = self.weight.size();
         k[2] == 1 && k[3] == 1 && self.stride == [2, 2] && self.padding == [0, 0] && self.groups == 1
+    }
+
+    /// A depthwise convolution without bias (one k x k kernel per channel), which the shim's own kernel
+    /// computes on the CPU ([`crate::native::depthwise_conv`]).
+    fn is_depthwise(&self) -> bool {
+        let k = self.weight.size();
+        self.bias.is_none() && self.groups > 1 && k[0] == self.groups && k[1] == 1
     }
 
     /// A depthwise convolution with dilation 2 and "same" padding (the dil_conv ops).
@@ -691,6 +731,37 @@ mod tests {
                         assert!(a.allclose(b, 1e-4, 1e-5, false), "C={c}: gradient");
                     }
                 }
+            }
+        }
+    }
+
+    /// Every convolution of DARTS's ops (depthwise 3x3/5x5, dilated or not, stride 1 or 2; 1x1 stride 1 or 2)
+    /// through `Conv::forward` on a channels-last float32 input (the shim's own kernels) equals libtorch's conv2d
+    /// on the NCHW input, output and gradients.
+    #[test]
+    fn own_kernels_equal_the_direct_convolution() {
+        let mut specs = vec![(1i64, 6i64, ConvSpec::square(1, 1, 0)), (6, 3, ConvSpec::square(1, 2, 0))];
+        for (k, d) in [(3i64, 1i64), (5, 1), (3, 2), (5, 2)] {
+            for stride in [1, 2] {
+                let spec = ConvSpec { dilation: [d, d], groups: 6, ..ConvSpec::square(k, stride, d * (k - 1) / 2) };
+                specs.push((1, 6, spec));
+            }
+        }
+        for (i, (mult, c_out, spec)) in specs.into_iter().enumerate() {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let conv = Conv::new(&vs.root(), 6 * mult, c_out, spec);
+            crate::set_vars_channels_last(&vs, true);
+            let x = Tensor::randn([3, 6 * mult, 9, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let ours = conv.forward(&crate::channels_last(&x));
+            let w = conv.weight.contiguous();
+            let direct = x.conv2d(&w, None::<Tensor>, conv.stride, conv.padding, conv.dilation, conv.groups);
+            assert_eq!(ours.size(), direct.size(), "{i}: {spec:?}");
+            assert!(ours.allclose(&direct, 1e-5, 1e-5, false), "{i}: {spec:?}");
+            let c = direct.randn_like();
+            let go = Tensor::run_backward(&[(&ours * &c).sum(Kind::Float)], &[&x, &conv.weight], false, false);
+            let gd = Tensor::run_backward(&[(&direct * &c).sum(Kind::Float)], &[&x, &conv.weight], false, false);
+            for (a, b) in go.iter().zip(&gd) {
+                assert!(a.allclose(b, 1e-4, 1e-4, false), "{i}: {spec:?}: gradient");
             }
         }
     }
