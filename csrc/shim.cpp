@@ -249,6 +249,30 @@ bool clip_own_kernel(const std::vector<at::Tensor>& gs) {
   return true;
 }
 
+// Whether the multi-tensor updates' own loops take the lists: at every index, the tensors of all lists on the
+// CPU, float32 or float64 of one dtype, dense, with one shape and one set of strides (element j of each is the
+// same entry).
+bool lists_own_kernel(const std::vector<const std::vector<at::Tensor>*>& lists) {
+  const auto& first = *lists[0];
+  for (size_t i = 0; i < first.size(); i++) {
+    const at::Tensor& t = first[i];
+    if (!t.device().is_cpu() || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)) return false;
+    if (!t.is_non_overlapping_and_dense()) return false;
+    for (const auto* l : lists) {
+      const at::Tensor& u = (*l)[i];
+      if (!u.device().is_cpu() || u.scalar_type() != t.scalar_type()) return false;
+      if (u.sizes() != t.sizes() || u.strides() != t.strides()) return false;
+    }
+  }
+  return true;
+}
+
+// f(begin, end) over the n values of one tensor, in parallel for large ones.
+template <typename F>
+void sweep(int64_t n, const F& f) {
+  at::parallel_for(0, n, 1 << 16, f);
+}
+
 // Whether darts_sgd_step's own loop takes a parameter: CPU, float32 or float64, the parameter, its gradient and
 // its buffer dense with the same strides (element i of each is the same entry).
 bool sgd_own_kernel(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b) {
@@ -373,8 +397,23 @@ int darts_foreach_axpy(const at::Tensor* const* dst, const at::Tensor* const* ba
   return guarded([&] {
     at::NoGradGuard no_grad;
     auto d = tensor_list(dst, n);
-    at::_foreach_copy_(d, tensor_list(base, n));
-    at::_foreach_add_(d, tensor_list(dir, n), alpha);
+    auto b = tensor_list(base, n), v = tensor_list(dir, n);
+    if (lists_own_kernel({&d, &b, &v})) {
+      for (int i = 0; i < n; i++) {
+        AT_DISPATCH_FLOATING_TYPES(d[i].scalar_type(), "darts_foreach_axpy", [&] {
+          scalar_t* dp = d[i].mutable_data_ptr<scalar_t>();
+          const scalar_t* bp = b[i].const_data_ptr<scalar_t>();
+          const scalar_t* vp = v[i].const_data_ptr<scalar_t>();
+          const scalar_t a = static_cast<scalar_t>(alpha);
+          sweep(d[i].numel(), [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; j++) dp[j] = bp[j] + a * vp[j];
+          });
+        });
+      }
+      return 0;
+    }
+    at::_foreach_copy_(d, b);
+    at::_foreach_add_(d, v, alpha);
     return 0;
   });
 }
@@ -386,6 +425,25 @@ int darts_unrolled_step(const at::Tensor* const* weights, const at::Tensor* cons
   return guarded([&] {
     at::NoGradGuard no_grad;
     auto th = tensor_list(theta, n);
+    {
+      auto w = tensor_list(weights, n), g = tensor_list(grads, n), b = tensor_list(bufs, n);
+      if (lists_own_kernel({&w, &th, &g, &b})) {
+        for (int i = 0; i < n; i++) {
+          AT_DISPATCH_FLOATING_TYPES(w[i].scalar_type(), "darts_unrolled_step", [&] {
+            scalar_t* wp = w[i].mutable_data_ptr<scalar_t>();
+            const scalar_t* tp = th[i].const_data_ptr<scalar_t>();
+            const scalar_t* gp = g[i].const_data_ptr<scalar_t>();
+            const scalar_t* bp = b[i].const_data_ptr<scalar_t>();
+            const scalar_t e = static_cast<scalar_t>(eta), m = static_cast<scalar_t>(momentum),
+                           wd = static_cast<scalar_t>(weight_decay);
+            sweep(w[i].numel(), [&](int64_t j0, int64_t j1) {
+              for (int64_t j = j0; j < j1; j++) wp[j] = tp[j] - e * (bp[j] * m + gp[j] + wd * tp[j]);
+            });
+          });
+        }
+        return 0;
+      }
+    }
     std::vector<at::Tensor> step = at::_foreach_mul(tensor_list(bufs, n), momentum);
     at::_foreach_add_(step, tensor_list(grads, n));
     at::_foreach_add_(step, th, weight_decay);
@@ -400,8 +458,77 @@ int darts_unrolled_step(const at::Tensor* const* weights, const at::Tensor* cons
 int darts_foreach_copy(const at::Tensor* const* dst, const at::Tensor* const* src, int n) {
   return guarded([&] {
     at::NoGradGuard no_grad;
-    auto d = tensor_list(dst, n);
-    at::_foreach_copy_(d, tensor_list(src, n));
+    auto d = tensor_list(dst, n), s = tensor_list(src, n);
+    if (lists_own_kernel({&d, &s})) {
+      for (int i = 0; i < n; i++) {
+        const int64_t bytes = d[i].numel() * static_cast<int64_t>(d[i].element_size());
+        std::memcpy(d[i].mutable_data_ptr(), s[i].const_data_ptr(), bytes);
+      }
+      return 0;
+    }
+    at::_foreach_copy_(d, s);
+    return 0;
+  });
+}
+
+// `out[i]` = a copy of `src[i]` (same shape, strides and dtype, no autograd history) for `n` tensors. On the CPU
+// (float32/float64 dense, one dtype) the copies are views of one new buffer filled with memcpy: one allocation
+// instead of two operator calls a tensor (the second-order architect snapshots ~900 weights three times a
+// step); elsewhere each a `clone`. Returns 0, or -1.
+int darts_snapshot(const at::Tensor* const* src, int n, at::Tensor** out) {
+  return guarded([&] {
+    at::NoGradGuard no_grad;
+    auto s = tensor_list(src, n);
+    bool own = n > 0 && lists_own_kernel({&s});
+    for (int i = 0; own && i < n; i++) own = s[i].scalar_type() == s[0].scalar_type();
+    if (!own) {
+      for (int i = 0; i < n; i++) out[i] = new at::Tensor(s[i].detach().clone());
+      return 0;
+    }
+    // Each copy starts on a 64-byte boundary, as libtorch's own allocations do.
+    const int64_t align = 64 / static_cast<int64_t>(s[0].element_size());
+    std::vector<int64_t> offset(n);
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+      offset[i] = total;
+      total += (s[i].numel() + align - 1) / align * align;
+    }
+    auto flat = std::make_shared<at::Tensor>(at::empty({std::max<int64_t>(total, 1)}, s[0].options()));
+    char* base = static_cast<char*>(flat->mutable_data_ptr());
+    const int64_t es = static_cast<int64_t>(s[0].element_size());
+    for (int i = 0; i < n; i++) {
+      char* d = base + offset[i] * es;
+      std::memcpy(d, s[i].const_data_ptr(), s[i].numel() * es);
+      // The view holds the buffer alive until its last view is freed.
+      out[i] = new at::Tensor(at::from_blob(d, s[i].sizes(), s[i].strides(), [flat](void*) {}, s[0].options()));
+    }
+    return 0;
+  });
+}
+
+// `*out` = the global L2 norm of `n` tensors, sqrt(sum of every value squared), as a float64 0-d tensor. On the
+// CPU (float32/float64, dense) the sums of squares in float64 over fixed blocks (the same bits on any number of
+// threads), no operator call but the result's allocation; elsewhere each tensor's norm in float64, then theirs.
+int darts_global_norm(const at::Tensor* const* ts, int n, at::Tensor** out) {
+  return guarded([&] {
+    at::NoGradGuard no_grad;
+    auto t = tensor_list(ts, n);
+    at::Tensor r;
+    if (n > 0 && clip_own_kernel(t)) {
+      double sumsq = 0.0;
+      for (const auto& g : t) {
+        AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "darts_global_norm", [&] {
+          sumsq += blocked_sum_of_squares<scalar_t>(g.const_data_ptr<scalar_t>(), g.numel());
+        });
+      }
+      r = at::empty({}, at::dtype(at::kDouble));
+      *r.mutable_data_ptr<double>() = std::sqrt(sumsq);
+    } else {
+      std::vector<at::Tensor> norms;
+      for (const auto& g : t) norms.push_back(g.norm().to(at::kDouble));
+      r = norms.empty() ? at::zeros({}, at::dtype(at::kDouble)) : at::stack(norms).norm();
+    }
+    *out = new at::Tensor(std::move(r));
     return 0;
   });
 }

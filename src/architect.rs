@@ -46,7 +46,7 @@ fn examples(x: &Tensor) -> f64 {
 
 /// A copy of tensors' values, to restore them exactly later.
 fn snapshot(ts: &[Tensor]) -> Vec<Tensor> {
-    tch::no_grad(|| ts.iter().map(|t| t.detach().copy()).collect())
+    crate::native::snapshot(ts)
 }
 
 fn restore(ts: &[Tensor], saved: &[Tensor]) {
@@ -60,10 +60,10 @@ fn alpha_grads(net: &SearchNetwork, x: &Tensor, y: &Tensor) -> Vec<Tensor> {
     net.loss_grads(x, y, &net.alphas.tensors()).2
 }
 
-/// Global L2 norm of a list of tensors, as a 0-d tensor (stays on the device).
+/// Global L2 norm of a list of tensors, as a float64 0-d tensor (stays on the device; on the CPU summed in
+/// float64, [`crate::native::global_norm`]).
 pub fn global_norm(ts: &[Tensor]) -> Tensor {
-    let norms: Vec<Tensor> = ts.iter().map(|t| t.norm().to_kind(Kind::Double)).collect();
-    Tensor::stack(&norms, 0).norm()
+    crate::native::global_norm(ts)
 }
 
 /// The finite-difference approximation of `grad^2_{alpha,w} L_train(w, alpha) · v` used by DARTS:

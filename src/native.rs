@@ -51,6 +51,8 @@ extern "C" {
         weight_decay: f64,
     ) -> c_int;
     fn darts_foreach_copy(dst: *const *const c_void, src: *const *const c_void, n: c_int) -> c_int;
+    fn darts_snapshot(src: *const *const c_void, n: c_int, out: *mut *mut c_void) -> c_int;
+    fn darts_global_norm(ts: *const *const c_void, n: c_int, out: *mut *mut c_void) -> c_int;
     fn darts_mixed_sum(w: *const c_void, ys: *const *const c_void, n: c_int, out: *mut *mut c_void) -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn darts_batch_norm(
@@ -155,7 +157,9 @@ pub fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Tensor {
     unsafe { Tensor::from_ptr(out.cast()) }
 }
 
-/// `dst[i] = base[i] + alpha * dir[i]` in place for every `i` (multi-tensor operators; the lists have one length).
+/// `dst[i] = base[i] + alpha * dir[i]` in place for every `i` (the lists have one length): on the CPU, for
+/// float32/float64 dense tensors of one layout, one loop of the shim's each, no operator call; elsewhere
+/// multi-tensor operators.
 pub fn foreach_axpy(dst: &[Tensor], base: &[Tensor], dir: &[Tensor], alpha: f64) {
     assert!(dst.len() == base.len() && base.len() == dir.len(), "lists of one length");
     let (d, b, v) = (ptrs(dst), ptrs(base), ptrs(dir));
@@ -165,7 +169,8 @@ pub fn foreach_axpy(dst: &[Tensor], base: &[Tensor], dir: &[Tensor], alpha: f64)
 }
 
 /// DARTS's unrolled weights in place: `weights[i] = theta[i] - eta * (momentum * bufs[i] + grads[i] +
-/// weight_decay * theta[i])` for every `i` (multi-tensor operators).
+/// weight_decay * theta[i])` for every `i` (on the CPU, for float32/float64 dense tensors of one layout, one loop
+/// of the shim's each; elsewhere multi-tensor operators).
 pub fn unrolled_step(
     weights: &[Tensor],
     theta: &[Tensor],
@@ -183,7 +188,35 @@ pub fn unrolled_step(
     assert!(rc == 0, "the unrolled step failed: {}", last_error());
 }
 
-/// Copies `src[i]` into `dst[i]` for every `i` (multi-tensor operators).
+/// Copies of `ts` (same shapes, strides and dtype, no autograd history): on the CPU (float32/float64, dense, one
+/// dtype) views of one new buffer filled by the shim with memcpy, one allocation for all; elsewhere a `clone`
+/// each.
+pub fn snapshot(ts: &[Tensor]) -> Vec<Tensor> {
+    let p = ptrs(ts);
+    let mut out: Vec<*mut c_void> = vec![std::ptr::null_mut(); ts.len()];
+    // SAFETY: live tensors, only read; the shim writes `ts.len()` newly allocated tensors to `out` on success and
+    // catches every C++ exception.
+    let rc = unsafe { darts_snapshot(p.as_ptr(), p.len() as c_int, out.as_mut_ptr()) };
+    assert!(rc == 0 && out.iter().all(|t| !t.is_null()), "a snapshot of the weights failed: {}", last_error());
+    // SAFETY: each is a tensor the shim allocated with `new`, which tch takes over.
+    out.into_iter().map(|t| unsafe { Tensor::from_ptr(t.cast()) }).collect()
+}
+
+/// The global L2 norm of `ts`, `sqrt(sum of every value squared)`, as a float64 0-d tensor: on the CPU
+/// (float32/float64, dense) summed by the shim in float64 over fixed blocks (the same bits on any number of
+/// threads); elsewhere each tensor's norm in float64, then theirs.
+pub fn global_norm(ts: &[Tensor]) -> Tensor {
+    let p = ptrs(ts);
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: live tensors, only read; the shim writes a newly allocated tensor to `out` on success.
+    let rc = unsafe { darts_global_norm(p.as_ptr(), p.len() as c_int, &mut out) };
+    assert!(rc == 0 && !out.is_null(), "a global norm failed: {}", last_error());
+    // SAFETY: `out` is a tensor the shim allocated with `new`, which tch takes over.
+    unsafe { Tensor::from_ptr(out.cast()) }
+}
+
+/// Copies `src[i]` into `dst[i]` for every `i` (on the CPU, float32/float64 dense tensors of one layout: memcpy;
+/// elsewhere multi-tensor operators).
 pub fn foreach_copy(dst: &[Tensor], src: &[Tensor]) {
     assert_eq!(dst.len(), src.len(), "lists of one length");
     let (d, s) = (ptrs(dst), ptrs(src));
