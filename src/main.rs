@@ -9,7 +9,7 @@ mod cli;
 static PANIC: Mutex<Option<String>> = Mutex::new(None);
 
 fn main() {
-    darts::openmp::restart_with_short_spin();
+    darts::openmp::restart_with(&darts::openmp::startup_settings());
     darts::allocator::keep_freed_memory();
     let args = cli::Cli::parse();
     std::panic::set_hook(Box::new(|info| {

@@ -107,11 +107,15 @@ fn default_python() -> Option<String> {
 /// there is none.
 fn measured_row(program: &str, args: &[String], implementation: &str) -> Result<BenchRow, String> {
     let omp = std::env::var("OMP_WAIT_POLICY").unwrap_or_else(|_| "PASSIVE".into());
-    let out = Command::new(program)
-        .args(args)
-        .env("OMP_WAIT_POLICY", omp)
-        .output()
-        .map_err(|e| format!("could not run {program}: {e}"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).env("OMP_WAIT_POLICY", omp);
+    // The reference runs with glibc's allocator as it does without darts: not with the tunable darts set for
+    // itself (its own allocator settings, like darts' in-process ones, are not the reference's).
+    let ours = std::env::current_exe().is_ok_and(|e| e.display().to_string() == program);
+    if !ours && std::env::var_os(darts::allocator::SET_BY_DARTS).is_some() {
+        cmd.env_remove("GLIBC_TUNABLES").env_remove(darts::allocator::SET_BY_DARTS);
+    }
+    let out = cmd.output().map_err(|e| format!("could not run {program}: {e}"))?;
     if !out.status.success() {
         use std::os::unix::process::ExitStatusExt;
         return Err(match out.status.signal() {
@@ -432,9 +436,14 @@ fn print_table(p: &Plan, results: &Results, rounds: usize) -> Result<()> {
     println!("median of {rounds} interleaved round(s); a ratio is ours / the reference's in the same round");
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| "unset".into());
     println!(
-        "every process (ours and the reference) ran with OMP_WAIT_POLICY={} GOMP_SPINCOUNT={}",
+        "every process (ours and the reference) ran with OMP_WAIT_POLICY={} GOMP_SPINCOUNT={}{}",
         var("OMP_WAIT_POLICY"),
-        var("GOMP_SPINCOUNT")
+        var("GOMP_SPINCOUNT"),
+        match (std::env::var_os(darts::allocator::SET_BY_DARTS), std::env::var("GLIBC_TUNABLES")) {
+            (Some(_), Ok(t)) => format!("; ours (not the reference) also with GLIBC_TUNABLES={t}"),
+            (None, Ok(t)) => format!(" GLIBC_TUNABLES={t}"),
+            _ => String::new(),
+        }
     );
     let header: Vec<String> = columns.iter().map(|i| format!("{i} ms ({mem})")).collect();
     println!("| step | {} | ratio to PyTorch channels-last | ratio to PyTorch NCHW |", header.join(" | "));
