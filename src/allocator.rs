@@ -39,7 +39,7 @@ pub fn user_configured<'a>(mut vars: impl Iterator<Item = (&'a str, &'a str)>) -
 /// 1,529-1,576 MiB with the tcache and 1,260 MiB without (its live tensors peak lower still), a first-order
 /// step 1,286-1,412 against 1,237-1,244 and the final network's 839-879 against 786-799, at the same speed
 /// (`darts bench --one channels-last`, batch 32, C=8, 5 cells; 2 threads). glibc reads tunables when a process
-/// starts, so darts restarts itself once with it (`crate::openmp::restart_with`).
+/// starts, so the `darts` program restarts itself once with it (with the OpenMP spin setting).
 pub fn tunables_to_set<'a>(vars: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> Option<String> {
     if !cfg!(all(target_os = "linux", target_env = "gnu")) || user_configured(vars.clone()) {
         return None;
