@@ -1591,7 +1591,8 @@ bool pw_fusable(const at::Tensor& x, const at::Tensor& w) {
   if (!x.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
   if ((cout > 1 && w.stride(0) != cin) || (cin > 1 && w.stride(1) != 1)) return false;
   const int64_t limit = std::numeric_limits<int>::max();
-  return x.numel() / cin <= limit && cin <= limit && cout <= limit && x.numel() <= limit && (x.numel() / cin) * cout <= limit;
+  // BLAS takes 32-bit sizes: the channels (the blocks' pixel counts are at most kPwBlock).
+  return cin <= limit && cout <= limit && cin * cout <= limit;
 }
 
 struct PointwiseConv : public torch::autograd::Function<PointwiseConv> {

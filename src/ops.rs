@@ -82,6 +82,13 @@ impl Conv {
     }
 }
 
+/// Every second pixel of `x` in each direction (rows and columns 0, 2, 4, ...), channels-last dense: the input
+/// of a 1x1 convolution with stride 2 computed as one with stride 1.
+fn every_second_pixel(x: &Tensor) -> Tensor {
+    let (h, w) = (x.size()[2], x.size()[3]);
+    crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2))
+}
+
 impl Conv {
     /// The shim's own kernels on the CPU: a depthwise convolution ([`crate::native::depthwise_conv`]) or a 1x1
     /// one with stride 1 or 2 ([`crate::native::pointwise_conv`], stride 2 on every second pixel), both without
@@ -99,13 +106,7 @@ impl Conv {
         }
         match self.stride {
             [1, 1] => crate::native::pointwise_conv(x, &self.weight),
-            [2, 2] if x.stride()[1] == 1 => {
-                let (h, w) = (x.size()[2], x.size()[3]);
-                crate::native::pointwise_conv(
-                    &crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2)),
-                    &self.weight,
-                )
-            }
+            [2, 2] if x.stride()[1] == 1 => crate::native::pointwise_conv(&every_second_pixel(x), &self.weight),
             _ => None,
         }
     }
@@ -119,9 +120,7 @@ impl Conv {
             // libtorch 2.11's CPU kernel for a channels-last 1x1 convolution with stride 2 corrupts the heap
             // for small channel counts (seen with 2 to 6 input channels, also from Python). The same maths:
             // take every second pixel, then a 1x1 convolution with stride 1.
-            let (h, w) = (x.size()[2], x.size()[3]);
-            let sub = crate::channels_last(&x.slice(2, 0, h, 2).slice(3, 0, w, 2));
-            sub.conv2d(&self.weight, self.bias.as_ref(), [1, 1], [0, 0], [1, 1], 1)
+            every_second_pixel(x).conv2d(&self.weight, self.bias.as_ref(), [1, 1], [0, 0], [1, 1], 1)
         } else {
             x.conv2d(&self.weight, self.bias.as_ref(), self.stride, self.padding, self.dilation, self.groups)
         }
