@@ -1087,10 +1087,10 @@ int darts_batch_norm(const at::Tensor* x, const at::Tensor* weight, const at::Te
 // _convolution, mkldnn_convolution, their allocations and a weight reorder in the backward), and a dilated one
 // has no fast CPU backward at all (darts split it into four phase images, a dozen views and copies more). At
 // DARTS's widths (8 to 144 channels) those entries and reorders, not the multiply-adds, are the cost. Here one
-// autograd node: forward and input gradient as row sweeps over the channels-last memory (every tap of the kernel
-// one multiply-add of a contiguous run of pixels, C values each, against the tap's C weights), the weight
-// gradient per example in float64 and the examples added in order, so the result does not depend on the number
-// of threads. CPU, float32 or float64, channels-last dense input, weight [C, 1, kh, kw], no bias; darts_depthwise
+// autograd node: forward and (stride 1) input gradient by output rows, four pixels times a vector of channels at
+// a time with the sums in registers across every tap (dilation and stride read directly); the weight gradient
+// with each tap's sum in a register, per example in float64 and the examples added in order, so the result
+// does not depend on the number of threads. CPU, float32 or float64, channels-last dense input, weight [C, 1, kh, kw], no bias; darts_depthwise
 // answers 1 for anything else and darts calls ATen's conv2d.
 
 namespace {
@@ -1117,16 +1117,19 @@ DARTS_SIMD void simd_tap(T* __restrict__ o, int64_t os, const T* __restrict__ a,
   }
 }
 
-// Stride 1 along the row: o[j] += w[j mod R] * a[j] for j < n, w holding the C weights repeated to R >= 64
-// values, so that the loop runs over whole rows of pixels at full vector width however narrow C is.
-template <typename T>
-DARTS_SIMD void simd_tap_flat(T* __restrict__ o, const T* __restrict__ a, const T* __restrict__ w, int64_t R,
-                              int64_t n) {
-  int64_t j = 0;
-  for (; j + R <= n; j += R) {
-    for (int64_t r = 0; r < R; r++) o[j + r] += w[r] * a[j + r];
+// The output columns [lo, hi) where every one of the nt taps (column offsets off[t]) reads inside [0, in_w);
+// lo <= hi <= out_w.
+inline void dw_interior(int64_t out_w, int64_t in_w, int64_t s, const int64_t* off, int64_t nt, int64_t* lo,
+                        int64_t* hi) {
+  *lo = 0;
+  *hi = out_w;
+  for (int64_t t = 0; t < nt; t++) {
+    int64_t a, b;
+    dw_cols(out_w, in_w, s, off[t], &a, &b);
+    *lo = std::max(*lo, a);
+    *hi = std::min(*hi, b);
   }
-  for (int64_t r = 0; j + r < n; r++) o[j + r] += w[r] * a[j + r];
+  if (*hi < *lo) *hi = *lo;  // no column where every tap is inside (lo <= out_w: dw_cols clamps it)
 }
 
 // Vectors of L lanes of T (GCC's vector extension: registers in either clone, AVX in the x86-64-v3 one) for the
@@ -1186,14 +1189,8 @@ template <typename T>
 DARTS_SIMD void dw_row(T* __restrict__ o, const T* const* rows, const int64_t* off, const T* const* w, int64_t nt,
                        int64_t C, int64_t out_w, int64_t s, int64_t in_w) {
   constexpr int VL = 32 / sizeof(T), VH = 16 / sizeof(T);
-  int64_t lo = 0, hi = out_w;
-  for (int64_t t = 0; t < nt; t++) {
-    int64_t a, b;
-    dw_cols(out_w, in_w, s, off[t], &a, &b);
-    lo = std::max(lo, a);
-    hi = std::min(hi, b);
-  }
-  if (hi < lo) hi = lo;  // no column where every tap is inside (lo <= out_w: dw_cols clamps it)
+  int64_t lo, hi;
+  dw_interior(out_w, in_w, s, off, nt, &lo, &hi);
   auto checked = [&](int64_t ow) {
     T* op = o + ow * C;
     for (int64_t c = 0; c < C; c++) op[c] = T(0);
@@ -1217,7 +1214,7 @@ DARTS_SIMD void dw_row(T* __restrict__ o, const T* const* rows, const int64_t* o
 // sums stay in registers): acc[t][c] += sum over ow in [lo, hi) of g[ow * C + c] * rows[t][(ow * s + off[t]) * C +
 // c], each g vector loaded once for all the taps.
 template <typename T, int L>
-inline void dw_dot_lanes(T* acc, int64_t R, const T* g, const T* const* rows, const int64_t* off, const int64_t* tap,
+inline void dw_dot_lanes(T* acc, const T* g, const T* const* rows, const int64_t* off, const int64_t* tap,
                          int64_t t0, int64_t t1, int64_t C, int64_t s, int64_t lo, int64_t hi, int64_t cb) {
   typedef typename Lanes<T, L>::type V;
   V a[12];
@@ -1227,31 +1224,25 @@ inline void dw_dot_lanes(T* acc, int64_t R, const T* g, const T* const* rows, co
     for (int64_t t = t0; t < t1; t++) a[t - t0] += gv * vload<V>(rows[t] + (ow * s + off[t]) * C + cb);
   }
   for (int64_t t = t0; t < t1; t++) {
-    T* at = acc + tap[t] * R + cb;
+    T* at = acc + tap[t] * C + cb;
     vstore(at, vload<V>(at) + a[t - t0]);
   }
 }
 
-// The weight gradient's sums over one output row, every tap of the row (tap[t]: its index in acc's [taps][R]).
+// The weight gradient's sums over one output row, every tap of the row (tap[t]: its index in acc's [taps][C]).
 template <typename T>
-DARTS_SIMD void dw_dot_row(T* __restrict__ acc, int64_t R, const T* g, const T* const* rows, const int64_t* off,
+DARTS_SIMD void dw_dot_row(T* __restrict__ acc, const T* g, const T* const* rows, const int64_t* off,
                            const int64_t* tap, int64_t nt, int64_t C, int64_t out_w, int64_t s, int64_t in_w) {
   constexpr int VL = 32 / sizeof(T), VH = 16 / sizeof(T);
-  int64_t lo = 0, hi = out_w;
-  for (int64_t t = 0; t < nt; t++) {
-    int64_t a, b;
-    dw_cols(out_w, in_w, s, off[t], &a, &b);
-    lo = std::max(lo, a);
-    hi = std::min(hi, b);
-  }
-  if (hi < lo) hi = lo;  // no column where every tap is inside (lo <= out_w: dw_cols clamps it)
+  int64_t lo, hi;
+  dw_interior(out_w, in_w, s, off, nt, &lo, &hi);
   auto checked = [&](int64_t ow) {
     const T* gp = g + ow * C;
     for (int64_t t = 0; t < nt; t++) {
       const int64_t ix = ow * s + off[t];
       if (ix < 0 || ix >= in_w) continue;
       const T* xp = rows[t] + ix * C;
-      T* at = acc + tap[t] * R;
+      T* at = acc + tap[t] * C;
       for (int64_t c = 0; c < C; c++) at[c] += gp[c] * xp[c];
     }
   };
@@ -1260,9 +1251,9 @@ DARTS_SIMD void dw_dot_row(T* __restrict__ acc, int64_t R, const T* g, const T* 
   for (int64_t t0 = 0; t0 < nt; t0 += 12) {
     const int64_t t1 = std::min(nt, t0 + 12);
     int64_t cb = 0;
-    for (; cb + VL <= C; cb += VL) dw_dot_lanes<T, VL>(acc, R, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
-    for (; cb + VH <= C; cb += VH) dw_dot_lanes<T, VH>(acc, R, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
-    for (; cb < C; cb++) dw_dot_lanes<T, 1>(acc, R, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
+    for (; cb + VL <= C; cb += VL) dw_dot_lanes<T, VL>(acc, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
+    for (; cb + VH <= C; cb += VH) dw_dot_lanes<T, VH>(acc, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
+    for (; cb < C; cb++) dw_dot_lanes<T, 1>(acc, g, rows, off, tap, t0, t1, C, s, lo, hi, cb);
   }
 }
 
@@ -1283,25 +1274,20 @@ bool dw_geometry(const at::Tensor& x, const at::Tensor& w, const int64_t* s, con
   return g->oh > 0 && g->ow > 0 && g->kh > 0 && g->kw > 0;
 }
 
-// Values per tap in dw_taps: C repeated to at least 64.
-inline int64_t dw_period(int64_t c) { return c * std::max<int64_t>(1, (64 + c - 1) / c); }
-
-// The weight as [kh * kw, R]: each tap's C weights contiguous and repeated to R = dw_period(C) values.
+// The weight as [kh * kw, C]: each tap's C weights contiguous.
 template <typename T>
 std::vector<T> dw_taps(const at::Tensor& w, const DwGeom& g) {
-  const int64_t R = dw_period(g.c);
-  std::vector<T> t(g.kh * g.kw * R);
+  std::vector<T> t(g.kh * g.kw * g.c);
   const T* wp = w.const_data_ptr<T>();
   const auto st = w.strides();
-  for (int64_t r = 0; r < R; r++)
+  for (int64_t c = 0; c < g.c; c++)
     for (int64_t y = 0; y < g.kh; y++)
-      for (int64_t x = 0; x < g.kw; x++) t[(y * g.kw + x) * R + r] = wp[(r % g.c) * st[0] + y * st[2] + x * st[3]];
+      for (int64_t x = 0; x < g.kw; x++) t[(y * g.kw + x) * g.c + c] = wp[c * st[0] + y * st[2] + x * st[3]];
   return t;
 }
 
 template <typename T>
 void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
-  const int64_t R = dw_period(g.c);
   const int64_t rows_n = g.n * g.oh;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.ow * g.c * g.kh * g.kw));
   at::parallel_for(0, rows_n, grain, [&](int64_t r0, int64_t r1) {
@@ -1316,7 +1302,7 @@ void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
         for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
           rows[nt] = x + (n * g.h + iy) * g.w * g.c;
           off[nt] = kx * g.dw - g.pw;
-          w[nt] = taps + (ky * g.kw + kx) * R;
+          w[nt] = taps + (ky * g.kw + kx) * g.c;
         }
       }
       dw_row<T>(out + r * g.ow * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.ow, g.sw, g.w);
@@ -1328,9 +1314,8 @@ void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
 // per task.
 template <typename T>
 void dw_backward(const T* x, const T* taps, const T* gout, const DwGeom& g, T* gx, double* gw_part) {
-  const int64_t R = dw_period(g.c);
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> acc(g.kh * g.kw * R);  // one example's weight-gradient sums, per tap
+    std::vector<T> acc(g.kh * g.kw * g.c);  // one example's weight-gradient sums, per tap
     std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
     std::vector<int64_t> off(g.kh * g.kw), tap(g.kh * g.kw);
     for (int64_t n = n0; n < n1; n++) {
@@ -1346,7 +1331,7 @@ void dw_backward(const T* x, const T* taps, const T* gout, const DwGeom& g, T* g
             for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
               rows[nt] = gn + oy * g.ow * g.c;
               off[nt] = g.pw - kx * g.dw;
-              w[nt] = taps + (ky * g.kw + kx) * R;
+              w[nt] = taps + (ky * g.kw + kx) * g.c;
             }
           }
           dw_row<T>(gx + (n * g.h + iy) * g.w * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.w, 1, g.ow);
@@ -1365,12 +1350,8 @@ void dw_backward(const T* x, const T* taps, const T* gout, const DwGeom& g, T* g
               dw_cols(g.ow, g.w, g.sw, off, &lo, &hi);
               if (lo >= hi) continue;
               // Output column ow sends its gradient to input column ow * s + off.
-              const T* tw = taps + (ky * g.kw + kx) * R;
-              if (g.sw == 1) {
-                simd_tap_flat<T>(o + (lo + off) * g.c, gr + lo * g.c, tw, R, (hi - lo) * g.c);
-              } else {
-                simd_tap<T>(o + (lo * g.sw + off) * g.c, g.sw * g.c, gr + lo * g.c, g.c, tw, g.c, hi - lo);
-              }
+              simd_tap<T>(o + (lo * g.sw + off) * g.c, g.sw * g.c, gr + lo * g.c, g.c, taps + (ky * g.kw + kx) * g.c,
+                          g.c, hi - lo);
             }
           }
         }
@@ -1390,11 +1371,11 @@ void dw_backward(const T* x, const T* taps, const T* gout, const DwGeom& g, T* g
               tap[nt] = ky * g.kw + kx;
             }
           }
-          dw_dot_row<T>(acc.data(), R, gn + oy * g.ow * g.c, rows.data(), off.data(), tap.data(), nt, g.c, g.ow, g.sw,
+          dw_dot_row<T>(acc.data(), gn + oy * g.ow * g.c, rows.data(), off.data(), tap.data(), nt, g.c, g.ow, g.sw,
                         g.w);
         }
         for (int64_t t = 0; t < g.kh * g.kw; t++) {
-          for (int64_t c = 0; c < g.c; c++) part[t * g.c + c] = static_cast<double>(acc[t * R + c]);
+          for (int64_t c = 0; c < g.c; c++) part[t * g.c + c] = static_cast<double>(acc[t * g.c + c]);
         }
       }
     }

@@ -297,8 +297,8 @@ pub fn batch_norm_relu(
 
 /// The depthwise convolution of `x` [N, C, H, W] with `w` [C, 1, kh, kw] (no bias) as the shim's own kernel
 /// (`darts_depthwise`), one autograd node with gradients for both: on the CPU, float32 or float64, `x`
-/// channels-last dense. Every tap of the kernel is one multiply-add over a run of pixels in the channels-last
-/// memory, with dilation and stride read directly (no phase split); the weight's gradient is summed per example in
+/// channels-last dense. Forward and input gradient sum every tap in registers for four pixels times a vector of
+/// channels at a time, with dilation and stride read directly (no phase split); the weight's gradient is summed per example in
 /// float64 and the examples added in order, so the result does not depend on the number of threads; double
 /// backward goes through ATen's convolution_backward. `None` where the kernel does not apply (another device,
 /// dtype or layout): call ATen's conv2d with `groups = C`.
