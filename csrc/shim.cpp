@@ -240,28 +240,26 @@ double blocked_sum_of_squares(const T* a, int64_t n) {
   return s;
 }
 
-// Whether darts_clip_grad_norm's own sweeps take the gradients: all on the CPU, float32 or float64, dense.
-bool clip_own_kernel(const std::vector<at::Tensor>& gs) {
-  for (const auto& g : gs) {
-    if (!g.device().is_cpu() || (g.scalar_type() != at::kFloat && g.scalar_type() != at::kDouble)) return false;
-    if (!g.is_non_overlapping_and_dense()) return false;
+// Whether the shim's own loops take `t` together with `like` (read or written element by element alongside it):
+// `t` on the CPU, float32 or float64, dense, and each of `like` on the CPU with its dtype, shape and strides
+// (element j of each is the same entry).
+bool own_loop_takes(const at::Tensor& t, std::initializer_list<const at::Tensor*> like) {
+  if (!t.device().is_cpu() || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)) return false;
+  if (!t.is_non_overlapping_and_dense()) return false;
+  for (const at::Tensor* u : like) {
+    if (!u->device().is_cpu() || u->scalar_type() != t.scalar_type()) return false;
+    if (u->sizes() != t.sizes() || u->strides() != t.strides()) return false;
   }
   return true;
 }
 
-// Whether the multi-tensor updates' own loops take the lists: at every index, the tensors of all lists on the
-// CPU, float32 or float64 of one dtype, dense, with one shape and one set of strides (element j of each is the
-// same entry).
+// Whether the multi-tensor updates' own loops take the lists: at every index, own_loop_takes of the first list's
+// tensor with the others' (one list: each tensor on its own, as the norms and snapshots need).
 bool lists_own_kernel(const std::vector<const std::vector<at::Tensor>*>& lists) {
   const auto& first = *lists[0];
   for (size_t i = 0; i < first.size(); i++) {
-    const at::Tensor& t = first[i];
-    if (!t.device().is_cpu() || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble)) return false;
-    if (!t.is_non_overlapping_and_dense()) return false;
     for (const auto* l : lists) {
-      const at::Tensor& u = (*l)[i];
-      if (!u.device().is_cpu() || u.scalar_type() != t.scalar_type()) return false;
-      if (u.sizes() != t.sizes() || u.strides() != t.strides()) return false;
+      if (!own_loop_takes(first[i], {&(*l)[i]})) return false;
     }
   }
   return true;
@@ -273,15 +271,6 @@ void sweep(int64_t n, const F& f) {
   at::parallel_for(0, n, 1 << 16, f);
 }
 
-// Whether darts_sgd_step's own loop takes a parameter: CPU, float32 or float64, the parameter, its gradient and
-// its buffer dense with the same strides (element i of each is the same entry).
-bool sgd_own_kernel(const at::Tensor& p, const at::Tensor& g, const at::Tensor& b) {
-  if (!p.device().is_cpu() || !g.device().is_cpu() || !b.device().is_cpu()) return false;
-  if (p.scalar_type() != at::kFloat && p.scalar_type() != at::kDouble) return false;
-  if (g.scalar_type() != p.scalar_type() || b.scalar_type() != p.scalar_type()) return false;
-  if (!p.is_non_overlapping_and_dense() || g.strides() != p.strides() || b.strides() != p.strides()) return false;
-  return g.sizes() == p.sizes() && b.sizes() == p.sizes();
-}
 }  // namespace
 
 extern "C" {
@@ -315,14 +304,14 @@ int darts_sgd_step(const at::Tensor* const* params, const at::Tensor* const* gra
         p.push_back(P);
         g.push_back(G);
         b.push_back(B);
-      } else if (sgd_own_kernel(P, G, B)) {
+      } else if (own_loop_takes(P, {&G, &B})) {
         AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "darts_sgd_step", [&] {
           scalar_t* p = P.mutable_data_ptr<scalar_t>();
           scalar_t* b = B.mutable_data_ptr<scalar_t>();
           const scalar_t* gp = G.const_data_ptr<scalar_t>();
           const scalar_t l = static_cast<scalar_t>(lr), m = static_cast<scalar_t>(momentum),
                          wd = static_cast<scalar_t>(weight_decay);
-          at::parallel_for(0, P.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+          sweep(P.numel(), [&](int64_t i0, int64_t i1) {
             simd_sgd<scalar_t>(p + i0, gp + i0, b + i0, l, m, wd, i1 - i0);
           });
         });
@@ -348,7 +337,7 @@ int darts_clip_grad_norm(const at::Tensor* const* grads, int n, double max_norm,
   return guarded([&] {
     at::NoGradGuard no_grad;
     auto gs = tensor_list(grads, n);
-    if (clip_own_kernel(gs)) {
+    if (lists_own_kernel({&gs})) {
       // Our own sweeps (no operator call; ~900 tensors in DARTS's supernet made ~4,000 calls a step): each
       // tensor's sum of squares in float64 over fixed blocks added in order (the same bits on any number of
       // threads), the norm sqrt of their sum, then the scaling in place where it is below 1.
@@ -365,7 +354,7 @@ int darts_clip_grad_norm(const at::Tensor* const* grads, int n, double max_norm,
           AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "darts_clip_scale", [&] {
             scalar_t* d = g.mutable_data_ptr<scalar_t>();
             const scalar_t c = static_cast<scalar_t>(coef);
-            at::parallel_for(0, g.numel(), 1 << 16, [&](int64_t i0, int64_t i1) { simd_scale_in_place<scalar_t>(d + i0, c, i1 - i0); });
+            sweep(g.numel(), [&](int64_t i0, int64_t i1) { simd_scale_in_place<scalar_t>(d + i0, c, i1 - i0); });
           });
         }
       }
@@ -514,7 +503,7 @@ int darts_global_norm(const at::Tensor* const* ts, int n, at::Tensor** out) {
     at::NoGradGuard no_grad;
     auto t = tensor_list(ts, n);
     at::Tensor r;
-    if (n > 0 && clip_own_kernel(t)) {
+    if (n > 0 && lists_own_kernel({&t})) {
       double sumsq = 0.0;
       for (const auto& g : t) {
         AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "darts_global_norm", [&] {
