@@ -405,13 +405,19 @@ fn a_search_stopped_inside_an_epoch_resumes_bit_for_bit() {
 /// the rounding below can flip: two picks whose derivation weights differ by no more than the alphas do) and with alphas
 /// that differ no more than float rounding makes them differ: float32 gradients summed in another order differ
 /// in their last bits, Adam divides each by its own running magnitude and the second order's finite differences
-/// divide by a small step (and near-uniform alphas' gradients are differences of nearly equal terms), so the
-/// yardstick is how far the unshared search moves from itself on one thread instead of several (libtorch's
-/// reductions split otherwise: the same maths, other rounding).
+/// divide by a small step (and near-uniform alphas' gradients are differences of nearly equal terms). Where a
+/// component of alpha's gradient is itself at rounding level, Adam's step for it (about the learning rate, whatever
+/// the gradient's size) can turn around on rounding alone, so rounding reaches up to one Adam step. The measured
+/// yardsticks: how far a search moves from itself when only rounding differs: the unshared search on one thread
+/// instead of several (where a reduction splits otherwise; darts' own kernels give the same bits on any thread
+/// count, so this is now small), and the shared search with each node's sum taken by operators instead of the
+/// fused kernel (the same sum in another order at every node of every pass, as the unshared search sums it;
+/// tests/mixed_sum.rs checks the two equal in float64). The same maths pass by pass, in float64, is
+/// tests/shared_inputs.rs's.
 #[test]
 fn sharing_edge_inputs_leaves_a_search_from_one_seed_unchanged() {
     for order in [Order::First, Order::Second] {
-        let run = |share: bool, one_thread: bool| {
+        let run = |share: bool, one_thread: bool, fused_sums: bool| {
             let threads = tch::get_num_threads();
             if one_thread {
                 tch::set_num_threads(1);
@@ -419,6 +425,7 @@ fn sharing_edge_inputs_leaves_a_search_from_one_seed_unchanged() {
             let space = SearchSpace { channels: 4, layers: 3, nodes: 3, ..Default::default() };
             let mut s = Search::new(SearchConfig { order, space, ..tiny(2) }, Device::Cpu).unwrap();
             s.net.share_edge_inputs = share;
+            s.net.fused_sums = fused_sums;
             let init = s.net.alphas.normal.detach().copy();
             for _ in 0..2 {
                 s.run_epoch(None).unwrap();
@@ -431,18 +438,21 @@ fn sharing_edge_inputs_leaves_a_search_from_one_seed_unchanged() {
         let diff = |a: &(Tensor, Tensor, _, f64, _), b: &(Tensor, Tensor, _, f64, _)| {
             (&a.0 - &b.0).abs().max().max_other(&(&a.1 - &b.1).abs().max()).double_value(&[])
         };
-        let shared = run(true, false);
-        let unshared = run(false, false);
-        let one_thread = run(false, true);
-        let (moved, rounding) = (shared.3, diff(&unshared, &one_thread));
+        let shared = run(true, false, true);
+        let unshared = run(false, false, true);
+        let one_thread = run(false, true, true);
+        let operator_sums = run(true, false, false);
+        let rounding = diff(&unshared, &one_thread).max(diff(&shared, &operator_sums));
+        let moved = shared.3;
         assert!(moved > 1e-4, "{order:?}: alpha moved by {moved} only");
+        let adam_step = tiny(2).arch_lr;
         let d = diff(&shared, &unshared);
         assert!(
-            d < 0.1 * moved && d < 10.0 * rounding.max(1e-7),
-            "{order:?}: alphas differ by {d} (moved {moved}, rounding {rounding})"
+            d < 0.1 * moved && d < (10.0 * rounding).max(adam_step),
+            "{order:?}: alphas differ by {d} (moved {moved}, rounding {rounding}, one Adam step {adam_step})"
         );
         eprintln!(
-            "{order:?}: moved {moved:.3e}, shared against unshared {d:.3e}, unshared on one thread and on several {rounding:.3e}"
+            "{order:?}: moved {moved:.3e}, shared against unshared {d:.3e}, the same search with other rounding {rounding:.3e}"
         );
         // The same genotype, except where a choice is a tie that this rounding can flip: there the two picks'
         // derivation weights differ by no more than the alphas do.
