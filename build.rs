@@ -1,12 +1,19 @@
-//! Compiles `csrc/shim.cpp` (autocast with a chosen dtype and the CUDA allocator's statistics, which tch does not
-//! expose) against libtorch's headers, with the same flags as tch's own wrapper.
+//! Compiles the shim, `csrc/*.cpp` (what tch does not expose: autocast with a chosen dtype, the CUDA allocator's
+//! statistics, c10d, CUDA graphs, and darts' own CPU kernels), against libtorch's headers, with the same flags as
+//! tch's own wrapper; its files compile in parallel (cc's jobserver).
 //!
 //! Links so that libtorch_cuda stays a needed library (the same binary then uses CUDA where a GPU is present)
 //! and so that libtorch's folder is found at run time without LD_LIBRARY_PATH (a RUNPATH entry, which
 //! LD_LIBRARY_PATH still overrides, e.g. to run on another machine's torch/lib).
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc");
+    let mut sources: Vec<std::path::PathBuf> = std::fs::read_dir("csrc")
+        .expect("the shim's folder csrc/")
+        .map(|e| e.expect("an entry of csrc/").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cpp"))
+        .collect();
+    sources.sort();
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(std::path::PathBuf::from);
     let include = lib.as_ref().and_then(|l| l.parent()).map(|p| p.join("include"));
@@ -17,7 +24,7 @@ fn main() {
     let mut build = cc::Build::new();
     build
         .cpp(true)
-        .file("csrc/shim.cpp")
+        .files(&sources)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
@@ -51,6 +58,7 @@ fn main() {
             build.define("USE_C10D_NCCL", None).define("DARTS_NCCL", None);
         }
     }
+    precompile_header(&mut build);
     build.compile("darts_shim");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os != "linux" {
@@ -111,5 +119,37 @@ fn nccl_includes(lib: Option<&std::path::Path>) -> Option<Vec<std::path::PathBuf
             println!("cargo:warning=nccl.h or CUDA's headers not found: darts is built without NCCL (Gloo only)");
             None
         }
+    }
+}
+
+/// Precompiles `csrc/shim.h` (libtorch's headers, which every file of the shim includes and which take most of
+/// each file's compile time) with the build's own compiler and flags, and has every file force-include it; made
+/// again only when the header or the flags change (an edit to a kernel's file reuses it). Where it cannot be made
+/// or used, GCC reads the header itself: the same code, compiled slower.
+fn precompile_header(build: &mut cc::Build) {
+    let Some(out) = std::env::var_os("OUT_DIR").map(std::path::PathBuf::from) else { return };
+    let compiler = build.get_compiler();
+    if !compiler.is_like_gnu() || compiler.is_like_clang() {
+        return;
+    }
+    let dir = out.join("pch");
+    let (header, gch, stamp) = (dir.join("shim.h"), dir.join("shim.h.gch"), dir.join("stamp"));
+    let Ok(text) = std::fs::read_to_string("csrc/shim.h") else { return };
+    let mut command = compiler.to_command();
+    command.args(["-x", "c++-header", "csrc/shim.h", "-o"]).arg(&gch);
+    let args: Vec<_> = std::iter::once(command.get_program()).chain(command.get_args()).collect();
+    let key = format!("{args:?}\n{text}");
+    let fresh = gch.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|k| k == key);
+    let made = fresh || {
+        let _ = std::fs::remove_file(&stamp);
+        std::fs::create_dir_all(&dir).is_ok()
+            && std::fs::write(&header, &text).is_ok()
+            && command.status().is_ok_and(|s| s.success())
+            && std::fs::write(&stamp, &key).is_ok()
+    };
+    if made {
+        build.flag("-include").flag(header.display().to_string());
+    } else {
+        println!("cargo:warning=the shim's precompiled header could not be made: its files compile without it");
     }
 }

@@ -1,6 +1,6 @@
 //! torch.distributed (c10d) for data-parallel runs: the process group torchrun's environment describes (`RANK`,
 //! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; SLURM jobs set the same), joined through libtorch's
-//! own TCPStore and ProcessGroupNCCL (CUDA) or ProcessGroupGloo (CPU) via `csrc/shim.cpp`, and the collectives
+//! own TCPStore and ProcessGroupNCCL (CUDA) or ProcessGroupGloo (CPU) via `csrc/dist.cpp`, and the collectives
 //! darts needs: gradients averaged in a few large flattened buckets, broadcasts, and a check that every rank holds
 //! the same weights.
 

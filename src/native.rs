@@ -1,4 +1,4 @@
-//! The libtorch calls tch does not expose, through the small C++ shim in `csrc/shim.cpp`: autocast (mixed
+//! The libtorch calls tch does not expose, through the C++ shim in `csrc/` (one file per idea): autocast (mixed
 //! precision) with a chosen device type and dtype, the CUDA caching allocator's memory statistics, random
 //! masks from a privately seeded generator, multi-tensor optimiser steps, and DARTS's relaxed node sum as one
 //! fused autograd node ([`mixed_sum`]).
