@@ -58,7 +58,7 @@ fn main() {
             build.define("USE_C10D_NCCL", None).define("DARTS_NCCL", None);
         }
     }
-    precompile_header(&mut build);
+    precompile_header(&mut build, &include);
     build.compile("darts_shim");
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os != "linux" {
@@ -124,9 +124,10 @@ fn nccl_includes(lib: Option<&std::path::Path>) -> Option<Vec<std::path::PathBuf
 
 /// Precompiles `csrc/shim.h` (libtorch's headers, which every file of the shim includes and which take most of
 /// each file's compile time) with the build's own compiler and flags, and has every file force-include it; made
-/// again only when the header or the flags change (an edit to a kernel's file reuses it). Where it cannot be made
-/// or used, GCC reads the header itself: the same code, compiled slower.
-fn precompile_header(build: &mut cc::Build) {
+/// again when the header, the flags or libtorch's headers (its version, and the time its headers were written:
+/// a reinstall) change, so an edit to a kernel's file reuses it. Where it cannot be made or used, GCC reads the
+/// header itself: the same code, compiled slower.
+fn precompile_header(build: &mut cc::Build, include: &std::path::Path) {
     let Some(out) = std::env::var_os("OUT_DIR").map(std::path::PathBuf::from) else { return };
     let compiler = build.get_compiler();
     if !compiler.is_like_gnu() || compiler.is_like_clang() {
@@ -138,7 +139,9 @@ fn precompile_header(build: &mut cc::Build) {
     let mut command = compiler.to_command();
     command.args(["-x", "c++-header", "csrc/shim.h", "-o"]).arg(&gch);
     let args: Vec<_> = std::iter::once(command.get_program()).chain(command.get_args()).collect();
-    let key = format!("{args:?}\n{text}");
+    let version = std::fs::read_to_string(include.join("torch/csrc/api/include/torch/version.h")).unwrap_or_default();
+    let written = std::fs::metadata(include.join("ATen/ATen.h")).and_then(|m| m.modified()).ok();
+    let key = format!("{args:?}\n{version}\n{written:?}\n{text}");
     let fresh = gch.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|k| k == key);
     let made = fresh || {
         let _ = std::fs::remove_file(&stamp);
