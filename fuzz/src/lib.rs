@@ -4,6 +4,6 @@
 #[path = "../../src/data/error.rs"]
 mod error;
 #[allow(dead_code)]
-#[path = "../../src/data/formats.rs"]
+#[path = "../../src/data/formats/mod.rs"]
 pub mod formats;
 pub use error::DataError;
