@@ -14,87 +14,87 @@ const REFERENCE: &str = include_str!("../../bench/pytorch_darts.py");
 pub struct BenchArgs {
     /// Batch size.
     #[arg(long, default_value_t = 64)]
-    batch: i64,
+    pub(super) batch: i64,
     /// Image height and width.
     #[arg(long, default_value_t = 32)]
-    size: usize,
+    pub(super) size: usize,
     /// Initial channels C.
     #[arg(long, default_value_t = 16)]
-    channels: usize,
+    pub(super) channels: usize,
     /// Cells.
     #[arg(long, default_value_t = 8)]
-    layers: usize,
+    pub(super) layers: usize,
     /// Timed repeats after one warm-up.
     #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    pub(super) repeats: usize,
     /// Which measurements, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
-    only: Vec<Step>,
+    pub(super) only: Vec<Step>,
     /// Final network: genotype (zoo name, file or text).
     #[arg(long, default_value = "DARTS_V2")]
-    final_genotype: String,
+    pub(super) final_genotype: String,
     /// Final network: initial channels.
     #[arg(long, default_value_t = 36)]
-    final_channels: usize,
+    pub(super) final_channels: usize,
     /// Final network: cells.
     #[arg(long, default_value_t = 20)]
-    final_layers: usize,
+    pub(super) final_layers: usize,
     /// Final network: batch size.
     #[arg(long, default_value_t = 96)]
-    final_batch: i64,
+    pub(super) final_batch: i64,
     /// Python with torch for the reference (default: darts' own venv).
     #[arg(long, conflicts_with = "no_pytorch")]
-    pytorch: Option<String>,
+    pub(super) pytorch: Option<String>,
     /// Measure ours only, without the PyTorch reference.
     #[arg(long)]
-    no_pytorch: bool,
+    pub(super) no_pytorch: bool,
     /// Also write the rows as JSON to this file.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub(super) json: Option<PathBuf>,
     /// Our configurations, comma-separated: nchw, channels-last, checkpoint (gradient checkpointing of
     /// cells), pc-darts (partial channels K=4 + edge normalisation; needs --channels divisible by 8),
     /// pc-darts-checkpoint, bf16, gdas (default: the layouts --layout allows, then checkpoint).
     #[arg(long, value_enum, value_delimiter = ',')]
-    variants: Vec<VariantKind>,
+    pub(super) variants: Vec<VariantKind>,
     /// Instead of the comparison: where one forward + backward + SGD step of the supernet spends its time, by
     /// op type (first variant of --variants; "auto": the device's best layout).
     #[arg(long)]
-    profile: bool,
+    pub(super) profile: bool,
     /// With --profile: the final network's training step (--final-genotype, --final-channels, --final-layers,
     /// --final-batch) instead of the supernet's.
     #[arg(long, requires = "profile")]
-    final_network: bool,
+    pub(super) final_network: bool,
     /// Instead of the comparison: inference speed of the final network (--final-genotype, --final-channels,
     /// --final-layers, images of --size) in libtorch, tract and ONNX Runtime (from the venv, when it has it), at
     /// the --deploy-batches sizes, interleaved over --rounds rounds.
     #[arg(long)]
-    deploy: bool,
+    pub(super) deploy: bool,
     /// Instead of the comparison: an epoch of training (--final-genotype, --final-channels, --final-layers,
     /// --final-batch) and of first-order search (--batch, --channels, --layers) on --world processes x
     /// (--threads / --world) threads against one process x --threads threads, interleaved over --rounds rounds,
     /// with the share of the epoch spent in all-reduces.
     #[arg(long)]
-    data_parallel: bool,
+    pub(super) data_parallel: bool,
     /// Processes for --data-parallel.
     #[arg(long, default_value_t = 2)]
-    world: usize,
+    pub(super) world: usize,
     /// Training examples of the --data-parallel epochs.
     #[arg(long, default_value_t = 1024)]
-    dp_limit: usize,
+    pub(super) dp_limit: usize,
     /// Batch sizes for --deploy.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64])]
-    deploy_batches: Vec<usize>,
+    pub(super) deploy_batches: Vec<usize>,
     /// Interleaved rounds: every measurement (the reference's and ours, each in its own process) once per round,
     /// in turn, so that the machine's drift lands in every column alike; ratios are taken within a round and
     /// their median and spread reported (default 3; 5 for --deploy).
     #[arg(long)]
-    rounds: Option<usize>,
+    pub(super) rounds: Option<usize>,
     /// Internal: measure one variant in this process and print its rows as JSON lines.
     #[arg(long, hide = true, value_enum)]
-    one: Option<VariantKind>,
+    pub(super) one: Option<VariantKind>,
 }
 
-fn default_python() -> Option<String> {
+pub(super) fn default_python() -> Option<String> {
     let home = std::env::var_os("HOME")?;
     let cache =
         std::env::var_os("DARTS_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(home).join(".cache/darts"));
@@ -157,7 +157,7 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
     let genotype = darts::rundir::resolve_genotype(&a.final_genotype)?;
     let final_cfg = NetworkConfig { channels: a.final_channels, layers: a.final_layers, ..Default::default() };
     if a.deploy {
-        return deploy_bench(&a, threads as usize, genotype, final_cfg, shape);
+        return super::bench_deploy::deploy_bench(&a, threads as usize, genotype, final_cfg, shape);
     }
     if a.data_parallel {
         return super::bench_dp::bench_data_parallel(&super::bench_dp::DpPlan {
@@ -215,9 +215,9 @@ pub fn run(a: BenchArgs, rt: &super::Runtime) -> Result<()> {
             variants[0].clone()
         };
         if a.final_network {
-            return profile_final(&a, &v, &genotype, &final_cfg, &shape, device, threads);
+            return super::bench_profile::profile_final(&a, &v, &genotype, &final_cfg, &shape, device, threads);
         }
-        return profile(&a, &v, &space, &shape, device, threads);
+        return super::bench_profile::profile(&a, &v, &space, &shape, device, threads);
     }
     eprintln!(
         "bench: batch {} x 3x{}x{}, C={}, {} cells; final network {} x {} cells, batch {}; {} threads, device {:?}",
@@ -519,141 +519,4 @@ fn print_table(p: &Plan, results: &Results, rounds: usize) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
-}
-
-/// `darts bench --profile`: where one forward + backward + SGD step of the supernet (in variant `v`) spends its
-/// time, by op type.
-fn profile(
-    a: &BenchArgs,
-    v: &Variant,
-    space: &SearchSpace,
-    shape: &DataShape,
-    device: tch::Device,
-    threads: i32,
-) -> Result<()> {
-    eprintln!(
-        "profile of one forward + backward + SGD step: batch {} x 3x{}x{}, C={}, {} cells, {}, {threads} threads",
-        a.batch,
-        a.size,
-        a.size,
-        a.channels,
-        a.layers,
-        v.label()
-    );
-    let (rows, step_ms) = darts::bench::profile_search(space, shape, a.batch, a.repeats, device, v);
-    print_profile(a, v, &rows, step_ms)
-}
-
-/// `darts bench --profile --final-network`: where a training step of the final network spends its time.
-fn profile_final(
-    a: &BenchArgs,
-    v: &Variant,
-    genotype: &darts::genotype::Genotype,
-    cfg: &NetworkConfig,
-    shape: &DataShape,
-    device: tch::Device,
-    threads: i32,
-) -> Result<()> {
-    eprintln!(
-        "profile of one training step of the final network: {} {}x{} cells, batch {} x 3x{}x{}, {}, {threads} threads",
-        a.final_genotype,
-        a.final_channels,
-        a.final_layers,
-        a.final_batch,
-        a.size,
-        a.size,
-        v.label()
-    );
-    let (rows, step_ms) = darts::bench::profile_final(genotype, cfg, shape, (a.final_batch, a.repeats), device, v)?;
-    print_profile(a, v, &rows, step_ms)
-}
-
-/// The profile table on stdout, and as JSON when asked.
-fn print_profile(a: &BenchArgs, v: &Variant, rows: &[darts::bench::ProfileRow], step_ms: f64) -> Result<()> {
-    let num = |v: f64, pct: bool| match (v.is_nan(), pct) {
-        (true, _) => "-".to_string(),
-        (false, true) => format!("{:.1}%", 100.0 * v),
-        (false, false) => format!("{v:.1}"),
-    };
-    println!("| op | calls | forward in the step, ms | forward + backward alone, ms | share of the step |");
-    println!("|---|---:|---:|---:|---:|");
-    for r in rows {
-        let (f, fb, sh) = (num(r.forward_ms, false), num(r.forward_backward_ms, false), num(r.share, true));
-        println!("| {} | {} | {f} | {fb} | {sh} |", r.name, r.calls);
-    }
-    println!("| whole step | | | {step_ms:.1} | 100% |");
-    if let Some(path) = &a.json {
-        let json = serde_json::json!({"variant": v.name, "step_ms": step_ms, "rows": rows});
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
-    }
-    Ok(())
-}
-
-/// `darts bench --deploy`: the inference table.
-fn deploy_bench(
-    a: &BenchArgs,
-    threads: usize,
-    genotype: darts::genotype::Genotype,
-    network: NetworkConfig,
-    shape: DataShape,
-) -> Result<()> {
-    use darts::deploy::bench::{bench_inference, InferencePlan};
-    let rounds = a.rounds.unwrap_or(5);
-    anyhow::ensure!(rounds >= 1, "--rounds {rounds}: use at least 1");
-    anyhow::ensure!(a.deploy_batches.iter().all(|&b| b >= 1), "--deploy-batches: sizes of at least 1");
-    let ort = if a.no_pytorch {
-        None
-    } else {
-        a.pytorch
-            .clone()
-            .or_else(default_python)
-            .filter(|py| Command::new(py).args(["-c", "import onnxruntime"]).output().is_ok_and(|o| o.status.success()))
-    };
-    if ort.is_none() {
-        eprintln!("ONNX Runtime is not measured: no Python with onnxruntime (scripts/setup.sh installs it)");
-    }
-    let dir = tempfile_dir()?;
-    let script = dir.join("ort_bench.py");
-    std::fs::write(&script, ORT_BENCH)?;
-    let plan = InferencePlan {
-        genotype,
-        network,
-        shape,
-        batches: a.deploy_batches.clone(),
-        rounds,
-        threads,
-        ort: ort.map(|py| (py, script)),
-    };
-    let rows = bench_inference(&plan, &dir, |m| eprintln!("{m}"))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    println!(
-        "inference, {} {}x{} on {}x{}x{} images, {threads} thread(s), median of {} interleaved rounds",
-        a.final_genotype, a.final_channels, a.final_layers, shape.channels, shape.height, shape.width, rounds
-    );
-    println!("{:<32} {:>6} {:>12} {:>22} {:>10}", "engine", "batch", "ms/batch", "spread (ms)", "images/s");
-    for &b in &a.deploy_batches {
-        for r in rows.iter().filter(|r| r.batch == b) {
-            println!(
-                "{:<32} {:>6} {:>12.2} {:>22} {:>10.0}",
-                r.engine,
-                r.batch,
-                1e3 * r.seconds,
-                format!("{:.2}-{:.2}", 1e3 * r.spread.0, 1e3 * r.spread.1),
-                r.images_per_second
-            );
-        }
-    }
-    if let Some(path) = &a.json {
-        darts::rundir::write_json(path, &rows)?;
-    }
-    Ok(())
-}
-
-/// ONNX Runtime's timing helper, carried inside the binary.
-const ORT_BENCH: &str = include_str!("../../bench/ort_bench.py");
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("darts-deploy-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
