@@ -77,13 +77,19 @@ inline void vstore(T* p, const V& v) {
 // Channels [cb, cb + L) of one output row of a depthwise convolution: o[ow * C + c] = sum over the taps t < nt
 // of w[t][c] * rows[t][(ow * s + off[t]) * C + c], the taps' input columns inside [0, in_w) for every ow in
 // [lo, hi) (others: dw_row_edge). Four pixels at a time, their sums in registers across all taps.
-template <typename T, int L>
+template <typename T, int L, bool ACC>
 inline void dw_row_lanes(T* o, const T* const* rows, const int64_t* off, const T* const* w, int64_t nt, int64_t C,
                          int64_t s, int64_t lo, int64_t hi, int64_t cb) {
   typedef typename Lanes<T, L>::type V;
   int64_t ow = lo;
   for (; ow + 4 <= hi; ow += 4) {
     V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    if (ACC) {
+      a0 = vload<V>(o + ow * C + cb);
+      a1 = vload<V>(o + (ow + 1) * C + cb);
+      a2 = vload<V>(o + (ow + 2) * C + cb);
+      a3 = vload<V>(o + (ow + 3) * C + cb);
+    }
     for (int64_t t = 0; t < nt; t++) {
       const V wv = vload<V>(w[t] + cb);
       const T* xp = rows[t] + (ow * s + off[t]) * C + cb;
@@ -99,14 +105,16 @@ inline void dw_row_lanes(T* o, const T* const* rows, const int64_t* off, const T
   }
   for (; ow < hi; ow++) {
     V a = {};
+    if (ACC) a = vload<V>(o + ow * C + cb);
     for (int64_t t = 0; t < nt; t++) a += vload<V>(w[t] + cb) * vload<V>(rows[t] + (ow * s + off[t]) * C + cb);
     vstore(o + ow * C + cb, a);
   }
 }
 
 // One output row of a depthwise convolution (see dw_row_lanes), every column: the interior by vectors of
-// channels, the columns where some tap leaves the image one at a time with the check.
-template <typename T>
+// channels, the columns where some tap leaves the image one at a time with the check. ACC: added to what o
+// holds (the sum over several convolutions reading one input) instead of written.
+template <typename T, bool ACC>
 DARTS_SIMD void dw_row(T* __restrict__ o, const T* const* rows, const int64_t* off, const T* const* w, int64_t nt,
                        int64_t C, int64_t out_w, int64_t s, int64_t in_w) {
   constexpr int VL = 32 / sizeof(T), VH = 16 / sizeof(T);
@@ -114,7 +122,9 @@ DARTS_SIMD void dw_row(T* __restrict__ o, const T* const* rows, const int64_t* o
   dw_interior(out_w, in_w, s, off, nt, &lo, &hi);
   auto checked = [&](int64_t ow) {
     T* op = o + ow * C;
-    for (int64_t c = 0; c < C; c++) op[c] = T(0);
+    if (!ACC) {
+      for (int64_t c = 0; c < C; c++) op[c] = T(0);
+    }
     for (int64_t t = 0; t < nt; t++) {
       const int64_t ix = ow * s + off[t];
       if (ix < 0 || ix >= in_w) continue;
@@ -125,9 +135,9 @@ DARTS_SIMD void dw_row(T* __restrict__ o, const T* const* rows, const int64_t* o
   };
   for (int64_t ow = 0; ow < lo; ow++) checked(ow);
   int64_t cb = 0;
-  for (; cb + VL <= C; cb += VL) dw_row_lanes<T, VL>(o, rows, off, w, nt, C, s, lo, hi, cb);
-  for (; cb + VH <= C; cb += VH) dw_row_lanes<T, VH>(o, rows, off, w, nt, C, s, lo, hi, cb);
-  for (; cb < C; cb++) dw_row_lanes<T, 1>(o, rows, off, w, nt, C, s, lo, hi, cb);
+  for (; cb + VL <= C; cb += VL) dw_row_lanes<T, VL, ACC>(o, rows, off, w, nt, C, s, lo, hi, cb);
+  for (; cb + VH <= C; cb += VH) dw_row_lanes<T, VH, ACC>(o, rows, off, w, nt, C, s, lo, hi, cb);
+  for (; cb < C; cb++) dw_row_lanes<T, 1, ACC>(o, rows, off, w, nt, C, s, lo, hi, cb);
   for (int64_t ow = hi; ow < out_w; ow++) checked(ow);
 }
 
@@ -207,15 +217,82 @@ std::vector<T> dw_taps(const at::Tensor& w, const DwGeom& g) {
   return t;
 }
 
+// Output rows [r0, r1) of the N * oh rows (example r / oh, row r % oh).
+template <typename T>
+void dw_forward_rows(const T* x, const T* taps, const DwGeom& g, int64_t r0, int64_t r1, T* out) {
+  std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
+  std::vector<int64_t> off(g.kh * g.kw);
+  for (int64_t r = r0; r < r1; r++) {
+    const int64_t n = r / g.oh, oy = r % g.oh;
+    int64_t nt = 0;
+    for (int64_t ky = 0; ky < g.kh; ky++) {
+      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
+        rows[nt] = x + (n * g.h + iy) * g.w * g.c;
+        off[nt] = kx * g.dw - g.pw;
+        w[nt] = taps + (ky * g.kw + kx) * g.c;
+      }
+    }
+    dw_row<T, false>(out + r * g.ow * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.ow, g.sw, g.w);
+  }
+}
+
 template <typename T>
 void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
   const int64_t rows_n = g.n * g.oh;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.ow * g.c * g.kh * g.kw));
-  at::parallel_for(0, rows_n, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
-    std::vector<int64_t> off(g.kh * g.kw);
-    for (int64_t r = r0; r < r1; r++) {
-      const int64_t n = r / g.oh, oy = r % g.oh;
+  at::parallel_for(0, rows_n, grain, [&](int64_t r0, int64_t r1) { dw_forward_rows<T>(x, taps, g, r0, r1, out); });
+}
+
+// Example n's part of the backward: its input gradient gx_n (optional; ACC: added to what gx_n holds, the sum
+// over several convolutions reading one input) and its weight gradient's partial sums part_n (optional,
+// [kh * kw * C] float64).
+template <typename T, bool ACC>
+void dw_backward_example(const T* x, const T* taps, const T* gout, const DwGeom& g, int64_t n, T* gx,
+                         double* part) {
+  std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
+  std::vector<int64_t> off(g.kh * g.kw), tap(g.kh * g.kw);
+  const T* gn = gout + n * g.oh * g.ow * g.c;
+  if (gx != nullptr && g.sh == 1 && g.sw == 1) {
+    // Stride 1: gx[iy, ix] = sum over taps of w[ky, kx] * g[iy + ph - ky * dh, ix + pw - kx * dw], the
+    // forward's row kernel over the output's gradient.
+    for (int64_t iy = 0; iy < g.h; iy++) {
+      int64_t nt = 0;
+      for (int64_t ky = 0; ky < g.kh; ky++) {
+        const int64_t oy = iy + g.ph - ky * g.dh;
+        if (oy < 0 || oy >= g.oh) continue;
+        for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
+          rows[nt] = gn + oy * g.ow * g.c;
+          off[nt] = g.pw - kx * g.dw;
+          w[nt] = taps + (ky * g.kw + kx) * g.c;
+        }
+      }
+      dw_row<T, ACC>(gx + (n * g.h + iy) * g.w * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.w, 1, g.ow);
+    }
+  } else if (gx != nullptr) {
+    for (int64_t iy = 0; iy < g.h; iy++) {
+      T* o = gx + (n * g.h + iy) * g.w * g.c;
+      if (!ACC) std::fill(o, o + g.w * g.c, T(0));
+      for (int64_t ky = 0; ky < g.kh; ky++) {
+        const int64_t num = iy + g.ph - ky * g.dh;
+        if (num < 0 || num % g.sh != 0 || num / g.sh >= g.oh) continue;
+        const T* gr = gn + (num / g.sh) * g.ow * g.c;
+        for (int64_t kx = 0; kx < g.kw; kx++) {
+          const int64_t off = kx * g.dw - g.pw;
+          int64_t lo, hi;
+          dw_cols(g.ow, g.w, g.sw, off, &lo, &hi);
+          if (lo >= hi) continue;
+          // Output column ow sends its gradient to input column ow * s + off.
+          simd_tap<T>(o + (lo * g.sw + off) * g.c, g.sw * g.c, gr + lo * g.c, g.c, taps + (ky * g.kw + kx) * g.c, g.c,
+                      hi - lo);
+        }
+      }
+    }
+  }
+  if (part != nullptr) {
+    std::vector<T> acc(g.kh * g.kw * g.c, T(0));  // the example's weight-gradient sums, per tap
+    for (int64_t oy = 0; oy < g.oh; oy++) {
       int64_t nt = 0;
       for (int64_t ky = 0; ky < g.kh; ky++) {
         const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
@@ -223,12 +300,13 @@ void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
         for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
           rows[nt] = x + (n * g.h + iy) * g.w * g.c;
           off[nt] = kx * g.dw - g.pw;
-          w[nt] = taps + (ky * g.kw + kx) * g.c;
+          tap[nt] = ky * g.kw + kx;
         }
       }
-      dw_row<T>(out + r * g.ow * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.ow, g.sw, g.w);
+      dw_dot_row<T>(acc.data(), gn + oy * g.ow * g.c, rows.data(), off.data(), tap.data(), nt, g.c, g.ow, g.sw, g.w);
     }
-  });
+    for (int64_t t = 0; t < g.kh * g.kw * g.c; t++) part[t] = static_cast<double>(acc[t]);
+  }
 }
 
 // gx (optional) and the per-example weight gradient partials (optional, [n][kh * kw * C] float64), one example
@@ -236,71 +314,27 @@ void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
 template <typename T>
 void dw_backward(const T* x, const T* taps, const T* gout, const DwGeom& g, T* gx, double* gw_part) {
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> acc(g.kh * g.kw * g.c);  // one example's weight-gradient sums, per tap
-    std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
-    std::vector<int64_t> off(g.kh * g.kw), tap(g.kh * g.kw);
     for (int64_t n = n0; n < n1; n++) {
-      const T* gn = gout + n * g.oh * g.ow * g.c;
-      if (gx != nullptr && g.sh == 1 && g.sw == 1) {
-        // Stride 1: gx[iy, ix] = sum over taps of w[ky, kx] * g[iy + ph - ky * dh, ix + pw - kx * dw], the
-        // forward's row kernel over the output's gradient.
-        for (int64_t iy = 0; iy < g.h; iy++) {
-          int64_t nt = 0;
-          for (int64_t ky = 0; ky < g.kh; ky++) {
-            const int64_t oy = iy + g.ph - ky * g.dh;
-            if (oy < 0 || oy >= g.oh) continue;
-            for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
-              rows[nt] = gn + oy * g.ow * g.c;
-              off[nt] = g.pw - kx * g.dw;
-              w[nt] = taps + (ky * g.kw + kx) * g.c;
-            }
-          }
-          dw_row<T>(gx + (n * g.h + iy) * g.w * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.w, 1, g.ow);
-        }
-      } else if (gx != nullptr) {
-        for (int64_t iy = 0; iy < g.h; iy++) {
-          T* o = gx + (n * g.h + iy) * g.w * g.c;
-          std::fill(o, o + g.w * g.c, T(0));
-          for (int64_t ky = 0; ky < g.kh; ky++) {
-            const int64_t num = iy + g.ph - ky * g.dh;
-            if (num < 0 || num % g.sh != 0 || num / g.sh >= g.oh) continue;
-            const T* gr = gn + (num / g.sh) * g.ow * g.c;
-            for (int64_t kx = 0; kx < g.kw; kx++) {
-              const int64_t off = kx * g.dw - g.pw;
-              int64_t lo, hi;
-              dw_cols(g.ow, g.w, g.sw, off, &lo, &hi);
-              if (lo >= hi) continue;
-              // Output column ow sends its gradient to input column ow * s + off.
-              simd_tap<T>(o + (lo * g.sw + off) * g.c, g.sw * g.c, gr + lo * g.c, g.c, taps + (ky * g.kw + kx) * g.c,
-                          g.c, hi - lo);
-            }
-          }
-        }
-      }
-      if (gw_part != nullptr) {
-        double* part = gw_part + n * g.kh * g.kw * g.c;
-        std::fill(part, part + g.kh * g.kw * g.c, 0.0);
-        std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t oy = 0; oy < g.oh; oy++) {
-          int64_t nt = 0;
-          for (int64_t ky = 0; ky < g.kh; ky++) {
-            const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-            if (iy < 0 || iy >= g.h) continue;
-            for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
-              rows[nt] = x + (n * g.h + iy) * g.w * g.c;
-              off[nt] = kx * g.dw - g.pw;
-              tap[nt] = ky * g.kw + kx;
-            }
-          }
-          dw_dot_row<T>(acc.data(), gn + oy * g.ow * g.c, rows.data(), off.data(), tap.data(), nt, g.c, g.ow, g.sw,
-                        g.w);
-        }
-        for (int64_t t = 0; t < g.kh * g.kw; t++) {
-          for (int64_t c = 0; c < g.c; c++) part[t * g.c + c] = static_cast<double>(acc[t * g.c + c]);
-        }
-      }
+      double* part = gw_part != nullptr ? gw_part + n * g.kh * g.kw * g.c : nullptr;
+      dw_backward_example<T, false>(x, taps, gout, g, n, gx, part);
     }
   });
+}
+
+// The weight gradient [C, 1, kh, kw] from the per-example partials, the examples added in order.
+template <typename T>
+at::Tensor dw_weight_grad(const std::vector<double>& part, const DwGeom& geo, const at::Tensor& w) {
+  at::Tensor gw = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  T* gp = gw.mutable_data_ptr<T>();
+  const int64_t taps_n = geo.kh * geo.kw;
+  for (int64_t t = 0; t < taps_n; t++) {
+    for (int64_t c = 0; c < geo.c; c++) {
+      double sum = 0.0;
+      for (int64_t n = 0; n < geo.n; n++) sum += part[(n * taps_n + t) * geo.c + c];
+      gp[c * taps_n + t] = static_cast<T>(sum);
+    }
+  }
+  return gw;
 }
 
 struct DepthwiseConv : public torch::autograd::Function<DepthwiseConv> {
@@ -351,18 +385,118 @@ struct DepthwiseConv : public torch::autograd::Function<DepthwiseConv> {
       std::vector<scalar_t> taps = dw_taps<scalar_t>(w, geo);
       dw_backward<scalar_t>(x.const_data_ptr<scalar_t>(), taps.data(), g.const_data_ptr<scalar_t>(), geo,
                             want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr, want_w ? part.data() : nullptr);
-      if (want_w) {
-        at::Tensor gw = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
-        scalar_t* gp = gw.mutable_data_ptr<scalar_t>();
-        const int64_t taps_n = geo.kh * geo.kw;
-        for (int64_t t = 0; t < taps_n; t++) {
-          for (int64_t c = 0; c < geo.c; c++) {
-            double sum = 0.0;
-            for (int64_t n = 0; n < geo.n; n++) sum += part[(n * taps_n + t) * geo.c + c];
-            gp[c * taps_n + t] = static_cast<scalar_t>(sum);
+      if (want_w) out[1] = dw_weight_grad<scalar_t>(part, geo, w);
+    });
+    out[0] = gx;
+    return out;
+  }
+};
+// Several depthwise convolutions of one input (the first convolution of every sep and dil conv op on the edges
+// that read one state) as one autograd node. Forward: one task per (example, convolution), an example's
+// convolutions in a row, so that they read its input from the cache. Backward: x's gradient is the sum of every
+// convolution's, each example's added in one buffer in the convolutions' order (instead of a tensor per
+// convolution and autograd's additions); each weight's gradient as the single kernel's (per example in float64,
+// the examples added in order). spec: (sh, sw, ph, pw, dh, dw) per convolution.
+struct DepthwiseMulti : public torch::autograd::Function<DepthwiseMulti> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                at::TensorList ws, at::IntArrayRef spec) {
+    const int64_t m = static_cast<int64_t>(ws.size());
+    ctx->set_materialize_grads(false);  // an output outside the loss: no gradient, not a zero one
+    std::vector<DwGeom> geo(m);
+    torch::autograd::variable_list outs;
+    for (int64_t k = 0; k < m; k++) {
+      const int64_t* sp = spec.data() + 6 * k;
+      TORCH_CHECK(dw_geometry(x, ws[k], sp, sp + 2, sp + 4, &geo[k]), "darts_depthwise_multi: not a fusable input");
+      outs.push_back(
+          at::empty({geo[k].n, geo[k].c, geo[k].oh, geo[k].ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast)));
+    }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_depthwise_multi", [&] {
+      std::vector<std::vector<scalar_t>> taps;
+      std::vector<scalar_t*> out_p;
+      for (int64_t k = 0; k < m; k++) {
+        taps.push_back(dw_taps<scalar_t>(ws[k], geo[k]));
+        out_p.push_back(outs[k].mutable_data_ptr<scalar_t>());
+      }
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      at::parallel_for(0, x.size(0) * m, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; i++) {
+          const int64_t n = i / m, k = i % m;
+          const DwGeom& g = geo[k];
+          dw_forward_rows<scalar_t>(xp, taps[k].data(), g, n * g.oh, (n + 1) * g.oh, out_p[k]);
+        }
+      });
+    });
+    std::vector<at::Tensor> saved{x};
+    for (const auto& w : ws) saved.push_back(w);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["spec"] = spec.vec();
+    return outs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const int64_t m = static_cast<int64_t>(saved.size()) - 1;
+    const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
+    torch::autograd::variable_list out(m + 2);
+    const bool want_x = ctx->needs_input_grad(0);
+    std::vector<int64_t> live;  // the convolutions with a gradient to pass on
+    for (int64_t k = 0; k < m; k++) {
+      if (grads[k].defined() && (want_x || ctx->needs_input_grad(k + 1))) live.push_back(k);
+    }
+    if (live.empty()) return out;
+    if (at::GradMode::is_enabled()) {
+      // Double backward: ATen's differentiable convolution_backward per convolution, x's gradients added.
+      at::Tensor gx;
+      for (int64_t k : live) {
+        const int64_t* sp = spec.data() + 6 * k;
+        const bool want_w = ctx->needs_input_grad(k + 1);
+        auto r = at::convolution_backward(grads[k], x, saved[k + 1], std::nullopt, {sp[0], sp[1]}, {sp[2], sp[3]},
+                                          {sp[4], sp[5]}, false, {0, 0}, x.size(1), {want_x, want_w, false});
+        if (want_x) gx = gx.defined() ? gx + std::get<0>(r) : std::get<0>(r);
+        if (want_w) out[k + 1] = std::get<1>(r);
+      }
+      out[0] = gx;
+      return out;
+    }
+    std::vector<DwGeom> geo(m);
+    std::vector<at::Tensor> g(m);
+    for (int64_t k : live) {
+      const int64_t* sp = spec.data() + 6 * k;
+      TORCH_CHECK(dw_geometry(x, saved[k + 1], sp, sp + 2, sp + 4, &geo[k]),
+                  "darts_depthwise_multi: not a fusable input");
+      g[k] = grads[k].is_contiguous(at::MemoryFormat::ChannelsLast) ? grads[k]
+                                                                      : grads[k].contiguous(at::MemoryFormat::ChannelsLast);
+    }
+    at::Tensor gx = want_x ? at::empty_like(x) : at::Tensor();
+    std::vector<std::vector<double>> part(m);
+    for (int64_t k : live) {
+      if (ctx->needs_input_grad(k + 1)) part[k].resize(geo[k].n * geo[k].kh * geo[k].kw * geo[k].c);
+    }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_depthwise_multi_backward", [&] {
+      std::vector<std::vector<scalar_t>> taps(m);
+      for (int64_t k : live) taps[k] = dw_taps<scalar_t>(saved[k + 1], geo[k]);
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      scalar_t* gxp = want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, x.size(0), 1, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; n++) {
+          bool first = true;
+          for (int64_t k : live) {
+            const DwGeom& gk = geo[k];
+            double* pk = part[k].empty() ? nullptr : part[k].data() + n * gk.kh * gk.kw * gk.c;
+            const scalar_t* gp = g[k].const_data_ptr<scalar_t>();
+            if (first) {
+              dw_backward_example<scalar_t, false>(xp, taps[k].data(), gp, gk, n, gxp, pk);
+            } else {
+              dw_backward_example<scalar_t, true>(xp, taps[k].data(), gp, gk, n, gxp, pk);
+            }
+            first = first && gxp == nullptr;
           }
         }
-        out[1] = gw;
+      });
+      for (int64_t k : live) {
+        if (!part[k].empty()) out[k + 1] = dw_weight_grad<scalar_t>(part[k], geo[k], saved[k + 1]);
       }
     });
     out[0] = gx;
@@ -385,6 +519,26 @@ int darts_depthwise(const at::Tensor* x, const at::Tensor* w, int64_t sh, int64_
     if (!dw_geometry(*x, *w, s, p, d, &g)) return 1;
     *out = new at::Tensor(DepthwiseConv::apply(*x, *w, at::IntArrayRef(s, 2), at::IntArrayRef(p, 2),
                                                at::IntArrayRef(d, 2)));
+    return 0;
+  });
+}
+
+// outs[k] = the depthwise convolution of the channels-last `x` with `ws[k]`, stride, padding and dilation
+// spec[6k..6k+6) = (sh, sw, ph, pw, dh, dw), for k < n, as one autograd node (gradients for x, the sum of every
+// convolution's, and every ws[k]). Returns 0, 1 where the kernel does not apply to one of them (nothing touched:
+// use darts_depthwise or ATen per convolution), or -1.
+int darts_depthwise_multi(const at::Tensor* x, const at::Tensor* const* ws, int n, const int64_t* spec,
+                          at::Tensor** outs) {
+  return guarded([&] {
+    if (n < 1) return 1;
+    for (int k = 0; k < n; k++) {
+      DwGeom g;
+      const int64_t* sp = spec + 6 * k;
+      if (!dw_geometry(*x, *ws[k], sp, sp + 2, sp + 4, &g)) return 1;
+    }
+    std::vector<at::Tensor> list = tensor_list(ws, n);
+    auto r = DepthwiseMulti::apply(*x, at::TensorList(list), at::IntArrayRef(spec, 6 * n));
+    for (int k = 0; k < n; k++) outs[k] = new at::Tensor(r[k]);
     return 0;
   });
 }

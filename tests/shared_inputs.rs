@@ -21,7 +21,9 @@ fn all_buffers(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 /// every gradient (weights, alphas, betas) equal the unshared supernet's (every edge from scratch, as the original
 /// code) in float64, its BN statistics end equal, and so do evaluation-mode logits; for the op sets and node
 /// counts the tests use, PC-DARTS, GDAS, skip dropout, the auxiliary skip, GELU, channels-last and checkpointed
-/// cells. Sharing makes fewer ATen calls (it is in effect).
+/// cells. Batched edges (the first depthwise convolutions of a state's readers as one node, channels-last) give
+/// the same values too, against both, and make fewer ATen calls in a training pass (they are in effect). Sharing
+/// makes fewer ATen calls (it is in effect).
 #[test]
 fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -67,6 +69,18 @@ fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
             channels_last: true,
             ..case("pc-darts, channels-last", SearchSpace { channels: 8, partial_channels: 4, ..base.clone() })
         },
+        Case { channels_last: true, ..case("darts, channels-last", base.clone()) },
+        Case {
+            channels_last: true,
+            skip_dropout: 0.3,
+            aux: 0.6,
+            ..case("skip dropout, aux skip, channels-last", SearchSpace { auxiliary_skip: true, ..base.clone() })
+        },
+        Case {
+            channels_last: true,
+            gdas: Some(1.0),
+            ..case("gdas, channels-last", SearchSpace { nodes: 3, ..base.clone() })
+        },
     ];
     let opts = (Kind::Double, Device::Cpu);
     for c in cases {
@@ -94,27 +108,57 @@ fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
         wrt.extend(net.alphas.tensors().into_iter().map(|t| t.shallow_clone()));
         let refs: Vec<&Tensor> = wrt.iter().collect();
         let before: Vec<Tensor> = all_buffers(&vs).iter().map(|(_, t)| t.copy()).collect();
-        let mut run = |share: bool| {
+        let restore = || {
             tch::no_grad(|| {
                 for ((_, t), b) in all_buffers(&vs).iter().zip(&before) {
                     t.shallow_clone().copy_(b);
                 }
-            });
+            })
+        };
+        let mut run = |share: bool, batched: bool| {
+            restore();
             net.share_edge_inputs = share;
+            net.batched_edges = batched;
             net.set_sample_stream(11);
             let passes: Vec<(Tensor, Tensor, Vec<Tensor>)> = xs.iter().map(|x| net.loss_grads(x, &y, &refs)).collect();
             let stats: Vec<Tensor> = all_buffers(&vs).iter().map(|(_, t)| t.copy()).collect();
             let eval = tch::no_grad(|| net.forward_t(&xs[0], false));
             let (_, calls) = darts::native::count_aten_calls(|| tch::no_grad(|| net.forward_t(&xs[0], false))).unwrap();
-            (passes, stats, eval, calls)
+            net.set_sample_stream(11);
+            let (_, train_calls) = darts::native::count_aten_calls(|| net.loss_grads(&xs[0], &y, &refs)).unwrap();
+            (passes, stats, eval, calls, train_calls)
         };
-        let (shared, stats_s, eval_s, calls_s) = run(true);
-        let (plain, stats_p, eval_p, calls_p) = run(false);
+        let (batched, stats_b, eval_b, _, train_b) = run(true, true);
+        let (shared, stats_s, eval_s, calls_s, train_s) = run(true, false);
+        let (plain, stats_p, eval_p, calls_p, _) = run(false, false);
+        restore();
         let close = |a: &Tensor, b: &Tensor| {
             let scale = b.abs().max().double_value(&[]).max(1e-30);
             (a - b).abs().max().double_value(&[]) <= 1e-10 * scale + 1e-13
         };
-        for (p, ((la, ga, gra), (lb, gb, grb))) in shared.iter().zip(&plain).enumerate() {
+        // Batched against unbatched, both shared; then shared (batched, the default) against the unshared.
+        for (p, ((la, ga, gra), (lb, gb, grb))) in batched.iter().zip(&shared).enumerate() {
+            assert!(close(la, lb), "{name}, pass {p}: batched loss {la} vs {lb}");
+            assert!(close(ga, gb), "{name}, pass {p}: batched logits");
+            for (i, (a, b)) in gra.iter().zip(grb).enumerate() {
+                assert_eq!(a.defined(), b.defined(), "{name}, pass {p}: gradient {i} reached batched or not only");
+                if a.defined() {
+                    assert!(close(a, b), "{name}, pass {p}: batched gradient {i} differs by {}", (a - b).abs().max());
+                }
+            }
+        }
+        for (a, b) in stats_b.iter().zip(&stats_s) {
+            assert!(close(a, b), "{name}: batched BN statistics");
+        }
+        assert!(close(&eval_b, &eval_s), "{name}: batched evaluation-mode logits");
+        // In effect where the kernel applies (channels-last, every op runs): one node backward instead of one per
+        // convolution and autograd's additions of their gradients.
+        if c.channels_last && c.gdas.is_none() {
+            assert!(train_b < train_s, "{name}: {train_b} ATen calls batched, {train_s} not");
+        } else {
+            assert_eq!(train_b, train_s, "{name}: batched edges where they do not apply");
+        }
+        for (p, ((la, ga, gra), (lb, gb, grb))) in batched.iter().zip(&plain).enumerate() {
             assert!(close(la, lb), "{name}, pass {p}: loss {la} vs {lb}");
             assert!(close(ga, gb), "{name}, pass {p}: logits");
             for (i, (a, b)) in gra.iter().zip(grb).enumerate() {
@@ -128,11 +172,11 @@ fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
                 assert!(g.abs().max().double_value(&[]) > 0.0, "{name}: an architecture gradient is zero");
             }
         }
-        for (((n, _), a), b) in all_buffers(&vs).iter().zip(&stats_s).zip(&stats_p) {
+        for (((n, _), a), b) in all_buffers(&vs).iter().zip(&stats_b).zip(&stats_p) {
             assert!(close(a, b), "{name}: {n} after three passes");
         }
-        assert!(stats_s.iter().zip(&before).any(|(a, b)| !a.equal(b)), "{name}: the statistics never moved");
-        assert!(close(&eval_s, &eval_p), "{name}: evaluation-mode logits");
+        assert!(stats_b.iter().zip(&before).any(|(a, b)| !a.equal(b)), "{name}: the statistics never moved");
+        assert!(close(&eval_b, &eval_p), "{name}: evaluation-mode logits");
         assert!(calls_s < calls_p, "{name}: {calls_s} ATen calls shared, {calls_p} unshared");
     }
 }

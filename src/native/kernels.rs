@@ -34,6 +34,13 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> c_int;
     fn darts_pointwise(x: *const c_void, w: *const c_void, out: *mut *mut c_void) -> c_int;
+    fn darts_depthwise_multi(
+        x: *const c_void,
+        ws: *const *const c_void,
+        n: c_int,
+        spec: *const i64,
+        outs: *mut *mut c_void,
+    ) -> c_int;
 }
 
 /// DARTS's relaxed node, `sum_k w[k] * ys[k]`: the candidate ops' outputs of every edge into one node, each
@@ -141,6 +148,53 @@ pub fn depthwise_conv(
         0 if !out.is_null() => Some(unsafe { Tensor::from_ptr(out.cast()) }),
         1 => None,
         _ => panic!("the depthwise convolution failed: {}", last_error()),
+    }
+}
+
+/// One depthwise convolution of [`depthwise_convs`]: the weight [C, 1, kh, kw], stride, padding and dilation.
+#[derive(Clone, Copy, Debug)]
+pub struct DepthwiseSpec<'a> {
+    /// The kernel, `[C, 1, kh, kw]`.
+    pub weight: &'a Tensor,
+    /// Stride in each direction.
+    pub stride: [i64; 2],
+    /// Zero padding in each direction.
+    pub padding: [i64; 2],
+    /// Dilation in each direction.
+    pub dilation: [i64; 2],
+}
+
+/// Several depthwise convolutions of one input `x` (the first convolution of every sep and dil conv op on the
+/// edges that read one state: the batched edges of issue 16) as one autograd node of the shim
+/// (`darts_depthwise_multi`): the same sums as [`depthwise_conv`] per convolution, forward one task per example
+/// and convolution (an example's convolutions in a row, its input read from the cache), backward `x`'s gradient
+/// summed over the convolutions in one buffer, in their order, instead of one tensor per convolution and
+/// autograd's additions. The weights' gradients and the outputs are [`depthwise_conv`]'s bits; `x`'s gradient the
+/// same sum in another order. `None` where the kernel does not apply to one of them (see [`depthwise_conv`]).
+pub fn depthwise_convs(x: &Tensor, convs: &[DepthwiseSpec]) -> Option<Vec<Tensor>> {
+    if convs.is_empty() {
+        return Some(Vec::new());
+    }
+    let ws: Vec<&Tensor> = convs.iter().map(|c| c.weight).collect();
+    let p = ptrs(&ws);
+    let spec: Vec<i64> = convs
+        .iter()
+        .flat_map(|c| [c.stride[0], c.stride[1], c.padding[0], c.padding[1], c.dilation[0], c.dilation[1]])
+        .collect();
+    let mut outs: Vec<*mut c_void> = vec![std::ptr::null_mut(); convs.len()];
+    // SAFETY: live tensors (tch's C_tensor is libtorch's at::Tensor*), only read; `spec` holds six values per
+    // convolution; when it returns 0 the shim has written a newly allocated tensor to each of `outs`' n slots, and
+    // it catches every C++ exception.
+    let rc = unsafe {
+        darts_depthwise_multi(x.as_ptr().cast(), p.as_ptr(), p.len() as c_int, spec.as_ptr(), outs.as_mut_ptr())
+    };
+    match rc {
+        // SAFETY: each is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
+        0 if outs.iter().all(|o| !o.is_null()) => {
+            Some(outs.into_iter().map(|o| unsafe { Tensor::from_ptr(o.cast()) }).collect())
+        }
+        1 => None,
+        _ => panic!("the batched depthwise convolutions failed: {}", last_error()),
     }
 }
 

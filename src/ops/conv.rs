@@ -68,6 +68,13 @@ impl Conv {
     /// Applies the convolution.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.forward_own(x).unwrap_or_else(|| self.forward_aten(x));
+        self.count_macs(&y);
+        y
+    }
+
+    /// Adds this convolution's multiply-accumulates for its output `y` to [`count_conv_macs`]'s count, when one
+    /// runs (also for an output computed elsewhere, as by [`crate::native::depthwise_convs`]).
+    pub(crate) fn count_macs(&self, y: &Tensor) {
         MACS.with(|m| {
             if let Some(n) = m.get() {
                 // Per example: every output element takes c_in/groups * kh * kw multiply-adds.
@@ -76,7 +83,6 @@ impl Conv {
                 m.set(Some(n + (out[1] * out[2] * out[3] * w[1] * w[2] * w[3]) as u64));
             }
         });
-        y
     }
 }
 
@@ -132,9 +138,19 @@ impl Conv {
 
     /// A depthwise convolution without bias (one k x k kernel per channel), which the shim's own kernel
     /// computes on the CPU ([`crate::native::depthwise_conv`]).
-    fn is_depthwise(&self) -> bool {
+    pub(crate) fn is_depthwise(&self) -> bool {
         let k = self.weight.size();
         self.bias.is_none() && self.groups > 1 && k[0] == self.groups && k[1] == 1
+    }
+
+    /// This convolution as one of [`crate::native::depthwise_convs`]'s.
+    pub(crate) fn depthwise_spec(&self) -> crate::native::DepthwiseSpec<'_> {
+        crate::native::DepthwiseSpec {
+            weight: &self.weight,
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+        }
     }
 
     /// A depthwise convolution with dilation 2 and "same" padding (the dil_conv ops).

@@ -160,7 +160,7 @@ impl Op {
             }
             Op::Identity => x.shallow_clone(),
             Op::Reduce(fr) => fr.forward_t(x, train),
-            Op::Convs(act, blocks) => convs_forward(*act, blocks, act.apply(x), train),
+            Op::Convs(act, blocks) => convs_forward(*act, blocks, act.apply(x), train, false),
         }
     }
 
@@ -177,22 +177,44 @@ impl Op {
     /// computed, so that the edges reading one state can share it; `None` for the other ops.
     pub fn forward_activated(&self, activated: &Tensor, train: bool) -> Option<Tensor> {
         match self {
-            Op::Convs(act, blocks) => Some(convs_forward(*act, blocks, activated.shallow_clone(), train)),
+            Op::Convs(act, blocks) => Some(convs_forward(*act, blocks, activated.shallow_clone(), train, false)),
             Op::Reduce(fr) => Some(fr.forward_activated(activated, train)),
+            _ => None,
+        }
+    }
+
+    /// The convolution a convolution chain begins with (after its activation) when it is a depthwise one without
+    /// bias (the sep and dil convs'): the edges reading one state compute these together
+    /// ([`crate::native::depthwise_convs`]); `None` for other ops.
+    pub fn first_depthwise(&self) -> Option<&Conv> {
+        match self {
+            Op::Convs(_, blocks) => blocks.first()?.0.first().filter(|c| c.is_depthwise() && c.bias.is_none()),
+            _ => None,
+        }
+    }
+
+    /// [`Op::forward_activated`] of an op with a [`Op::first_depthwise`] from that convolution's output `first`,
+    /// computed elsewhere; `None` for other ops.
+    pub fn forward_from_first(&self, first: Tensor, train: bool) -> Option<Tensor> {
+        self.first_depthwise()?;
+        match self {
+            Op::Convs(act, blocks) => Some(convs_forward(*act, blocks, first, train, true)),
             _ => None,
         }
     }
 }
 
-/// A chain of (activation, convolutions, BN) blocks on `y`, the first block's activation already applied.
-/// A BN that the next block's ReLU follows is computed with it ([`Bn::forward_relu_t`]).
-fn convs_forward(act: Activation, blocks: &[(Vec<Conv>, Bn)], mut y: Tensor, train: bool) -> Tensor {
+/// A chain of (activation, convolutions, BN) blocks on `y`, the first block's activation already applied (and
+/// with `first_done` its first convolution too). A BN that the next block's ReLU follows is computed with it
+/// ([`Bn::forward_relu_t`]).
+fn convs_forward(act: Activation, blocks: &[(Vec<Conv>, Bn)], mut y: Tensor, train: bool, first_done: bool) -> Tensor {
     let mut activated = true;
     for (i, (convs, bn)) in blocks.iter().enumerate() {
         if !activated {
             y = act.apply(&y);
         }
-        for conv in convs {
+        let skip = usize::from(first_done && i == 0);
+        for conv in &convs[skip..] {
             y = conv.forward(&y);
         }
         let relu_next = act == Activation::Relu && i + 1 < blocks.len();

@@ -74,6 +74,9 @@ pub struct Pass {
     /// Each node's weighted sum of its edges' op outputs in one pass ([`crate::native::mixed_sum`]; PC-DARTS:
     /// each edge's); off, a product and a sum per op as the original code.
     pub fused: bool,
+    /// Batched edges: the first depthwise convolutions of the ops reading one state computed together
+    /// ([`EdgeInput::batch`]; with shared edge inputs, not under GDAS, where each edge runs one op).
+    pub batched: bool,
 }
 
 impl Pass {
@@ -253,6 +256,20 @@ impl SearchCell {
         SearchCell { reduction, preprocess0, preprocess1, edges, nodes: space.nodes }
     }
 
+    /// The ops that read state `i` (0, 1: the preprocessed inputs; then the nodes): every running op of the
+    /// state's outgoing edges, node by node.
+    fn readers(&self, i: usize) -> impl Iterator<Item = &Op> {
+        let mut edges = Vec::new();
+        let mut offset = 0;
+        for n in 0..self.nodes {
+            if i < n + 2 {
+                edges.push(&self.edges[offset + i]);
+            }
+            offset += n + 2;
+        }
+        edges.into_iter().flat_map(|e| e.running.iter().map(move |&k| &e.ops[k as usize]))
+    }
+
     /// `weights`: this cell type's architecture weights for the pass. `s0` and `s1` share their activation with the
     /// other cell that reads them ([`EdgeInput::activated`]); when they share ([`EdgeInput::shares`]) the edges
     /// reading one state share its activation, pooling and (in training mode) pooling BN; when not, every edge
@@ -268,8 +285,16 @@ impl SearchCell {
         });
         let partial = self.edges[0].partial;
         let gdas = weights.choices.is_some();
-        let input = |x: &Tensor| EdgeInput::new(x, share, partial, train, gdas);
-        let mut states = vec![input(&s0), input(&s1)];
+        let batched = pass.batched && !gdas;
+        // State i, and with batched edges the ops that will read it.
+        let input = |x: &Tensor, i: usize| {
+            let state = EdgeInput::new(x, share, partial, train, gdas);
+            if batched {
+                state.batch(self.readers(i));
+            }
+            state
+        };
+        let mut states = vec![input(&s0, 0), input(&s1, 1)];
         let mut offset = 0;
         // The fused node: every running op of every incoming edge weighted in one pass, with weights
         // softmax(alpha) (times the edge's beta with edge normalisation), then DARTS-'s auxiliary skips.
@@ -300,7 +325,7 @@ impl SearchCell {
                     }
                 }
                 offset += n;
-                states.push(input(&sum));
+                states.push(input(&sum, n));
                 continue;
             }
             let mut sum: Option<Tensor> = None;
@@ -319,7 +344,8 @@ impl SearchCell {
                 });
             }
             offset += states.len();
-            states.push(input(&sum.expect("a node has at least two inputs")));
+            let n = states.len();
+            states.push(input(&sum.expect("a node has at least two inputs"), n));
         }
         copy_statistics(&states);
         let nodes: Vec<&Tensor> = states[2..].iter().map(|s| s.full()).collect();

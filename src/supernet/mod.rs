@@ -48,6 +48,10 @@ pub struct SearchNetwork {
     /// Each node sums its edges' weighted op outputs in one pass ([`crate::native::mixed_sum`]; the default, with
     /// shared edge inputs); off, a product and a sum per op as the original code.
     pub fused_sums: bool,
+    /// Batched edges: the first depthwise convolutions of the ops reading one state as one autograd node
+    /// ([`crate::shared::EdgeInput::batch`]; the default, with shared edge inputs); off, one per op (the
+    /// reference of the tests).
+    pub batched_edges: bool,
     sample_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
     buffers: Vec<Tensor>,
@@ -102,6 +106,7 @@ impl SearchNetwork {
             gdas_tau: None,
             share_edge_inputs: true,
             fused_sums: true,
+            batched_edges: true,
             sample_stream: std::sync::atomic::AtomicU64::new(0),
             buffers: Vec::new(),
             graphs: None,
@@ -148,8 +153,9 @@ impl SearchNetwork {
     /// A pass in this mode; a training pass that draws (skip dropout masks, GDAS samples) takes the next seed of
     /// the stream.
     fn pass(&self, train: bool) -> Pass {
-        let fused = self.fused_sums && self.share_edge_inputs;
-        let pass = Pass { train, skip_dropout: self.skip_dropout, aux_skip: self.aux_skip, seed: 0, fused };
+        let (fused, batched) =
+            (self.fused_sums && self.share_edge_inputs, self.batched_edges && self.share_edge_inputs);
+        let pass = Pass { train, skip_dropout: self.skip_dropout, aux_skip: self.aux_skip, seed: 0, fused, batched };
         if !train {
             return Pass { skip_dropout: 0.0, ..pass };
         }
@@ -345,7 +351,8 @@ mod tests {
         let x = Tensor::rand([2, 4, 5, 5], (Kind::Float, Device::Cpu)) + 1.0;
         let w = Tensor::from_slice(&[0.3f32, 0.7]);
         let plain = &x * 0.7;
-        let pass = |train, skip_dropout| Pass { train, skip_dropout, aux_skip: 1.0, seed: 3, fused: false };
+        let pass =
+            |train, skip_dropout| Pass { train, skip_dropout, aux_skip: 1.0, seed: 3, fused: false, batched: false };
         assert!(op.forward_t(&x, &w, pass(true, 0.0), None).allclose(&plain, 1e-6, 1e-6, false));
         assert!(op.forward_t(&x, &w, pass(false, 0.5), None).allclose(&plain, 1e-6, 1e-6, false));
         let y = op.forward_t(&x, &w, pass(true, 0.5), None);
@@ -371,7 +378,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let x = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu));
         let w = Tensor::from_slice(&[0.2f32, 0.5, 0.3]);
-        let eval = |aux_skip| Pass { train: false, skip_dropout: 0.0, aux_skip, seed: 0, fused: false };
+        let eval = |aux_skip| Pass { train: false, skip_dropout: 0.0, aux_skip, seed: 0, fused: false, batched: false };
         let plain = MixedOp::new(&(vs.root() / "plain"), &with, 4, 1);
         let (a, b) = (plain.forward_t(&x, &w, eval(0.75), None), plain.forward_t(&x, &w, eval(0.0), None));
         assert!((a - b).allclose(&(&x * 0.75), 1e-5, 1e-6, false));
@@ -439,7 +446,7 @@ mod tests {
         let edge = MixedOp::new(&vs.root(), &space, 4, 1);
         let x = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu));
         let r = Tensor::randn([2, 4, 6, 6], (Kind::Float, Device::Cpu));
-        let pass = Pass { train: false, skip_dropout: 0.0, aux_skip: 1.0, seed: 0, fused: false };
+        let pass = Pass { train: false, skip_dropout: 0.0, aux_skip: 1.0, seed: 0, fused: false, batched: false };
         let w = Tensor::from_slice(&[0.0f32, 0.0, 0.0, 1.0]).set_requires_grad(true);
         let y = edge.forward_t(&x, &w, pass, Some(3));
         let alone = edge.ops[3].forward_t(&x, false);
