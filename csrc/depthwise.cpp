@@ -217,7 +217,7 @@ std::vector<T> dw_taps(const at::Tensor& w, const DwGeom& g) {
   return t;
 }
 
-// Output rows [r0, r1) of the N * oh rows (example r / oh, row r % oh).
+// Output rows [r0, r1) of the N * oh rows (example r / oh, row r % oh), row r at out + (r - r0) * ow * C.
 template <typename T>
 void dw_forward_rows(const T* x, const T* taps, const DwGeom& g, int64_t r0, int64_t r1, T* out) {
   std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
@@ -234,7 +234,7 @@ void dw_forward_rows(const T* x, const T* taps, const DwGeom& g, int64_t r0, int
         w[nt] = taps + (ky * g.kw + kx) * g.c;
       }
     }
-    dw_row<T, false>(out + r * g.ow * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.ow, g.sw, g.w);
+    dw_row<T, false>(out + (r - r0) * g.ow * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.ow, g.sw, g.w);
   }
 }
 
@@ -242,18 +242,17 @@ template <typename T>
 void dw_forward(const T* x, const T* taps, const DwGeom& g, T* out) {
   const int64_t rows_n = g.n * g.oh;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.ow * g.c * g.kh * g.kw));
-  at::parallel_for(0, rows_n, grain, [&](int64_t r0, int64_t r1) { dw_forward_rows<T>(x, taps, g, r0, r1, out); });
+  at::parallel_for(0, rows_n, grain,
+                   [&](int64_t r0, int64_t r1) { dw_forward_rows<T>(x, taps, g, r0, r1, out + r0 * g.ow * g.c); });
 }
 
-// Example n's part of the backward: its input gradient gx_n (optional; ACC: added to what gx_n holds, the sum
-// over several convolutions reading one input) and its weight gradient's partial sums part_n (optional,
-// [kh * kw * C] float64).
+// Example n's part of the backward from its output's gradient gn ([oh, ow, C]): its input gradient gx_n
+// (optional; ACC: added to what gx_n holds, the sum over several convolutions reading one input) and its weight
+// gradient's partial sums part (optional, [kh * kw * C] float64).
 template <typename T, bool ACC>
-void dw_backward_example(const T* x, const T* taps, const T* gout, const DwGeom& g, int64_t n, T* gx,
-                         double* part) {
+void dw_backward_example(const T* x, const T* taps, const T* gn, const DwGeom& g, int64_t n, T* gx, double* part) {
   std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
   std::vector<int64_t> off(g.kh * g.kw), tap(g.kh * g.kw);
-  const T* gn = gout + n * g.oh * g.ow * g.c;
   if (gx != nullptr && g.sh == 1 && g.sw == 1) {
     // Stride 1: gx[iy, ix] = sum over taps of w[ky, kx] * g[iy + ph - ky * dh, ix + pw - kx * dw], the
     // forward's row kernel over the output's gradient.
@@ -316,9 +315,19 @@ void dw_backward(const T* x, const T* taps, const T* gout, const DwGeom& g, T* g
   at::parallel_for(0, g.n, 1, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++) {
       double* part = gw_part != nullptr ? gw_part + n * g.kh * g.kw * g.c : nullptr;
-      dw_backward_example<T, false>(x, taps, gout, g, n, gx, part);
+      dw_backward_example<T, false>(x, taps, gout + n * g.oh * g.ow * g.c, g, n, gx, part);
     }
   });
+}
+
+// Whether w is a dense [cout, C, 1, 1] weight of x's dtype on the CPU (the 1x1 half of SepHalves), with sizes
+// BLAS's 32-bit ints take.
+bool pw_takes(const at::Tensor& w, const at::Tensor& x) {
+  if (!w.device().is_cpu() || w.dim() != 4 || w.scalar_type() != x.scalar_type()) return false;
+  const int64_t cin = x.size(1), cout = w.size(0);
+  if (w.size(1) != cin || w.size(2) != 1 || w.size(3) != 1 || cout < 1 || !w.is_contiguous()) return false;
+  const int64_t limit = std::numeric_limits<int>::max();
+  return cin * cout <= limit && x.size(2) * x.size(3) <= limit;
 }
 
 // The weight gradient [C, 1, kh, kw] from the per-example partials, the examples added in order.
@@ -391,43 +400,56 @@ struct DepthwiseConv : public torch::autograd::Function<DepthwiseConv> {
     return out;
   }
 };
-// Several depthwise convolutions of one input (the first convolution of every sep and dil conv op on the edges
-// that read one state) as one autograd node. Forward: one task per (example, convolution), an example's
-// convolutions in a row, so that they read its input from the cache. Backward: x's gradient is the sum of every
-// convolution's, each example's added in one buffer in the convolutions' order (instead of a tensor per
-// convolution and autograd's additions); each weight's gradient as the single kernel's (per example in float64,
-// the examples added in order). spec: (sh, sw, ph, pw, dh, dw) per convolution.
-struct DepthwiseMulti : public torch::autograd::Function<DepthwiseMulti> {
+// Separable halves: depthwise convolutions of one input x, each followed by a 1x1 convolution (stride 1, no
+// bias): the first ReLU-depthwise-1x1 of every sep and dil conv op reading one state, and the second half of a
+// sep conv (m = 1). One autograd node, computed example by example: the example's depthwise output goes into a
+// per-task buffer ([oh * ow, C], in the cache) and straight into the 1x1 product (one single-threaded BLAS call),
+// so the depthwise output is never written to memory nor kept for the backward, which recomputes it per example.
+// Backward per example: the depthwise output again, the 1x1 weight's gradient partial (BLAS, per example, the
+// examples added in order in float64), the depthwise output's gradient (BLAS, in the buffer), then the depthwise
+// backward from it: x's gradient summed over the m convolutions in one buffer in their order, the depthwise
+// weights' gradients per example in float64. Results do not depend on the number of threads.
+// spec: (sh, sw, ph, pw, dh, dw) per convolution.
+struct SepHalves : public torch::autograd::Function<SepHalves> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                at::TensorList ws, at::IntArrayRef spec) {
-    const int64_t m = static_cast<int64_t>(ws.size());
+                                                at::TensorList dws, at::TensorList pws, at::IntArrayRef spec) {
+    const int64_t m = static_cast<int64_t>(dws.size());
     ctx->set_materialize_grads(false);  // an output outside the loss: no gradient, not a zero one
     std::vector<DwGeom> geo(m);
     torch::autograd::variable_list outs;
     for (int64_t k = 0; k < m; k++) {
       const int64_t* sp = spec.data() + 6 * k;
-      TORCH_CHECK(dw_geometry(x, ws[k], sp, sp + 2, sp + 4, &geo[k]), "darts_depthwise_multi: not a fusable input");
-      outs.push_back(
-          at::empty({geo[k].n, geo[k].c, geo[k].oh, geo[k].ow}, x.options().memory_format(at::MemoryFormat::ChannelsLast)));
+      TORCH_CHECK(dw_geometry(x, dws[k], sp, sp + 2, sp + 4, &geo[k]) && pw_takes(pws[k], x),
+                  "darts_sep_halves: not a fusable input");
+      outs.push_back(at::empty({geo[k].n, pws[k].size(0), geo[k].oh, geo[k].ow},
+                               x.options().memory_format(at::MemoryFormat::ChannelsLast)));
     }
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_depthwise_multi", [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_sep_halves", [&] {
       std::vector<std::vector<scalar_t>> taps;
       std::vector<scalar_t*> out_p;
       for (int64_t k = 0; k < m; k++) {
-        taps.push_back(dw_taps<scalar_t>(ws[k], geo[k]));
+        taps.push_back(dw_taps<scalar_t>(dws[k], geo[k]));
         out_p.push_back(outs[k].mutable_data_ptr<scalar_t>());
       }
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       at::parallel_for(0, x.size(0) * m, 1, [&](int64_t i0, int64_t i1) {
+        SequentialBlas sequential;
+        std::vector<scalar_t> buf;
         for (int64_t i = i0; i < i1; i++) {
           const int64_t n = i / m, k = i % m;
           const DwGeom& g = geo[k];
-          dw_forward_rows<scalar_t>(xp, taps[k].data(), g, n * g.oh, (n + 1) * g.oh, out_p[k]);
+          const int64_t px = g.oh * g.ow, cout = pws[k].size(0);
+          buf.resize(px * g.c);
+          dw_forward_rows<scalar_t>(xp, taps[k].data(), g, n * g.oh, (n + 1) * g.oh, buf.data());
+          // Column-major: Y^T (cout x px) = W (cout x C, stored as its transpose) D^T (C x px).
+          blas_gemm('T', 'N', cout, px, g.c, pws[k].const_data_ptr<scalar_t>(), g.c, buf.data(), g.c,
+                    out_p[k] + n * px * cout, cout);
         }
       });
     });
     std::vector<at::Tensor> saved{x};
-    for (const auto& w : ws) saved.push_back(w);
+    for (const auto& w : dws) saved.push_back(w);
+    for (const auto& w : pws) saved.push_back(w);
     ctx->save_for_backward(saved);
     ctx->saved_data["spec"] = spec.vec();
     return outs;
@@ -437,25 +459,39 @@ struct DepthwiseMulti : public torch::autograd::Function<DepthwiseMulti> {
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
-    const int64_t m = static_cast<int64_t>(saved.size()) - 1;
+    const int64_t m = (static_cast<int64_t>(saved.size()) - 1) / 2;
+    auto dw_w = [&](int64_t k) -> const at::Tensor& { return saved[1 + k]; };
+    auto pw_w = [&](int64_t k) -> const at::Tensor& { return saved[1 + m + k]; };
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
-    torch::autograd::variable_list out(m + 2);
+    torch::autograd::variable_list out(2 * m + 2);
+    // Asked here, on the engine's thread: needs_input_grad reads the graph task's thread-local state, which
+    // libtorch's parallel region's other threads do not have.
     const bool want_x = ctx->needs_input_grad(0);
+    std::vector<char> wants_dw(m), wants_pw(m);
+    for (int64_t k = 0; k < m; k++) {
+      wants_dw[k] = ctx->needs_input_grad(1 + k);
+      wants_pw[k] = ctx->needs_input_grad(1 + m + k);
+    }
+    auto want_dw = [&](int64_t k) { return wants_dw[k] != 0; };
+    auto want_pw = [&](int64_t k) { return wants_pw[k] != 0; };
     std::vector<int64_t> live;  // the convolutions with a gradient to pass on
     for (int64_t k = 0; k < m; k++) {
-      if (grads[k].defined() && (want_x || ctx->needs_input_grad(k + 1))) live.push_back(k);
+      if (grads[k].defined() && (want_x || want_dw(k) || want_pw(k))) live.push_back(k);
     }
     if (live.empty()) return out;
     if (at::GradMode::is_enabled()) {
-      // Double backward: ATen's differentiable convolution_backward per convolution, x's gradients added.
+      // Double backward: ATen's differentiable convolutions, recomputed, and their convolution_backward.
       at::Tensor gx;
       for (int64_t k : live) {
         const int64_t* sp = spec.data() + 6 * k;
-        const bool want_w = ctx->needs_input_grad(k + 1);
-        auto r = at::convolution_backward(grads[k], x, saved[k + 1], std::nullopt, {sp[0], sp[1]}, {sp[2], sp[3]},
-                                          {sp[4], sp[5]}, false, {0, 0}, x.size(1), {want_x, want_w, false});
-        if (want_x) gx = gx.defined() ? gx + std::get<0>(r) : std::get<0>(r);
-        if (want_w) out[k + 1] = std::get<1>(r);
+        at::Tensor d = at::conv2d(x, dw_w(k), {}, {sp[0], sp[1]}, {sp[2], sp[3]}, {sp[4], sp[5]}, x.size(1));
+        auto r1 = at::convolution_backward(grads[k], d, pw_w(k), std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
+                                           1, {true, want_pw(k), false});
+        auto r0 = at::convolution_backward(std::get<0>(r1), x, dw_w(k), std::nullopt, {sp[0], sp[1]}, {sp[2], sp[3]},
+                                           {sp[4], sp[5]}, false, {0, 0}, x.size(1), {want_x, want_dw(k), false});
+        if (want_x) gx = gx.defined() ? gx + std::get<0>(r0) : std::get<0>(r0);
+        if (want_dw(k)) out[1 + k] = std::get<1>(r0);
+        if (want_pw(k)) out[1 + m + k] = std::get<1>(r1);
       }
       out[0] = gx;
       return out;
@@ -464,39 +500,74 @@ struct DepthwiseMulti : public torch::autograd::Function<DepthwiseMulti> {
     std::vector<at::Tensor> g(m);
     for (int64_t k : live) {
       const int64_t* sp = spec.data() + 6 * k;
-      TORCH_CHECK(dw_geometry(x, saved[k + 1], sp, sp + 2, sp + 4, &geo[k]),
-                  "darts_depthwise_multi: not a fusable input");
+      TORCH_CHECK(dw_geometry(x, dw_w(k), sp, sp + 2, sp + 4, &geo[k]), "darts_sep_halves: not a fusable input");
       g[k] = grads[k].is_contiguous(at::MemoryFormat::ChannelsLast) ? grads[k]
                                                                       : grads[k].contiguous(at::MemoryFormat::ChannelsLast);
     }
+    const int64_t batch = x.size(0);
     at::Tensor gx = want_x ? at::empty_like(x) : at::Tensor();
-    std::vector<std::vector<double>> part(m);
+    std::vector<std::vector<double>> dpart(m);
+    std::vector<at::Tensor> ppart(m);  // per example [cin, cout] column-major partials of the 1x1 weights' gradients
     for (int64_t k : live) {
-      if (ctx->needs_input_grad(k + 1)) part[k].resize(geo[k].n * geo[k].kh * geo[k].kw * geo[k].c);
+      if (want_dw(k)) dpart[k].resize(batch * geo[k].kh * geo[k].kw * geo[k].c);
+      if (want_pw(k)) ppart[k] = at::empty({batch, geo[k].c * pw_w(k).size(0)}, x.options());
     }
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_depthwise_multi_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "darts_sep_halves_backward", [&] {
       std::vector<std::vector<scalar_t>> taps(m);
-      for (int64_t k : live) taps[k] = dw_taps<scalar_t>(saved[k + 1], geo[k]);
+      for (int64_t k : live) taps[k] = dw_taps<scalar_t>(dw_w(k), geo[k]);
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       scalar_t* gxp = want_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, x.size(0), 1, [&](int64_t n0, int64_t n1) {
+      at::parallel_for(0, batch, 1, [&](int64_t n0, int64_t n1) {
+        SequentialBlas sequential;
+        std::vector<scalar_t> d, gd;
         for (int64_t n = n0; n < n1; n++) {
           bool first = true;
           for (int64_t k : live) {
             const DwGeom& gk = geo[k];
-            double* pk = part[k].empty() ? nullptr : part[k].data() + n * gk.kh * gk.kw * gk.c;
-            const scalar_t* gp = g[k].const_data_ptr<scalar_t>();
+            const int64_t px = gk.oh * gk.ow, cout = pw_w(k).size(0);
+            const scalar_t* pw = pw_w(k).const_data_ptr<scalar_t>();
+            const scalar_t* gn = g[k].const_data_ptr<scalar_t>() + n * px * cout;
+            d.resize(px * gk.c);
+            gd.resize(px * gk.c);
+            if (want_pw(k)) {
+              dw_forward_rows<scalar_t>(xp, taps[k].data(), gk, n * gk.oh, (n + 1) * gk.oh, d.data());
+              // gW^T (C x cout) = D^T (C x px) G (px x cout, stored as its transpose).
+              blas_gemm('N', 'T', gk.c, cout, px, d.data(), gk.c, gn, cout,
+                        ppart[k].mutable_data_ptr<scalar_t>() + n * gk.c * cout, gk.c);
+            }
+            if (!want_x && !want_dw(k)) continue;
+            // gD^T (C x px) = W^T (C x cout, as stored) G^T (cout x px).
+            blas_gemm('N', 'N', gk.c, px, cout, pw, gk.c, gn, cout, gd.data(), gk.c);
+            double* pk = want_dw(k) ? dpart[k].data() + n * gk.kh * gk.kw * gk.c : nullptr;
             if (first) {
-              dw_backward_example<scalar_t, false>(xp, taps[k].data(), gp, gk, n, gxp, pk);
+              dw_backward_example<scalar_t, false>(xp, taps[k].data(), gd.data(), gk, n, gxp, pk);
             } else {
-              dw_backward_example<scalar_t, true>(xp, taps[k].data(), gp, gk, n, gxp, pk);
+              dw_backward_example<scalar_t, true>(xp, taps[k].data(), gd.data(), gk, n, gxp, pk);
             }
             first = first && gxp == nullptr;
+          }
+          if (first && gxp != nullptr) {
+            // No convolution reached x's gradient for this example (none live wants it): zero.
+            std::fill(gxp + n * x.size(1) * x.size(2) * x.size(3), gxp + (n + 1) * x.size(1) * x.size(2) * x.size(3),
+                      scalar_t(0));
           }
         }
       });
       for (int64_t k : live) {
-        if (!part[k].empty()) out[k + 1] = dw_weight_grad<scalar_t>(part[k], geo[k], saved[k + 1]);
+        if (want_dw(k)) out[1 + k] = dw_weight_grad<scalar_t>(dpart[k], geo[k], dw_w(k));
+        if (want_pw(k)) {
+          // The examples' partials added in order in float64; [cin, cout] column-major is W's [cout, cin] row-major.
+          const int64_t nw = geo[k].c * pw_w(k).size(0);
+          const scalar_t* pp = ppart[k].const_data_ptr<scalar_t>();
+          std::vector<double> sum(nw, 0.0);
+          for (int64_t n = 0; n < batch; n++) {
+            for (int64_t i = 0; i < nw; i++) sum[i] += static_cast<double>(pp[n * nw + i]);
+          }
+          at::Tensor gw = at::empty(pw_w(k).sizes(), pw_w(k).options().memory_format(at::MemoryFormat::Contiguous));
+          scalar_t* gp = gw.mutable_data_ptr<scalar_t>();
+          for (int64_t i = 0; i < nw; i++) gp[i] = static_cast<scalar_t>(sum[i]);
+          out[1 + m + k] = gw;
+        }
       }
     });
     out[0] = gx;
@@ -523,21 +594,22 @@ int darts_depthwise(const at::Tensor* x, const at::Tensor* w, int64_t sh, int64_
   });
 }
 
-// outs[k] = the depthwise convolution of the channels-last `x` with `ws[k]`, stride, padding and dilation
-// spec[6k..6k+6) = (sh, sw, ph, pw, dh, dw), for k < n, as one autograd node (gradients for x, the sum of every
-// convolution's, and every ws[k]). Returns 0, 1 where the kernel does not apply to one of them (nothing touched:
-// use darts_depthwise or ATen per convolution), or -1.
-int darts_depthwise_multi(const at::Tensor* x, const at::Tensor* const* ws, int n, const int64_t* spec,
-                          at::Tensor** outs) {
+// outs[k] = the 1x1 convolution with pws[k] ([Cout_k, C, 1, 1]) of the depthwise convolution of the
+// channels-last `x` with dws[k] ([C, 1, kh, kw]), stride, padding and dilation spec[6k..6k+6) = (sh, sw, ph, pw,
+// dh, dw), for k < n, channels-last, as one autograd node (gradients for x, the sum of every convolution's, and
+// every weight) that keeps no depthwise output. Returns 0, 1 where the kernel does not apply to one of them
+// (nothing touched: convolve one by one), or -1.
+int darts_sep_halves(const at::Tensor* x, const at::Tensor* const* dws, const at::Tensor* const* pws, int n,
+                     const int64_t* spec, at::Tensor** outs) {
   return guarded([&] {
     if (n < 1) return 1;
     for (int k = 0; k < n; k++) {
       DwGeom g;
       const int64_t* sp = spec + 6 * k;
-      if (!dw_geometry(*x, *ws[k], sp, sp + 2, sp + 4, &g)) return 1;
+      if (!dw_geometry(*x, *dws[k], sp, sp + 2, sp + 4, &g) || !pw_takes(*pws[k], *x)) return 1;
     }
-    std::vector<at::Tensor> list = tensor_list(ws, n);
-    auto r = DepthwiseMulti::apply(*x, at::TensorList(list), at::IntArrayRef(spec, 6 * n));
+    std::vector<at::Tensor> dl = tensor_list(dws, n), pl = tensor_list(pws, n);
+    auto r = SepHalves::apply(*x, at::TensorList(dl), at::TensorList(pl), at::IntArrayRef(spec, 6 * n));
     for (int k = 0; k < n; k++) outs[k] = new at::Tensor(r[k]);
     return 0;
   });

@@ -12,39 +12,7 @@
 
 using namespace darts_shim;
 
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-// MKL's thread count for calls from this thread (0: the global setting); returns the previous one.
-int MKL_Set_Num_Threads_Local(int nt);  // the C entry (the lower-case names are Fortran's, by pointer)
-}
-
 namespace {
-// MKL single-threaded on this thread while alive (the blocks' products run inside libtorch's parallel region:
-// the same sequential code whatever the number of threads, so the same bits).
-struct SequentialBlas {
-  int prev = MKL_Set_Num_Threads_Local(1);
-  ~SequentialBlas() { MKL_Set_Num_Threads_Local(prev); }
-};
-
-// Column-major C (m x n, ldc) = op(A) op(B), BLAS's convention.
-void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-               int64_t ldb, float* c, int64_t ldc) {
-  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
-  const float one = 1.0f, zero = 0.0f;
-  sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
-}
-void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b,
-               int64_t ldb, double* c, int64_t ldc) {
-  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
-  const double one = 1.0, zero = 0.0;
-  dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &zero, c, &ic);
-}
-
 // Pixels per block of the pointwise products: each block one single-threaded BLAS call inside libtorch's
 // parallel region (BLAS's own threading opened a region per call and kept per-thread packing buffers of the
 // whole [N*H*W, C] operands, +70 to +150 MiB of peak memory on two threads), and the weight's gradient summed

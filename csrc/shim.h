@@ -54,8 +54,41 @@ inline std::vector<at::Tensor> tensor_list(const at::Tensor* const* ts, int n) {
 }
 }  // namespace darts_shim
 
+// BLAS (libtorch's own MKL), for the pointwise products.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+// MKL's thread count for calls from this thread (0: the global setting); returns the previous one.
+int MKL_Set_Num_Threads_Local(int nt);  // the C entry (the lower-case names are Fortran's, by pointer)
+}
+
 // Internal to each file that includes it (DARTS_SIMD's clones are made per file).
 namespace {
+// MKL single-threaded on this thread while alive (products run inside libtorch's parallel region: the same
+// sequential code whatever the number of threads, so the same bits).
+struct SequentialBlas {
+  int prev = MKL_Set_Num_Threads_Local(1);
+  ~SequentialBlas() { MKL_Set_Num_Threads_Local(prev); }
+};
+
+// Column-major C (m x n, ldc) = op(A) op(B) (+ C with acc), BLAS's convention.
+inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                      const float* b, int64_t ldb, float* c, int64_t ldc, bool acc = false) {
+  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
+  const float one = 1.0f, beta = acc ? 1.0f : 0.0f;
+  sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
+}
+inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+                      const double* b, int64_t ldb, double* c, int64_t ldc, bool acc = false) {
+  const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
+  const double one = 1.0, beta = acc ? 1.0 : 0.0;
+  dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
+}
+
 // o = w * a.
 template <typename T>
 DARTS_SIMD void simd_scale(T* __restrict__ o, const T* __restrict__ a, T w, int64_t n) {

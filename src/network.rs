@@ -168,19 +168,43 @@ impl Cell {
     /// training, each taking the next row of the masks.
     /// `s0` and `s1` share their activation with the other cell (or the auxiliary head) that reads them, and when
     /// they share ([`EdgeInput::shares`]) the ops reading one state share its activation and pooling.
+    ///
+    /// With `batched`, each separable half (a sep or dil conv's depthwise and 1x1 convolutions) runs as one node
+    /// that keeps no depthwise output, and the first halves of the ops reading one state as one
+    /// ([`EdgeInput::batch`]); without, every convolution on its own.
     pub fn forward_t(
+        &self,
+        s0: &EdgeInput,
+        s1: &EdgeInput,
+        drop: Option<(f64, &Tensor, &mut i64)>,
+        train: bool,
+        batched: bool,
+    ) -> Tensor {
+        crate::ops::with_separate_halves(!batched, || self.forward_halves(s0, s1, drop, train, batched))
+    }
+
+    fn forward_halves(
         &self,
         s0: &EdgeInput,
         s1: &EdgeInput,
         mut drop: Option<(f64, &Tensor, &mut i64)>,
         train: bool,
+        batched: bool,
     ) -> Tensor {
         use crate::profile::time;
         let (p0, p1) = (&self.preprocess0, &self.preprocess1);
         let share = s1.shares();
         let s0 = time("preprocess", None, 1, s0.full(), || p0.forward_activated(&s0.activated(p0.activation()), train));
         let s1 = time("preprocess", None, 1, s1.full(), || p1.forward_activated(&s1.activated(p1.act), train));
-        let mut inputs = vec![EdgeInput::plain(&s0, share), EdgeInput::plain(&s1, share)];
+        // State i, and with batched convolutions the ops that will read it.
+        let input = |x: &Tensor, i: usize| {
+            let state = EdgeInput::plain(x, share);
+            if batched {
+                state.batch(self.ops.iter().zip(&self.indices).filter(|(_, &j)| j == i).map(|(op, _)| op));
+            }
+            state
+        };
+        let mut inputs = vec![input(&s0, 0), input(&s1, 1)];
         for i in 0..self.ops.len() / 2 {
             let mut sum: Option<Tensor> = None;
             for k in [2 * i, 2 * i + 1] {
@@ -201,7 +225,7 @@ impl Cell {
                     (Some(s), Some(f)) => s.addcmul(&h, &f),
                 });
             }
-            inputs.push(EdgeInput::plain(&sum.expect("two ops per node"), share));
+            inputs.push(input(&sum.expect("two ops per node"), i + 2));
         }
         let out: Vec<&Tensor> = self.concat.iter().map(|&i| inputs[i].full()).collect();
         Tensor::cat(&out, 1)
@@ -287,6 +311,9 @@ pub struct Network {
     /// The readers of one state share its activation and pooling ([`EdgeInput`]; the default); off, every op
     /// computes from scratch as the original code (the reference of the tests).
     pub share_inputs: bool,
+    /// Separable halves as one node each, the first halves of the ops reading one state as one
+    /// ([`Cell::forward_t`]'s `batched`; the default, with shared inputs); off, every convolution on its own.
+    pub batched_convs: bool,
     /// Run the auxiliary head in training mode (when it exists); off when its loss would weigh 0.
     pub auxiliary_in_training: bool,
 }
@@ -333,6 +360,7 @@ impl Network {
             drop_path_prob: 0.0,
             channels_last: false,
             share_inputs: true,
+            batched_convs: true,
             auxiliary_in_training: true,
         }
     }
@@ -381,7 +409,7 @@ impl Network {
         };
         for (i, cell) in self.cells.iter().enumerate() {
             let drop = masks.filter(|_| p > 0.0).map(|m| (p, m, &mut row));
-            let out = cell.forward_t(&s0, &s1, drop, train);
+            let out = cell.forward_t(&s0, &s1, drop, train, self.batched_convs && share);
             (s0, s1) = (s1, Rc::new(EdgeInput::plain(&out, share)));
             if i == self.aux_after && train && self.auxiliary_in_training {
                 aux = self.aux.as_ref().map(|h| {

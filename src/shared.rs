@@ -17,12 +17,12 @@
 //!   their statistics are equal (a test runs passes both ways and compares them). In evaluation mode and under
 //!   GDAS (where each edge's BN sees only the batches its sampled op ran on) every edge normalises with its own.
 //!
-//! - batched edges (issue 16): the first depthwise convolution of every sep and dil conv op of every edge that
-//!   reads the state (4 ops x up to `nodes` edges), registered by the cell ([`EdgeInput::batch`]), as one
-//!   autograd node ([`crate::native::depthwise_convs`]) when the first of them runs: the activation's gradient
-//!   summed over them in one buffer instead of a tensor per convolution and autograd's additions, one parallel
-//!   region each way instead of one per convolution. Only where a graph is recorded (the state requires its
-//!   gradient): without one, computing them together would only keep them all alive at once.
+//! - batched edges (issue 16): the first half (depthwise then 1x1 convolution) of every sep and dil conv op of
+//!   every edge that reads the state (4 ops x up to `nodes` edges), registered by the cell ([`EdgeInput::batch`]),
+//!   as one autograd node ([`crate::native::sep_halves`]) when the first of them runs: example by example, the
+//!   state's activation read from the cache by every half, no depthwise output written or kept, the
+//!   activation's gradient summed over the halves in one buffer. Only where a graph is recorded (the state
+//!   requires its gradient): without one, computing them together would only keep their outputs alive at once.
 //!
 //! Forward values are the same bits as the unshared network's; gradients are the same sums, added in another
 //! order (a ReLU's backward once on the sum of its consumers' gradients instead of once per consumer).
@@ -51,9 +51,9 @@ pub struct EdgeInput {
     bypass: [OnceCell<Tensor>; 2],
     /// (destination, source) running statistics to copy once the cell's pass is done.
     copies: RefCell<Vec<(Tensor, Tensor)>>,
-    /// The readers' first depthwise convolutions to compute together: their activation, and per convolution its
-    /// weight (the key: the weight's storage), stride, padding and dilation.
-    batch: RefCell<Vec<(Activation, Tensor, [i64; 6])>>,
+    /// The readers' first halves to compute together: their activation, and per half its depthwise weight (the
+    /// key: the weight's storage), its 1x1 weight, and the depthwise stride, padding and dilation.
+    batch: RefCell<Vec<(Activation, Tensor, Tensor, [i64; 6])>>,
     /// Their outputs, in `batch`'s order, once the first reader asked (`None`: the kernel declined the input).
     batched: OnceCell<Option<Vec<Tensor>>>,
 }
@@ -81,46 +81,51 @@ impl EdgeInput {
     }
 
     /// Registers the ops that will read this state (its edges' ops, before the first of them runs): the first
-    /// depthwise convolutions of those that begin with one ([`Op::first_depthwise`]) are then computed together
-    /// (see the module's notes). Nothing when the readers do not share, and nothing is computed until an op asks.
+    /// halves of those that begin with one ([`Op::first_half`]) are then computed together (see the module's
+    /// notes). Nothing when the readers do not share, and nothing is computed until an op asks.
     pub fn batch<'a>(&self, ops: impl IntoIterator<Item = &'a Op>) {
         if !self.share {
             return;
         }
         let mut batch = self.batch.borrow_mut();
         for op in ops {
-            if let (Some(act), Some(conv)) = (op.activation(), op.first_depthwise()) {
-                let spec = conv.depthwise_spec();
-                let [s, p, d] = [spec.stride, spec.padding, spec.dilation];
-                batch.push((act, conv.weight.shallow_clone(), [s[0], s[1], p[0], p[1], d[0], d[1]]));
+            if let (Some(act), Some(half)) = (op.activation(), op.first_half()) {
+                let d = half.depthwise;
+                let [s, p, dl] = [d.stride, d.padding, d.dilation];
+                let spec = [s[0], s[1], p[0], p[1], dl[0], dl[1]];
+                batch.push((act, d.weight.shallow_clone(), half.pointwise.shallow_clone(), spec));
             }
         }
     }
 
-    /// The output of `op`'s first depthwise convolution from the batch, when it is in it and the batch applies.
+    /// The output of `op`'s first half from the batch, when it is in it and the batch applies.
     fn from_batch(&self, op: &Op, act: Activation) -> Option<Tensor> {
-        let conv = op.first_depthwise()?;
-        let key = conv.weight.data_ptr();
-        let index = self.batch.borrow().iter().position(|(_, w, _)| w.data_ptr() == key)?;
+        let key = op.first_half()?.depthwise.weight.data_ptr();
+        let index = self.batch.borrow().iter().position(|(_, w, _, _)| w.data_ptr() == key)?;
         let outputs = self.batched.get_or_init(|| {
             let a = self.activated_seen(act);
             let batch = self.batch.borrow();
-            if !a.requires_grad() || batch.iter().any(|(other, _, _)| *other != act) {
+            if !a.requires_grad() || batch.iter().any(|(other, ..)| *other != act) {
                 return None;
             }
-            let specs: Vec<crate::native::DepthwiseSpec> = batch
+            let halves: Vec<crate::native::SepHalf> = batch
                 .iter()
-                .map(|(_, weight, v)| crate::native::DepthwiseSpec {
-                    weight,
-                    stride: [v[0], v[1]],
-                    padding: [v[2], v[3]],
-                    dilation: [v[4], v[5]],
+                .map(|(_, weight, pointwise, v)| crate::native::SepHalf {
+                    depthwise: crate::native::DepthwiseSpec {
+                        weight,
+                        stride: [v[0], v[1]],
+                        padding: [v[2], v[3]],
+                        dilation: [v[4], v[5]],
+                    },
+                    pointwise,
                 })
                 .collect();
-            crate::native::depthwise_convs(&a, &specs)
+            crate::native::sep_halves(&a, &halves)
         });
         let y = outputs.as_ref()?[index].shallow_clone();
-        conv.count_macs(&y);
+        if let Op::Convs(_, blocks) = op {
+            crate::ops::count_half_macs(&blocks[0].0, &y);
+        }
         Some(y)
     }
 
@@ -193,7 +198,7 @@ impl EdgeInput {
             _ => match op.activation() {
                 Some(act) => {
                     if let Some(first) = self.from_batch(op, act) {
-                        return op.forward_from_first(first, train).expect("an op with a first depthwise convolution");
+                        return op.forward_from_first(first, train).expect("an op with a first half");
                     }
                     let a = self.activated_seen(act);
                     op.forward_activated(&a, train).expect("an op with an activation starts from it")

@@ -21,8 +21,9 @@ fn all_buffers(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 /// every gradient (weights, alphas, betas) equal the unshared supernet's (every edge from scratch, as the original
 /// code) in float64, its BN statistics end equal, and so do evaluation-mode logits; for the op sets and node
 /// counts the tests use, PC-DARTS, GDAS, skip dropout, the auxiliary skip, GELU, channels-last and checkpointed
-/// cells. Batched edges (the first depthwise convolutions of a state's readers as one node, channels-last) give
-/// the same values too, against both, and make fewer ATen calls in a training pass (they are in effect). Sharing
+/// cells. Batched edges (each separable half as one node, the first halves of a state's readers as one,
+/// channels-last) give the same values too, against both, and make fewer ATen calls in a training pass (they are
+/// in effect). Sharing
 /// makes fewer ATen calls (it is in effect).
 #[test]
 fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
@@ -151,9 +152,10 @@ fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
             assert!(close(a, b), "{name}: batched BN statistics");
         }
         assert!(close(&eval_b, &eval_s), "{name}: batched evaluation-mode logits");
-        // In effect where the kernel applies (channels-last, every op runs): one node backward instead of one per
+        // In effect where the kernel applies (channels-last; under GDAS each op's halves, not across edges): one
+        // node per half, and for the first halves of a state's readers one node backward instead of one per
         // convolution and autograd's additions of their gradients.
-        if c.channels_last && c.gdas.is_none() {
+        if c.channels_last {
             assert!(train_b < train_s, "{name}: {train_b} ATen calls batched, {train_s} not");
         } else {
             assert_eq!(train_b, train_s, "{name}: batched edges where they do not apply");
@@ -185,7 +187,9 @@ fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
 /// cells and the auxiliary head, an op input's ReLU and pooling): its training-mode loss (drop path, auxiliary
 /// head) and every gradient, its BN statistics and its evaluation logits equal the unshared network's in float64,
 /// for DARTS_V2 (pooling in its reduction cell), DARTS_V1 and the ImageNet variant, NCHW and channels-last;
-/// and sharing makes fewer ATen calls.
+/// and sharing makes fewer ATen calls. Batched convolutions (each separable half as one node, the first halves of
+/// the ops reading one state as one, channels-last) give the same values, against both, with fewer ATen calls in
+/// a training pass.
 #[test]
 fn shared_inputs_give_the_unshared_final_networks_values_and_gradients() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -206,24 +210,47 @@ fn shared_inputs_give_the_unshared_final_networks_values_and_gradients() {
         let weights = vs.trainable_variables();
         let buffers: Vec<Tensor> = vs.variables().into_values().filter(|t| !t.requires_grad()).collect();
         let before: Vec<Tensor> = buffers.iter().map(|t| t.copy()).collect();
-        let mut run = |share: bool| {
-            tch::no_grad(|| buffers.iter().zip(&before).for_each(|(t, b)| t.shallow_clone().copy_(b)));
+        let restore = || tch::no_grad(|| buffers.iter().zip(&before).for_each(|(t, b)| t.shallow_clone().copy_(b)));
+        let mut run = |share: bool, batched: bool| {
+            restore();
             net.share_inputs = share;
-            let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
-            assert!(aux.is_some(), "{name}: the auxiliary head ran");
-            let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, 0.4, 0.0);
-            let grads = Tensor::run_backward(&[&loss], &weights.iter().collect::<Vec<_>>(), false, false);
+            net.batched_convs = batched;
+            let step = || {
+                let (logits, aux) = net.forward_masked(&x, true, Some(&masks));
+                assert!(aux.is_some(), "{name}: the auxiliary head ran");
+                let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, 0.4, 0.0);
+                let grads = Tensor::run_backward(&[&loss], &weights.iter().collect::<Vec<_>>(), false, false);
+                (loss, grads)
+            };
+            let (loss, grads) = step();
             let stats: Vec<Tensor> = buffers.iter().map(|t| t.copy()).collect();
             let eval = tch::no_grad(|| net.forward_t(&x, false).0);
             let (_, calls) = darts::native::count_aten_calls(|| tch::no_grad(|| net.forward_t(&x, false))).unwrap();
-            (loss, grads, stats, eval, calls)
+            let (_, train_calls) = darts::native::count_aten_calls(step).unwrap();
+            (loss, grads, stats, eval, calls, train_calls)
         };
-        let (loss_s, grads_s, stats_s, eval_s, calls_s) = run(true);
-        let (loss_p, grads_p, stats_p, eval_p, calls_p) = run(false);
+        let (loss_b, grads_b, stats_b, eval_b, _, train_b) = run(true, true);
+        let (loss_s, grads_s, stats_s, eval_s, calls_s, train_s) = run(true, false);
+        let (loss_p, grads_p, stats_p, eval_p, calls_p, _) = run(false, false);
+        restore();
         let close = |a: &Tensor, b: &Tensor| {
             let scale = b.abs().max().double_value(&[]).max(1e-30);
             (a - b).abs().max().double_value(&[]) <= 1e-10 * scale + 1e-13
         };
+        // Batched against unbatched (both shared); below, shared (unbatched) against the unshared.
+        assert!(close(&loss_b, &loss_s), "{name}: batched loss");
+        for (i, (a, b)) in grads_b.iter().zip(&grads_s).enumerate() {
+            assert!(close(a, b), "{name}: batched gradient {i} differs by {}", (a - b).abs().max());
+        }
+        for (a, b) in stats_b.iter().zip(&stats_s) {
+            assert!(close(a, b), "{name}: batched BN statistics");
+        }
+        assert!(close(&eval_b, &eval_s), "{name}: batched evaluation logits");
+        if cl {
+            assert!(train_b < train_s, "{name}: {train_b} ATen calls batched, {train_s} not");
+        } else {
+            assert_eq!(train_b, train_s, "{name}: batched convolutions on NCHW");
+        }
         assert!(close(&loss_s, &loss_p), "{name}: loss");
         for (i, (a, b)) in grads_s.iter().zip(&grads_p).enumerate() {
             assert!(close(a, b), "{name}: gradient {i} differs by {}", (a - b).abs().max());

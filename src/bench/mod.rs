@@ -139,6 +139,9 @@ pub enum VariantKind {
     Gdas,
     /// Each pass replayed as a CUDA graph (`--cuda-graphs`; the device's best layout; CUDA only).
     CudaGraphs,
+    /// The supernet and final network without batched edges (every convolution on its own; the device's best
+    /// layout): what batching gives.
+    Unbatched,
 }
 
 impl VariantKind {
@@ -153,6 +156,7 @@ impl VariantKind {
             VariantKind::Bf16 => "bf16",
             VariantKind::Gdas => "gdas",
             VariantKind::CudaGraphs => "cuda-graphs",
+            VariantKind::Unbatched => "unbatched",
         }
     }
 }
@@ -178,6 +182,8 @@ pub struct Variant {
     pub gdas_tau: Option<f64>,
     /// Each pass replayed as a CUDA graph.
     pub cuda_graphs: bool,
+    /// Batched edges ([`SearchNetwork::batched_edges`]).
+    pub batched_edges: bool,
 }
 
 impl Variant {
@@ -195,6 +201,7 @@ impl Variant {
             precision: Precision::Fp32,
             gdas_tau: None,
             cuda_graphs: false,
+            batched_edges: true,
         };
         match kind {
             VariantKind::Nchw => v(false, false, 1),
@@ -205,6 +212,7 @@ impl Variant {
             VariantKind::Bf16 => Variant { precision: Precision::Bf16, ..v(best, false, 1) },
             VariantKind::Gdas => Variant { gdas_tau: Some(1.0), ..v(best, false, 1) },
             VariantKind::CudaGraphs => Variant { cuda_graphs: true, ..v(best, false, 1) },
+            VariantKind::Unbatched => Variant { batched_edges: false, ..v(best, false, 1) },
         }
     }
 
@@ -232,6 +240,7 @@ impl Variant {
         set_channels_last(&mut net, &vs, self.channels_last);
         crate::supernet::set_checkpoint_cells(&mut net, &vs, self.checkpoint_cells);
         net.gdas_tau = self.gdas_tau;
+        net.batched_edges = self.batched_edges;
         crate::supernet::set_cuda_graphs(&mut net, self.cuda_graphs);
         (space, vs, net)
     }
@@ -347,6 +356,7 @@ impl FinalStep {
         let vs = nn::VarStore::new(device);
         let mut net = crate::network::Network::new(&vs.root(), genotype, cfg, shape);
         crate::network::set_channels_last(&mut net, &vs, variant.channels_last);
+        net.batched_convs = variant.batched_edges;
         let hyper = crate::recipe::Recipe::DartsCifar.hyper();
         net.drop_path_prob = hyper.drop_path;
         let weights = Params::of(&vs).weights;

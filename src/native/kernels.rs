@@ -34,9 +34,10 @@ extern "C" {
         out: *mut *mut c_void,
     ) -> c_int;
     fn darts_pointwise(x: *const c_void, w: *const c_void, out: *mut *mut c_void) -> c_int;
-    fn darts_depthwise_multi(
+    fn darts_sep_halves(
         x: *const c_void,
-        ws: *const *const c_void,
+        dws: *const *const c_void,
+        pws: *const *const c_void,
         n: c_int,
         spec: *const i64,
         outs: *mut *mut c_void,
@@ -151,7 +152,7 @@ pub fn depthwise_conv(
     }
 }
 
-/// One depthwise convolution of [`depthwise_convs`]: the weight [C, 1, kh, kw], stride, padding and dilation.
+/// A depthwise convolution: the weight [C, 1, kh, kw], stride, padding and dilation.
 #[derive(Clone, Copy, Debug)]
 pub struct DepthwiseSpec<'a> {
     /// The kernel, `[C, 1, kh, kw]`.
@@ -164,29 +165,49 @@ pub struct DepthwiseSpec<'a> {
     pub dilation: [i64; 2],
 }
 
-/// Several depthwise convolutions of one input `x` (the first convolution of every sep and dil conv op on the
-/// edges that read one state: the batched edges of issue 16) as one autograd node of the shim
-/// (`darts_depthwise_multi`): the same sums as [`depthwise_conv`] per convolution, forward one task per example
-/// and convolution (an example's convolutions in a row, its input read from the cache), backward `x`'s gradient
-/// summed over the convolutions in one buffer, in their order, instead of one tensor per convolution and
-/// autograd's additions. The weights' gradients and the outputs are [`depthwise_conv`]'s bits; `x`'s gradient the
-/// same sum in another order. `None` where the kernel does not apply to one of them (see [`depthwise_conv`]).
-pub fn depthwise_convs(x: &Tensor, convs: &[DepthwiseSpec]) -> Option<Vec<Tensor>> {
-    if convs.is_empty() {
+/// One half of a separable convolution for [`sep_halves`]: a depthwise convolution, then a 1x1 convolution
+/// (stride 1, no bias) with `pointwise` (`[C_out, C, 1, 1]`).
+#[derive(Clone, Copy, Debug)]
+pub struct SepHalf<'a> {
+    /// The depthwise convolution.
+    pub depthwise: DepthwiseSpec<'a>,
+    /// The 1x1 convolution's weight.
+    pub pointwise: &'a Tensor,
+}
+
+/// `pointwise_k(depthwise_k(x))` for every half `k`, all reading one input `x` (the first ReLU-depthwise-1x1 of
+/// every sep and dil conv op on the edges that read one state, or one sep conv's second half) as one autograd
+/// node of the shim (`darts_sep_halves`), computed example by example: each example's depthwise output goes
+/// through the cache straight into the 1x1 product, so it is never written out nor kept for the backward (which
+/// recomputes it per example); `x`'s gradient is summed over the halves in one buffer. The same sums as
+/// [`depthwise_conv`] then [`pointwise_conv`] (in another order: the 1x1 weight's gradient per example, not per
+/// block of pixels); the result does not depend on the number of threads; double backward through ATen. `None`
+/// where the kernel does not apply to one of them (see [`depthwise_conv`] and [`pointwise_conv`]).
+pub fn sep_halves(x: &Tensor, halves: &[SepHalf]) -> Option<Vec<Tensor>> {
+    if halves.is_empty() {
         return Some(Vec::new());
     }
-    let ws: Vec<&Tensor> = convs.iter().map(|c| c.weight).collect();
-    let p = ptrs(&ws);
-    let spec: Vec<i64> = convs
+    let dws: Vec<&Tensor> = halves.iter().map(|h| h.depthwise.weight).collect();
+    let pws: Vec<&Tensor> = halves.iter().map(|h| h.pointwise).collect();
+    let (dp, pp) = (ptrs(&dws), ptrs(&pws));
+    let spec: Vec<i64> = halves
         .iter()
-        .flat_map(|c| [c.stride[0], c.stride[1], c.padding[0], c.padding[1], c.dilation[0], c.dilation[1]])
+        .map(|h| h.depthwise)
+        .flat_map(|d| [d.stride[0], d.stride[1], d.padding[0], d.padding[1], d.dilation[0], d.dilation[1]])
         .collect();
-    let mut outs: Vec<*mut c_void> = vec![std::ptr::null_mut(); convs.len()];
+    let mut outs: Vec<*mut c_void> = vec![std::ptr::null_mut(); halves.len()];
     // SAFETY: live tensors (tch's C_tensor is libtorch's at::Tensor*), only read; `spec` holds six values per
-    // convolution; when it returns 0 the shim has written a newly allocated tensor to each of `outs`' n slots, and
-    // it catches every C++ exception.
+    // half; when it returns 0 the shim has written a newly allocated tensor to each of `outs`' n slots, and it
+    // catches every C++ exception.
     let rc = unsafe {
-        darts_depthwise_multi(x.as_ptr().cast(), p.as_ptr(), p.len() as c_int, spec.as_ptr(), outs.as_mut_ptr())
+        darts_sep_halves(
+            x.as_ptr().cast(),
+            dp.as_ptr(),
+            pp.as_ptr(),
+            dp.len() as c_int,
+            spec.as_ptr(),
+            outs.as_mut_ptr(),
+        )
     };
     match rc {
         // SAFETY: each is a tensor the shim allocated with `new`, which tch takes over (and frees with delete).
@@ -194,7 +215,7 @@ pub fn depthwise_convs(x: &Tensor, convs: &[DepthwiseSpec]) -> Option<Vec<Tensor
             Some(outs.into_iter().map(|o| unsafe { Tensor::from_ptr(o.cast()) }).collect())
         }
         1 => None,
-        _ => panic!("the batched depthwise convolutions failed: {}", last_error()),
+        _ => panic!("the separable halves failed: {}", last_error()),
     }
 }
 

@@ -13,8 +13,8 @@ mod optim;
 
 pub use count::{count_aten_calls, count_aten_calls_by_name, CallsByName};
 pub use kernels::{
-    batch_norm, batch_norm_ops, batch_norm_relu, depthwise_conv, depthwise_convs, mixed_sum, mixed_sum_ops,
-    pointwise_conv, DepthwiseSpec,
+    batch_norm, batch_norm_ops, batch_norm_relu, depthwise_conv, mixed_sum, mixed_sum_ops, pointwise_conv, sep_halves,
+    DepthwiseSpec, SepHalf,
 };
 pub use optim::{clip_grad_norm, foreach_axpy, foreach_copy, global_norm, sgd_step, snapshot, unrolled_step};
 

@@ -75,11 +75,15 @@ impl Conv {
     /// Adds this convolution's multiply-accumulates for its output `y` to [`count_conv_macs`]'s count, when one
     /// runs (also for an output computed elsewhere, as by [`crate::native::depthwise_convs`]).
     pub(crate) fn count_macs(&self, y: &Tensor) {
+        self.count_macs_for(&y.size());
+    }
+
+    /// [`Conv::count_macs`] for an output of size `out`.
+    pub(crate) fn count_macs_for(&self, out: &[i64]) {
         MACS.with(|m| {
             if let Some(n) = m.get() {
                 // Per example: every output element takes c_in/groups * kh * kw multiply-adds.
                 let w = self.weight.size();
-                let out = y.size();
                 m.set(Some(n + (out[1] * out[2] * out[3] * w[1] * w[2] * w[3]) as u64));
             }
         });
@@ -143,7 +147,18 @@ impl Conv {
         self.bias.is_none() && self.groups > 1 && k[0] == self.groups && k[1] == 1
     }
 
-    /// This convolution as one of [`crate::native::depthwise_convs`]'s.
+    /// A 1x1 convolution with stride 1, no padding and no bias (the second convolution of a separable half).
+    pub(crate) fn is_plain_pointwise(&self) -> bool {
+        let k = self.weight.size();
+        k[2] == 1
+            && k[3] == 1
+            && self.stride == [1, 1]
+            && self.padding == [0, 0]
+            && self.groups == 1
+            && self.bias.is_none()
+    }
+
+    /// This convolution as the depthwise part of a [`crate::native::SepHalf`].
     pub(crate) fn depthwise_spec(&self) -> crate::native::DepthwiseSpec<'_> {
         crate::native::DepthwiseSpec {
             weight: &self.weight,

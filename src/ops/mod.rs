@@ -14,6 +14,8 @@ pub use blocks::{FactorizedReduce, Preprocess, ReluConvBn, Stem};
 pub use bn::{batch_norm, fold_batch_norm, Bn, BN_EPS, BN_MOMENTUM};
 pub use conv::{count_conv_macs, Conv, ConvSpec};
 
+use crate::native::SepHalf;
+
 use crate::space::{Activation, OpKind};
 use tch::nn;
 use tch::Tensor;
@@ -183,20 +185,20 @@ impl Op {
         }
     }
 
-    /// The convolution a convolution chain begins with (after its activation) when it is a depthwise one without
-    /// bias (the sep and dil convs'): the edges reading one state compute these together
-    /// ([`crate::native::depthwise_convs`]); `None` for other ops.
-    pub fn first_depthwise(&self) -> Option<&Conv> {
+    /// The depthwise and 1x1 convolutions a convolution chain begins with (after its activation), the sep and
+    /// dil convs' first half: the readers of one state compute these together ([`crate::native::sep_halves`]);
+    /// `None` for other ops.
+    pub fn first_half(&self) -> Option<SepHalf<'_>> {
         match self {
-            Op::Convs(_, blocks) => blocks.first()?.0.first().filter(|c| c.is_depthwise() && c.bias.is_none()),
+            Op::Convs(_, blocks) => half(&blocks.first()?.0),
             _ => None,
         }
     }
 
-    /// [`Op::forward_activated`] of an op with a [`Op::first_depthwise`] from that convolution's output `first`,
-    /// computed elsewhere; `None` for other ops.
+    /// [`Op::forward_activated`] of an op with a [`Op::first_half`] from that half's output `first`, computed
+    /// elsewhere; `None` for other ops.
     pub fn forward_from_first(&self, first: Tensor, train: bool) -> Option<Tensor> {
-        self.first_depthwise()?;
+        self.first_half()?;
         match self {
             Op::Convs(act, blocks) => Some(convs_forward(*act, blocks, first, train, true)),
             _ => None,
@@ -204,8 +206,61 @@ impl Op {
     }
 }
 
+thread_local! {
+    static SEPARATE_HALVES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every separable half (a depthwise convolution and the 1x1 one after it) computed as two
+/// convolutions (`separate`) or, where the kernel applies, as one node that keeps no depthwise output
+/// ([`crate::native::sep_halves`], the default): the networks' switch between batched edges and the reference.
+pub fn with_separate_halves<R>(separate: bool, f: impl FnOnce() -> R) -> R {
+    let before = SEPARATE_HALVES.with(|s| s.replace(separate));
+    let r = f();
+    SEPARATE_HALVES.with(|s| s.set(before));
+    r
+}
+
+/// Whether separable halves run as two convolutions on this thread ([`with_separate_halves`]).
+pub fn separate_halves() -> bool {
+    SEPARATE_HALVES.with(|s| s.get())
+}
+
+/// The block's convolutions as a separable half: a depthwise convolution then a 1x1 one (stride 1, no padding,
+/// no bias).
+fn half(convs: &[Conv]) -> Option<SepHalf<'_>> {
+    match convs {
+        [dw, pw] if dw.is_depthwise() && pw.is_plain_pointwise() => {
+            Some(SepHalf { depthwise: dw.depthwise_spec(), pointwise: &pw.weight })
+        }
+        _ => None,
+    }
+}
+
+/// A block's convolutions on `y`: one separable half node where it applies, else one by one.
+fn block_convs(convs: &[Conv], y: Tensor) -> Tensor {
+    if !separate_halves() {
+        if let Some(h) = half(convs) {
+            if let Some(mut out) = crate::native::sep_halves(&y, &[h]) {
+                let out = out.pop().expect("one output");
+                count_half_macs(convs, &out);
+                return out;
+            }
+        }
+    }
+    convs.iter().fold(y, |y, conv| conv.forward(&y))
+}
+
+/// [`count_conv_macs`]'s count for a separable half computed as one node (`out`: the 1x1 convolution's output):
+/// the depthwise output has the 1x1 input's channels and the output's size.
+pub(crate) fn count_half_macs(convs: &[Conv], out: &Tensor) {
+    let (dw, pw) = (&convs[0], &convs[1]);
+    let s = out.size();
+    dw.count_macs_for(&[s[0], pw.weight.size()[1], s[2], s[3]]);
+    pw.count_macs_for(&s);
+}
+
 /// A chain of (activation, convolutions, BN) blocks on `y`, the first block's activation already applied (and
-/// with `first_done` its first convolution too). A BN that the next block's ReLU follows is computed with it
+/// with `first_done` its convolutions too). A BN that the next block's ReLU follows is computed with it
 /// ([`Bn::forward_relu_t`]).
 fn convs_forward(act: Activation, blocks: &[(Vec<Conv>, Bn)], mut y: Tensor, train: bool, first_done: bool) -> Tensor {
     let mut activated = true;
@@ -213,9 +268,8 @@ fn convs_forward(act: Activation, blocks: &[(Vec<Conv>, Bn)], mut y: Tensor, tra
         if !activated {
             y = act.apply(&y);
         }
-        let skip = usize::from(first_done && i == 0);
-        for conv in &convs[skip..] {
-            y = conv.forward(&y);
+        if !(first_done && i == 0) {
+            y = block_convs(convs, y);
         }
         let relu_next = act == Activation::Relu && i + 1 < blocks.len();
         y = if relu_next { bn.forward_relu_t(&y, train) } else { bn.forward_t(&y, train) };

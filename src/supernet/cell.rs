@@ -74,8 +74,9 @@ pub struct Pass {
     /// Each node's weighted sum of its edges' op outputs in one pass ([`crate::native::mixed_sum`]; PC-DARTS:
     /// each edge's); off, a product and a sum per op as the original code.
     pub fused: bool,
-    /// Batched edges: the first depthwise convolutions of the ops reading one state computed together
-    /// ([`EdgeInput::batch`]; with shared edge inputs, not under GDAS, where each edge runs one op).
+    /// Batched edges: separable halves as one node each, and the first halves of the ops reading one state as one
+    /// ([`SearchCell::forward_t`]; with shared edge inputs; under GDAS, where each edge runs one op, not across
+    /// edges).
     pub batched: bool,
 }
 
@@ -274,7 +275,15 @@ impl SearchCell {
     /// other cell that reads them ([`EdgeInput::activated`]); when they share ([`EdgeInput::shares`]) the edges
     /// reading one state share its activation, pooling and (in training mode) pooling BN; when not, every edge
     /// computes its ops from scratch as the original code (the reference the tests compare with).
+    ///
+    /// With [`Pass::batched`] each separable half (a sep or dil conv's depthwise and 1x1 convolutions) runs as one
+    /// node that keeps no depthwise output, and the first halves of the ops reading one state as one
+    /// ([`EdgeInput::batch`]); without, every convolution on its own (the reference of the tests).
     pub fn forward_t(&self, s0: &EdgeInput, s1: &EdgeInput, weights: &CellWeights, pass: Pass) -> Tensor {
+        crate::ops::with_separate_halves(!pass.batched, || self.forward_halves(s0, s1, weights, pass))
+    }
+
+    fn forward_halves(&self, s0: &EdgeInput, s1: &EdgeInput, weights: &CellWeights, pass: Pass) -> Tensor {
         let (train, share) = (pass.train, s1.shares());
         let (p0, p1) = (&self.preprocess0, &self.preprocess1);
         let s0 = crate::profile::time("preprocess", None, 1, s0.full(), || {

@@ -48,9 +48,9 @@ pub struct SearchNetwork {
     /// Each node sums its edges' weighted op outputs in one pass ([`crate::native::mixed_sum`]; the default, with
     /// shared edge inputs); off, a product and a sum per op as the original code.
     pub fused_sums: bool,
-    /// Batched edges: the first depthwise convolutions of the ops reading one state as one autograd node
-    /// ([`crate::shared::EdgeInput::batch`]; the default, with shared edge inputs); off, one per op (the
-    /// reference of the tests).
+    /// Batched edges: each separable half (depthwise then 1x1 convolution) as one node that keeps no depthwise
+    /// output, the first halves of the ops reading one state as one ([`SearchCell::forward_t`]; the default, with
+    /// shared edge inputs); off, every convolution on its own (the reference of the tests).
     pub batched_edges: bool,
     sample_stream: std::sync::atomic::AtomicU64,
     /// The BN running statistics, restored after the recomputation when checkpointing.
