@@ -34,6 +34,10 @@ use crate::space::Activation;
 use std::cell::{OnceCell, RefCell};
 use tch::Tensor;
 
+/// A reader's first half to compute with the others': its activation, its depthwise weight (the key: the weight's
+/// storage), its 1x1 weight, and the depthwise stride, padding and dilation.
+type BatchedHalf = (Activation, Tensor, Tensor, [i64; 6]);
+
 /// One state as its outgoing edges read it, with what they share.
 #[derive(Debug)]
 pub struct EdgeInput {
@@ -53,7 +57,7 @@ pub struct EdgeInput {
     copies: RefCell<Vec<(Tensor, Tensor)>>,
     /// The readers' first halves to compute together: their activation, and per half its depthwise weight (the
     /// key: the weight's storage), its 1x1 weight, and the depthwise stride, padding and dilation.
-    batch: RefCell<Vec<(Activation, Tensor, Tensor, [i64; 6])>>,
+    batch: RefCell<Vec<BatchedHalf>>,
     /// Their outputs, in `batch`'s order, once the first reader asked (`None`: the kernel declined the input).
     batched: OnceCell<Option<Vec<Tensor>>>,
 }
@@ -99,7 +103,7 @@ impl EdgeInput {
     }
 
     /// The output of `op`'s first half from the batch, when it is in it and the batch applies.
-    fn from_batch(&self, op: &Op, act: Activation) -> Option<Tensor> {
+    fn batched_half(&self, op: &Op, act: Activation) -> Option<Tensor> {
         let key = op.first_half()?.depthwise.weight.data_ptr();
         let index = self.batch.borrow().iter().position(|(_, w, _, _)| w.data_ptr() == key)?;
         let outputs = self.batched.get_or_init(|| {
@@ -197,7 +201,7 @@ impl EdgeInput {
             Op::AvgPool { stride, bn } => self.pool(1, *stride, bn.as_ref(), train),
             _ => match op.activation() {
                 Some(act) => {
-                    if let Some(first) = self.from_batch(op, act) {
+                    if let Some(first) = self.batched_half(op, act) {
                         return op.forward_from_first(first, train).expect("an op with a first half");
                     }
                     let a = self.activated_seen(act);
