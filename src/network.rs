@@ -398,6 +398,10 @@ impl Network {
                 (Some(s0.expect("the stem ran")), s1)
             }
         };
+        // From a one-channel image (grayscale data) libtorch's convolution returns NCHW (a one-channel tensor is
+        // both layouts, and it picks NCHW), which would run the whole network NCHW.
+        let layout = |t: Tensor| if self.channels_last { crate::channels_last(&t) } else { t };
+        let (s0, s1) = (s0.map(layout), layout(s1));
         let mut aux = None;
         let mut row = 0i64;
         let p = self.drop_path_prob;

@@ -262,3 +262,63 @@ fn shared_inputs_give_the_unshared_final_networks_values_and_gradients() {
         assert!(calls_s < calls_p, "{name}: {calls_s} ATen calls shared, {calls_p} unshared");
     }
 }
+
+/// Grayscale images (one channel: the built-in data, Fashion-MNIST) run channels-last through both networks
+/// when asked: libtorch's stem convolution returns NCHW from a one-channel input (a one-channel tensor is both
+/// layouts), so the networks lay the stem's output out themselves. Seen through the separable halves, which
+/// apply to channels-last input only: with them a training pass makes fewer ATen calls than without. And the
+/// logits equal the NCHW network's (float64).
+#[test]
+fn grayscale_images_run_channels_last() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let opts = (Kind::Double, Device::Cpu);
+    let shape = DataShape { channels: 1, height: 8, width: 8, classes: 3 };
+    let x = Tensor::randn([3, 1, 8, 8], opts);
+    let y = Tensor::from_slice(&[0i64, 2, 1]);
+    // The supernet.
+    let space = SearchSpace { channels: 4, layers: 3, nodes: 2, ..Default::default() };
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let mut net = SearchNetwork::new(&vs.root(), &space, &shape, Alphas::random(&space, Device::Cpu));
+    vs.double();
+    net.alphas = Alphas {
+        normal: net.alphas.normal.to_kind(Kind::Double),
+        reduce: net.alphas.reduce.to_kind(Kind::Double),
+        ..net.alphas
+    };
+    let nchw = tch::no_grad(|| net.forward_t(&x, false));
+    darts::supernet::set_channels_last(&mut net, &vs, true);
+    // Before any training pass (which moves the BN statistics that evaluation uses).
+    let cl = tch::no_grad(|| net.forward_t(&x, false));
+    assert!((&cl - &nchw).abs().max().double_value(&[]) < 1e-10, "supernet: channels-last logits");
+    let weights = vs.trainable_variables();
+    let refs: Vec<&Tensor> = weights.iter().collect();
+    let mut calls = Vec::new();
+    for batched in [true, false] {
+        net.batched_edges = batched;
+        let (_, n) = darts::native::count_aten_calls(|| net.loss_grads(&x, &y, &refs)).unwrap();
+        calls.push(n);
+    }
+    assert!(calls[0] < calls[1], "supernet: {} ATen calls with separable halves, {} without", calls[0], calls[1]);
+    // The final network.
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let cfg = NetworkConfig { channels: 6, layers: 3, ..NetworkConfig::default() };
+    let mut net = Network::new(&vs.root(), &zoo::get("DARTS_V2").unwrap(), &cfg, &shape);
+    vs.double();
+    let nchw = tch::no_grad(|| net.forward_t(&x, false).0);
+    darts::network::set_channels_last(&mut net, &vs, true);
+    let cl = tch::no_grad(|| net.forward_t(&x, false).0);
+    assert!((&cl - &nchw).abs().max().double_value(&[]) < 1e-10, "final network: channels-last logits");
+    let weights = vs.trainable_variables();
+    let mut calls = Vec::new();
+    for batched in [true, false] {
+        net.batched_convs = batched;
+        let (_, n) = darts::native::count_aten_calls(|| {
+            let (logits, aux) = net.forward_t(&x, true);
+            let loss = loss_with_auxiliary(&logits, aux.as_ref(), &y, 0.4, 0.0);
+            Tensor::run_backward(&[&loss], &weights.iter().collect::<Vec<_>>(), false, false)
+        })
+        .unwrap();
+        calls.push(n);
+    }
+    assert!(calls[0] < calls[1], "final network: {} ATen calls with separable halves, {} without", calls[0], calls[1]);
+}

@@ -118,7 +118,7 @@ impl SearchNetwork {
         let pass = self.pass(train);
         let (w_normal, w_reduce) = (self.cell_weights(false, pass), self.cell_weights(true, pass));
         let x = if self.channels_last { crate::channels_last(x) } else { x.shallow_clone() };
-        let stem = crate::profile::time("stem", None, 1, &x, || self.stem.forward_t(&x, train));
+        let stem = crate::profile::time("stem", None, 1, &x, || self.stem_forward(&x, train));
         let share = self.share_edge_inputs;
         let stem = Rc::new(EdgeInput::plain(&stem, share));
         let (mut s0, mut s1) = (Rc::clone(&stem), stem);
@@ -131,6 +131,18 @@ impl SearchNetwork {
         crate::profile::time("classifier", None, 1, s1, || {
             s1.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(&self.classifier)
         })
+    }
+
+    /// The stem on `x`, its output channels-last when the network is: from a one-channel image (grayscale data)
+    /// libtorch's convolution returns NCHW (a one-channel tensor is both layouts, and it picks NCHW), which
+    /// would run the whole network NCHW.
+    fn stem_forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = self.stem.forward_t(x, train);
+        if self.channels_last {
+            crate::channels_last(&y)
+        } else {
+            y
+        }
     }
 
     /// Mean cross-entropy on a batch, in training mode (batch statistics in BN).
@@ -233,7 +245,7 @@ impl SearchNetwork {
         let pass = self.pass(true);
         let share = self.share_edge_inputs;
         let states = tch::no_grad(|| {
-            let stem = Rc::new(EdgeInput::plain(&self.stem.forward_t(&x, true), share));
+            let stem = Rc::new(EdgeInput::plain(&self.stem_forward(&x, true), share));
             let mut states = vec![Rc::clone(&stem), stem];
             for (i, cell) in self.cells.iter().enumerate() {
                 let w = self.cell_weights(cell.reduction, pass);
