@@ -478,3 +478,43 @@ fn sharing_edge_inputs_leaves_a_search_from_one_seed_unchanged() {
         }
     }
 }
+
+/// Batched edges (each separable half as one node, the first halves of the ops reading one state as one; the
+/// default, channels-last on the CPU) leave a search from one seed where the unbatched one (every convolution on
+/// its own) goes, first and second order: alphas that differ by no more than rounding makes a search differ
+/// (the yardstick: the unbatched search with each node's sum taken by operators instead of the fused kernel, or
+/// one Adam step, as above) and well under how far they moved. The same maths pass by pass, in float64:
+/// tests/shared_inputs.rs and tests/sep_halves.rs.
+#[test]
+fn batched_edges_leave_a_search_from_one_seed_unchanged() {
+    for order in [Order::First, Order::Second] {
+        let run = |batched: bool, fused_sums: bool| {
+            let space = SearchSpace { channels: 4, layers: 3, nodes: 3, ..Default::default() };
+            let mut s = Search::new(SearchConfig { order, space, ..tiny(2) }, Device::Cpu).unwrap();
+            s.set_channels_last(true);
+            s.net.batched_edges = batched;
+            s.net.fused_sums = fused_sums;
+            let init = s.net.alphas.normal.detach().copy();
+            for _ in 0..2 {
+                s.run_epoch(None).unwrap();
+            }
+            let moved = (s.net.alphas.normal.detach() - init).abs().max().double_value(&[]);
+            (s.net.alphas.normal.detach().copy(), s.net.alphas.reduce.detach().copy(), moved)
+        };
+        let diff = |a: &(Tensor, Tensor, f64), b: &(Tensor, Tensor, f64)| {
+            (&a.0 - &b.0).abs().max().max_other(&(&a.1 - &b.1).abs().max()).double_value(&[])
+        };
+        let batched = run(true, true);
+        let unbatched = run(false, true);
+        let rounding = diff(&unbatched, &run(false, false));
+        let moved = batched.2;
+        assert!(moved > 1e-4, "{order:?}: alpha moved by {moved} only");
+        let d = diff(&batched, &unbatched);
+        let adam_step = tiny(2).arch_lr;
+        assert!(
+            d < 0.1 * moved && d < (10.0 * rounding).max(adam_step),
+            "{order:?}: alphas differ by {d} (moved {moved}, rounding {rounding}, one Adam step {adam_step})"
+        );
+        eprintln!("{order:?}: moved {moved:.3e}, batched against unbatched {d:.3e}, other rounding {rounding:.3e}");
+    }
+}
