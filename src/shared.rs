@@ -109,7 +109,10 @@ impl EdgeInput {
         let outputs = self.batched.get_or_init(|| {
             let a = self.activated_seen(act);
             let batch = self.batch.borrow();
-            if !a.requires_grad() || batch.iter().any(|(other, ..)| *other != act) {
+            // The node works example by example (backward: one task per example): a batch smaller than the
+            // thread count goes one by one.
+            let small = a.size().first().is_some_and(|&n| n < tch::get_num_threads() as i64);
+            if !a.requires_grad() || small || batch.iter().any(|(other, ..)| *other != act) {
                 return None;
             }
             let halves: Vec<crate::native::SepHalf> = batch

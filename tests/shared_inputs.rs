@@ -10,6 +10,24 @@ use tch::{nn, Device, Kind, Tensor};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// At most two threads while alive: the separable halves work example by example and apply to batches of at
+/// least one example per thread, and these tests' batches are 3 and 4.
+struct AtMostTwoThreads(i32);
+
+impl AtMostTwoThreads {
+    fn set() -> AtMostTwoThreads {
+        let before = tch::get_num_threads();
+        tch::set_num_threads(before.min(2));
+        AtMostTwoThreads(before)
+    }
+}
+
+impl Drop for AtMostTwoThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
 fn all_buffers(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -28,6 +46,7 @@ fn all_buffers(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 #[test]
 fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _threads = AtMostTwoThreads::set();
     use darts::space::Activation;
     let smooth = vec![OpKind::None, OpKind::AvgPool3x3, OpKind::SkipConnect, OpKind::SepConv3x3, OpKind::DilConv3x3];
     struct Case {
@@ -193,6 +212,7 @@ fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
 #[test]
 fn shared_inputs_give_the_unshared_final_networks_values_and_gradients() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _threads = AtMostTwoThreads::set();
     let cases = [("DARTS_V2", false, false, 16i64), ("DARTS_V1", false, true, 16), ("DARTS_V2", true, true, 56)];
     let opts = (Kind::Double, Device::Cpu);
     for (name, imagenet, cl, size) in cases {
@@ -271,6 +291,7 @@ fn shared_inputs_give_the_unshared_final_networks_values_and_gradients() {
 #[test]
 fn grayscale_images_run_channels_last() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _threads = AtMostTwoThreads::set();
     let opts = (Kind::Double, Device::Cpu);
     let shape = DataShape { channels: 1, height: 8, width: 8, classes: 3 };
     let x = Tensor::randn([3, 1, 8, 8], opts);

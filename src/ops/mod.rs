@@ -236,9 +236,10 @@ fn half(convs: &[Conv]) -> Option<SepHalf<'_>> {
     }
 }
 
-/// A block's convolutions on `y`: one separable half node where it applies, else one by one.
+/// A block's convolutions on `y`: one separable half node where it applies (and the batch gives every thread an
+/// example: the node works example by example), else one by one.
 fn block_convs(convs: &[Conv], y: Tensor) -> Tensor {
-    if !separate_halves() {
+    if !separate_halves() && y.size().first().is_some_and(|&n| n >= tch::get_num_threads() as i64) {
         if let Some(h) = half(convs) {
             if let Some(mut out) = crate::native::sep_halves(&y, &[h]) {
                 let out = out.pop().expect("one output");
