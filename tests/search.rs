@@ -499,11 +499,11 @@ fn batched_edges_leave_a_search_from_one_seed_unchanged() {
                 s.run_epoch(None).unwrap();
             }
             let moved = (s.net.alphas.normal.detach() - init).abs().max().double_value(&[]);
-            (s.net.alphas.normal.detach().copy(), s.net.alphas.reduce.detach().copy(), moved)
+            let weights = s.net.alphas.derivation_weights();
+            (s.net.alphas.normal.detach().copy(), s.net.alphas.reduce.detach().copy(), moved, s.genotype(), weights)
         };
-        let diff = |a: &(Tensor, Tensor, f64), b: &(Tensor, Tensor, f64)| {
-            (&a.0 - &b.0).abs().max().max_other(&(&a.1 - &b.1).abs().max()).double_value(&[])
-        };
+        type Run = (Tensor, Tensor, f64, darts::genotype::Genotype, (Vec<Vec<f64>>, Vec<Vec<f64>>));
+        let diff = |a: &Run, b: &Run| (&a.0 - &b.0).abs().max().max_other(&(&a.1 - &b.1).abs().max()).double_value(&[]);
         let batched = run(true, true);
         let unbatched = run(false, true);
         let rounding = diff(&unbatched, &run(false, false));
@@ -516,5 +516,22 @@ fn batched_edges_leave_a_search_from_one_seed_unchanged() {
             "{order:?}: alphas differ by {d} (moved {moved}, rounding {rounding}, one Adam step {adam_step})"
         );
         eprintln!("{order:?}: moved {moved:.3e}, batched against unbatched {d:.3e}, other rounding {rounding:.3e}");
+        // The same genotype, except where a choice is a tie that this rounding can flip (as above).
+        let space = SearchSpace { channels: 4, layers: 3, nodes: 3, ..Default::default() };
+        let weights = [&batched.4 .0, &batched.4 .1];
+        let cells = [(&batched.3.normal, &unbatched.3.normal), (&batched.3.reduce, &unbatched.3.reduce)];
+        for (cell, (a, b)) in cells.into_iter().enumerate() {
+            assert_eq!(a.len(), b.len());
+            for (k, (ga, gb)) in a.iter().zip(b.iter()).enumerate() {
+                if ga != gb {
+                    let strength = |&(op, j): &(darts::space::OpKind, usize)| {
+                        let row = darts::genotype::edge_row(k / 2, j);
+                        weights[cell][row][space.ops.iter().position(|&o| o == op).unwrap()]
+                    };
+                    let gap = (strength(ga) - strength(gb)).abs();
+                    assert!(gap <= 10.0 * d.max(rounding), "{order:?}: cell {cell} gene {k}: {ga:?} against {gb:?}");
+                }
+            }
+        }
     }
 }

@@ -92,6 +92,13 @@ fn shared_edge_inputs_give_the_unshared_values_gradients_and_statistics() {
         Case { channels_last: true, ..case("darts, channels-last", base.clone()) },
         Case {
             channels_last: true,
+            ..case(
+                "gelu, 2 nodes, channels-last",
+                SearchSpace { ops: smooth.clone(), nodes: 2, activation: Activation::Gelu, ..base.clone() },
+            )
+        },
+        Case {
+            channels_last: true,
             skip_dropout: 0.3,
             aux: 0.6,
             ..case("skip dropout, aux skip, channels-last", SearchSpace { auxiliary_skip: true, ..base.clone() })
