@@ -557,15 +557,9 @@ struct SepHalves : public torch::autograd::Function<SepHalves> {
         if (want_dw(k)) out[1 + k] = dw_weight_grad<scalar_t>(dpart[k], geo[k], dw_w(k));
         if (want_pw(k)) {
           // The examples' partials added in order in float64; [cin, cout] column-major is W's [cout, cin] row-major.
-          const int64_t nw = geo[k].c * pw_w(k).size(0);
-          const scalar_t* pp = ppart[k].const_data_ptr<scalar_t>();
-          std::vector<double> sum(nw, 0.0);
-          for (int64_t n = 0; n < batch; n++) {
-            for (int64_t i = 0; i < nw; i++) sum[i] += static_cast<double>(pp[n * nw + i]);
-          }
           at::Tensor gw = at::empty(pw_w(k).sizes(), pw_w(k).options().memory_format(at::MemoryFormat::Contiguous));
-          scalar_t* gp = gw.mutable_data_ptr<scalar_t>();
-          for (int64_t i = 0; i < nw; i++) gp[i] = static_cast<scalar_t>(sum[i]);
+          sum_in_order(ppart[k].const_data_ptr<scalar_t>(), batch, geo[k].c * pw_w(k).size(0),
+                       gw.mutable_data_ptr<scalar_t>());
           out[1 + m + k] = gw;
         }
       }

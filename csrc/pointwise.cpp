@@ -52,15 +52,7 @@ void pw_backward(const T* x, const T* w, const T* g, int64_t m, int64_t cin, int
       }
     }
   });
-  if (gw != nullptr) {
-    const int64_t n = cin * cout;
-    std::vector<double> sum(n, 0.0);
-    for (int64_t b = 0; b < blocks; b++) {
-      const T* pb = part + b * n;
-      for (int64_t i = 0; i < n; i++) sum[i] += static_cast<double>(pb[i]);
-    }
-    for (int64_t i = 0; i < n; i++) gw[i] = static_cast<T>(sum[i]);
-  }
+  if (gw != nullptr) sum_in_order(part, blocks, cin * cout, gw);
 }
 
 bool pw_fusable(const at::Tensor& x, const at::Tensor& w) {

@@ -89,6 +89,18 @@ inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const d
   dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
 }
 
+// out[i] = the sum over p < parts of part[p * n + i], added in order in float64: partial sums of blocks or
+// examples combined with the same bits whatever the number of threads that made them.
+template <typename T>
+void sum_in_order(const T* part, int64_t parts, int64_t n, T* out) {
+  std::vector<double> sum(n, 0.0);
+  for (int64_t p = 0; p < parts; p++) {
+    const T* pp = part + p * n;
+    for (int64_t i = 0; i < n; i++) sum[i] += static_cast<double>(pp[i]);
+  }
+  for (int64_t i = 0; i < n; i++) out[i] = static_cast<T>(sum[i]);
+}
+
 // o = w * a.
 template <typename T>
 DARTS_SIMD void simd_scale(T* __restrict__ o, const T* __restrict__ a, T w, int64_t n) {
