@@ -456,26 +456,7 @@ fn sharing_edge_inputs_leaves_a_search_from_one_seed_unchanged() {
         );
         // The same genotype, except where a choice is a tie that this rounding can flip: there the two picks'
         // derivation weights differ by no more than the alphas do.
-        let space = SearchSpace { channels: 4, layers: 3, nodes: 3, ..Default::default() };
-        let weights = [&shared.4 .0, &shared.4 .1];
-        let cells = [(&shared.2.normal, &unshared.2.normal), (&shared.2.reduce, &unshared.2.reduce)];
-        for (cell, (a, b)) in cells.into_iter().enumerate() {
-            assert_eq!(a.len(), b.len());
-            for (k, (ga, gb)) in a.iter().zip(b.iter()).enumerate() {
-                if ga != gb {
-                    let strength = |&(op, j): &(darts::space::OpKind, usize)| {
-                        let row = darts::genotype::edge_row(k / 2, j);
-                        weights[cell][row][space.ops.iter().position(|&o| o == op).unwrap()]
-                    };
-                    let gap = (strength(ga) - strength(gb)).abs();
-                    assert!(
-                        gap <= 10.0 * d.max(rounding),
-                        "{order:?}: cell {cell} gene {k}: {ga:?} against {gb:?}, not a tie (weights differ by {gap})"
-                    );
-                    eprintln!("{order:?}: cell {cell} gene {k}: {ga:?} against {gb:?}, tied within {gap:.3e}");
-                }
-            }
-        }
+        same_genotype_up_to_ties(order, (&shared.2, &unshared.2), &shared.4, 10.0 * d.max(rounding));
     }
 }
 
@@ -517,20 +498,34 @@ fn batched_edges_leave_a_search_from_one_seed_unchanged() {
         );
         eprintln!("{order:?}: moved {moved:.3e}, batched against unbatched {d:.3e}, other rounding {rounding:.3e}");
         // The same genotype, except where a choice is a tie that this rounding can flip (as above).
-        let space = SearchSpace { channels: 4, layers: 3, nodes: 3, ..Default::default() };
-        let weights = [&batched.4 .0, &batched.4 .1];
-        let cells = [(&batched.3.normal, &unbatched.3.normal), (&batched.3.reduce, &unbatched.3.reduce)];
-        for (cell, (a, b)) in cells.into_iter().enumerate() {
-            assert_eq!(a.len(), b.len());
-            for (k, (ga, gb)) in a.iter().zip(b.iter()).enumerate() {
-                if ga != gb {
-                    let strength = |&(op, j): &(darts::space::OpKind, usize)| {
-                        let row = darts::genotype::edge_row(k / 2, j);
-                        weights[cell][row][space.ops.iter().position(|&o| o == op).unwrap()]
-                    };
-                    let gap = (strength(ga) - strength(gb)).abs();
-                    assert!(gap <= 10.0 * d.max(rounding), "{order:?}: cell {cell} gene {k}: {ga:?} against {gb:?}");
-                }
+        same_genotype_up_to_ties(order, (&batched.3, &unbatched.3), &batched.4, 10.0 * d.max(rounding));
+    }
+}
+
+/// Asserts that two searches of the 3-node default space derived the same genotype, except where a choice is a
+/// tie within `bound`: there the two picks' derivation weights (`weights`, the first search's) differ by no more.
+fn same_genotype_up_to_ties(
+    order: Order,
+    (a, b): (&darts::genotype::Genotype, &darts::genotype::Genotype),
+    weights: &(Vec<Vec<f64>>, Vec<Vec<f64>>),
+    bound: f64,
+) {
+    let space = SearchSpace { channels: 4, layers: 3, nodes: 3, ..Default::default() };
+    let weights = [&weights.0, &weights.1];
+    for (cell, (a, b)) in [(&a.normal, &b.normal), (&a.reduce, &b.reduce)].into_iter().enumerate() {
+        assert_eq!(a.len(), b.len());
+        for (k, (ga, gb)) in a.iter().zip(b.iter()).enumerate() {
+            if ga != gb {
+                let strength = |&(op, j): &(darts::space::OpKind, usize)| {
+                    let row = darts::genotype::edge_row(k / 2, j);
+                    weights[cell][row][space.ops.iter().position(|&o| o == op).unwrap()]
+                };
+                let gap = (strength(ga) - strength(gb)).abs();
+                assert!(
+                    gap <= bound,
+                    "{order:?}: cell {cell} gene {k}: {ga:?} against {gb:?}, not a tie (weights differ by {gap})"
+                );
+                eprintln!("{order:?}: cell {cell} gene {k}: {ga:?} against {gb:?}, tied within {gap:.3e}");
             }
         }
     }
