@@ -2,9 +2,10 @@
 // autocast with a chosen device type and dtype (tch's autocast only switches CUDA's on, in float16), the CUDA
 // caching allocator's statistics (peak bytes allocated/reserved), random masks drawn from a private generator with
 // a given seed (tch only offers the global generator), and the last error's message. Beside it, one idea each:
-// optim.cpp (the optimiser's steps), mixed_sum.cpp (DARTS's node sum), batch_norm.cpp, depthwise.cpp and
-// pointwise.cpp (kernels), aten_count.cpp (counting operator calls), dist.cpp (c10d process groups) and graphs.cpp
-// (CUDA graphs); shim.h is what they share. Every function catches C++ exceptions: nothing unwinds into Rust.
+// optim.cpp (the optimiser's steps), mixed_sum.cpp (DARTS's node sum), batch_norm.cpp, depthwise.cpp,
+// sep_halves.cpp and pointwise.cpp (kernels; depthwise.h the two convolutions' shared blocks), aten_count.cpp
+// (counting operator calls), dist.cpp (c10d process groups) and graphs.cpp (CUDA graphs); shim.h is what they
+// share. Every function catches C++ exceptions: nothing unwinds into Rust.
 #include "shim.h"
 
 #include <ATen/CPUGeneratorImpl.h>

@@ -1,6 +1,7 @@
 //! darts' own CPU kernels as autograd nodes: the node sum (`csrc/mixed_sum.cpp`), training-mode BatchNorm
-//! (`csrc/batch_norm.cpp`), depthwise and 1x1 convolutions (`csrc/depthwise.cpp`, `csrc/pointwise.cpp`); each
-//! answers `None` or falls back to ATen's operators where it does not apply.
+//! (`csrc/batch_norm.cpp`), depthwise and 1x1 convolutions (`csrc/depthwise.cpp`, `csrc/pointwise.cpp`) and
+//! separable halves (`csrc/sep_halves.cpp`); each answers `None` or falls back to ATen's operators where it does
+//! not apply.
 
 use super::{last_error, ptrs};
 use std::ffi::{c_int, c_void};
