@@ -212,23 +212,32 @@ std::vector<T> dw_taps(const at::Tensor& w, const DwGeom& g) {
   return t;
 }
 
+// The taps that output row oy of example n reads inside the image (rows outside it are zero): for each, the
+// input row, the column offset and the tap's index ky * kw + kx. Returns their number.
+template <typename T>
+int64_t dw_input_taps(const T* x, const DwGeom& g, int64_t n, int64_t oy, const T** rows, int64_t* off,
+                      int64_t* tap) {
+  int64_t nt = 0;
+  for (int64_t ky = 0; ky < g.kh; ky++) {
+    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+    if (iy < 0 || iy >= g.h) continue;
+    for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
+      rows[nt] = x + (n * g.h + iy) * g.w * g.c;
+      off[nt] = kx * g.dw - g.pw;
+      tap[nt] = ky * g.kw + kx;
+    }
+  }
+  return nt;
+}
+
 // Output rows [r0, r1) of the N * oh rows (example r / oh, row r % oh), row r at out + (r - r0) * ow * C.
 template <typename T>
 void dw_forward_rows(const T* x, const T* taps, const DwGeom& g, int64_t r0, int64_t r1, T* out) {
   std::vector<const T*> rows(g.kh * g.kw), w(g.kh * g.kw);
-  std::vector<int64_t> off(g.kh * g.kw);
+  std::vector<int64_t> off(g.kh * g.kw), tap(g.kh * g.kw);
   for (int64_t r = r0; r < r1; r++) {
-    const int64_t n = r / g.oh, oy = r % g.oh;
-    int64_t nt = 0;
-    for (int64_t ky = 0; ky < g.kh; ky++) {
-      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-      if (iy < 0 || iy >= g.h) continue;
-      for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
-        rows[nt] = x + (n * g.h + iy) * g.w * g.c;
-        off[nt] = kx * g.dw - g.pw;
-        w[nt] = taps + (ky * g.kw + kx) * g.c;
-      }
-    }
+    const int64_t nt = dw_input_taps(x, g, r / g.oh, r % g.oh, rows.data(), off.data(), tap.data());
+    for (int64_t t = 0; t < nt; t++) w[t] = taps + tap[t] * g.c;
     dw_row<T, false>(out + (r - r0) * g.ow * g.c, rows.data(), off.data(), w.data(), nt, g.c, g.ow, g.sw, g.w);
   }
 }
@@ -279,16 +288,7 @@ void dw_backward_example(const T* x, const T* taps, const T* gn, const DwGeom& g
   if (part != nullptr) {
     std::vector<T> acc(g.kh * g.kw * g.c, T(0));  // the example's weight-gradient sums, per tap
     for (int64_t oy = 0; oy < g.oh; oy++) {
-      int64_t nt = 0;
-      for (int64_t ky = 0; ky < g.kh; ky++) {
-        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-        if (iy < 0 || iy >= g.h) continue;
-        for (int64_t kx = 0; kx < g.kw; kx++, nt++) {
-          rows[nt] = x + (n * g.h + iy) * g.w * g.c;
-          off[nt] = kx * g.dw - g.pw;
-          tap[nt] = ky * g.kw + kx;
-        }
-      }
+      const int64_t nt = dw_input_taps(x, g, n, oy, rows.data(), off.data(), tap.data());
       dw_dot_row<T>(acc.data(), gn + oy * g.ow * g.c, rows.data(), off.data(), tap.data(), nt, g.c, g.ow, g.sw, g.w);
     }
     for (int64_t t = 0; t < g.kh * g.kw * g.c; t++) part[t] = static_cast<double>(acc[t]);
