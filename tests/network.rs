@@ -22,6 +22,8 @@ fn params(name: &str, cfg: &NetworkConfig, shape: &DataShape) -> i64 {
 
 #[test]
 fn published_cells_have_the_original_parameter_counts() {
+    // It builds networks, which draws their weights from libtorch's generator.
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let cifar = DataShape { channels: 3, height: 32, width: 32, classes: 10 };
     let cfg = NetworkConfig::default();
     assert_eq!(params("DARTS_V2", &cfg, &cifar), 3_349_342);
